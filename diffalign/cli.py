@@ -1,0 +1,101 @@
+"""``diffalign`` command line: one entry point, one subcommand per job.
+
+    diffalign train CONFIG [key=value ...] [--resume [latest|PATH]]
+    diffalign validate CONFIG [key=value ...]
+    diffalign ls [objectives|families]
+    diffalign cache CONFIG [key=value ...]
+    diffalign tiny FAMILY OUT_DIR [--prediction-type epsilon|v_prediction]
+
+Errors the user can fix (bad config keys, unknown names, missing files, bad data rows) are
+printed as one line ``error: ...`` with exit code 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="diffalign", description="Preference alignment for diffusion models.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    tr = sub.add_parser("train", help="train with a YAML config and key=value overrides")
+    tr.add_argument("config")
+    tr.add_argument("overrides", nargs="*", help="e.g. train.lr=1e-5 objective.beta=2500")
+    tr.add_argument("--resume", nargs="?", const="latest", default=None,
+                    help="resume from the newest checkpoint of train.output_dir (or the given checkpoint folder)")
+
+    va = sub.add_parser("validate", help="check a config (keys, names, data columns) without loading models")
+    va.add_argument("config")
+    va.add_argument("overrides", nargs="*")
+
+    ls = sub.add_parser("ls", help="list registered names")
+    ls.add_argument("kind", nargs="?", default="objectives", choices=["objectives", "families"])
+
+    ca = sub.add_parser("cache", help="precompute latents and text embeddings into data.cache_dir")
+    ca.add_argument("config")
+    ca.add_argument("overrides", nargs="*")
+
+    ti = sub.add_parser("tiny", help="build a tiny random-weight pipeline (for tests and dry runs)")
+    ti.add_argument("family", choices=["sd", "sdxl", "sd3"])
+    ti.add_argument("out_dir")
+    ti.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from .config import ConfigError
+
+    try:
+        return _run(args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .config import load_config, validate
+
+    if args.cmd == "ls":
+        if args.kind == "objectives":
+            from .objectives import OBJECTIVES
+
+            for name, cls in OBJECTIVES.items():
+                doc = (cls.__doc__ or "").strip().splitlines()[0]
+                ref = "reference" if cls.needs_reference else "no reference"
+                print(f"{name:16s} {cls.kind:11s} {ref:13s} {doc}")
+        else:
+            from .models.loading import PIPELINE_FAMILIES
+
+            for cls, fam in PIPELINE_FAMILIES.items():
+                print(f"{fam:6s} {cls}")
+        return 0
+    if args.cmd == "tiny":
+        from ._quiet import quiet_libraries
+        from .models.tiny import build_tiny_pipeline
+
+        quiet_libraries()
+        build_tiny_pipeline(args.family, args.out_dir, prediction_type=args.prediction_type)
+        print(f"wrote tiny {args.family} pipeline to {args.out_dir}")
+        return 0
+    cfg = load_config(args.config, args.overrides)
+    if args.cmd == "validate":
+        validate(cfg)
+        print(f"ok: {args.config} (objective {cfg.objective.name}, model {cfg.model.path})")
+        return 0
+    if args.cmd == "cache":
+        from .data.cache import build_cache
+
+        validate(cfg)
+        build_cache(cfg)
+        return 0
+    from .train import train
+
+    train(cfg, resume=args.resume)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,313 @@
+"""Typed configs: YAML files plus ``key=value`` overrides, validated before any model loads.
+
+A config is a tree of dataclasses. ``load_config`` reads YAML (``yaml.safe_load``), applies dotted
+overrides, and converts the result into dataclasses, rejecting unknown keys (with close-match
+suggestions) and values outside a ``Literal``'s choices. ``validate`` then runs the semantic
+checks that need no model: the objective exists and accepts the given hyperparameters, the data
+path exists and has the needed columns, option combinations are coherent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .registry import suggest
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message is one line naming the key and the valid choices."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""
+    """Hub id (``org/name``) or a local diffusers pipeline folder (with ``model_index.json``)."""
+    family: Literal["auto", "sd", "sdxl", "sd3"] = "auto"
+    """``auto`` reads the pipeline class from ``model_index.json``."""
+    prediction_type: Literal["auto", "epsilon", "v_prediction", "flow_matching"] = "auto"
+    """``auto`` reads it from the scheduler config; an explicit value must agree with it."""
+    revision: str | None = None
+    variant: str | None = None
+    timestep_sampling: Literal["auto", "uniform", "logit_normal"] = "auto"
+    """``auto``: uniform for DDPM-family models, logit-normal for flow matching (SD3 recipe)."""
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 8
+    """LoRA rank; 0 means full fine-tuning of the denoiser."""
+    alpha: float | None = None
+    """LoRA alpha; ``None`` uses ``alpha = rank`` (the diffusers DPO scripts' choice)."""
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    init: Literal["gaussian", "default"] = "gaussian"
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "diffusion_dpo"
+    """Registered objective name (``diffalign ls objectives``)."""
+    params: dict[str, Any] = field(default_factory=dict)
+    """Hyperparameters of the objective; in YAML write them next to ``name``."""
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """Parquet file/folder (Pick-a-Pic schema), a JSONL file, a pairs folder, or a ``datasets`` id."""
+    format: Literal["auto", "parquet", "jsonl", "folder", "hf"] = "auto"
+    split: str = "train"
+    resolution: int = 512
+    center_crop: bool = True
+    """False: random crop (the crop offset feeds SDXL's micro-conditioning)."""
+    random_flip: bool = False
+    drop_ties: bool = True
+    """Drop ``label_0 == 0.5`` pairs (official Diffusion-DPO); False keeps them as ``jpg_0`` wins."""
+    max_pairs: int | None = None
+    caption_dropout: float = 0.0
+    """Probability of training a pair unconditionally; applied identically to both images."""
+    cache_dir: str | None = None
+    """Folder written by ``diffalign cache``: latents and text embeddings, so VAE/text encoders stay unloaded."""
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    max_steps: int = 1000
+    """Optimizer steps."""
+    batch_size: int = 1
+    """Pairs per process per micro-step."""
+    grad_accum: int = 1
+    lr: float = 1e-5
+    scale_lr: bool = False
+    """Multiply ``lr`` by batch_size * grad_accum * num_processes (the official launchers' ``--scale_lr``)."""
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
+    warmup_steps: int = 0
+    optimizer: Literal["adamw", "adamw8bit", "adafactor"] = "adamw"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm; 0 disables clipping (the norm is still logged)."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    attention: Literal["sdpa", "xformers"] = "sdpa"
+    ema_decay: float = 0.0
+    """EMA of the trainable weights; 0 disables. The exported final weights are the EMA weights."""
+    reference: Literal["auto", "lora_off", "copy", "none"] = "auto"
+    """auto: adapter-off with LoRA, frozen copy for full fine-tuning, none for reference-free objectives."""
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    halt_after_step: int | None = None
+    """Testing aid: stop right after this step's checkpoint, as a killed job would."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ----------------------------------------------------------------------------- dict -> dataclass
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints are accepted for floats)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not a valid choice; valid choices: {', '.join(map(str, choices))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: {value!r} is invalid")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys with suggestions."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    data = dict(data)
+    if cls is ObjectiveConfig:
+        # objective hyperparameters sit next to `name` in YAML: {name: diffusion_dpo, beta: 5000}
+        params = dict(data.pop("params", None) or {})
+        params.update({k: data.pop(k) for k in list(data) if k != "name"})
+        data["params"] = params
+    kwargs = {}
+    for k, v in data.items():
+        full = f"{prefix}.{k}" if prefix else k
+        if k not in names:
+            raise ConfigError(f"unknown config key {full!r}.{suggest(k, names)}")
+        kwargs[k] = _coerce(v, hints[k], full)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    # flatten objective params back next to the name, the way users write it
+    if "objective" in d:
+        obj = d["objective"]
+        d["objective"] = {"name": obj["name"], **obj["params"]}
+    return d
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value (e.g. train.lr=1e-5)")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config, apply ``key=value`` overrides, return a type-checked ``Config``."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        loaded = yaml.safe_load(p.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections (model, data, train, ...)")
+        data = loaded or {}
+    for ov in overrides:
+        keys, value = parse_override(ov)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {ov!r}: {k!r} is not a section")
+        node[keys[-1]] = value
+    return from_dict(Config, _yamlish_floats(data))
+
+
+_SCI = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def _yamlish_floats(d: Any) -> Any:
+    """YAML 1.1 reads ``1e-5`` (no dot) as a string; users mean a number."""
+    if isinstance(d, dict):
+        return {k: _yamlish_floats(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_yamlish_floats(v) for v in d]
+    if isinstance(d, str) and _SCI.match(d):
+        return float(d)
+    return d
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- semantic checks
+
+
+def validate(cfg: Config, *, check_data: bool = True) -> None:
+    """Checks that need no model weights. Raises ``ConfigError`` naming the key."""
+    from .objectives import build_objective
+
+    build_objective(cfg.objective)  # unknown name / unknown or mistyped hyperparameter
+    if not cfg.model.path:
+        raise ConfigError("model.path is empty: give a hub id (org/name) or a local diffusers folder")
+    t = cfg.train
+    for key, value, lo in [
+        ("train.max_steps", t.max_steps, 1),
+        ("train.batch_size", t.batch_size, 1),
+        ("train.grad_accum", t.grad_accum, 1),
+        ("train.checkpoint_every", t.checkpoint_every, 1),
+        ("train.log_every", t.log_every, 1),
+        ("data.resolution", cfg.data.resolution, 8),
+        ("lora.rank", cfg.lora.rank, 0),
+    ]:
+        if value < lo:
+            raise ConfigError(f"{key}: must be >= {lo}, got {value}")
+    if cfg.data.resolution % 8:
+        raise ConfigError(f"data.resolution: must be a multiple of 8 (VAE downsampling), got {cfg.data.resolution}")
+    if not 0.0 <= cfg.data.caption_dropout < 1.0:
+        raise ConfigError(f"data.caption_dropout: must be in [0, 1), got {cfg.data.caption_dropout}")
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay: must be in [0, 1), got {t.ema_decay}")
+    if t.reference == "lora_off" and cfg.lora.rank == 0:
+        raise ConfigError("train.reference: 'lora_off' needs LoRA (lora.rank > 0); use 'copy' for full fine-tuning")
+    if cfg.data.cache_dir and cfg.data.random_flip:
+        raise ConfigError("data.random_flip: cannot flip cached latents; set data.random_flip=false or drop data.cache_dir")
+    if t.attention == "xformers":
+        import importlib.util
+
+        if importlib.util.find_spec("xformers") is None:
+            raise ConfigError("train.attention: 'xformers' is not installed (pip install 'diffalign[xformers]'); use 'sdpa'")
+    if t.optimizer == "adamw8bit":
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError("train.optimizer: 'adamw8bit' needs bitsandbytes (pip install bitsandbytes)")
+    if check_data:
+        from .data.pairs import check_source
+
+        check_source(cfg.data)

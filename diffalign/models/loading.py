@@ -1,0 +1,121 @@
+"""Load a pipeline (hub id or local folder) and wrap it in its family's adapter.
+
+``from_pretrained`` is the real diffusers path for real checkpoints and for the tiny/toy
+pipelines alike. ``HF_HUB_OFFLINE=1`` is honoured by huggingface_hub; a missing local folder or
+an uncached hub id in offline mode gives a one-line ``ModelLoadError`` instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ConfigError, ModelConfig
+from .base import Adapter, Family, PredictionType
+
+PIPELINE_FAMILIES: dict[str, Family] = {
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
+}
+
+
+class ModelLoadError(ConfigError):
+    """The model path cannot be resolved or loaded."""
+
+
+def read_model_index(path: str, revision: str | None = None) -> dict[str, Any]:
+    """``model_index.json`` of a local folder or a hub repo (honours ``HF_HUB_OFFLINE``)."""
+    p = Path(path).expanduser()
+    if p.exists():
+        f = p / "model_index.json"
+        if not f.is_file():
+            raise ModelLoadError(f"model.path {path!r} has no model_index.json: not a diffusers pipeline folder")
+        return json.loads(f.read_text())
+    if path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise ModelLoadError(f"model.path {path!r} does not exist (expected a local diffusers folder or a hub id 'org/name')")
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(path, "model_index.json", revision=revision)).read_text())
+    except Exception as e:  # offline, not cached, no such repo, gated ...
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else type(e).__name__
+        raise ModelLoadError(f"model.path {path!r}: cannot fetch model_index.json ({why})") from None
+
+
+def resolve_family(mcfg: ModelConfig) -> Family:
+    index = read_model_index(mcfg.path, mcfg.revision)
+    cls = index.get("_class_name", "")
+    family = PIPELINE_FAMILIES.get(cls)
+    if mcfg.family != "auto":
+        if family is not None and family != mcfg.family:
+            raise ModelLoadError(f"model.family: {mcfg.family!r} but {mcfg.path} is a {cls} ({family!r})")
+        return mcfg.family
+    if family is None:
+        raise ModelLoadError(
+            f"model.path {mcfg.path!r} is a {cls or 'unknown pipeline'}; supported: {', '.join(PIPELINE_FAMILIES)}"
+        )
+    return family
+
+
+def _check_prediction_type(mcfg: ModelConfig, family: Family, scheduler: Any) -> PredictionType:
+    if family == "sd3":
+        found: PredictionType = "flow_matching"
+    else:
+        found = scheduler.config.prediction_type
+        if found not in ("epsilon", "v_prediction"):
+            raise ModelLoadError(f"{mcfg.path}: scheduler prediction_type {found!r} is not supported (epsilon, v_prediction)")
+    if mcfg.prediction_type not in ("auto", found):
+        raise ModelLoadError(
+            f"model.prediction_type: {mcfg.prediction_type!r} but {mcfg.path} is trained for {found!r} "
+            f"(scheduler config); remove the override or set it to {found!r}"
+        )
+    return found
+
+
+def load_adapter(mcfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+                 load_denoiser: bool = True) -> Adapter:
+    """Load the pipeline named by ``mcfg`` and return its adapter on ``device``.
+
+    ``dtype`` applies to the frozen parts (VAE, text encoders); the denoiser stays fp32 so the
+    loop can decide (LoRA keeps fp32 adapters on a low-precision base)."""
+    import diffusers
+
+    from .sd import SDAdapter
+    from .sd3 import SD3Adapter
+    from .sdxl import SDXLAdapter
+
+    family = resolve_family(mcfg)
+    kw: dict[str, Any] = {"revision": mcfg.revision, "variant": mcfg.variant}
+    # components saved as null (e.g. SD3 without T5) must be passed as None explicitly
+    index = read_model_index(mcfg.path, mcfg.revision)
+    nulls = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None}
+    if family == "sd":
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+            mcfg.path, safety_checker=None, feature_extractor=None, requires_safety_checker=False, **kw
+        )
+        sched = diffusers.DDPMScheduler.from_pretrained(mcfg.path, subfolder="scheduler", **kw)
+        cls: type[Adapter] = SDAdapter
+    elif family == "sdxl":
+        pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(mcfg.path, **nulls, **kw)
+        sched = diffusers.DDPMScheduler.from_pretrained(mcfg.path, subfolder="scheduler", **kw)
+        cls = SDXLAdapter
+    else:
+        pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(mcfg.path, **nulls, **kw)
+        sched = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(mcfg.path, subfolder="scheduler", **kw)
+        cls = SD3Adapter
+    pred = _check_prediction_type(mcfg, family, sched)
+    sampling = mcfg.timestep_sampling
+    if sampling == "auto":
+        sampling = "logit_normal" if family == "sd3" else "uniform"
+    adapter = cls(pipe, sched, pred, sampling, mcfg.logit_mean, mcfg.logit_std)
+    for m in adapter.frozen_modules():
+        m.requires_grad_(False)
+        m.eval()
+    adapter.to(device, dtype)
+    return adapter

@@ -1,0 +1,111 @@
+"""Tiny random-weight pipelines of the three supported families, built from configs.
+
+Same classes as the real checkpoints (diffusers ``get_dummy_components`` style), saved with
+``save_pretrained`` so tests go through the real ``from_pretrained`` path with nothing downloaded.
+The tokenizers are real CLIP BPE tokenizers with a small offline vocabulary.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from .tokenizer import build_clip_tokenizer
+
+WORDS = "a an the photo of and left right above below red green blue yellow purple orange cat dog circle square triangle".split()
+
+
+def _vae(latent_channels: int = 4, shift_factor: float | None = None):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),  # 4 levels: the usual 8x spatial downsampling
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=32,
+        scaling_factor=0.5,
+        shift_factor=shift_factor,
+    )
+
+
+def _clip_text(hidden: int, projection: int | None, vocab_size: int, eos: int, bos: int):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, projection_dim=projection or hidden,
+        eos_token_id=eos, bos_token_id=bos, pad_token_id=eos, hidden_act="gelu",
+    )
+    return CLIPTextModelWithProjection(cfg) if projection else CLIPTextModel(cfg)
+
+
+def build_tiny_pipeline(
+    family: Literal["sd", "sdxl", "sd3"],
+    out_dir: str | Path | None = None,
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon",
+    seed: int = 0,
+    sample_size: int = 4,
+):
+    """Build (and optionally save) a tiny pipeline; ``sample_size`` is the latent side (x8 pixels)."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    tok = build_clip_tokenizer(WORDS)
+    V, eos, bos = len(tok), tok.eos_token_id, tok.bos_token_id
+    if family == "sd":
+        te = _clip_text(16, None, V, eos, bos)
+        unet = diffusers.UNet2DConditionModel(
+            sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+            attention_head_dim=4, norm_num_groups=8,
+        )
+        sched = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                                        prediction_type=prediction_type)
+        pipe = diffusers.StableDiffusionPipeline(
+            vae=_vae(), text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+    elif family == "sdxl":
+        te1 = _clip_text(16, None, V, eos, bos)
+        te2 = _clip_text(16, 8, V, eos, bos)
+        tok2 = build_clip_tokenizer(WORDS)
+        unet = diffusers.UNet2DConditionModel(
+            sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,  # 16 + 16 concatenated
+            attention_head_dim=4, norm_num_groups=8, addition_embed_type="text_time",
+            addition_time_embed_dim=4, projection_class_embeddings_input_dim=6 * 4 + 8,  # 6 ids x 4 + pooled 8
+            transformer_layers_per_block=1,
+        )
+        sched = diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                                 prediction_type=prediction_type, timestep_spacing="leading", steps_offset=1)
+        pipe = diffusers.StableDiffusionXLPipeline(
+            vae=_vae(), text_encoder=te1, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok2, unet=unet, scheduler=sched,
+        )
+    elif family == "sd3":
+        te1 = _clip_text(16, 8, V, eos, bos)
+        te2 = _clip_text(16, 8, V, eos, bos)
+        transformer = diffusers.SD3Transformer2DModel(
+            sample_size=sample_size, patch_size=1, in_channels=4, out_channels=4, num_layers=2,
+            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,  # >= 16 + 16 (CLIP concat, padded)
+            caption_projection_dim=16, pooled_projection_dim=16, pos_embed_max_size=16,
+        )
+        sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+        pipe = diffusers.StableDiffusion3Pipeline(
+            transformer=transformer, scheduler=sched, vae=_vae(shift_factor=0.1), text_encoder=te1, tokenizer=tok,
+            text_encoder_2=te2, tokenizer_2=build_clip_tokenizer(WORDS), text_encoder_3=None, tokenizer_3=None,
+        )
+    else:
+        raise ValueError(f"unknown family {family!r}; valid choices: sd, sdxl, sd3")
+    if out_dir is not None:
+        pipe.save_pretrained(str(out_dir), safe_serialization=True)
+    return pipe

@@ -1,0 +1,353 @@
+"""The training loop: one explicit function, read it top to bottom.
+
+    setup: validate config -> accelerator -> objective -> adapter (+ LoRA) -> reference
+           -> optimizer / LR schedule / EMA -> data plan -> resume
+    for each optimizer step:
+        for each micro-batch:   pairs -> latents -> shared noise & t -> policy errors [B,k]
+                                -> reference errors [B,k] (inference mode) -> objective -> backward
+        clip -> optimizer step -> LR step -> EMA -> log -> checkpoint (atomic)
+
+Every random draw is derived from (seed, stream position) (``diffalign.data.sampler``), which is
+what makes gradient accumulation, multi-process runs and resumes reproduce a single-process run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._quiet import quiet_libraries
+from ..config import Config, ConfigError, dump_config, to_dict, validate
+from ..data.pairs import PairDataset, collate
+from ..data.sampler import StepPlan
+from ..models.base import Adapter, per_sample_error
+from ..models.loading import load_adapter
+from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from .reference import Reference, fingerprint, resolve_mode
+
+DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ----------------------------------------------------------------------------- one micro-batch
+
+
+def noised_inputs(adapter: Adapter, x0: Tensor, seeds: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """x0 ``[B,k,C,h,w]`` -> (x_t ``[B*k,...]``, t ``[B*k]``, target ``[B*k,...]``).
+
+    Noise and timestep are drawn once per group from the group's own generator and shared by its
+    k images (winner and loser see the same eps and t, as in every reference implementation)."""
+    B, k = x0.shape[:2]
+    noise, ts = [], []
+    for s in seeds:
+        g = torch.Generator().manual_seed(s)
+        ts.append(adapter.sample_timestep(g))
+        noise.append(torch.randn(x0.shape[2:], generator=g))
+    eps = torch.stack(noise).to(x0.device, x0.dtype)[:, None].expand_as(x0).flatten(0, 1)  # [B*k,C,h,w]
+    t = torch.stack(ts).to(x0.device).repeat_interleave(k)  # [B*k]
+    x0f = x0.flatten(0, 1)
+    return adapter.add_noise(x0f, eps, t), t, adapter.target(x0f, eps, t)
+
+
+def group_errors(adapter: Adapter, model: torch.nn.Module, x_t: Tensor, t: Tensor, target: Tensor,
+                 cond: dict[str, Tensor], micro: Tensor | None, k: int) -> Tensor:
+    """One fused forward over all B*k images; returns per-sample errors ``[B, k]``."""
+    pred = adapter.predict(x_t, t, cond, micro, model=model)
+    return per_sample_error(pred, target).view(-1, k)
+
+
+def prepare_batch(adapter: Adapter, batch: dict[str, Any], k: int, device: torch.device) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    """Latents ``[B,k,C,h,w]``, text conditioning repeated per image ``[B*k,...]``, micro ids ``[B*k,6]``."""
+    if "latents" in batch:  # from `diffalign cache`
+        x0 = batch["latents"][:, :k].to(device)
+        cond = {n: v.to(device) for n, v in batch["cond"].items()}
+    else:
+        pix = batch["pixels"][:, :k]  # [B,k,3,R,R]
+        x0 = adapter.encode_images(pix.flatten(0, 1).to(device)).unflatten(0, pix.shape[:2])
+        cond = adapter.encode_prompts(batch["caption"])
+    cond = {n: v.repeat_interleave(k, 0) for n, v in cond.items()}
+    micro = batch["micro"].to(device).repeat_interleave(k, 0)
+    return x0, cond, micro
+
+
+# ----------------------------------------------------------------------------- setup helpers
+
+
+def make_optimizer(cfg: Config, params: list[Tensor], lr: float) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
+    if t.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
+    from transformers.optimization import Adafactor
+
+    # the official SDXL recipe's settings
+    return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False,
+                     clip_threshold=1.0, weight_decay=t.weight_decay)
+
+
+def add_lora(denoiser: torch.nn.Module, cfg: Config) -> None:
+    from peft import LoraConfig
+
+    lc = cfg.lora
+    denoiser.requires_grad_(False)
+    denoiser.add_adapter(LoraConfig(
+        r=lc.rank, lora_alpha=lc.alpha if lc.alpha is not None else lc.rank, lora_dropout=lc.dropout,
+        init_lora_weights="gaussian" if lc.init == "gaussian" else True, target_modules=list(lc.target_modules),
+    ))
+    names = [n for n, p in denoiser.named_parameters() if p.requires_grad]
+    if not names:
+        raise ConfigError(f"lora.target_modules {lc.target_modules} matched no layer of the {type(denoiser).__name__}")
+
+
+def exporter(adapter: Adapter, lora: bool):
+    """A function writing the current denoiser weights in diffusers format to a folder."""
+
+    def export(folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        den = adapter.denoiser
+        if lora:
+            from diffusers.utils import convert_state_dict_to_diffusers
+            from peft.utils import get_peft_model_state_dict
+
+            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(den))
+            type(adapter.pipe).save_lora_weights(str(folder), **{f"{adapter.denoiser_name}_lora_layers": layers},
+                                                 safe_serialization=True)
+        else:
+            den.save_pretrained(str(folder / adapter.denoiser_name), safe_serialization=True)
+
+    return export
+
+
+class EMA:
+    """Exponential moving average of the trainable parameters (fp32 shadow)."""
+
+    def __init__(self, params: dict[str, Tensor], decay: float) -> None:
+        self.decay = decay
+        self.shadow = {n: p.detach().float().clone() for n, p in params.items()}
+
+    @torch.no_grad()
+    def update(self, params: dict[str, Tensor]) -> None:
+        for n, p in params.items():
+            self.shadow[n].lerp_(p.detach().float(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def swap(self, params: dict[str, Tensor]) -> None:
+        """Exchange live weights and shadow (call twice to undo)."""
+        for n, p in params.items():
+            live = p.detach().float().clone()
+            p.copy_(self.shadow[n].to(p.dtype))
+            self.shadow[n] = live
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
+    """Train according to ``cfg``. ``resume``: ``latest`` or a checkpoint folder. Returns final metrics."""
+    quiet_libraries()
+    validate(cfg)  # everything that can fail without weights fails here
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    from ..objectives import build_objective
+
+    t = cfg.train
+    run_dir = Path(t.output_dir)
+    accelerator = Accelerator(mixed_precision=t.mixed_precision, log_with="tensorboard", project_dir=str(run_dir))
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    set_seed(t.seed)  # global RNGs (e.g. LoRA dropout); re-seeded per micro-step below
+    objective = build_objective(cfg.objective)
+    weight_dtype = DTYPES[t.mixed_precision]
+    ckpt_path = find_checkpoint(run_dir, resume) if resume else None
+
+    # -- data (before the model: bad data fails fast and cheaply)
+    if cfg.data.cache_dir:
+        from ..data.cache import CachedPairs
+
+        dataset: Any = CachedPairs(cfg.data, cfg.model)
+    else:
+        dataset = PairDataset(cfg.data, verbose=main)
+    k = 1 if objective.winner_only else 2
+    plan = StepPlan(len(dataset), t.seed, t.batch_size, t.grad_accum, world)
+
+    # -- model
+    adapter = load_adapter(cfg.model, accelerator.device, weight_dtype)
+    denoiser = adapter.denoiser
+    use_lora = cfg.lora.rank > 0
+    if use_lora:
+        add_lora(denoiser, cfg)
+        if weight_dtype != torch.float32:  # low-precision frozen base, fp32 adapters
+            denoiser.to(weight_dtype)
+            for p in denoiser.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
+    else:
+        denoiser.requires_grad_(True)
+    ref = Reference(resolve_mode(t.reference, cfg.lora.rank, objective.needs_reference), denoiser,
+                    weight_dtype if weight_dtype != torch.float32 else None)
+    if t.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    if t.attention == "xformers":
+        denoiser.enable_xformers_memory_efficient_attention()
+    denoiser.train()
+    trainable = {n: p for n, p in denoiser.named_parameters() if p.requires_grad}
+    lr = t.lr * (t.batch_size * t.grad_accum * world if t.scale_lr else 1)
+    optimizer = make_optimizer(cfg, list(trainable.values()), lr)
+    lr_sched = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps)
+    ema = EMA(trainable, t.ema_decay) if t.ema_decay > 0 else None
+    ref_print = fingerprint(ref.base_parameters()) if ref.mode != "none" else None
+
+    start_step = 0
+    if ckpt_path is not None:
+        ck = load_checkpoint(ckpt_path)
+        st = ck["state"]
+        if st["global_batch"] != plan.global_batch:
+            raise ConfigError(f"--resume: checkpoint used global batch {st['global_batch']}, this run {plan.global_batch} "
+                              f"(batch_size x grad_accum x processes must match to resume exactly)")
+        if ref_print is not None and st.get("reference_fingerprint") and not _close(st["reference_fingerprint"], ref_print):
+            raise ConfigError(f"--resume: the reference weights at {cfg.model.path} differ from the ones the run started with")
+        missing = set(trainable) - set(ck["trainable"])
+        if missing:
+            raise ConfigError(f"--resume: checkpoint lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[0]}); was LoRA/rank changed?")
+        with torch.no_grad():
+            for n, p in trainable.items():
+                p.copy_(ck["trainable"][n].to(p.dtype))
+        optimizer.load_state_dict(ck["optimizer"])
+        lr_sched.load_state_dict(ck["scheduler"])
+        if ema is not None and ck["ema"] is not None:
+            ema.shadow = {n: v.to(accelerator.device) for n, v in ck["ema"].items()}
+        start_step = int(st["step"])
+        if main:
+            print(f"resumed from {ckpt_path} at step {start_step}")
+
+    model, optimizer = accelerator.prepare(denoiser, optimizer)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+        accelerator.init_trackers("tb", config=_flat_hparams(cfg))
+    export = exporter(adapter, use_lora)
+
+    # -- loop
+    metrics_file = run_dir / "metrics.jsonl"
+    bar = tqdm(total=t.max_steps, initial=start_step, disable=not main, desc=f"train {cfg.objective.name}", unit="step")
+    last: dict[str, float] = {}
+    skipped_total = 0
+    t0 = time.perf_counter()
+    for step in range(start_step, t.max_steps):
+        sums: dict[str, list[Tensor]] = defaultdict(list)
+        for micro_i in range(t.grad_accum):
+            keys = plan.keys(step, micro_i, rank)
+            batch = collate([dataset[key] for key in keys])
+            skipped_total += sum(batch["skipped"])
+            torch.manual_seed(batch["seed"][0])  # any global-RNG use (dropout) is tied to the data position
+            sync = micro_i == t.grad_accum - 1
+            with nullcontext() if sync else accelerator.no_sync(model):
+                x0, cond, micro = prepare_batch(adapter, batch, k, accelerator.device)
+                x_t, tt, target = noised_inputs(adapter, x0, batch["seed"])
+                with accelerator.autocast():
+                    policy_err = group_errors(adapter, model, x_t, tt, target, cond, micro, k)  # [B,k]
+                ref_err = None
+                if ref.mode != "none":
+                    with torch.inference_mode(), ref.active() as ref_model, accelerator.autocast():
+                        ref_err = group_errors(adapter, ref_model, x_t, tt, target, cond, micro, k)
+                    ref_err = ref_err.clone()  # leave inference mode: a plain constant for the loss
+                out = objective(policy_err, ref_err, batch)
+                loss = out.loss.mean()  # mean over the micro-batch; / accum below -> mean over the global batch
+                accelerator.backward(loss / t.grad_accum)
+            sums["loss"].append(out.loss.detach())
+            for name, v in out.metrics.items():
+                sums[name].append(v.detach().reshape(-1))
+        grads = [p.grad for p in trainable.values() if p.grad is not None]
+        if t.max_grad_norm > 0:
+            grad_norm = accelerator.clip_grad_norm_(list(trainable.values()), t.max_grad_norm)
+        else:
+            grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else torch.tensor(0.0)
+        optimizer.step()
+        lr_sched.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(trainable)
+
+        # -- log (averaged over micro-batches and processes)
+        logs = {n: accelerator.reduce(torch.cat(v).float().mean().to(accelerator.device), "mean").item() for n, v in sums.items()}
+        logs.update(grad_norm=float(grad_norm), lr=lr_sched.get_last_lr()[0], **{"data/skipped": skipped_total})
+        if not math.isfinite(logs["loss"]):
+            raise FloatingPointError(f"step {step + 1}: loss is {logs['loss']} (lower the lr, raise beta, or try fp32)")
+        last = logs
+        if main and ((step + 1) % t.log_every == 0 or step + 1 == t.max_steps):
+            accelerator.log(logs, step=step + 1)
+            with metrics_file.open("a") as f:
+                f.write(json.dumps({"step": step + 1, **logs}) + "\n")
+            bar.set_postfix(loss=f"{logs['loss']:.4f}", **({"acc": f"{logs['implicit_acc']:.2f}"} if "implicit_acc" in logs else {}))
+        bar.update(1)
+
+        # -- checkpoint
+        done = step + 1 == t.max_steps
+        if (step + 1) % t.checkpoint_every == 0 or done or t.halt_after_step == step + 1:
+            in_sync = _ranks_in_sync(accelerator, trainable)
+            if main:
+                state = {"step": step + 1, "global_batch": plan.global_batch, "world_size": world,
+                         "reference_mode": ref.mode, "reference_fingerprint": ref_print, "ranks_in_sync": in_sync,
+                         "lora": use_lora, "family": adapter.family, "model_path": cfg.model.path, "metrics": logs}
+                exp = export
+                if ema is not None:
+                    exp = _with_ema(ema, trainable, export)
+                save_checkpoint(run_dir, step + 1, trainable, optimizer, lr_sched, ema.shadow if ema else None, state, exp,
+                                keep=t.keep_checkpoints)
+            accelerator.wait_for_everyone()
+        if t.halt_after_step == step + 1 and not done:
+            bar.close()
+            accelerator.end_training()
+            return {"halted_at": step + 1, **last}
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    if main:
+        summary = {"steps": t.max_steps, "seconds": elapsed, "config": to_dict(cfg), **last}
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        print(f"done: {t.max_steps} steps, final loss {last.get('loss', float('nan')):.4f}, checkpoint {run_dir / 'checkpoints'}")
+    accelerator.end_training()
+    return last
+
+
+def _with_ema(ema: EMA, trainable: dict[str, Tensor], export):
+    def run(folder: Path) -> None:
+        ema.swap(trainable)
+        try:
+            export(folder)
+        finally:
+            ema.swap(trainable)
+
+    return run
+
+
+def _close(a: list[float], b: list[float], rtol: float = 1e-9) -> bool:
+    return len(a) == len(b) and all(abs(x - y) <= rtol * max(1.0, abs(x), abs(y)) for x, y in zip(a, b, strict=True))
+
+
+def _ranks_in_sync(accelerator: Any, trainable: dict[str, Tensor]) -> bool:
+    """All processes must hold identical trainable weights (DDP invariant); checked at checkpoints."""
+    if accelerator.num_processes == 1:
+        return True
+    fp = torch.tensor(fingerprint(iter(trainable.values())), dtype=torch.float64, device=accelerator.device)
+    allfp = accelerator.gather(fp[None]).cpu()
+    return bool(torch.allclose(allfp, allfp[0:1].expand_as(allfp), rtol=1e-9, atol=0))
+
+
+def _flat_hparams(cfg: Config) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for sec, vals in to_dict(cfg).items():
+        for k, v in vals.items():
+            out[f"{sec}.{k}"] = v if isinstance(v, int | float | str | bool) else str(v)
+    return out

@@ -1,0 +1,18 @@
+"""Preference objectives. This file is the menu: every registered method is imported here."""
+
+from . import diffusion_dpo, sft  # noqa: F401  (registration by import)
+from .base import OBJECTIVES, Objective, ObjectiveOutput, build_objective
+from .diffusion_dpo import DiffusionDPO, diffusion_dpo_loss, dpo_inside
+from .sft import SFT, sft_loss
+
+__all__ = [
+    "OBJECTIVES",
+    "Objective",
+    "ObjectiveOutput",
+    "build_objective",
+    "DiffusionDPO",
+    "diffusion_dpo_loss",
+    "dpo_inside",
+    "SFT",
+    "sft_loss",
+]

@@ -1,0 +1,34 @@
+"""Diffusion-SFT: the supervised baseline of Diffusion-DPO (denoising loss on the preferred image).
+
+Reference implementation: SalesforceAIResearch/DiffusionDPO@5233e75 ``train.py:1119-1120`` (``--sft``):
+plain MSE to the target on the winner only, ties dropped, no reference model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+from .base import OBJECTIVES, ObjectiveOutput
+
+
+def sft_loss(policy_w: Tensor) -> Tensor:
+    """Per-sample loss [B]: the winner's denoising error itself."""
+    return policy_w
+
+
+@OBJECTIVES.register("sft")
+@dataclass(frozen=True)
+class SFT:
+    """Supervised fine-tuning on the preferred image of each pair."""
+
+    needs_reference: ClassVar[bool] = False
+    kind: ClassVar[str] = "supervised"
+    winner_only: ClassVar[bool] = True
+
+    def __call__(self, policy_err: Tensor, ref_err: Tensor | None, batch: dict[str, Any]) -> ObjectiveOutput:
+        # policy_err: [B, 1] (winner only)
+        loss = sft_loss(policy_err[:, 0])
+        return ObjectiveOutput(loss, {"err/policy_w": policy_err[:, 0].detach()})

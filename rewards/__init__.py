@@ -1,0 +1,1 @@
+"""diffalign.rewards (see the issues tracker for the planned contents)."""

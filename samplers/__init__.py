@@ -1,0 +1,1 @@
+"""diffalign.samplers (see the issues tracker for the planned contents)."""
