@@ -19,11 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
+from .errors import ConfigError
 from .registry import suggest
-
-
-class ConfigError(ValueError):
-    """A bad config value; the message is one line naming the key and the valid choices."""
 
 
 @dataclass

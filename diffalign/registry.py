@@ -11,10 +11,12 @@ import difflib
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from .errors import ConfigError
+
 T = TypeVar("T")
 
 
-class UnknownNameError(KeyError, ValueError):
+class UnknownNameError(ConfigError, KeyError):
     """Raised for a name that is not registered; the message names the valid choices."""
 
     def __str__(self) -> str:  # KeyError would repr() the message, adding quotes
@@ -38,7 +40,7 @@ class Registry(Generic[T]):
             if name in self._items:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             self._items[name] = obj
-            setattr(obj, "registered_name", name)
+            obj.registered_name = name
             return obj
 
         return deco

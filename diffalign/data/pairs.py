@@ -371,5 +371,10 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k in items[0]:
         vals = [it[k] for it in items]
-        out[k] = torch.stack(vals) if isinstance(vals[0], torch.Tensor) else vals
+        if isinstance(vals[0], torch.Tensor):
+            out[k] = torch.stack(vals)
+        elif isinstance(vals[0], dict):  # cached text conditioning
+            out[k] = {n: torch.stack([v[n] for v in vals]) for n in vals[0]}
+        else:
+            out[k] = vals
     return out

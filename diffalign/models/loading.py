@@ -119,3 +119,36 @@ def load_adapter(mcfg: ModelConfig, device: torch.device | str = "cpu", dtype: t
         m.eval()
     adapter.to(device, dtype)
     return adapter
+
+
+def load_trained_pipeline(path: str | Path, device: torch.device | str = "cpu") -> Any:
+    """A diffusers pipeline with trained weights applied, from a run folder (its latest
+    checkpoint) or a checkpoint folder. LoRA runs load through ``pipe.load_lora_weights``; full
+    fine-tuning runs replace the denoiser with the exported one."""
+    import diffusers
+
+    p = Path(path)
+    if (p / "checkpoints").is_dir():
+        latest = p / "checkpoints" / "latest"
+        if not latest.exists():
+            raise ModelLoadError(f"{p}: run folder has no complete checkpoint yet")
+        p = p / "checkpoints" / latest.read_text().strip()
+    if not (p / "state.json").is_file():
+        raise ModelLoadError(f"{path}: not a diffalign run or checkpoint folder (no state.json)")
+    state = json.loads((p / "state.json").read_text())
+    cls = {"sd": diffusers.StableDiffusionPipeline, "sdxl": diffusers.StableDiffusionXLPipeline,
+           "sd3": diffusers.StableDiffusion3Pipeline}[state["family"]]
+    index = read_model_index(state["model_path"])
+    kw: dict[str, Any] = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None}
+    if state["family"] == "sd":
+        kw.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    export = p / "export"
+    if state["lora"]:
+        pipe = cls.from_pretrained(state["model_path"], **kw)
+        pipe.load_lora_weights(str(export))
+    else:
+        name = "transformer" if state["family"] == "sd3" else "unet"
+        den_cls = diffusers.SD3Transformer2DModel if name == "transformer" else diffusers.UNet2DConditionModel
+        kw[name] = den_cls.from_pretrained(str(export / name))
+        pipe = cls.from_pretrained(state["model_path"], **kw)
+    return pipe.to(device)

@@ -167,6 +167,9 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     run_dir = Path(t.output_dir)
     accelerator = Accelerator(mixed_precision=t.mixed_precision, log_with="tensorboard", project_dir=str(run_dir))
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    if accelerator.distributed_type.value == "DEEPSPEED" and t.grad_accum > 1:
+        # DeepSpeed steps inside backward(); diffalign's own accumulation would double-count
+        raise ConfigError("train.grad_accum: must be 1 under DeepSpeed; raise batch_size or use DDP/FSDP for accumulation")
     set_seed(t.seed)  # global RNGs (e.g. LoRA dropout); re-seeded per micro-step below
     objective = build_objective(cfg.objective)
     weight_dtype = DTYPES[t.mixed_precision]
@@ -297,9 +300,12 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         done = step + 1 == t.max_steps
         if (step + 1) % t.checkpoint_every == 0 or done or t.halt_after_step == step + 1:
             in_sync = _ranks_in_sync(accelerator, trainable)
+            if ref_print is not None and not _close(fingerprint(ref.base_parameters()), ref_print):
+                raise RuntimeError("the reference weights changed during training (a frozen parameter received updates)")
             if main:
                 state = {"step": step + 1, "global_batch": plan.global_batch, "world_size": world,
-                         "reference_mode": ref.mode, "reference_fingerprint": ref_print, "ranks_in_sync": in_sync,
+                         "reference_mode": ref.mode, "reference_fingerprint": ref_print, "reference_unchanged": True,
+                         "ranks_in_sync": in_sync,
                          "lora": use_lora, "family": adapter.family, "model_path": cfg.model.path, "metrics": logs}
                 exp = export
                 if ema is not None:

@@ -12,8 +12,8 @@ so it can enter the loss next to policy tensors.
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import torch

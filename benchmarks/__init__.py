@@ -1,0 +1,1 @@
+"""Benchmarks and evaluation worlds for diffalign (GenEval rules, toy worlds)."""

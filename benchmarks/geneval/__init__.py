@@ -1,0 +1,1 @@
+"""GenEval: judging rules shared by the toy judge and real object detectors."""

@@ -1,0 +1,1 @@
+"""Procedural toy worlds with exact programmatic judges (ShapesWorld)."""

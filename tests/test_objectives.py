@@ -1,0 +1,133 @@
+"""Objective maths: hand-derived numbers, parity with the official formula, and the contract
+every registered objective must honour."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffalign.config import ConfigError, ObjectiveConfig
+from diffalign.objectives import OBJECTIVES, build_objective, diffusion_dpo_loss
+from diffalign.registry import UnknownNameError
+
+
+def test_dpo_hand_derived():
+    """e_w=0.10, e_l=0.30, ref_w=0.20, ref_l=0.25, beta=10:
+    model_diff = 0.10-0.30 = -0.20; ref_diff = 0.20-0.25 = -0.05
+    inside = -0.5*10*(-0.20 - (-0.05)) = -5 * -0.15 = 0.75
+    loss = -log sigmoid(0.75) = log(1 + e^-0.75) = log(1.4723666) = 0.3868710"""
+    t = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+    loss, inside = diffusion_dpo_loss(t(0.10), t(0.30), t(0.20), t(0.25), beta=10.0)
+    assert inside.item() == pytest.approx(0.75, abs=1e-12)
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-0.75)), abs=1e-12)
+    assert loss.item() == pytest.approx(0.3868710, abs=1e-6)
+
+
+def test_dpo_equal_errors_give_log2_and_zero_margin():
+    z = torch.full((3,), 0.5)
+    loss, inside = diffusion_dpo_loss(z, z, z, z, beta=5000.0)
+    assert torch.allclose(loss, torch.full((3,), math.log(2.0)))
+    assert torch.all(inside == 0)
+
+
+def _official_salesforce(model_w, model_l, ref_w, ref_l, beta_dpo):
+    """SalesforceAIResearch/DiffusionDPO@5233e75 train.py:1125-1146, restated:
+    model_diff = model_losses_w - model_losses_l; ref_diff = ref_losses_w - ref_losses_l
+    inside_term = -1 * 0.5 * beta_dpo * (model_diff - ref_diff); loss = -1 * F.logsigmoid(inside_term).mean()"""
+    model_diff = model_w - model_l
+    ref_diff = ref_w - ref_l
+    scale_term = -0.5 * beta_dpo
+    inside_term = scale_term * (model_diff - ref_diff)
+    return -1 * F.logsigmoid(inside_term).mean(), inside_term
+
+
+def _diffusers_sd15(model_w, model_l, ref_w, ref_l, beta_dpo):
+    """diffusers examples/research_projects/diffusion_dpo/train_diffusion_dpo.py@071190d, restated:
+    logits = ref_diff - model_diff; loss = -1 * F.logsigmoid(args.beta_dpo * logits).mean()"""
+    model_diff = model_w - model_l
+    ref_diff = ref_w - ref_l
+    logits = ref_diff - model_diff
+    return -1 * F.logsigmoid(beta_dpo * logits).mean()
+
+
+def test_dpo_parity_with_official_and_diffusers_convention():
+    g = torch.Generator().manual_seed(0)
+    errs = [torch.rand(64, generator=g, dtype=torch.float64) * 0.2 + 0.05 for _ in range(4)]
+    beta = 5000.0
+    ours, inside = diffusion_dpo_loss(*errs, beta=beta)
+    official, official_inside = _official_salesforce(*errs, beta)
+    assert torch.allclose(ours.mean(), official, atol=1e-6, rtol=0)
+    assert torch.allclose(inside, official_inside, atol=1e-6, rtol=0)
+    # diffusers SD1.5 has no 0.5: its beta' = our beta / 2 (its default 2500 == our 5000)
+    assert torch.allclose(ours.mean(), _diffusers_sd15(*errs, beta / 2), atol=1e-6, rtol=0)
+    # the mean of the logsigmoid, not the logsigmoid of the mean (diffusers #6702)
+    assert not torch.allclose(ours.mean(), -F.logsigmoid(inside.mean()), atol=1e-4)
+
+
+def test_hinge_and_ipo_variants():
+    t = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+    # inside = 0.75 as above: hinge = relu(1 - 0.75) = 0.25
+    loss, _ = diffusion_dpo_loss(t(0.10), t(0.30), t(0.20), t(0.25), beta=10.0, loss_type="hinge")
+    assert loss.item() == pytest.approx(0.25)
+    # ipo: d = (ref_w - e_w) - (ref_l - e_l) = 0.10 - (-0.05) = 0.15; (0.15 - 1/10)^2 = 0.0025
+    loss, _ = diffusion_dpo_loss(t(0.10), t(0.30), t(0.20), t(0.25), beta=10.0, loss_type="ipo")
+    assert loss.item() == pytest.approx(0.0025)
+
+
+def test_sft_is_winner_error():
+    obj = build_objective(ObjectiveConfig("sft"))
+    pe = torch.tensor([[0.3], [0.7]])
+    out = obj(pe, None, {})
+    assert torch.equal(out.loss, torch.tensor([0.3, 0.7]))
+    assert obj.winner_only and not obj.needs_reference
+
+
+def test_dpo_metrics_hand_derived():
+    obj = build_objective(ObjectiveConfig("diffusion_dpo", {"beta": 10}))
+    pe = torch.tensor([[0.10, 0.30], [0.30, 0.10]])
+    re = torch.tensor([[0.20, 0.25], [0.20, 0.25]])
+    out = obj(pe, re, {})
+    # row 2: model_diff = 0.2, ref_diff = -0.05 -> inside = -5*(0.25) = -1.25
+    assert torch.allclose(out.metrics["margin"], torch.tensor([0.75, -1.25]))
+    assert torch.equal(out.metrics["implicit_acc"], torch.tensor([1.0, 0.0]))
+    assert torch.allclose(out.metrics["rewards/chosen"], torch.tensor([0.5, -0.5]))
+
+
+@pytest.mark.parametrize("name", OBJECTIVES.names())
+def test_objective_contract(name):
+    obj = build_objective(ObjectiveConfig(name))
+    k = 1 if obj.winner_only else 2
+    B = 5
+    policy = (torch.rand(B, k) * 0.3 + 0.05).requires_grad_(True)
+    ref = torch.rand(B, k) * 0.3 + 0.05 if obj.needs_reference else None
+    out = obj(policy, ref, {})
+    assert out.loss.shape == (B,)
+    assert torch.isfinite(out.loss).all()
+    out.loss.sum().backward()
+    assert policy.grad is not None and torch.isfinite(policy.grad).all() and policy.grad.abs().sum() > 0
+    for v in out.metrics.values():
+        assert not v.requires_grad  # metrics are detached
+    if ref is not None:
+        assert not ref.requires_grad  # gradients flow only through policy terms
+    # config round trip
+    import dataclasses
+
+    again = build_objective(ObjectiveConfig(name, dataclasses.asdict(obj)))
+    assert again == obj
+
+
+def test_unknown_objective_suggests():
+    with pytest.raises(UnknownNameError, match="Did you mean 'diffusion_dpo'"):
+        build_objective(ObjectiveConfig("diffusion_dp"))
+
+
+def test_unknown_hyperparameter_names_choices():
+    with pytest.raises(ConfigError, match="no hyperparameter 'bet'.*'beta'"):
+        build_objective(ObjectiveConfig("diffusion_dpo", {"bet": 1.0}))
+    with pytest.raises(ConfigError, match="beta must be > 0"):
+        build_objective(ObjectiveConfig("diffusion_dpo", {"beta": -1.0}))
+    with pytest.raises(ConfigError, match="valid choices: sigmoid, hinge, ipo"):
+        build_objective(ObjectiveConfig("diffusion_dpo", {"loss_type": "logistic"}))
