@@ -165,7 +165,9 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
 
     t = cfg.train
     run_dir = Path(t.output_dir)
-    accelerator = Accelerator(mixed_precision=t.mixed_precision, log_with="tensorboard", project_dir=str(run_dir))
+    # cpu=True without CUDA lets `accelerate launch --num_processes N` form a gloo group on CPUs
+    accelerator = Accelerator(mixed_precision=t.mixed_precision, log_with="tensorboard", project_dir=str(run_dir),
+                              cpu=not torch.cuda.is_available())
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     if accelerator.distributed_type.value == "DEEPSPEED" and t.grad_accum > 1:
         # DeepSpeed steps inside backward(); diffalign's own accumulation would double-count
