@@ -4,6 +4,7 @@
     diffalign validate CONFIG [key=value ...]
     diffalign ls [objectives|families]
     diffalign cache CONFIG [key=value ...]
+    diffalign demo [--out runs/demo] [--steps N]
     diffalign tiny FAMILY OUT_DIR [--prediction-type epsilon|v_prediction]
 
 Errors the user can fix (bad config keys, unknown names, missing files, bad data rows) are
@@ -36,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     ca = sub.add_parser("cache", help="precompute latents and text embeddings into data.cache_dir")
     ca.add_argument("config")
     ca.add_argument("overrides", nargs="*")
+
+    de = sub.add_parser("demo", help="end-to-end DPO on ShapesWorld on a CPU (about 2 minutes)")
+    de.add_argument("--out", default="runs/demo")
+    de.add_argument("--steps", type=int, default=150)
+    de.add_argument("--pairs", type=int, default=256)
+    de.add_argument("--seed", type=int, default=0)
 
     ti = sub.add_parser("tiny", help="build a tiny random-weight pipeline (for tests and dry runs)")
     ti.add_argument("family", choices=["sd", "sdxl", "sd3"])
@@ -71,6 +78,11 @@ def _run(args: argparse.Namespace) -> int:
 
             for cls, fam in PIPELINE_FAMILIES.items():
                 print(f"{fam:6s} {cls}")
+        return 0
+    if args.cmd == "demo":
+        from .demo import run_demo
+
+        run_demo(args.out, args.steps, args.pairs, args.seed)
         return 0
     if args.cmd == "tiny":
         from ._quiet import quiet_libraries
