@@ -37,6 +37,9 @@ class ModelConfig:
     """``auto``: uniform for DDPM-family models, logit-normal for flow matching (SD3 recipe)."""
     logit_mean: float = 0.0
     logit_std: float = 1.0
+    max_sequence_length: int = 256
+    """SD3 only: T5 token count (the pipeline's default 256). Pipelines without T5 (the toy models)
+    train and sample with 0 so no constant padding tokens enter the joint attention."""
 
 
 @dataclass

@@ -114,6 +114,7 @@ def load_adapter(mcfg: ModelConfig, device: torch.device | str = "cpu", dtype: t
     if sampling == "auto":
         sampling = "logit_normal" if family == "sd3" else "uniform"
     adapter = cls(pipe, sched, pred, sampling, mcfg.logit_mean, mcfg.logit_std)
+    adapter.max_sequence_length = mcfg.max_sequence_length
     for m in adapter.frozen_modules():
         m.requires_grad_(False)
         m.eval()

@@ -24,6 +24,7 @@ class SD3Adapter(Adapter):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.max_sequence_length = 256  # T5 tokens; set from ModelConfig by the loader
         # the training grid: timesteps = shifted sigmas * T, descending from ~T to ~1
         self.grid_timesteps = self.noise_scheduler.timesteps.float().cpu()
 
@@ -51,7 +52,8 @@ class SD3Adapter(Adapter):
     def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
         p = list(prompts)
         embeds, _, pooled, _ = self.pipe.encode_prompt(
-            prompt=p, prompt_2=p, prompt_3=p, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            prompt=p, prompt_2=p, prompt_3=p, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
         )
         return {"prompt_embeds": embeds.float(), "pooled": pooled.float()}
 
