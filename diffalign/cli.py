@@ -5,6 +5,7 @@
     diffalign ls [objectives|families]
     diffalign cache CONFIG [key=value ...]
     diffalign demo [--out runs/demo] [--steps N]
+    diffalign toy pretrain [--quick] | toy eval MODEL
     diffalign tiny FAMILY OUT_DIR [--prediction-type epsilon|v_prediction]
 
 Errors the user can fix (bad config keys, unknown names, missing files, bad data rows) are
@@ -43,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     de.add_argument("--steps", type=int, default=150)
     de.add_argument("--pairs", type=int, default=256)
     de.add_argument("--seed", type=int, default=0)
+
+    from .benchmarks.toyworlds import cli as toy_cli
+
+    toy_cli.add_parser(sub)
 
     ti = sub.add_parser("tiny", help="build a tiny random-weight pipeline (for tests and dry runs)")
     ti.add_argument("family", choices=["sd", "sdxl", "sd3"])
@@ -84,6 +89,10 @@ def _run(args: argparse.Namespace) -> int:
 
         run_demo(args.out, args.steps, args.pairs, args.seed)
         return 0
+    if args.cmd == "toy":
+        from .benchmarks.toyworlds import cli as toy_cli
+
+        return toy_cli.run(args)
     if args.cmd == "tiny":
         from ._quiet import quiet_libraries
         from .models.tiny import build_tiny_pipeline

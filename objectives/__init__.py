@@ -1,8 +1,9 @@
 """Preference objectives. This file is the menu: every registered method is imported here."""
 
-from . import diffusion_dpo, sft  # noqa: F401  (registration by import)
+from . import diffusion_dpo, rankdpo, sft  # noqa: F401  (registration by import)
 from .base import OBJECTIVES, Objective, ObjectiveOutput, build_objective
 from .diffusion_dpo import DiffusionDPO, diffusion_dpo_loss, dpo_inside
+from .rankdpo import RankDPO, rank_dpo_loss
 from .sft import SFT, sft_loss
 
 __all__ = [
@@ -13,6 +14,8 @@ __all__ = [
     "DiffusionDPO",
     "diffusion_dpo_loss",
     "dpo_inside",
+    "RankDPO",
+    "rank_dpo_loss",
     "SFT",
     "sft_loss",
 ]

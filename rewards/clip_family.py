@@ -1,0 +1,110 @@
+"""CLIP-family rewards on ``transformers.CLIPModel``: PickScore and CLIP score.
+
+- **PickScore** (Kirstain et al. 2023; ``yuvalkirstain/PickScore_v1``, processor of
+  ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``): ``logit_scale.exp() * cos(image, text)``.
+- **CLIP score** (Hessel et al. 2021, torchmetrics ``CLIPScore`` convention): ``100 * max(cos, 0)``.
+
+Preprocessing follows the checkpoint's ``preprocessor_config.json`` (CLIPImageProcessor): resize
+the shortest side to ``size`` (bicubic), center crop to ``crop_size``, normalise with its
+mean/std; text is tokenised with padding and truncation to the model's maximum length (77 for
+real CLIP). It is done in torch on the whole batch. The toy ShapesWorld rewards are ``CLIPModel``
+checkpoints too and load through the same classes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import REWARDS, RewardOutput, batched, check_inputs
+
+
+def load_clip(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """CLIPModel + tokenizer + preprocessing constants from a hub id or local folder (safetensors)."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from diffalign.errors import ConfigError
+
+    p = Path(path)
+    if (path.startswith((".", "/", "~")) or p.exists()) and not (p / "config.json").exists():
+        raise ConfigError(f"reward model path {path!r} has no config.json (expected a CLIPModel folder or a hub id)")
+    model = CLIPModel.from_pretrained(path, use_safetensors=True).to(device=device, dtype=dtype).eval()
+    tok = CLIPTokenizer.from_pretrained(path)
+    pre = {"size": 224, "crop": 224, "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
+    cfg_file = p / "preprocessor_config.json"
+    if not cfg_file.exists() and not p.exists():
+        from huggingface_hub import hf_hub_download
+
+        cfg_file = Path(hf_hub_download(path, "preprocessor_config.json"))
+    if cfg_file.exists():
+        c = json.loads(cfg_file.read_text())
+        size, crop = c.get("size", 224), c.get("crop_size", 224)
+        pre["size"] = size.get("shortest_edge", size) if isinstance(size, dict) else size
+        pre["crop"] = crop.get("height", crop) if isinstance(crop, dict) else crop
+        pre["mean"], pre["std"] = c.get("image_mean", pre["mean"]), c.get("image_std", pre["std"])
+    return model, tok, pre
+
+
+def clip_preprocess(images: Tensor, size: int, crop: int, mean: list[float], std: list[float]) -> Tensor:
+    """``[B,3,H,W]`` in [0,1] -> normalised ``[B,3,crop,crop]`` (resize shortest side, center crop)."""
+    H, W = images.shape[-2:]
+    if min(H, W) != size:
+        s = size / min(H, W)
+        images = F.interpolate(images, size=(round(H * s), round(W * s)), mode="bicubic", align_corners=False, antialias=True)
+    H, W = images.shape[-2:]
+    top, left = (H - crop) // 2, (W - crop) // 2
+    images = images[..., top : top + crop, left : left + crop]
+    m = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+    return (images - m) / s
+
+
+class _ClipReward:
+    def __init__(self, path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 batch_size: int = 32) -> None:
+        self.model, self.tokenizer, self.pre = load_clip(path, device, dtype)
+        self.device, self.dtype, self.batch_size = torch.device(device), dtype, batch_size
+
+    def cosine(self, images: Tensor, prompts: list[str]) -> Tensor:
+        px = clip_preprocess(images.to(self.device, torch.float32), self.pre["size"], self.pre["crop"], self.pre["mean"], self.pre["std"])
+        tok = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.tokenizer.model_max_length, return_tensors="pt")
+        img = self.model.get_image_features(pixel_values=px.to(self.dtype))
+        txt = self.model.get_text_features(input_ids=tok.input_ids.to(self.device), attention_mask=tok.attention_mask.to(self.device))
+        # transformers 5 returns a model output whose pooler_output is the projected embedding; 4.x a tensor
+        img = getattr(img, "pooler_output", img)
+        txt = getattr(txt, "pooler_output", txt)
+        return F.cosine_similarity(img.float(), txt.float(), dim=-1)
+
+    def score(self, images: Tensor, prompts: list[str]) -> Tensor:
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def __call__(self, images: Tensor, prompts: list[str]) -> RewardOutput:
+        check_inputs(images, prompts)
+        return RewardOutput(batched(self.score, images, list(prompts), self.batch_size))
+
+
+@REWARDS.register("pickscore")
+class PickScore(_ClipReward):
+    """PickScore: ``logit_scale.exp() * cos`` of CLIP-H embeddings (default ``yuvalkirstain/PickScore_v1``)."""
+
+    def __init__(self, path: str = "yuvalkirstain/PickScore_v1", **kw) -> None:
+        super().__init__(path, **kw)
+
+    def score(self, images: Tensor, prompts: list[str]) -> Tensor:
+        return self.model.logit_scale.exp().float() * self.cosine(images, prompts)
+
+
+@REWARDS.register("clip_score")
+class CLIPScore(_ClipReward):
+    """CLIP score, torchmetrics convention ``100 * max(cos, 0)`` (default ``openai/clip-vit-large-patch14``)."""
+
+    def __init__(self, path: str = "openai/clip-vit-large-patch14", **kw) -> None:
+        super().__init__(path, **kw)
+
+    def score(self, images: Tensor, prompts: list[str]) -> Tensor:
+        return 100.0 * self.cosine(images, prompts).clamp(min=0)
