@@ -65,7 +65,8 @@ class ObjectiveConfig:
 class DataConfig:
     path: str = ""
     """Parquet file/folder (Pick-a-Pic schema), a JSONL file, a pairs folder, or a ``datasets`` id."""
-    format: Literal["auto", "parquet", "jsonl", "folder", "hf"] = "auto"
+    format: Literal["auto", "parquet", "jsonl", "folder", "hf", "ranked"] = "auto"
+    """``ranked``: Syn-Pic style parquet, one row per prompt with k images, ``phi`` and ``rank``."""
     split: str = "train"
     resolution: int = 512
     center_crop: bool = True

@@ -47,7 +47,7 @@ def test_joint_transform_resizes_loser_to_winner_and_flips_both():
     g = torch.Generator().manual_seed(0)
     flipped = None
     for s in range(20):
-        x, micro = joint_transform(win, lose, 32, center_crop=False, flip=True, gen=torch.Generator().manual_seed(s))
+        x, micro = joint_transform([win, lose], 32, center_crop=False, flip=True, gen=torch.Generator().manual_seed(s))
         assert micro[:2].tolist() == [48, 64]
         # the same horizontal gradient in both: flip/crop were applied jointly
         d0 = (x[0, 0, 0, -1] - x[0, 0, 0, 0]).sign()

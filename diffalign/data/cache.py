@@ -93,6 +93,8 @@ def build_cache(cfg: Config, shard_size: int = 256) -> Path:
 class CachedPairs(torch.utils.data.Dataset):
     """Reads a cache built by ``build_cache``; items mirror ``PairDataset`` with latents instead of pixels."""
 
+    k = 2
+
     def __init__(self, dcfg: DataConfig, mcfg: ModelConfig) -> None:
         _check_cacheable(dcfg)
         root = Path(dcfg.cache_dir or "")

@@ -89,7 +89,17 @@ def check_source(dcfg: DataConfig) -> None:
     if not dcfg.path:
         raise DataError("data.path is empty: give a parquet file/folder, a JSONL file, a pairs folder or a dataset id")
     fmt = detect_format(dcfg)
-    if fmt == "parquet":
+    if fmt == "ranked":
+        import pyarrow.parquet as pq
+
+        from .ranked import RANKED_REQUIRED
+
+        for f in _parquet_files(dcfg.path):
+            names = pq.read_schema(f).names
+            missing = [c for c in RANKED_REQUIRED if c not in names]
+            if missing:
+                raise DataError(f"{f}: missing column {missing[0]!r} (ranked schema needs {', '.join(RANKED_REQUIRED)}; found {', '.join(names)})")
+    elif fmt == "parquet":
         import pyarrow.parquet as pq
 
         for f in _parquet_files(dcfg.path):
@@ -109,18 +119,19 @@ def check_source(dcfg: DataConfig) -> None:
 class _ParquetImages:
     """Lazy image bytes from parquet files, one row group at a time (LRU of a few groups)."""
 
-    def __init__(self, files: list[Path], cache_groups: int = 4) -> None:
+    def __init__(self, files: list[Path], cache_groups: int = 4, columns: tuple[str, ...] = ("jpg_0", "jpg_1")) -> None:
         self.files = files
         self.cache_groups = cache_groups
+        self.columns = columns
         self._handles: dict[int, Any] = {}
         self._offsets: dict[int, np.ndarray] = {}
         self._cache: OrderedDict[tuple[int, int], Any] = OrderedDict()
 
     def __getstate__(self) -> dict[str, Any]:  # workers reopen files themselves
-        return {"files": self.files, "cache_groups": self.cache_groups}
+        return {"files": self.files, "cache_groups": self.cache_groups, "columns": self.columns}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["files"], state["cache_groups"])
+        self.__init__(state["files"], state["cache_groups"], state["columns"])
 
     def _file(self, i: int):
         import pyarrow.parquet as pq
@@ -132,19 +143,19 @@ class _ParquetImages:
             self._offsets[i] = np.cumsum([0] + sizes)
         return self._handles[i]
 
-    def get(self, source: int, row: int) -> tuple[bytes, bytes]:
+    def get(self, source: int, row: int) -> tuple[Any, ...]:
         pf = self._file(source)
         offs = self._offsets[source]
         g = int(np.searchsorted(offs, row, side="right") - 1)
         key = (source, g)
         if key not in self._cache:
-            self._cache[key] = pf.read_row_group(g, columns=["jpg_0", "jpg_1"])
+            self._cache[key] = pf.read_row_group(g, columns=list(self.columns))
             if len(self._cache) > self.cache_groups:
                 self._cache.popitem(last=False)
         self._cache.move_to_end(key)
         tbl = self._cache[key]
         r = row - int(offs[g])
-        return tbl.column("jpg_0")[r].as_py(), tbl.column("jpg_1")[r].as_py()
+        return tuple(tbl.column(c)[r].as_py() for c in self.columns)
 
 
 def _check_label(value: Any, where: str) -> float:
@@ -264,24 +275,25 @@ def _resize(img: Image.Image, size: tuple[int, int]) -> Image.Image:
 
 
 def joint_transform(
-    win: Image.Image, lose: Image.Image, resolution: int, center_crop: bool, flip: bool, gen: torch.Generator
+    images: list[Image.Image], resolution: int, center_crop: bool, flip: bool, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resize/crop/flip a pair identically. Returns pixels ``[2,3,R,R]`` in [-1,1] and the SDXL
-    micro-conditioning row ``[6]`` (winner's original h, w, crop top, left, target h, w)."""
-    win, lose = win.convert("RGB"), lose.convert("RGB")
-    W, H = win.size
-    lose = _resize(lose, (W, H))  # loser takes the winner's size so both share one micro row
+    """Resize/crop/flip a group of images identically (winner first). Returns pixels ``[k,3,R,R]``
+    in [-1,1] and the SDXL micro-conditioning row ``[6]`` (winner's original h, w, crop top, left,
+    target h, w)."""
+    imgs = [im.convert("RGB") for im in images]
+    W, H = imgs[0].size
+    imgs = [imgs[0]] + [_resize(im, (W, H)) for im in imgs[1:]]  # all take the winner's size: one micro row
     s = resolution / min(W, H)
     nw, nh = max(resolution, round(W * s)), max(resolution, round(H * s))
-    win, lose = _resize(win, (nw, nh)), _resize(lose, (nw, nh))
+    imgs = [_resize(im, (nw, nh)) for im in imgs]
     if center_crop:
         top, left = (nh - resolution) // 2, (nw - resolution) // 2
     else:
         top = int(torch.randint(0, nh - resolution + 1, (), generator=gen))
         left = int(torch.randint(0, nw - resolution + 1, (), generator=gen))
     box = (left, top, left + resolution, top + resolution)
-    arr = np.stack([np.asarray(win.crop(box)), np.asarray(lose.crop(box))])  # [2,R,R,3] uint8
-    x = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # [2,3,R,R]
+    arr = np.stack([np.asarray(im.crop(box)) for im in imgs])  # [k,R,R,3] uint8
+    x = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # [k,3,R,R]
     if flip and bool(torch.rand((), generator=gen) < 0.5):
         x = x.flip(-1)
     micro = torch.tensor([H, W, top, left, resolution, resolution], dtype=torch.float32)
@@ -303,6 +315,8 @@ class PairDataset(torch.utils.data.Dataset):
 
     Item: ``pixels [2,3,R,R]`` in [-1,1], ``caption`` (empty string when caption dropout hits),
     ``micro [6]``, ``seed`` (for the loop's noise/timestep draws), ``index``, ``skipped``."""
+
+    k = 2  # images per item
 
     def __init__(self, dcfg: DataConfig, verbose: bool = True) -> None:
         self.cfg = dcfg
@@ -360,7 +374,7 @@ class PairDataset(torch.utils.data.Dataset):
         index, seed = key
         gen = torch.Generator().manual_seed(seed)
         win, lose, skipped = self.load_pair(index)
-        pixels, micro = joint_transform(win, lose, self.cfg.resolution, self.cfg.center_crop, self.cfg.random_flip, gen)
+        pixels, micro = joint_transform([win, lose], self.cfg.resolution, self.cfg.center_crop, self.cfg.random_flip, gen)
         caption = self.rows[(index + skipped) % len(self.rows)].caption
         if self.cfg.caption_dropout > 0 and bool(torch.rand((), generator=gen) < self.cfg.caption_dropout):
             caption = ""  # one decision per pair: winner and loser stay consistent

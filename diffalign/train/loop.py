@@ -182,9 +182,16 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         from ..data.cache import CachedPairs
 
         dataset: Any = CachedPairs(cfg.data, cfg.model)
+    elif cfg.data.format == "ranked":
+        from ..data.ranked import RankedDataset
+
+        dataset = RankedDataset(cfg.data, verbose=main)
     else:
         dataset = PairDataset(cfg.data, verbose=main)
-    k = 1 if objective.winner_only else 2
+    k = 1 if objective.winner_only else dataset.k
+    if objective.kind == "preference" and k != 2:
+        raise ConfigError(f"objective {cfg.objective.name!r} trains on pairs but the data has {k} images per prompt; "
+                          f"use objective.name=rankdpo or export the ranked set to pairs")
     plan = StepPlan(len(dataset), t.seed, t.batch_size, t.grad_accum, world)
 
     # -- model
