@@ -4,6 +4,8 @@
     diffalign validate CONFIG [key=value ...]
     diffalign ls [objectives|families]
     diffalign cache CONFIG [key=value ...]
+    diffalign synpic --prompts F --generator G [--generator G2] --reward R --out DIR
+    diffalign export-pairs RANKED_DIR OUT.parquet [--mode best_worst|all]
     diffalign demo [--out runs/demo] [--steps N]
     diffalign toy pretrain [--quick] | toy eval MODEL
     diffalign tiny FAMILY OUT_DIR [--prediction-type epsilon|v_prediction]
@@ -38,6 +40,25 @@ def _parser() -> argparse.ArgumentParser:
     ca = sub.add_parser("cache", help="precompute latents and text embeddings into data.cache_dir")
     ca.add_argument("config")
     ca.add_argument("overrides", nargs="*")
+
+    sp = sub.add_parser("synpic", help="generate, score and rank a synthetic preference dataset (resumable)")
+    sp.add_argument("--prompts", required=True, help=".txt (one per line) or .jsonl with a 'prompt' key")
+    sp.add_argument("--generator", action="append", required=True, help="pipeline folder or hub id (repeatable)")
+    sp.add_argument("--reward", action="append", required=True, help="NAME or NAME=PATH, e.g. pickscore=PATH (repeatable)")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--images-per-generator", type=int, default=2)
+    sp.add_argument("--steps", type=int, default=20)
+    sp.add_argument("--guidance", type=float, default=5.0)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--shard-size", type=int, default=64)
+    sp.add_argument("--batch-prompts", type=int, default=16)
+    sp.add_argument("--format", default="png", choices=["png", "jpeg"])
+    sp.add_argument("--dedup", action="store_true", help="drop repeated prompts instead of refusing them")
+
+    ep = sub.add_parser("export-pairs", help="turn a ranked Syn-Pic folder into Pick-a-Pic style pairs")
+    ep.add_argument("ranked")
+    ep.add_argument("out")
+    ep.add_argument("--mode", default="best_worst", choices=["best_worst", "all"])
 
     de = sub.add_parser("demo", help="end-to-end DPO on ShapesWorld on a CPU (about 2 minutes)")
     de.add_argument("--out", default="runs/demo")
@@ -83,6 +104,20 @@ def _run(args: argparse.Namespace) -> int:
 
             for cls, fam in PIPELINE_FAMILIES.items():
                 print(f"{fam:6s} {cls}")
+        return 0
+    if args.cmd == "synpic":
+        from .synpic import SynPicConfig, run_synpic
+
+        out = run_synpic(SynPicConfig(
+            prompts=args.prompts, generators=args.generator, rewards=args.reward, out=args.out,
+            images_per_generator=args.images_per_generator, steps=args.steps, guidance=args.guidance, seed=args.seed,
+            shard_size=args.shard_size, batch_prompts=args.batch_prompts, image_format=args.format, dedup=args.dedup))
+        print(f"ranked dataset: {out}")
+        return 0
+    if args.cmd == "export-pairs":
+        from .synpic import export_pairs
+
+        print(f"pairs: {export_pairs(args.ranked, args.out, args.mode)}")
         return 0
     if args.cmd == "demo":
         from .demo import run_demo

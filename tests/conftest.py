@@ -64,3 +64,38 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def pairs_parquet(tmp_path_factory) -> Path:
     return make_pairs_parquet(tmp_path_factory.mktemp("data") / "pairs.parquet", n=8)
+
+
+def build_tiny_clip(out: Path, seed: int = 0) -> Path:
+    """A random-weight CLIPModel of the real architecture, shrunk, saved like a hub checkpoint."""
+    import json
+
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    from diffalign.models.tiny import WORDS
+    from diffalign.models.tokenizer import build_clip_tokenizer
+
+    tok = build_clip_tokenizer(WORDS)
+    torch.manual_seed(seed)
+    cfg = CLIPConfig(
+        text_config={"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "max_position_embeddings": 77, "eos_token_id": tok.eos_token_id,
+                     "bos_token_id": tok.bos_token_id, "pad_token_id": tok.eos_token_id},
+        vision_config={"image_size": 30, "patch_size": 6, "hidden_size": 32, "intermediate_size": 64,
+                       "num_hidden_layers": 2, "num_attention_heads": 2},
+        projection_dim=16,
+    )
+    CLIPModel(cfg).save_pretrained(str(out), safe_serialization=True)
+    tok.save_pretrained(str(out))
+    (out / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 30}, "crop_size": {"height": 30, "width": 30},
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "do_resize": True, "do_center_crop": True, "do_normalize": True, "resample": 3, "do_rescale": True,
+        "rescale_factor": 1 / 255}))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> Path:
+    return build_tiny_clip(tmp_path_factory.mktemp("clip") / "clip")

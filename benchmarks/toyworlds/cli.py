@@ -27,18 +27,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--seed", type=int, default=0)
 
 
-def load_toy_pipeline(path: str):
-    import diffusers
-
-    from ...models.loading import read_model_index
-
-    cls = read_model_index(path)["_class_name"]
-    if cls == "StableDiffusion3Pipeline":
-        return diffusers.StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None), {"max_sequence_length": 0}
-    return diffusers.StableDiffusionPipeline.from_pretrained(path, safety_checker=None, feature_extractor=None,
-                                                             requires_safety_checker=False), {}
-
-
 def run(args: argparse.Namespace) -> int:
     from ..._quiet import quiet_libraries
 
@@ -55,9 +43,10 @@ def run(args: argparse.Namespace) -> int:
                 export_pipeline(stage, work, out / f"toy-{stage}")
                 print(f"exported {out / f'toy-{stage}'}")
         return 0
+    from ...models.loading import load_pipeline
     from .evaluate import evaluate_pipeline
 
-    pipe, kw = load_toy_pipeline(args.model)
+    pipe, kw = load_pipeline(args.model)
     res = evaluate_pipeline(pipe, args.split, args.prompts, args.per_prompt, args.seed, args.steps, args.guidance, **kw)
     s = res["summary"]
     print(json.dumps({k: s[k] for k in ("overall", "overall_ci95", "per_tag")}, indent=2))

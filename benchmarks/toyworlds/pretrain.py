@@ -250,4 +250,6 @@ def export_pipeline(kind: Literal["sd", "sd3"], work: Path, out: Path) -> Path:
             transformer=den, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0), vae=vae, text_encoder=te,
             tokenizer=tok, text_encoder_2=te2, tokenizer_2=tokenizer(), text_encoder_3=None, tokenizer_3=None)
     pipe.save_pretrained(str(out), safe_serialization=True)
+    if kind == "sd3":  # trained without T5 tokens: sample the same way
+        (out / "diffalign.json").write_text(json.dumps({"call_defaults": {"max_sequence_length": 0}}))
     return out

@@ -114,12 +114,37 @@ def load_adapter(mcfg: ModelConfig, device: torch.device | str = "cpu", dtype: t
     if sampling == "auto":
         sampling = "logit_normal" if family == "sd3" else "uniform"
     adapter = cls(pipe, sched, pred, sampling, mcfg.logit_mean, mcfg.logit_std)
-    adapter.max_sequence_length = mcfg.max_sequence_length
+    adapter.max_sequence_length = pipeline_call_defaults(mcfg.path).get("max_sequence_length", mcfg.max_sequence_length)
     for m in adapter.frozen_modules():
         m.requires_grad_(False)
         m.eval()
     adapter.to(device, dtype)
     return adapter
+
+
+def pipeline_call_defaults(path: str | Path) -> dict[str, Any]:
+    """Sampling settings a model folder asks for in ``diffalign.json`` (the toy SD3 model, trained
+    without T5, wants ``max_sequence_length=0``); empty for ordinary checkpoints."""
+    f = Path(path) / "diffalign.json"
+    return json.loads(f.read_text()).get("call_defaults", {}) if f.is_file() else {}
+
+
+def load_pipeline(path: str | Path, device: torch.device | str = "cpu") -> tuple[Any, dict[str, Any]]:
+    """Any supported pipeline folder or hub id -> (pipeline, extra keyword arguments for calling it)."""
+    import diffusers
+
+    index = read_model_index(str(path))
+    family = PIPELINE_FAMILIES.get(index.get("_class_name", ""))
+    if family is None:
+        raise ModelLoadError(f"{path}: unsupported pipeline {index.get('_class_name')!r}; supported: {', '.join(PIPELINE_FAMILIES)}")
+    kw: dict[str, Any] = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None}
+    if family == "sd":
+        kw.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    cls = {"sd": diffusers.StableDiffusionPipeline, "sdxl": diffusers.StableDiffusionXLPipeline,
+           "sd3": diffusers.StableDiffusion3Pipeline}[family]
+    pipe = cls.from_pretrained(str(path), **kw).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, pipeline_call_defaults(path)
 
 
 def load_trained_pipeline(path: str | Path, device: torch.device | str = "cpu") -> Any:

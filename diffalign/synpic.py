@@ -1,0 +1,247 @@
+"""Syn-Pic: generate, score and rank a synthetic preference dataset (RankDPO's recipe).
+
+prompts x generators x k images per generator -> reward ensemble -> vote phi and rank per prompt.
+
+Output folder::
+
+    manifest.json          generators, rewards, sampler settings, seed, versions, shard layout
+    shard-00000.parquet    one row per prompt: prompt, images (PNG/JPEG bytes), generator, seed,
+                           scores.<reward>, phi, rank   (lists of length G*k)
+
+Every image's seed is derived from (seed, prompt index, generator index, image index), so any
+shard can be regenerated identically. Shards are written to a temporary file and renamed: a
+shard on disk is always complete, and a rerun after a crash continues at the first missing
+shard without duplicating or losing prompts. Processes started with ``accelerate launch`` (or
+any launcher setting RANK/WORLD_SIZE) take shards round-robin; the shards form the dataset.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from .errors import ConfigError
+
+
+@dataclass
+class SynPicConfig:
+    prompts: str
+    """A .txt file (one prompt per line) or .jsonl (``prompt`` or ``caption`` key)."""
+    generators: list[str]
+    """Pipeline folders or hub ids (any supported family)."""
+    rewards: list[str]
+    """``name`` or ``name=path``, e.g. ``pickscore=yuvalkirstain/PickScore_v1`` (``diffalign ls rewards``)."""
+    out: str
+    images_per_generator: int = 2
+    steps: int = 20
+    guidance: float = 5.0
+    seed: int = 0
+    shard_size: int = 64
+    """Prompts per shard (the unit of resumption)."""
+    batch_prompts: int = 16
+    image_format: Literal["png", "jpeg"] = "png"
+    dedup: bool = False
+    """Drop repeated prompts (keeping the first) instead of refusing them."""
+    reward_weights: list[float] = field(default_factory=list)
+
+
+def read_prompts(path: str, dedup: bool = False) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"prompts file {path!r} does not exist")
+    out: list[str] = []
+    seen: dict[str, int] = {}
+    for ln, line in enumerate(p.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        if p.suffix == ".jsonl":
+            rec = json.loads(line)
+            text = rec.get("prompt", rec.get("caption"))
+            if not isinstance(text, str):
+                raise ConfigError(f"{path} line {ln}: needs a 'prompt' (or 'caption') string")
+        else:
+            text = line.strip()
+        if text in seen:
+            if dedup:
+                continue
+            raise ConfigError(f"{path} line {ln}: duplicate prompt {text[:60]!r} (first on line {seen[text]}); pass --dedup to drop repeats")
+        seen[text] = ln
+        out.append(text)
+    if not out:
+        raise ConfigError(f"prompts file {path!r} is empty")
+    return out
+
+
+def image_seed(seed: int, prompt_index: int, generator_index: int, image_index: int) -> int:
+    return int(np.random.SeedSequence([seed, prompt_index, generator_index, image_index]).generate_state(1)[0])
+
+
+def load_rewards(specs: list[str], device: str | torch.device = "cpu") -> dict[str, Any]:
+    from .rewards import REWARDS
+
+    out = {}
+    for spec in specs:
+        name, _, path = spec.partition("=")
+        cls = REWARDS.get(name)
+        key = name if name not in out else f"{name}:{len(out)}"
+        out[key] = cls(path, device=device) if path else cls(device=device)
+    return out
+
+
+def _encode(img: np.ndarray, fmt: str) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG" if fmt == "png" else "JPEG", quality=95)
+    return buf.getvalue()
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"output folder {str(out)!r} is not writable ({e.strerror})") from None
+
+
+def manifest_for(cfg: SynPicConfig, prompts: list[str]) -> dict[str, Any]:
+    import diffusers
+    import transformers
+
+    import diffalign
+
+    return {"config": asdict(cfg), "num_prompts": len(prompts), "num_shards": (len(prompts) + cfg.shard_size - 1) // cfg.shard_size,
+            "prompts_sha": _sha(prompts),
+            "versions": {"diffalign": diffalign.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+                         "transformers": transformers.__version__}}
+
+
+def _sha(prompts: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
+
+
+def run_synpic(cfg: SynPicConfig, rank: int | None = None, world: int | None = None,
+               writer=None) -> Path:
+    """Build (or continue) the ranked dataset; returns the output folder."""
+    from tqdm.auto import tqdm
+
+    from ._quiet import quiet_libraries
+    from .models.loading import load_pipeline
+    from .rewards.ensemble import ranks_from_phi, vote_phi
+
+    quiet_libraries()
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
+    prompts = read_prompts(cfg.prompts, cfg.dedup)
+    if cfg.images_per_generator < 1 or not cfg.generators or not cfg.rewards:
+        raise ConfigError("synpic needs at least one generator, one reward and images_per_generator >= 1")
+    if len(cfg.generators) * cfg.images_per_generator < 2:
+        raise ConfigError("synpic needs at least 2 images per prompt to rank (generators x images_per_generator)")
+    out = Path(cfg.out)
+    _check_writable(out)
+    manifest = manifest_for(cfg, prompts)
+    mf = out / "manifest.json"
+    if mf.exists():
+        old = json.loads(mf.read_text())
+        if {k: old[k] for k in ("config", "prompts_sha")} != {k: manifest[k] for k in ("config", "prompts_sha")}:
+            raise ConfigError(f"{out} holds a Syn-Pic run with other settings or prompts; choose another --out")
+    elif rank == 0:
+        tmp = mf.with_name("manifest.json.tmp")
+        tmp.write_text(json.dumps(manifest, indent=2))
+        os.replace(tmp, mf)
+    todo = [s for s in range(manifest["num_shards"]) if s % world == rank and not (out / f"shard-{s:05d}.parquet").exists()]
+    if not todo:
+        return out
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipes = [load_pipeline(g, device) for g in cfg.generators]
+    rewards = load_rewards(cfg.rewards, device)
+    k = cfg.images_per_generator
+    K = k * len(pipes)
+    total = sum(min(cfg.shard_size, len(prompts) - s * cfg.shard_size) for s in todo) * K
+    bar = tqdm(total=total, desc="synpic", unit="img")
+    t0 = time.time()
+    for s in todo:
+        idx = list(range(s * cfg.shard_size, min(len(prompts), (s + 1) * cfg.shard_size)))
+        images: list[list[Any]] = [[None] * K for _ in idx]  # per prompt: G*k images, generator-major
+        seeds = [[0] * K for _ in idx]
+        for gi, (pipe, call_kw) in enumerate(pipes):
+            for b in range(0, len(idx), cfg.batch_prompts):
+                chunk = idx[b : b + cfg.batch_prompts]
+                gseeds = [image_seed(cfg.seed, p, gi, j) for p in chunk for j in range(k)]
+                gens = [torch.Generator().manual_seed(x) for x in gseeds]
+                with torch.inference_mode():
+                    imgs = pipe([prompts[p] for p in chunk], num_images_per_prompt=k, num_inference_steps=cfg.steps,
+                                guidance_scale=cfg.guidance, generator=gens, output_type="np", **call_kw).images
+                imgs = (np.clip(imgs, 0, 1) * 255).round().astype(np.uint8).reshape(len(chunk), k, *imgs.shape[1:])
+                for ci in range(len(chunk)):
+                    for j in range(k):
+                        images[b + ci][gi * k + j] = imgs[ci, j]
+                        seeds[b + ci][gi * k + j] = gseeds[ci * k + j]
+                bar.update(len(chunk) * k)
+                bar.set_postfix(img_per_s=f"{bar.n / (time.time() - t0):.1f}")
+        flat = torch.from_numpy(np.stack([im for row in images for im in row])).permute(0, 3, 1, 2).float() / 255
+        flat_prompts = [prompts[p] for p in idx for _ in range(K)]
+        scores = {name: r(flat, flat_prompts).scores.view(len(idx), K) for name, r in rewards.items()}
+        phi = vote_phi(scores)
+        ranks = ranks_from_phi(phi)
+        rows: dict[str, list] = {"prompt": [prompts[p] for p in idx], "prompt_index": idx,
+                                 "images": [[_encode(im, cfg.image_format) for im in row] for row in images],
+                                 "generator": [[cfg.generators[j // k] for j in range(K)] for _ in idx],
+                                 "seed": seeds, "phi": phi.tolist(), "rank": ranks.tolist()}
+        for name, sc in scores.items():
+            rows[f"scores.{name}"] = sc.tolist()
+        _write_shard(out / f"shard-{s:05d}.parquet", rows, writer)
+    bar.close()
+    return out
+
+
+def _write_shard(path: Path, rows: dict[str, list], writer=None) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        (writer or pq.write_table)(pa.table(rows), tmp)
+        os.replace(tmp, path)  # the commit point: a shard named *.parquet is complete
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"writing {path.name} failed ({e.strerror or e}); nothing was left half-written") from None
+
+
+def export_pairs(ranked: str | Path, out: str | Path, mode: Literal["best_worst", "all"] = "best_worst") -> Path:
+    """Ranked shards -> one Pick-a-Pic style parquet (caption, jpg_0, jpg_1, label_0, label_1).
+    ``best_worst``: rank 1 vs rank k per prompt; ``all``: every pair with different phi."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows: dict[str, list] = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": [], "label_1": []}
+    for f in sorted(Path(ranked).glob("shard-*.parquet")):
+        t = pq.read_table(f, columns=["prompt", "images", "phi", "rank"]).to_pylist()
+        for r in t:
+            order = np.argsort(r["rank"], kind="stable")
+            pairs = [(order[0], order[-1])] if mode == "best_worst" else [
+                (order[i], order[j]) for i in range(len(order)) for j in range(i + 1, len(order))]
+            for a, b in pairs:
+                if r["phi"][a] == r["phi"][b]:
+                    continue  # a tie carries no preference
+                rows["caption"].append(r["prompt"])
+                rows["jpg_0"].append(r["images"][a])
+                rows["jpg_1"].append(r["images"][b])
+                rows["label_0"].append(1.0)
+                rows["label_1"].append(0.0)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(rows), out)
+    return out
