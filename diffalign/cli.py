@@ -60,10 +60,18 @@ def _parser() -> argparse.ArgumentParser:
     ep.add_argument("out")
     ep.add_argument("--mode", default="best_worst", choices=["best_worst", "all"])
 
-    de = sub.add_parser("demo", help="end-to-end DPO on ShapesWorld on a CPU (about 2 minutes)")
+    de = sub.add_parser("demo", help="Syn-Pic + RankDPO + judged eval on the shipped ShapesWorld toy models (CPU, minutes)")
     de.add_argument("--out", default="runs/demo")
-    de.add_argument("--steps", type=int, default=150)
-    de.add_argument("--pairs", type=int, default=256)
+    de.add_argument("--model", default=None, help="policy pipeline (default: shipped toy-sd)")
+    de.add_argument("--generator", action="append", default=None, help="Syn-Pic generators (default: toy-sd and toy-sd3)")
+    de.add_argument("--reward", action="append", default=None, help="NAME=PATH rewards (default: the two toy CLIPs)")
+    de.add_argument("--objective", default="rankdpo")
+    de.add_argument("--beta", type=float, default=2000.0)
+    de.add_argument("--steps", type=int, default=150, help="training steps (the budget knob)")
+    de.add_argument("--lr", type=float, default=1e-3)
+    de.add_argument("--train-prompts", type=int, default=100)
+    de.add_argument("--eval-prompts", type=int, default=60)
+    de.add_argument("--per-prompt", type=int, default=4)
     de.add_argument("--seed", type=int, default=0)
 
     from .benchmarks.toyworlds import cli as toy_cli
@@ -122,7 +130,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.cmd == "demo":
         from .demo import run_demo
 
-        run_demo(args.out, args.steps, args.pairs, args.seed)
+        run_demo(args.out, args.model, args.generator, args.reward, args.objective, args.beta, args.steps, args.lr,
+                 n_train=args.train_prompts, n_eval=args.eval_prompts, per_prompt=args.per_prompt, seed=args.seed)
         return 0
     if args.cmd == "toy":
         from .benchmarks.toyworlds import cli as toy_cli
