@@ -119,3 +119,20 @@ def test_step_plan_is_split_invariant():
     # every pair seen once per epoch (10 pairs, 4 per step: positions 0..9 cover the first epoch)
     plan = StepPlan(10, seed=3, batch_size=5, grad_accum=1)
     assert sorted(i for s in range(2) for i, _ in plan.keys(s, 0, 0)) == list(range(10))
+
+
+def test_hf_datasets_source(tmp_path):
+    """A `datasets` folder (save_to_disk) with the Pick-a-Pic schema; images as raw bytes columns."""
+    import datasets
+    import pyarrow.parquet as pq
+
+    p = make_pairs_parquet(tmp_path / "p.parquet", n=5, labels=[1.0, 0.0, 0.5, 1.0, 0.0])
+    ds = datasets.Dataset(pq.read_table(p))
+    ds.save_to_disk(str(tmp_path / "hf"))
+    got = PairDataset(dcfg(tmp_path / "hf"))
+    assert got.format == "hf" and len(got) == 4 and [r.swap for r in got.rows] == [False, True, False, True]
+    assert got[(1, 0)]["pixels"].shape == (2, 3, 32, 32)
+    dd = datasets.DatasetDict({"train": ds})
+    dd.save_to_disk(str(tmp_path / "hfdict"))
+    with pytest.raises(DataError, match="data.split 'validation' not in"):
+        PairDataset(dcfg(tmp_path / "hfdict", split="validation"))
