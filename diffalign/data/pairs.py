@@ -84,29 +84,27 @@ def _parquet_files(path: str) -> list[Path]:
     return files
 
 
+def check_columns(f: Path, required: tuple[str, ...], schema: str) -> None:
+    """One-line error naming the file and the first missing column."""
+    import pyarrow.parquet as pq
+
+    names = pq.read_schema(f).names
+    missing = [c for c in required if c not in names]
+    if missing:
+        raise DataError(f"{f}: missing column {missing[0]!r} ({schema} schema needs {', '.join(required)}; found {', '.join(names)})")
+
+
 def check_source(dcfg: DataConfig) -> None:
     """Cheap pre-flight check run by ``validate``: the path exists and has the needed columns."""
     if not dcfg.path:
         raise DataError("data.path is empty: give a parquet file/folder, a JSONL file, a pairs folder or a dataset id")
     fmt = detect_format(dcfg)
-    if fmt == "ranked":
-        import pyarrow.parquet as pq
-
+    if fmt in ("ranked", "parquet"):
         from .ranked import RANKED_REQUIRED
 
+        required, schema = (RANKED_REQUIRED, "ranked") if fmt == "ranked" else (PICKAPIC_REQUIRED, "Pick-a-Pic")
         for f in _parquet_files(dcfg.path):
-            names = pq.read_schema(f).names
-            missing = [c for c in RANKED_REQUIRED if c not in names]
-            if missing:
-                raise DataError(f"{f}: missing column {missing[0]!r} (ranked schema needs {', '.join(RANKED_REQUIRED)}; found {', '.join(names)})")
-    elif fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        for f in _parquet_files(dcfg.path):
-            names = pq.read_schema(f).names
-            missing = [c for c in PICKAPIC_REQUIRED if c not in names]
-            if missing:
-                raise DataError(f"{f}: missing column {missing[0]!r} (Pick-a-Pic schema needs {', '.join(PICKAPIC_REQUIRED)}; found {', '.join(names)})")
+            check_columns(f, required, schema)
     elif fmt == "jsonl":
         p = Path(dcfg.path).expanduser()
         if not p.is_file():
@@ -183,10 +181,7 @@ def _index_parquet(dcfg: DataConfig, counts: _Counts) -> tuple[list[PairRow], _P
     files = _parquet_files(dcfg.path)
     rows: list[PairRow] = []
     for si, f in enumerate(files):
-        names = pq.read_schema(f).names
-        missing = [c for c in PICKAPIC_REQUIRED if c not in names]
-        if missing:
-            raise DataError(f"{f}: missing column {missing[0]!r} (found {', '.join(names)})")
+        check_columns(f, PICKAPIC_REQUIRED, "Pick-a-Pic")
         tbl = pq.read_table(f, columns=["caption", "label_0"])  # light columns only
         for r, (cap, lab) in enumerate(zip(tbl.column("caption").to_pylist(), tbl.column("label_0").to_pylist(), strict=True)):
             _add_row(rows, counts, dcfg, cap, _check_label(lab, f"{f} row {r}"), si, r)

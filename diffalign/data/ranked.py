@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from ..config import DataConfig
-from .pairs import DataError, _parquet_files, _ParquetImages, joint_transform
+from .pairs import DataError, _parquet_files, _ParquetImages, check_columns, joint_transform
 
 RANKED_REQUIRED = ("prompt", "images", "phi", "rank")
 
@@ -31,10 +31,7 @@ class RankedDataset(torch.utils.data.Dataset):
         ks = set()
         skipped = 0
         for si, f in enumerate(files):
-            names = pq.read_schema(f).names
-            missing = [c for c in RANKED_REQUIRED if c not in names]
-            if missing:
-                raise DataError(f"{f}: missing column {missing[0]!r} (found {', '.join(names)})")
+            check_columns(f, RANKED_REQUIRED, "ranked")
             tbl = pq.read_table(f, columns=["prompt", "phi", "rank"])
             for r, (p, phi, rank) in enumerate(zip(*(tbl.column(c).to_pylist() for c in ("prompt", "phi", "rank")), strict=True)):
                 if not isinstance(p, str) or not p.strip():
