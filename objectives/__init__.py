@@ -1,8 +1,10 @@
 """Preference objectives. This file is the menu: every registered method is imported here."""
 
-from . import diffusion_dpo, rankdpo, sft  # noqa: F401  (registration by import)
+from . import diffusion_dpo, kto, mapo, rankdpo, sft  # noqa: F401  (registration by import)
 from .base import OBJECTIVES, Objective, ObjectiveOutput, build_objective
 from .diffusion_dpo import DiffusionDPO, diffusion_dpo_loss, dpo_inside
+from .kto import DiffusionKTO, kto_loss
+from .mapo import MaPO, mapo_loss
 from .rankdpo import RankDPO, rank_dpo_loss
 from .sft import SFT, sft_loss
 
@@ -14,6 +16,10 @@ __all__ = [
     "DiffusionDPO",
     "diffusion_dpo_loss",
     "dpo_inside",
+    "DiffusionKTO",
+    "kto_loss",
+    "MaPO",
+    "mapo_loss",
     "RankDPO",
     "rank_dpo_loss",
     "SFT",
