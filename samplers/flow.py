@@ -1,0 +1,60 @@
+"""Flow-matching samplers (rectified flow, SD3): the Euler ODE and Flow-GRPO's SDE step.
+
+Model output is the velocity ``v = eps - x0`` at ``x_sigma = (1 - sigma) x0 + sigma eps``;
+``sigmas`` run from ~1 down to 0 (``FlowMatchEulerDiscreteScheduler.sigmas`` after
+``set_timesteps``, shift applied) and the network sees ``t = sigma * 1000``.
+
+- Euler ODE: ``x_next = x + (sigma_next - sigma) * v`` (= ``FlowMatchEulerDiscreteScheduler.step``).
+- Flow-GRPO SDE (Liu et al. 2025; yifan123/flow_grpo ``flow_grpo/diffusers_patch/sd3_sde_with_logprob.py``):
+  ``std = a * sqrt(sigma / (1 - sigma))`` (a = ``noise_level``, 0.7), ``dt = sigma_next - sigma`` (< 0),
+  ``mean = x * (1 + std^2 / (2 sigma) * dt) + v * (1 + std^2 (1 - sigma) / (2 sigma)) * dt``,
+  ``x_next = mean + std * sqrt(-dt) * z``; log-prob averaged over dims. At sigma = 1 the
+  ``sqrt(sigma/(1-sigma))`` is infinite, so (as flow_grpo) sigma is capped below 1 there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import ModelFn, SampleOutput, gaussian_log_prob, guided, randn_like
+
+
+def flow_sde_step(v: Tensor, x: Tensor, sigma: float, sigma_next: float, noise: Tensor | None,
+                  noise_level: float = 0.7) -> tuple[Tensor, Tensor | None, Tensor]:
+    s = min(sigma, 1 - 1e-3)  # flow_grpo: sigma_max excluded from the std formula
+    dt = sigma_next - sigma
+    std = noise_level * (s / (1 - s)) ** 0.5
+    mean = x * (1 + std**2 / (2 * s) * dt) + v * (1 + std**2 * (1 - s) / (2 * s)) * dt
+    scale = std * (-dt) ** 0.5
+    if noise is None or scale == 0:
+        return mean, None, mean
+    x_next = mean + scale * noise
+    return x_next, gaussian_log_prob(x_next, mean, scale), mean
+
+
+def flow_sample(model_fn: ModelFn, x_T: Tensor, sigmas: list[float] | Tensor, cond: Any, guidance_scale: float = 1.0,
+                eta: float = 0.0, generator: torch.Generator | list[torch.Generator] | None = None,
+                return_trajectory: bool = False, return_log_probs: bool = False, num_train_timesteps: int = 1000) -> SampleOutput:
+    """``eta = 0``: Euler ODE over ``sigmas`` (including the final 0). ``eta > 0``: Flow-GRPO SDE with
+    ``noise_level = eta`` (the last step, into sigma = 0, stays deterministic)."""
+    sig = [float(s) for s in sigmas]
+    x = x_T
+    out = SampleOutput(x_T)
+    if return_trajectory:
+        out.trajectory.append(x)
+    for i in range(len(sig) - 1):
+        t = torch.tensor(sig[i] * num_train_timesteps, device=x.device, dtype=torch.float32)
+        v = guided(model_fn, x, t, cond, guidance_scale)
+        if eta > 0 and sig[i + 1] > 0:
+            x, lp, _ = flow_sde_step(v, x, sig[i], sig[i + 1], randn_like(x, generator), eta)
+            if return_log_probs and lp is not None:
+                out.log_probs.append(lp)
+        else:
+            x = x + (sig[i + 1] - sig[i]) * v
+        if return_trajectory:
+            out.trajectory.append(x)
+    out.sample = x
+    return out
