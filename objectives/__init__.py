@@ -1,7 +1,8 @@
 """Preference objectives. This file is the menu: every registered method is imported here."""
 
-from . import diffusion_dpo, kto, mapo, rankdpo, sft  # noqa: F401  (registration by import)
+from . import dcpo, diffusion_dpo, kto, mapo, rankdpo, sft  # noqa: F401  (registration by import)
 from .base import OBJECTIVES, Objective, ObjectiveOutput, build_objective
+from .dcpo import DCPO
 from .diffusion_dpo import DiffusionDPO, diffusion_dpo_loss, dpo_inside
 from .kto import DiffusionKTO, kto_loss
 from .mapo import MaPO, mapo_loss
@@ -13,6 +14,7 @@ __all__ = [
     "Objective",
     "ObjectiveOutput",
     "build_objective",
+    "DCPO",
     "DiffusionDPO",
     "diffusion_dpo_loss",
     "dpo_inside",

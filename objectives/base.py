@@ -39,6 +39,8 @@ class Objective(Protocol):
     kind: ClassVar[Literal["preference", "ranked", "unpaired", "online", "supervised"]]
     winner_only: ClassVar[bool]
     """True: only the first image of each group is forwarded (SFT)."""
+    # Optional: ``per_image_captions: ClassVar[bool] = True`` conditions each image on its own
+    # caption (DCPO); objectives without it get one caption per group.
 
     def __call__(self, policy_err: Tensor, ref_err: Tensor | None, batch: dict[str, Any]) -> ObjectiveOutput: ...
 

@@ -186,3 +186,26 @@ def test_bf16_gradient_checkpointing_and_ema_export(tiny_models, pairs_parquet, 
     ema_b = {n: v for n, v in ema.items() if "lora_B" in n}
     assert sorted(float(v.abs().sum()) for v in lora_b.values()) == pytest.approx(
         sorted(float(v.abs().sum()) for v in ema_b.values()), rel=1e-5)
+
+
+def test_dcpo_uses_per_image_captions(tiny_models, tmp_path):
+    """DCPO on dual-caption data: the loser's own caption changes the loss (vs. DPO on the same pairs)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from conftest import make_pairs_parquet
+
+    p = make_pairs_parquet(tmp_path / "p.parquet", n=4, labels=[1.0, 0.0, 1.0, 0.0])
+    t = pq.read_table(p)
+    t = t.append_column("caption_0", pa.array(["a red circle"] * 4)).append_column("caption_1", pa.array(["a blue dog"] * 4))
+    pq.write_table(t, p)
+    from diffalign.config import DataConfig
+    from diffalign.data import PairDataset
+
+    ds = PairDataset(DataConfig(path=str(p), resolution=32))
+    assert ds[(0, 0)]["captions"] == ["a red circle", "a blue dog"]
+    assert ds[(1, 0)]["captions"] == ["a blue dog", "a red circle"]  # label_0 == 0: swapped with the images
+    common = ["train.max_steps=1", "train.batch_size=4", "train.lr=0.0"]
+    dcpo = run(tiny_models["sd"], p, tmp_path / "dcpo", *common, "objective.name=dcpo")
+    dpo = run(tiny_models["sd"], p, tmp_path / "dpo", *common)
+    assert dcpo["err/ref_l"] != pytest.approx(dpo["err/ref_l"], rel=1e-6)

@@ -48,6 +48,8 @@ class PairRow:
     """Row inside that source."""
     swap: bool
     """True when ``label_0 == 0``: image 1 is the winner."""
+    captions: tuple[str, str] | None = None
+    """Per-image captions (``caption_0``, ``caption_1``) when the data has them (DCPO)."""
 
 
 # ----------------------------------------------------------------------------- source detection
@@ -182,20 +184,29 @@ def _index_parquet(dcfg: DataConfig, counts: _Counts) -> tuple[list[PairRow], _P
     rows: list[PairRow] = []
     for si, f in enumerate(files):
         check_columns(f, PICKAPIC_REQUIRED, "Pick-a-Pic")
-        tbl = pq.read_table(f, columns=["caption", "label_0"])  # light columns only
+        dual = {"caption_0", "caption_1"} <= set(pq.read_schema(f).names)
+        cols = ["caption", "label_0"] + (["caption_0", "caption_1"] if dual else [])
+        tbl = pq.read_table(f, columns=cols)  # light columns only
+        c0 = tbl.column("caption_0").to_pylist() if dual else None
+        c1 = tbl.column("caption_1").to_pylist() if dual else None
         for r, (cap, lab) in enumerate(zip(tbl.column("caption").to_pylist(), tbl.column("label_0").to_pylist(), strict=True)):
-            _add_row(rows, counts, dcfg, cap, _check_label(lab, f"{f} row {r}"), si, r)
+            _add_row(rows, counts, dcfg, cap, _check_label(lab, f"{f} row {r}"), si, r,
+                     (c0[r], c1[r]) if dual else None)
     return rows, _ParquetImages(files)
 
 
-def _add_row(rows: list[PairRow], counts: _Counts, dcfg: DataConfig, caption: Any, label_0: float, source: int, row: int) -> None:
+def _add_row(rows: list[PairRow], counts: _Counts, dcfg: DataConfig, caption: Any, label_0: float, source: int, row: int,
+             captions: tuple[Any, Any] | None = None) -> None:
     if label_0 == 0.5 and dcfg.drop_ties:
         counts.ties += 1
         return
     if not isinstance(caption, str) or not caption.strip():
         counts.empty_caption += 1
         return
-    rows.append(PairRow(caption, source, row, swap=label_0 == 0.0))
+    if captions is not None and not all(isinstance(c, str) and c.strip() for c in captions):
+        counts.empty_caption += 1
+        return
+    rows.append(PairRow(caption, source, row, swap=label_0 == 0.0, captions=captions))
 
 
 def _index_jsonl(dcfg: DataConfig, counts: _Counts) -> tuple[list[PairRow], list[tuple[Path, Path]]]:
@@ -370,10 +381,16 @@ class PairDataset(torch.utils.data.Dataset):
         gen = torch.Generator().manual_seed(seed)
         win, lose, skipped = self.load_pair(index)
         pixels, micro = joint_transform([win, lose], self.cfg.resolution, self.cfg.center_crop, self.cfg.random_flip, gen)
-        caption = self.rows[(index + skipped) % len(self.rows)].caption
-        if self.cfg.caption_dropout > 0 and bool(torch.rand((), generator=gen) < self.cfg.caption_dropout):
+        row = self.rows[(index + skipped) % len(self.rows)]
+        caption = row.caption
+        dropped = self.cfg.caption_dropout > 0 and bool(torch.rand((), generator=gen) < self.cfg.caption_dropout)
+        if dropped:
             caption = ""  # one decision per pair: winner and loser stay consistent
-        return {"pixels": pixels, "caption": caption, "micro": micro, "seed": seed, "index": index, "skipped": skipped}
+        item = {"pixels": pixels, "caption": caption, "micro": micro, "seed": seed, "index": index, "skipped": skipped}
+        if row.captions is not None:  # per-image captions, winner first (swapped with the images)
+            caps = list(reversed(row.captions)) if row.swap else list(row.captions)
+            item["captions"] = ["", ""] if dropped else caps
+        return item
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -63,16 +63,24 @@ def group_errors(adapter: Adapter, model: torch.nn.Module, x_t: Tensor, t: Tenso
     return per_sample_error(pred, target).view(-1, k)
 
 
-def prepare_batch(adapter: Adapter, batch: dict[str, Any], k: int, device: torch.device) -> tuple[Tensor, dict[str, Tensor], Tensor]:
-    """Latents ``[B,k,C,h,w]``, text conditioning repeated per image ``[B*k,...]``, micro ids ``[B*k,6]``."""
+def prepare_batch(adapter: Adapter, batch: dict[str, Any], k: int, device: torch.device,
+                  per_image_captions: bool = False) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    """Latents ``[B,k,C,h,w]``, text conditioning per image ``[B*k,...]``, micro ids ``[B*k,6]``.
+
+    One caption per group is encoded once and repeated for its k images; with
+    ``per_image_captions`` (DCPO) every image gets its own caption from ``batch['captions']``."""
     if "latents" in batch:  # from `diffalign cache`
         x0 = batch["latents"][:, :k].to(device)
-        cond = {n: v.to(device) for n, v in batch["cond"].items()}
     else:
         pix = batch["pixels"][:, :k]  # [B,k,3,R,R]
         x0 = adapter.encode_images(pix.flatten(0, 1).to(device)).unflatten(0, pix.shape[:2])
-        cond = adapter.encode_prompts(batch["caption"])
-    cond = {n: v.repeat_interleave(k, 0) for n, v in cond.items()}
+    if per_image_captions:
+        if "captions" not in batch:
+            raise ConfigError("this objective needs per-image captions: data columns caption_0 and caption_1")
+        cond = adapter.encode_prompts([c for caps in batch["captions"] for c in caps[:k]])  # b-major: [B*k,...]
+    else:
+        cond = batch["cond"] if "latents" in batch else adapter.encode_prompts(batch["caption"])
+        cond = {n: v.to(device).repeat_interleave(k, 0) for n, v in cond.items()}
     micro = batch["micro"].to(device).repeat_interleave(k, 0)
     return x0, cond, micro
 
@@ -266,7 +274,8 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
             torch.manual_seed(batch["seed"][0])  # any global-RNG use (dropout) is tied to the data position
             sync = micro_i == t.grad_accum - 1
             with nullcontext() if sync else accelerator.no_sync(model):
-                x0, cond, micro = prepare_batch(adapter, batch, k, accelerator.device)
+                x0, cond, micro = prepare_batch(adapter, batch, k, accelerator.device,
+                                                per_image_captions=getattr(objective, "per_image_captions", False))
                 x_t, tt, target = noised_inputs(adapter, x0, batch["seed"])
                 with accelerator.autocast():
                     policy_err = group_errors(adapter, model, x_t, tt, target, cond, micro, k)  # [B,k]
