@@ -60,9 +60,10 @@ def build_denoiser(kind: Kind):
 
     if kind == "sd":
         return diffusers.UNet2DConditionModel(
-            sample_size=LATENT, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(48, 96, 96),
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            # no attention at 16x16 (256 tokens): 3x the throughput of attending at every level
+            sample_size=LATENT, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 128),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
             cross_attention_dim=64, attention_head_dim=4, norm_num_groups=16)
     return diffusers.SD3Transformer2DModel(
         sample_size=LATENT, patch_size=2, in_channels=4, out_channels=4, num_layers=6, attention_head_dim=32,
