@@ -290,11 +290,8 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
             sums["loss"].append(out.loss.detach())
             for name, v in out.metrics.items():
                 sums[name].append(v.detach().reshape(-1))
-        grads = [p.grad for p in trainable.values() if p.grad is not None]
-        if t.max_grad_norm > 0:
-            grad_norm = accelerator.clip_grad_norm_(list(trainable.values()), t.max_grad_norm)
-        else:
-            grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else torch.tensor(0.0)
+        # clip_grad_norm_ with an infinite bound only measures the norm (max_grad_norm = 0: no clipping)
+        grad_norm = accelerator.clip_grad_norm_(list(trainable.values()), t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
         optimizer.step()
         lr_sched.step()
         optimizer.zero_grad(set_to_none=True)
