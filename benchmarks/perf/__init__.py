@@ -1,0 +1,1 @@
+"""Performance benchmarks (baseline vs diffalign in one process)."""
