@@ -200,7 +200,7 @@ def train_stage(kind: Kind, work: Path, minutes: float, batch: int = 64, lr: flo
             log.write(json.dumps({"step": meta["steps"], "images": meta["images"], "loss": float(np.mean(losses))}) + "\n")
             log.flush()
             losses = []
-        if meta["steps"] % 500 == 0:
+        if meta["steps"] % 200 == 0:
             meta["seconds"] += time.time() - t_start
             t_start = time.time()
             _save_state(ckpt, modules, ema, opt, meta)
@@ -226,8 +226,9 @@ def latent_scale(work: Path) -> float:
     return scale
 
 
-def export_pipeline(kind: Literal["sd", "sd3"], work: Path, out: Path) -> Path:
-    """Write the EMA weights of a stage as a diffusers pipeline folder (safetensors)."""
+def export_pipeline(kind: Literal["sd", "sd3"], work: Path, out: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Write the EMA weights of a stage as a diffusers pipeline folder (safetensors; the shipped
+    models are stored in fp16 to halve their size, loaders upcast to fp32)."""
     import diffusers
     from safetensors.torch import load_file
 
@@ -250,7 +251,7 @@ def export_pipeline(kind: Literal["sd", "sd3"], work: Path, out: Path) -> Path:
         pipe = diffusers.StableDiffusion3Pipeline(
             transformer=den, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0), vae=vae, text_encoder=te,
             tokenizer=tok, text_encoder_2=te2, tokenizer_2=tokenizer(), text_encoder_3=None, tokenizer_3=None)
-    pipe.save_pretrained(str(out), safe_serialization=True)
+    pipe.to(dtype).save_pretrained(str(out), safe_serialization=True)
     if kind == "sd3":  # trained without T5 tokens: sample the same way
         (out / "diffalign.json").write_text(json.dumps({"call_defaults": {"max_sequence_length": 0}}))
     return out

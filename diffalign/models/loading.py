@@ -82,6 +82,8 @@ def load_adapter(mcfg: ModelConfig, device: torch.device | str = "cpu", dtype: t
                  load_denoiser: bool = True) -> Adapter:
     """Load the pipeline named by ``mcfg`` and return its adapter on ``device``.
 
+    Weights load as fp32 whatever their stored precision (fp16 files, like the shipped toy models,
+    are upcast), then the frozen parts are cast to ``dtype``.
     ``dtype`` applies to the frozen parts (VAE, text encoders); the denoiser stays fp32 so the
     loop can decide (LoRA keeps fp32 adapters on a low-precision base)."""
     import diffusers
@@ -97,16 +99,16 @@ def load_adapter(mcfg: ModelConfig, device: torch.device | str = "cpu", dtype: t
     nulls = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None}
     if family == "sd":
         pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-            mcfg.path, safety_checker=None, feature_extractor=None, requires_safety_checker=False, **kw
+            mcfg.path, safety_checker=None, feature_extractor=None, requires_safety_checker=False, torch_dtype=torch.float32, **kw
         )
         sched = diffusers.DDPMScheduler.from_pretrained(mcfg.path, subfolder="scheduler", **kw)
         cls: type[Adapter] = SDAdapter
     elif family == "sdxl":
-        pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(mcfg.path, **nulls, **kw)
+        pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(mcfg.path, torch_dtype=torch.float32, **nulls, **kw)
         sched = diffusers.DDPMScheduler.from_pretrained(mcfg.path, subfolder="scheduler", **kw)
         cls = SDXLAdapter
     else:
-        pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(mcfg.path, **nulls, **kw)
+        pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(mcfg.path, torch_dtype=torch.float32, **nulls, **kw)
         sched = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(mcfg.path, subfolder="scheduler", **kw)
         cls = SD3Adapter
     pred = _check_prediction_type(mcfg, family, sched)
@@ -142,7 +144,7 @@ def load_pipeline(path: str | Path, device: torch.device | str = "cpu") -> tuple
         kw.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     cls = {"sd": diffusers.StableDiffusionPipeline, "sdxl": diffusers.StableDiffusionXLPipeline,
            "sd3": diffusers.StableDiffusion3Pipeline}[family]
-    pipe = cls.from_pretrained(str(path), **kw).to(device)
+    pipe = cls.from_pretrained(str(path), torch_dtype=torch.float32, **kw).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe, pipeline_call_defaults(path)
 
@@ -170,11 +172,11 @@ def load_trained_pipeline(path: str | Path, device: torch.device | str = "cpu") 
         kw.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     export = p / "export"
     if state["lora"]:
-        pipe = cls.from_pretrained(state["model_path"], **kw)
+        pipe = cls.from_pretrained(state["model_path"], torch_dtype=torch.float32, **kw)
         pipe.load_lora_weights(str(export))
     else:
         name = "transformer" if state["family"] == "sd3" else "unet"
         den_cls = diffusers.SD3Transformer2DModel if name == "transformer" else diffusers.UNet2DConditionModel
         kw[name] = den_cls.from_pretrained(str(export / name))
-        pipe = cls.from_pretrained(state["model_path"], **kw)
+        pipe = cls.from_pretrained(state["model_path"], torch_dtype=torch.float32, **kw)
     return pipe.to(device)
