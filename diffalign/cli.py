@@ -5,6 +5,7 @@
     diffalign ls [objectives|families]
     diffalign cache CONFIG [key=value ...]
     diffalign synpic --prompts F --generator G [--generator G2] --reward R --out DIR
+    diffalign label PAIRS.parquet OUT.parquet --reward R [--reward R2]
     diffalign export-pairs RANKED_DIR OUT.parquet [--mode best_worst|all]
     diffalign demo [--out runs/demo] [--steps N]
     diffalign toy pretrain [--quick] | toy eval MODEL
@@ -54,6 +55,12 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-prompts", type=int, default=16)
     sp.add_argument("--format", default="png", choices=["png", "jpeg"])
     sp.add_argument("--dedup", action="store_true", help="drop repeated prompts instead of refusing them")
+
+    lb = sub.add_parser("label", help="score a pair parquet with rewards; write scores and an AI-feedback label as columns")
+    lb.add_argument("data")
+    lb.add_argument("out")
+    lb.add_argument("--reward", action="append", required=True, help="NAME or NAME=PATH (repeatable)")
+    lb.add_argument("--resize", type=int, default=None, help="resize images to this square size before scoring")
 
     ep = sub.add_parser("export-pairs", help="turn a ranked Syn-Pic folder into Pick-a-Pic style pairs")
     ep.add_argument("ranked")
@@ -121,6 +128,11 @@ def _run(args: argparse.Namespace) -> int:
             images_per_generator=args.images_per_generator, steps=args.steps, guidance=args.guidance, seed=args.seed,
             shard_size=args.shard_size, batch_prompts=args.batch_prompts, image_format=args.format, dedup=args.dedup))
         print(f"ranked dataset: {out}")
+        return 0
+    if args.cmd == "label":
+        from .label import label_pairs
+
+        print(f"labelled: {label_pairs(args.data, args.reward, args.out, args.resize)}")
         return 0
     if args.cmd == "export-pairs":
         from .synpic import export_pairs

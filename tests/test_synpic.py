@@ -103,3 +103,27 @@ def test_synpic_failing_writer_leaves_nothing_half_written(tmp_path, tiny_models
         run_synpic(c, writer=disk_full)
     out = tmp_path / "full"
     assert not list(out.glob("shard-*")) and not list(out.glob("*.tmp"))
+
+
+def test_label_writes_scores_and_ai_label(tmp_path, tiny_clip):
+    from diffalign.label import label_pairs
+    from diffalign.rewards import PickScore
+
+    from conftest import make_pairs_parquet
+
+    src = make_pairs_parquet(tmp_path / "p.parquet", n=6)
+    out = label_pairs(str(src), [f"pickscore={tiny_clip}"], str(tmp_path / "labelled.parquet"), resize=32)
+    t = pq.read_table(out)
+    assert t.num_rows == 6 and {"score_0.pickscore", "score_1.pickscore", "ai_label_0", "jpg_0", "label_0"} <= set(t.column_names)
+    rows = t.to_pylist()
+    assert all(r["ai_label_0"] == (1.0 if r["score_0.pickscore"] > r["score_1.pickscore"] else 0.0) for r in rows)
+    # the scores are the reward's own
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    im = np.asarray(Image.open(io.BytesIO(rows[0]["jpg_0"])).convert("RGB").resize((32, 32), Image.BICUBIC))
+    s = PickScore(str(tiny_clip))(torch.from_numpy(im[None]).permute(0, 3, 1, 2).float() / 255, [rows[0]["caption"]]).scores
+    assert s.item() == pytest.approx(rows[0]["score_0.pickscore"], rel=1e-5)
