@@ -173,6 +173,12 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
 
     t = cfg.train
     run_dir = Path(t.output_dir)
+    # accelerate keeps one global state per process; a second train() in the same process (tests,
+    # notebooks, the demo) may ask for another precision, so start from a clean state (the
+    # process-group part, PartialState, is kept)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
     # cpu=True without CUDA lets `accelerate launch --num_processes N` form a gloo group on CPUs
     accelerator = Accelerator(mixed_precision=t.mixed_precision, log_with="tensorboard", project_dir=str(run_dir),
                               cpu=not torch.cuda.is_available())
