@@ -20,3 +20,9 @@ def test_demo_plumbing_and_report(tmp_path, tiny_models, tiny_clip):
     assert html.count("data:image/png;base64,") == 4 and "gain:" in html
     rows = (tmp_path / "demo" / "results.jsonl").read_text().splitlines()
     assert len(rows) == 10
+    # same seed, same numbers
+    again = run_demo(out=str(tmp_path / "again"), model=str(tiny_models["sd"]), generators=[str(tiny_models["sd"])],
+                     rewards=[f"pickscore={tiny_clip}", f"clip_score={tiny_clip}"], steps=2, n_train=4, n_eval=5,
+                     per_prompt=2, sample_steps=2, batch_size=2)
+    assert {k: again[k] for k in ("base", "aligned", "gain")} == {k: m[k] for k in ("base", "aligned", "gain")}
+    assert (tmp_path / "again" / "results.jsonl").read_text() == (tmp_path / "demo" / "results.jsonl").read_text()
