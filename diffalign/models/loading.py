@@ -131,8 +131,9 @@ def pipeline_call_defaults(path: str | Path) -> dict[str, Any]:
     return json.loads(f.read_text()).get("call_defaults", {}) if f.is_file() else {}
 
 
-def load_pipeline(path: str | Path, device: torch.device | str = "cpu") -> tuple[Any, dict[str, Any]]:
-    """Any supported pipeline folder or hub id -> (pipeline, extra keyword arguments for calling it)."""
+def load_pipeline(path: str | Path, device: torch.device | str = "cpu", **components: Any) -> tuple[Any, dict[str, Any]]:
+    """Any supported pipeline folder or hub id -> (pipeline, extra keyword arguments for calling it).
+    ``components`` replace pipeline parts (e.g. ``unet=...``)."""
     import diffusers
 
     index = read_model_index(str(path))
@@ -144,7 +145,7 @@ def load_pipeline(path: str | Path, device: torch.device | str = "cpu") -> tuple
         kw.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     cls = {"sd": diffusers.StableDiffusionPipeline, "sdxl": diffusers.StableDiffusionXLPipeline,
            "sd3": diffusers.StableDiffusion3Pipeline}[family]
-    pipe = cls.from_pretrained(str(path), torch_dtype=torch.float32, **kw).to(device)
+    pipe = cls.from_pretrained(str(path), torch_dtype=torch.float32, **{**kw, **components}).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe, pipeline_call_defaults(path)
 
@@ -164,19 +165,12 @@ def load_trained_pipeline(path: str | Path, device: torch.device | str = "cpu") 
     if not (p / "state.json").is_file():
         raise ModelLoadError(f"{path}: not a diffalign run or checkpoint folder (no state.json)")
     state = json.loads((p / "state.json").read_text())
-    cls = {"sd": diffusers.StableDiffusionPipeline, "sdxl": diffusers.StableDiffusionXLPipeline,
-           "sd3": diffusers.StableDiffusion3Pipeline}[state["family"]]
-    index = read_model_index(state["model_path"])
-    kw: dict[str, Any] = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None}
-    if state["family"] == "sd":
-        kw.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     export = p / "export"
     if state["lora"]:
-        pipe = cls.from_pretrained(state["model_path"], torch_dtype=torch.float32, **kw)
+        pipe, _ = load_pipeline(state["model_path"], device)
         pipe.load_lora_weights(str(export))
-    else:
-        name = "transformer" if state["family"] == "sd3" else "unet"
-        den_cls = diffusers.SD3Transformer2DModel if name == "transformer" else diffusers.UNet2DConditionModel
-        kw[name] = den_cls.from_pretrained(str(export / name))
-        pipe = cls.from_pretrained(state["model_path"], torch_dtype=torch.float32, **kw)
+        return pipe
+    name = "transformer" if state["family"] == "sd3" else "unet"
+    den_cls = diffusers.SD3Transformer2DModel if name == "transformer" else diffusers.UNet2DConditionModel
+    pipe, _ = load_pipeline(state["model_path"], device, **{name: den_cls.from_pretrained(str(export / name))})
     return pipe.to(device)
