@@ -12,7 +12,9 @@ Every image's seed is derived from (seed, prompt index, generator index, image i
 shard can be regenerated identically. Shards are written to a temporary file and renamed: a
 shard on disk is always complete, and a rerun after a crash continues at the first missing
 shard without duplicating or losing prompts. Processes started with ``accelerate launch`` (or
-any launcher setting RANK/WORLD_SIZE) take shards round-robin; the shards form the dataset.
+any launcher setting RANK/WORLD_SIZE) take shards round-robin; whichever process finds every
+shard present writes ``index.json`` (the merge: shard list, row counts, SHA-256 of each shard),
+the marker that the dataset is complete. ``merge_shards`` rebuilds it by hand.
 """
 
 from __future__ import annotations
@@ -163,6 +165,7 @@ def run_synpic(cfg: SynPicConfig, rank: int | None = None, world: int | None = N
         os.replace(tmp, mf)
     todo = [s for s in range(manifest["num_shards"]) if s % world == rank and not (out / f"shard-{s:05d}.parquet").exists()]
     if not todo:
+        merge_shards(out, require_complete=False)
         return out
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipes = [load_pipeline(g, device) for g in cfg.generators]
@@ -204,7 +207,41 @@ def run_synpic(cfg: SynPicConfig, rank: int | None = None, world: int | None = N
             rows[f"scores.{name}"] = sc.tolist()
         _write_shard(out / f"shard-{s:05d}.parquet", rows, writer)
     bar.close()
+    merge_shards(out, require_complete=False)
     return out
+
+
+def merge_shards(out: str | Path, require_complete: bool = True) -> Path | None:
+    """Check that every shard named by the manifest is on disk and readable, then write
+    ``index.json`` atomically. Returns its path, or None when shards are still missing (other
+    ranks still working) and ``require_complete`` is False."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    out = Path(out)
+    mf = out / "manifest.json"
+    if not mf.exists():
+        raise ConfigError(f"{out} is not a Syn-Pic folder (no manifest.json)")
+    n = json.loads(mf.read_text())["num_shards"]
+    names = [f"shard-{s:05d}.parquet" for s in range(n)]
+    missing = [x for x in names if not (out / x).exists()]
+    if missing:
+        if require_complete:
+            raise ConfigError(f"{out}: {len(missing)} of {n} shards missing (first: {missing[0]}); rerun synpic to finish")
+        return None
+    shards = []
+    for x in names:
+        data = (out / x).read_bytes()
+        shards.append({"file": x, "rows": pq.ParquetFile(io.BytesIO(data)).metadata.num_rows,
+                       "sha256": hashlib.sha256(data).hexdigest()})
+    index = {"num_rows": sum(s["rows"] for s in shards), "shards": shards}
+    tmp = out / f"index.json.{os.getpid()}.tmp"  # per-process name: two ranks may finish together
+    tmp.write_text(json.dumps(index, indent=2))
+    os.replace(tmp, out / "index.json")
+    for stale in out.glob("index.json.*.tmp"):  # left by a process killed mid-write
+        stale.unlink(missing_ok=True)
+    return out / "index.json"
 
 
 def _write_shard(path: Path, rows: dict[str, list], writer=None) -> None:

@@ -52,12 +52,7 @@ def test_synpic_ranked_shards_and_pairs(tmp_path, tiny_models, tiny_clip):
 def test_synpic_killed_three_times_equals_uninterrupted(tmp_path, tiny_models, tiny_clip):
     ref = table(run_synpic(cfg_for(tmp_path, tiny_models, tiny_clip, out="ref")))
     c = cfg_for(tmp_path, tiny_models, tiny_clip, out="cut")
-    args = [sys.executable, "-m", "diffalign.cli", "synpic", "--prompts", c.prompts, "--out", c.out,
-            "--steps", "2", "--shard-size", "3", "--batch-prompts", "2"]
-    for g in c.generators:
-        args += ["--generator", g]
-    for r in c.rewards:
-        args += ["--reward", r]
+    args = [sys.executable, *synpic_args(c)]
     out = tmp_path / "cut"
     for kill in range(3):
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -127,3 +122,45 @@ def test_label_writes_scores_and_ai_label(tmp_path, tiny_clip):
     im = np.asarray(Image.open(io.BytesIO(rows[0]["jpg_0"])).convert("RGB").resize((32, 32), Image.BICUBIC))
     s = PickScore(str(tiny_clip))(torch.from_numpy(im[None]).permute(0, 3, 1, 2).float() / 255, [rows[0]["caption"]]).scores
     assert s.item() == pytest.approx(rows[0]["score_0.pickscore"], rel=1e-5)
+
+
+def synpic_args(c: SynPicConfig) -> list[str]:
+    args = ["-m", "diffalign.cli", "synpic", "--prompts", c.prompts, "--out", c.out, "--steps", "2", "--shard-size", "3",
+            "--batch-prompts", "2"]
+    for g in c.generators:
+        args += ["--generator", g]
+    for r in c.rewards:
+        args += ["--reward", r]
+    return args
+
+
+def test_synpic_two_processes_equal_one(tmp_path, tiny_models, tiny_clip):
+    """accelerate launch with 2 processes: each rank takes its shards, the last one to finish
+    writes index.json, and the rows equal a single-process run's (same bytes after sorting).
+    Both runs use one thread per process: float reductions, hence pixel rounding, depend on the
+    thread count, not on the sharding."""
+    import json
+    import os
+    from pathlib import Path
+
+    from diffalign.synpic import merge_shards
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = cfg_for(tmp_path, tiny_models, tiny_clip, out="one")
+    proc = subprocess.run([sys.executable, *synpic_args(one)], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    c = cfg_for(tmp_path, tiny_models, tiny_clip, out="two")
+    repo = Path(__file__).resolve().parents[1]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(repo / "configs/accelerate/cpu2.yaml")]
+    proc = subprocess.run(launch + synpic_args(c), capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "two"
+    key = lambda r: r["prompt_index"]  # noqa: E731
+    got, ref = sorted(table(out), key=key), sorted(table(tmp_path / "one"), key=key)
+    assert [r["prompt"] for r in got] == PROMPTS and got == ref
+    index = json.loads((out / "index.json").read_text())
+    assert index["num_rows"] == len(PROMPTS) and len(index["shards"]) == 3
+    # the merge refuses an incomplete folder
+    (out / "shard-00001.parquet").unlink()
+    with pytest.raises(ConfigError, match="1 of 3 shards missing"):
+        merge_shards(out)
