@@ -7,6 +7,7 @@ constructor, scoring runs batched under ``torch.inference_mode``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -32,11 +33,13 @@ def check_inputs(images: Tensor, prompts: list[str] | tuple[str, ...]) -> None:
         raise ConfigError(f"reward input: images must be a [B,3,H,W] tensor, got {shape}")
     if not images.is_floating_point():
         raise ConfigError(f"reward input: images must be float in [0,1], got dtype {images.dtype}")
+    if len(prompts) == 0:
+        raise ConfigError("reward input: the prompt list is empty")
+    if images.shape[0] == 0:
+        raise ConfigError("reward input: the image batch is empty")
     lo, hi = float(images.min()), float(images.max())
     if lo < -1e-3 or hi > 1 + 1e-3:
         raise ConfigError(f"reward input: images must be in [0,1], got values in [{lo:.3f}, {hi:.3f}] (convert from [-1,1] with x/2+0.5)")
-    if len(prompts) == 0:
-        raise ConfigError("reward input: the prompt list is empty")
     if len(prompts) != images.shape[0]:
         raise ConfigError(f"reward input: {images.shape[0]} images but {len(prompts)} prompts")
 
@@ -44,3 +47,20 @@ def check_inputs(images: Tensor, prompts: list[str] | tuple[str, ...]) -> None:
 def batched(fn, images: Tensor, prompts: list[str], batch_size: int) -> Tensor:
     out = [fn(images[i : i + batch_size], list(prompts[i : i + batch_size])) for i in range(0, images.shape[0], batch_size)]
     return torch.cat(out).float().cpu()
+
+
+def hub_file(repo: str, filename: str) -> Path:
+    """Download (or find in the cache) one file of a hub repo; ``HF_HUB_OFFLINE=1`` is honoured
+    by huggingface_hub. Failures become one line naming the repo, the file and the way out."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo, filename))
+    except Exception as e:  # noqa: BLE001  (offline, missing repo, missing file: one message)
+        raise ConfigError(f"cannot get {filename!r} from hub repo {repo!r} ({type(e).__name__}); "
+                          f"download it elsewhere and pass the local path") from None
+
+
+def is_local(path: str) -> bool:
+    """A path the user meant as local (exists, or written like a path rather than a hub id)."""
+    return path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") > 1

@@ -22,19 +22,41 @@ from torch import Tensor
 
 from .base import REWARDS, RewardOutput, batched, check_inputs
 
+OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
+
 
 def load_clip(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """CLIPModel + tokenizer + preprocessing constants from a hub id or local folder (safetensors)."""
+    """CLIPModel + tokenizer + preprocessing constants from a hub id or local folder.
+
+    A folder holds either a transformers checkpoint (``config.json`` + safetensors) or an OpenCLIP
+    one (``open_clip_config.json`` + ``open_clip_model.safetensors``/``open_clip_pytorch_model.bin``
+    + tokenizer files), which is converted on load (see ``open_clip.py``)."""
     from transformers import CLIPModel, CLIPTokenizer
 
     from diffalign.errors import ConfigError
 
-    p = Path(path)
-    if (path.startswith((".", "/", "~")) or p.exists()) and not (p / "config.json").exists():
-        raise ConfigError(f"reward model path {path!r} has no config.json (expected a CLIPModel folder or a hub id)")
+    from .base import is_local
+
+    p = Path(path).expanduser()
+    pre = {"size": 224, "crop": 224, "mean": OPENAI_MEAN, "std": OPENAI_STD}
+    if is_local(path) and not p.is_dir():
+        raise ConfigError(f"reward model path {path!r} does not exist (expected a CLIPModel folder or a hub id)")
+    if is_local(path) and not (p / "config.json").exists():
+        from .open_clip import clip_model_from_open_clip, load_open_clip_folder, read_state_dict
+
+        cfg, weights = load_open_clip_folder(p)
+        if cfg is None or weights is None:
+            raise ConfigError(f"reward model path {path!r} has neither config.json (transformers CLIPModel) nor "
+                              "open_clip_config.json + open_clip_model.safetensors (OpenCLIP)")
+        tok = CLIPTokenizer.from_pretrained(str(p))
+        model = clip_model_from_open_clip(read_state_dict(weights), cfg, tok.eos_token_id, tok.bos_token_id)
+        size = cfg.get("model_cfg", cfg)["vision_cfg"]["image_size"]
+        pc = cfg.get("preprocess_cfg", {})
+        pre |= {"size": size, "crop": size, "mean": pc.get("mean", OPENAI_MEAN), "std": pc.get("std", OPENAI_STD)}
+        return model.to(device=device, dtype=dtype), tok, pre
     model = CLIPModel.from_pretrained(path, use_safetensors=True).to(device=device, dtype=dtype).eval()
     tok = CLIPTokenizer.from_pretrained(path)
-    pre = {"size": 224, "crop": 224, "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
     cfg_file = p / "preprocessor_config.json"
     if not cfg_file.exists() and not p.exists():
         from huggingface_hub import hf_hub_download
@@ -69,15 +91,23 @@ class _ClipReward:
         self.model, self.tokenizer, self.pre = load_clip(path, device, dtype)
         self.device, self.dtype, self.batch_size = torch.device(device), dtype, batch_size
 
-    def cosine(self, images: Tensor, prompts: list[str]) -> Tensor:
-        px = clip_preprocess(images.to(self.device, torch.float32), self.pre["size"], self.pre["crop"], self.pre["mean"], self.pre["std"])
-        tok = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.tokenizer.model_max_length, return_tensors="pt")
+    def preprocess(self, images: Tensor) -> Tensor:
+        return clip_preprocess(images, self.pre["size"], self.pre["crop"], self.pre["mean"], self.pre["std"])
+
+    def image_features(self, px: Tensor) -> Tensor:
         img = self.model.get_image_features(pixel_values=px.to(self.dtype))
-        txt = self.model.get_text_features(input_ids=tok.input_ids.to(self.device), attention_mask=tok.attention_mask.to(self.device))
         # transformers 5 returns a model output whose pooler_output is the projected embedding; 4.x a tensor
-        img = getattr(img, "pooler_output", img)
+        return getattr(img, "pooler_output", img).float()
+
+    def cosine(self, images: Tensor, prompts: list[str]) -> Tensor:
+        px = self.preprocess(images.to(self.device, torch.float32))
+        # the text tower's context bounds truncation (77 for CLIP), whatever the tokenizer file says
+        ctx = min(self.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings)
+        tok = self.tokenizer(prompts, padding=True, truncation=True, max_length=ctx, return_tensors="pt")
+        img = self.image_features(px)
+        txt = self.model.get_text_features(input_ids=tok.input_ids.to(self.device), attention_mask=tok.attention_mask.to(self.device))
         txt = getattr(txt, "pooler_output", txt)
-        return F.cosine_similarity(img.float(), txt.float(), dim=-1)
+        return F.cosine_similarity(img, txt.float(), dim=-1)
 
     def score(self, images: Tensor, prompts: list[str]) -> Tensor:
         raise NotImplementedError
