@@ -75,6 +75,9 @@ class DataConfig:
     drop_ties: bool = True
     """Drop ``label_0 == 0.5`` pairs (official Diffusion-DPO); False keeps them as ``jpg_0`` wins."""
     max_pairs: int | None = None
+    score_column: str | None = None
+    """Per-image reward scores for objectives that use them (SmPO): parquet columns
+    ``<name>_0``/``<name>_1`` (e.g. ``ps_score``) or ``score_0.<name>``/``score_1.<name>`` (``diffalign label``)."""
     caption_dropout: float = 0.0
     """Probability of training a pair unconditionally; applied identically to both images."""
     cache_dir: str | None = None

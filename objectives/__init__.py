@@ -1,13 +1,15 @@
 """Preference objectives. This file is the menu: every registered method is imported here."""
 
-from . import dcpo, diffusion_dpo, kto, mapo, rankdpo, sft  # noqa: F401  (registration by import)
+from . import dcpo, diffusion_dpo, inpo, kto, mapo, rankdpo, sft, smpo  # noqa: F401  (registration by import)
 from .base import OBJECTIVES, Objective, ObjectiveOutput, build_objective
 from .dcpo import DCPO
 from .diffusion_dpo import DiffusionDPO, diffusion_dpo_loss, dpo_inside
+from .inpo import InPO, inversion_inputs
 from .kto import DiffusionKTO, kto_loss
 from .mapo import MaPO, mapo_loss
 from .rankdpo import RankDPO, rank_dpo_loss
 from .sft import SFT, sft_loss
+from .smpo import SmPO, smoothed_weight, smpo_loss
 
 __all__ = [
     "OBJECTIVES",
@@ -18,6 +20,8 @@ __all__ = [
     "DiffusionDPO",
     "diffusion_dpo_loss",
     "dpo_inside",
+    "InPO",
+    "inversion_inputs",
     "DiffusionKTO",
     "kto_loss",
     "MaPO",
@@ -26,4 +30,7 @@ __all__ = [
     "rank_dpo_loss",
     "SFT",
     "sft_loss",
+    "SmPO",
+    "smoothed_weight",
+    "smpo_loss",
 ]

@@ -107,7 +107,8 @@ def test_objective_contract(name):
     base = torch.rand(B, k, generator=g) * 0.3 + 0.05
     policy = (base + 1e-4 * torch.randn(B, k, generator=g)).requires_grad_(True)
     ref = base.clone() if obj.needs_reference else None
-    out = obj(policy, ref, {})
+    batch = {"scores": torch.rand(B, 2, generator=g)} if getattr(obj, "needs_scores", False) else {}
+    out = obj(policy, ref, batch)
     assert out.loss.shape == (B,)
     assert torch.isfinite(out.loss).all()
     out.loss.sum().backward()

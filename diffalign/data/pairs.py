@@ -50,6 +50,8 @@ class PairRow:
     """True when ``label_0 == 0``: image 1 is the winner."""
     captions: tuple[str, str] | None = None
     """Per-image captions (``caption_0``, ``caption_1``) when the data has them (DCPO)."""
+    scores: tuple[float, float] | None = None
+    """Per-image reward scores (``data.score_column``), in file order like ``captions``."""
 
 
 # ----------------------------------------------------------------------------- source detection
@@ -184,19 +186,42 @@ def _index_parquet(dcfg: DataConfig, counts: _Counts) -> tuple[list[PairRow], _P
     rows: list[PairRow] = []
     for si, f in enumerate(files):
         check_columns(f, PICKAPIC_REQUIRED, "Pick-a-Pic")
-        dual = {"caption_0", "caption_1"} <= set(pq.read_schema(f).names)
-        cols = ["caption", "label_0"] + (["caption_0", "caption_1"] if dual else [])
+        names = set(pq.read_schema(f).names)
+        dual = {"caption_0", "caption_1"} <= names
+        score_cols = _score_columns(dcfg.score_column, names, f) if dcfg.score_column else []
+        cols = ["caption", "label_0"] + (["caption_0", "caption_1"] if dual else []) + score_cols
         tbl = pq.read_table(f, columns=cols)  # light columns only
         c0 = tbl.column("caption_0").to_pylist() if dual else None
         c1 = tbl.column("caption_1").to_pylist() if dual else None
+        sc = [tbl.column(c).to_pylist() for c in score_cols]
         for r, (cap, lab) in enumerate(zip(tbl.column("caption").to_pylist(), tbl.column("label_0").to_pylist(), strict=True)):
+            scores = _check_scores(sc[0][r], sc[1][r], f"{f} row {r}", score_cols) if sc else None
             _add_row(rows, counts, dcfg, cap, _check_label(lab, f"{f} row {r}"), si, r,
-                     (c0[r], c1[r]) if dual else None)
+                     (c0[r], c1[r]) if dual else None, scores)
     return rows, _ParquetImages(files)
 
 
+def _score_columns(name: str, names: set[str], f: Any) -> list[str]:
+    for pair in ([f"{name}_0", f"{name}_1"], [f"score_0.{name}", f"score_1.{name}"]):
+        if set(pair) <= names:
+            return pair
+    have = sorted(n for n in names if "score" in n) or ["none"]
+    raise DataError(f"{f}: data.score_column={name!r} needs columns {name}_0/{name}_1 or score_0.{name}/score_1.{name}; "
+                    f"score columns present: {', '.join(have)}")
+
+
+def _check_scores(a: Any, b: Any, where: str, cols: list[str]) -> tuple[float, float]:
+    try:
+        out = (float(a), float(b))
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: {cols[0]}={a!r}, {cols[1]}={b!r} are not numbers") from None
+    if not all(np.isfinite(out)):
+        raise DataError(f"{where}: {cols[0]}={a!r}, {cols[1]}={b!r} are not finite")
+    return out
+
+
 def _add_row(rows: list[PairRow], counts: _Counts, dcfg: DataConfig, caption: Any, label_0: float, source: int, row: int,
-             captions: tuple[Any, Any] | None = None) -> None:
+             captions: tuple[Any, Any] | None = None, scores: tuple[float, float] | None = None) -> None:
     if label_0 == 0.5 and dcfg.drop_ties:
         counts.ties += 1
         return
@@ -206,7 +231,7 @@ def _add_row(rows: list[PairRow], counts: _Counts, dcfg: DataConfig, caption: An
     if captions is not None and not all(isinstance(c, str) and c.strip() for c in captions):
         counts.empty_caption += 1
         return
-    rows.append(PairRow(caption, source, row, swap=label_0 == 0.0, captions=captions))
+    rows.append(PairRow(caption, source, row, swap=label_0 == 0.0, captions=captions, scores=scores))
 
 
 def _index_jsonl(dcfg: DataConfig, counts: _Counts) -> tuple[list[PairRow], list[tuple[Path, Path]]]:
@@ -328,6 +353,8 @@ class PairDataset(torch.utils.data.Dataset):
         self.cfg = dcfg
         self.format = detect_format(dcfg)
         counts = _Counts()
+        if dcfg.score_column and self.format != "parquet":
+            raise DataError(f"data.score_column is read from parquet data; {dcfg.path!r} is {self.format}")
         if self.format == "parquet":
             self.rows, self._images = _index_parquet(dcfg, counts)
         elif self.format == "jsonl":
@@ -390,7 +417,13 @@ class PairDataset(torch.utils.data.Dataset):
         if row.captions is not None:  # per-image captions, winner first (swapped with the images)
             caps = list(reversed(row.captions)) if row.swap else list(row.captions)
             item["captions"] = ["", ""] if dropped else caps
+        if row.scores is not None:  # winner first, like the images
+            item["scores"] = torch.tensor(row.scores[::-1] if row.swap else row.scores, dtype=torch.float32)
         return item
+
+    @property
+    def has_scores(self) -> bool:
+        return self.rows[0].scores is not None
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:

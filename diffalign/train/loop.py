@@ -3,7 +3,8 @@
     setup: validate config -> accelerator -> objective -> adapter (+ LoRA) -> reference
            -> optimizer / LR schedule / EMA -> data plan -> resume
     for each optimizer step:
-        for each micro-batch:   pairs -> latents -> shared noise & t -> policy errors [B,k]
+        for each micro-batch:   pairs -> latents -> shared noise & t (or the objective's
+                                inversion) -> policy errors [B,k]
                                 -> reference errors [B,k] (inference mode) -> objective -> backward
         clip -> optimizer step -> LR step -> EMA -> log -> checkpoint (atomic)
 
@@ -203,6 +204,9 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     else:
         dataset = PairDataset(cfg.data, verbose=main)
     k = 1 if objective.winner_only else dataset.k
+    if getattr(objective, "needs_scores", False) and not getattr(dataset, "has_scores", False):
+        raise ConfigError(f"objective {cfg.objective.name!r} needs per-image reward scores: set data.score_column "
+                          f"(e.g. pickscore for score_0.pickscore/score_1.pickscore written by `diffalign label`)")
     if objective.kind == "preference" and k != 2:
         raise ConfigError(f"objective {cfg.objective.name!r} trains on pairs but the data has {k} images per prompt; "
                           f"use objective.name=rankdpo or export the ranked set to pairs")
@@ -282,7 +286,10 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
             with nullcontext() if sync else accelerator.no_sync(model):
                 x0, cond, micro = prepare_batch(adapter, batch, k, accelerator.device,
                                                 per_image_captions=getattr(objective, "per_image_captions", False))
-                x_t, tt, target = noised_inputs(adapter, x0, batch["seed"])
+                if hasattr(objective, "noised_inputs"):  # InPO/SmPO: inversion with the current model
+                    x_t, tt, target = objective.noised_inputs(adapter, model, x0, cond, micro, batch["seed"])
+                else:
+                    x_t, tt, target = noised_inputs(adapter, x0, batch["seed"])
                 with accelerator.autocast():
                     policy_err = group_errors(adapter, model, x_t, tt, target, cond, micro, k)  # [B,k]
                 ref_err = None
