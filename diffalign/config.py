@@ -113,6 +113,14 @@ class TrainConfig:
     """EMA of the trainable weights; 0 disables. The exported final weights are the EMA weights."""
     reference: Literal["auto", "lora_off", "copy", "none"] = "auto"
     """auto: adapter-off with LoRA, frozen copy for full fine-tuning, none for reference-free objectives."""
+    auto_beta_target: float = 0.0
+    """Stability: adapt beta so the mean gradient factor sigmoid(-margin) stays near this value
+    (e.g. 0.3); 0 disables. See ``diffalign.train.stability``."""
+    auto_beta_rate: float = 0.05
+    margin_cap: float = 0.0
+    """Stability: pairs whose margin exceeds this get no loss (0 disables)."""
+    divergence_window: int = 50
+    """Stability: steps over which the divergence warning looks for rising policy errors (0 disables)."""
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 1
@@ -295,6 +303,10 @@ def validate(cfg: Config, *, check_data: bool = True) -> None:
         raise ConfigError(f"data.resolution: must be a multiple of 8 (VAE downsampling), got {cfg.data.resolution}")
     if not 0.0 <= cfg.data.caption_dropout < 1.0:
         raise ConfigError(f"data.caption_dropout: must be in [0, 1), got {cfg.data.caption_dropout}")
+    if t.auto_beta_target and not 0.0 < t.auto_beta_target < 0.5:
+        raise ConfigError(f"train.auto_beta_target: must be in (0, 0.5) or 0 (off), got {t.auto_beta_target}")
+    if t.margin_cap < 0 or t.auto_beta_rate <= 0:
+        raise ConfigError("train.margin_cap must be >= 0 and train.auto_beta_rate > 0")
     if not 0.0 <= t.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay: must be in [0, 1), got {t.ema_decay}")
     if t.reference == "lora_off" and cfg.lora.rank == 0:

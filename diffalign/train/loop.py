@@ -33,6 +33,14 @@ from ..models.base import Adapter, per_sample_error
 from ..models.loading import load_adapter
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .reference import Reference, fingerprint, resolve_mode
+from .stability import (
+    AutoBeta,
+    DivergenceMonitor,
+    cap_margins,
+    check_supports_beta,
+    gradient_factor,
+    with_beta_scale,
+)
 
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -189,6 +197,9 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         raise ConfigError("train.grad_accum: must be 1 under DeepSpeed; raise batch_size or use DDP/FSDP for accumulation")
     set_seed(t.seed)  # global RNGs (e.g. LoRA dropout); re-seeded per micro-step below
     objective = build_objective(cfg.objective)
+    auto_beta = AutoBeta(t.auto_beta_target, t.auto_beta_rate) if t.auto_beta_target > 0 else None
+    base_beta = check_supports_beta(objective, cfg.objective.name) if auto_beta else 0.0
+    divergence = DivergenceMonitor(t.divergence_window)
     weight_dtype = DTYPES[t.mixed_precision]
     ckpt_path = find_checkpoint(run_dir, resume) if resume else None
 
@@ -259,6 +270,9 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         if ema is not None and ck["ema"] is not None:
             ema.shadow = {n: v.to(accelerator.device) for n, v in ck["ema"].items()}
         start_step = int(st["step"])
+        if auto_beta is not None:
+            auto_beta.scale = float(st.get("beta_scale", 1.0))
+            objective = with_beta_scale(objective, base_beta, auto_beta.scale)
         if main:
             print(f"resumed from {ckpt_path} at step {start_step}")
 
@@ -298,7 +312,7 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
                         ref_err = group_errors(adapter, ref_model, x_t, tt, target, cond, micro, k)
                     ref_err = ref_err.clone()  # leave inference mode: a plain constant for the loss
                 out = objective(policy_err, ref_err, batch)
-                loss = out.loss.mean()  # mean over the micro-batch; / accum below -> mean over the global batch
+                loss = cap_margins(out.loss, out.metrics.get("margin"), t.margin_cap).mean()  # mean over the micro-batch; / accum below -> mean over the global batch
                 accelerator.backward(loss / t.grad_accum)
             sums["loss"].append(out.loss.detach())
             for name, v in out.metrics.items():
@@ -314,6 +328,18 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         # -- log (averaged over micro-batches and processes)
         logs = {n: accelerator.reduce(torch.cat(v).float().mean().to(accelerator.device), "mean").item() for n, v in sums.items()}
         logs.update(grad_norm=float(grad_norm), lr=lr_sched.get_last_lr()[0], **{"data/skipped": skipped_total})
+        if auto_beta is not None:  # the factor of this step's batch, averaged over processes
+            if "margin" not in sums:
+                raise ConfigError(f"train.auto_beta_target: objective {cfg.objective.name!r} reports no per-pair margin")
+            g = accelerator.reduce(gradient_factor(torch.cat(sums["margin"])).to(accelerator.device), "mean").item()
+            objective = with_beta_scale(objective, base_beta, auto_beta.update(g))
+            logs.update({"stability/grad_factor": g, "stability/beta": base_beta * auto_beta.scale})
+        if divergence.update(logs):
+            logs["stability/diverging"] = 1.0
+            if main and not divergence.warned:
+                divergence.warned = True
+                print(f"warning: step {step + 1}: policy errors on winners and losers both rise against the reference "
+                      f"while implicit accuracy is ~1 (diverging); lower train.lr, raise beta or set train.auto_beta_target")
         if not math.isfinite(logs["loss"]):
             raise FloatingPointError(f"step {step + 1}: loss is {logs['loss']} (lower the lr, raise beta, or try fp32)")
         last = logs
@@ -334,6 +360,7 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
                 state = {"step": step + 1, "global_batch": plan.global_batch, "world_size": world,
                          "reference_mode": ref.mode, "reference_fingerprint": ref_print, "reference_unchanged": True,
                          "ranks_in_sync": in_sync,
+                         "beta_scale": auto_beta.scale if auto_beta else 1.0,
                          "lora": use_lora, "family": adapter.family, "model_path": cfg.model.path, "metrics": logs}
                 exp = export
                 if ema is not None:
