@@ -61,6 +61,21 @@ def ddim_step(pred: Tensor, x: Tensor, t: int, t_prev: int, sched: NoiseSchedule
     return x_prev, gaussian_log_prob(x_prev, mean, sigma), mean
 
 
+def ddim_transition_log_prob(pred: Tensor, x_t: Tensor, x_prev: Tensor, t: int, t_prev: int, sched: NoiseSchedule,
+                             eta: float = 1.0) -> Tensor:
+    """log p_theta(x_prev | x_t) of a given stochastic DDIM transition (the step's Gaussian), ``[B]``,
+    averaged over non-batch dims; differentiable in ``pred`` (SPO/D3PO's ``ddim_step_with_logprob``
+    with ``prev_sample`` given)."""
+    a, a_prev = sched.abar(t), sched.abar(t_prev)
+    eps, x0 = sched.eps_x0(pred, x_t, a)
+    var = (1 - a_prev) / (1 - a) * (1 - a / a_prev)
+    sigma = eta * var**0.5
+    if sigma == 0:
+        raise ValueError("a deterministic step (eta = 0) has no log-prob")
+    mean = a_prev**0.5 * x0 + (1 - a_prev - sigma**2) ** 0.5 * eps
+    return gaussian_log_prob(x_prev, mean, sigma)
+
+
 def ddim_sample(model_fn: ModelFn, x_T: Tensor, timesteps: list[int] | Tensor, cond: Any, sched: NoiseSchedule,
                 guidance_scale: float = 1.0, eta: float = 0.0, generator: torch.Generator | list[torch.Generator] | None = None,
                 return_trajectory: bool = False, return_log_probs: bool = False) -> SampleOutput:

@@ -280,6 +280,7 @@ BUILDERS: dict[str, Callable] = {
     "hpsv2": lambda d, clip: REWARDS.get("hpsv2")(str(build_tiny_open_clip(d / "hps"))),
     "aesthetic": lambda d, clip: REWARDS.get("aesthetic")(
         str(clip), head=str(build_tiny_aesthetic_head(d / "h.pth", json.loads((clip / "config.json").read_text())["projection_dim"]))),
+    "step_aware": lambda d, clip: REWARDS.get("step_aware")(str(clip)),
     "image_reward": lambda d, clip: REWARDS.get("image_reward")(str(_ir.write_folder(d / "ir", _ir.official_state_dict()))),
 }
 
@@ -358,3 +359,22 @@ def test_reward_bench_runs_and_scores_agree(tiny_clip):
 
     res = main(["--reward", f"pickscore={tiny_clip}", "--images", "8", "--batch-size", "4", "--repeats", "1"])
     assert res["images"] == 8 and res["batched_img_s"] > 0 and res["one_at_a_time_img_s"] > 0
+
+
+def test_step_aware_pm_is_its_clip_at_init_and_learns_time(tiny_clip, tmp_path):
+    from diffalign.rewards import PickScore, StepAwarePM
+
+    imgs = images(4, 30, 30, seed=5)
+    spm = StepAwarePM(str(tiny_clip))
+    base = PickScore(str(tiny_clip))(imgs, PROMPTS).scores
+    torch.testing.assert_close(spm(imgs, PROMPTS, t=700).scores, base, atol=1e-5, rtol=1e-5)  # identity init
+    with torch.no_grad():
+        for p in spm.time.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    s0, s9 = spm(imgs, PROMPTS, t=0).scores, spm(imgs, PROMPTS, t=900).scores
+    assert not torch.allclose(s0, s9) and not torch.allclose(s0, base)
+    per_image_t = spm(imgs, PROMPTS, t=torch.tensor([0, 900, 0, 900])).scores
+    torch.testing.assert_close(per_image_t[[0, 2]], s0[[0, 2]], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(per_image_t[[1, 3]], s9[[1, 3]], atol=1e-5, rtol=1e-5)
+    again = StepAwarePM(str(spm.save(tmp_path / "spm")))
+    torch.testing.assert_close(again(imgs, PROMPTS, t=900).scores, s9, atol=1e-6, rtol=1e-6)

@@ -48,7 +48,10 @@ def save_checkpoint(
     state: dict[str, Any],
     export: Callable[[Path], None],
     keep: int = 2,
+    extra: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
+    """``extra``: more named tensor sets saved as ``<name>.safetensors`` (e.g. an online
+    objective's reference snapshot), inside the same atomic commit."""
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -56,6 +59,8 @@ def save_checkpoint(
     save_file({k: v.detach().float().contiguous().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
     if ema is not None:
         save_file({k: v.contiguous().cpu() for k, v in ema.items()}, tmp / "ema.safetensors")
+    for name, tensors in (extra or {}).items():
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / f"{name}.safetensors")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     export(tmp / "export")
@@ -97,5 +102,6 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         "scheduler": torch.load(path / "scheduler.pt", weights_only=True),
         "state": json.loads((path / "state.json").read_text()),
         "ema": load_file(path / "ema.safetensors") if (path / "ema.safetensors").exists() else None,
+        "reference": load_file(path / "reference.safetensors") if (path / "reference.safetensors").exists() else None,
     }
     return out

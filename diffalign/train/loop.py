@@ -172,6 +172,12 @@ class EMA:
 def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     """Train according to ``cfg``. ``resume``: ``latest`` or a checkpoint folder. Returns final metrics."""
     quiet_libraries()
+    from ..objectives import OBJECTIVES
+
+    if getattr(OBJECTIVES.get(cfg.objective.name), "kind", "") == "online":  # spo, online_dpo: sample, then train
+        from .online import train_online
+
+        return train_online(cfg, resume)
     validate(cfg)  # everything that can fail without weights fails here
     from accelerate import Accelerator
     from accelerate.utils import set_seed

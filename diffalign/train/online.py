@@ -1,0 +1,325 @@
+"""The online training loop (objectives of kind ``online``: ``spo``, ``online_dpo``). One function.
+
+    setup: validate -> accelerator -> objective -> adapter + LoRA -> reference snapshot
+           -> optimizer / LR schedule -> scorer (SPM or reward ensemble) -> resume
+    for each optimizer step:
+        prompts (seeded by the step) -> sample with the current policy (no grad) -> preference pairs
+        -> policy terms with grad, reference terms with the snapshot swapped in (inference mode)
+        -> objective -> backward -> clip -> optimizer step -> (refresh reference) -> log -> checkpoint
+
+The reference is a snapshot of the LoRA weights (at start: LoRA-off, since LoRA starts as the
+identity), swapped into the live model for its forward passes; ``online_dpo`` refreshes it every
+``ref_refresh_every`` steps and it travels in every checkpoint. Every random draw derives from
+(seed, step, rank), so a resumed run continues exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._quiet import quiet_libraries
+from ..config import Config, ConfigError, dump_config, to_dict, validate
+from ..data.pairs import sample_seed
+from ..models.loading import load_adapter
+from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from .loop import DTYPES, _flat_hparams, add_lora, exporter, group_errors, make_optimizer, noised_inputs
+
+
+@torch.no_grad()
+def _swap(live: dict[str, Tensor], other: dict[str, Tensor]) -> None:
+    """Exchange the live trainable weights with a snapshot (call twice to undo)."""
+    for n, p in live.items():
+        tmp = p.detach().clone()
+        p.copy_(other[n].to(p.dtype))
+        other[n] = tmp
+
+
+def _with_micro(cond: dict[str, Tensor], micro: Tensor) -> dict[str, Tensor]:
+    return {**cond, "__micro__": micro}
+
+
+def _model_fn(adapter: Any, model: torch.nn.Module):
+    """Sampler calling convention over the adapter: conditioning dicts carry their micro ids."""
+
+    def fn(x: Tensor, t: Tensor, c: dict[str, Tensor]) -> Tensor:
+        cond = {k: v for k, v in c.items() if k != "__micro__"}
+        return adapter.predict(x, t, cond, c["__micro__"], model=model).float()
+
+    return fn
+
+
+def _repeat(c: dict[str, Tensor], n: int) -> dict[str, Tensor]:
+    return {k: torch.cat([v] * n) for k, v in c.items()}
+
+
+# ----------------------------------------------------------------------------- SPO
+
+
+def spo_pairs(obj: Any, adapter: Any, model: torch.nn.Module, spm: Any, prompts: list[str], cond: dict, uncond: dict,
+              latent_shape: tuple[int, ...], gen: torch.Generator) -> list[dict[str, Any]]:
+    """Sample with the step-wise resampler; returns kept pairs ``{x_t, w, l, t, t_prev, b}``."""
+    from diffusers import DDIMScheduler
+
+    from ..samplers.base import guided, randn_like
+    from ..samplers.ddim import NoiseSchedule, ddim_step
+    from ..samplers.stepwise import stepwise_resample
+
+    sched = NoiseSchedule.from_scheduler(adapter.noise_scheduler)
+    ddim = DDIMScheduler.from_config(adapter.pipe.scheduler.config)
+    ddim.set_timesteps(obj.sample_steps)
+    ts = [int(t) for t in ddim.timesteps]
+    fn = _model_fn(adapter, model)
+    B, k, g = len(prompts), obj.samples_per_step, obj.guidance_scale
+    device = adapter.device
+    x = randn_like(torch.empty(B, *latent_shape, device=device), gen)
+
+    def scorer(cands: Tensor, t_prev: int) -> Tensor:
+        # predicted x0 of every candidate at its own timestep, decoded and judged by the SPM at t_prev
+        if t_prev < 0:
+            x0 = cands
+        else:
+            pred = guided(fn, cands, torch.tensor(t_prev, device=device), (_repeat(uncond, k), _repeat(cond, k)), g)
+            x0 = sched.eps_x0(pred, cands, sched.abar(t_prev))[1]
+        imgs = adapter.decode_latents(x0)
+        return spm(imgs.cpu(), prompts * k, t=max(t_prev, 0)).scores.to(device)
+
+    pairs = []
+    for i, t in enumerate(ts):
+        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+        if i < obj.divert_start_step:
+            pred = guided(fn, x, torch.tensor(t, device=device), (uncond, cond), g)
+            x = ddim_step(pred, x, t, t_prev, sched, obj.eta, randn_like(x, gen))[0]
+            continue
+        out = stepwise_resample(fn, x, t, t_prev, (uncond, cond), sched, k, scorer, g, obj.eta, gen)
+        s = torch.stack([out.scores.max(0).values, out.scores.min(0).values]).softmax(0)  # [2, B]
+        keep = (s[0] - s[1] > obj.threshold).nonzero().flatten().tolist()
+        pairs += [{"x_t": x[b], "w": out.best[b], "l": out.worst[b], "t": t, "t_prev": t_prev, "b": b} for b in keep]
+        x = out.next_x
+    return pairs
+
+
+def spo_logps(obj: Any, adapter: Any, model: torch.nn.Module, pairs: list[dict[str, Any]], cond: dict, uncond: dict) -> Tensor:
+    """Transition log-probs ``[P, 2]`` (winner, loser) under ``model``'s CFG prediction."""
+    from ..samplers.base import guided
+    from ..samplers.ddim import NoiseSchedule, ddim_transition_log_prob
+
+    sched = NoiseSchedule.from_scheduler(adapter.noise_scheduler)
+    fn = _model_fn(adapter, model)
+    out = torch.zeros(len(pairs), 2, device=adapter.device)
+    by_t: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, p in enumerate(pairs):
+        by_t[(p["t"], p["t_prev"])].append(i)
+    rows = []
+    for (t, t_prev), idx in by_t.items():
+        b = torch.tensor([pairs[i]["b"] for i in idx])
+        x_t = torch.stack([pairs[i]["x_t"] for i in idx])
+        c = {kk: v[b] for kk, v in cond.items()}
+        u = {kk: v[b] for kk, v in uncond.items()}
+        pred = guided(fn, x_t, torch.tensor(t, device=x_t.device), (u, c), obj.guidance_scale)
+        lw = ddim_transition_log_prob(pred, x_t, torch.stack([pairs[i]["w"] for i in idx]), t, t_prev, sched, obj.eta)
+        ll = ddim_transition_log_prob(pred, x_t, torch.stack([pairs[i]["l"] for i in idx]), t, t_prev, sched, obj.eta)
+        rows.append((idx, torch.stack([lw, ll], dim=1)))
+    order = [i for idx, _ in rows for i in idx]
+    stacked = torch.cat([r for _, r in rows])
+    return stacked[torch.argsort(torch.tensor(order))] if order else out
+
+
+# ----------------------------------------------------------------------------- online DPO (flow)
+
+
+def flow_group_pairs(obj: Any, adapter: Any, model: torch.nn.Module, rewards: dict, prompts: list[str], cond: dict,
+                     uncond: dict, latent_shape: tuple[int, ...], gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """``group_size`` SDE samples per prompt -> (best, worst) clean latents ``[B, 2, ...]`` and phi ``[B, G]``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from ..rewards.ensemble import vote_phi
+    from ..samplers.base import randn_like
+    from ..samplers.flow import flow_sample
+
+    sch = FlowMatchEulerDiscreteScheduler.from_config(adapter.pipe.scheduler.config)
+    sch.set_timesteps(obj.sample_steps)
+    B, G = len(prompts), obj.group_size
+    x_T = randn_like(torch.empty(B * G, *latent_shape, device=adapter.device), gen)
+    rep = {k: v.repeat_interleave(G, 0) for k, v in cond.items()}  # prompt-major: b*G + j
+    urep = {k: v.repeat_interleave(G, 0) for k, v in uncond.items()}
+    x0 = flow_sample(_model_fn(adapter, model), x_T, sch.sigmas, (urep, rep), obj.guidance_scale, obj.noise_level, gen,
+                     num_train_timesteps=adapter.num_train_timesteps).sample
+    imgs = adapter.decode_latents(x0).cpu()
+    texts = [p for p in prompts for _ in range(G)]
+    scores = {n: r(imgs, texts).scores.view(B, G) for n, r in rewards.items()}
+    phi = vote_phi(scores)  # [B, G]
+    ar = torch.arange(B)
+    x0 = x0.view(B, G, *latent_shape)
+    return torch.stack([x0[ar, phi.argmax(1)], x0[ar, phi.argmin(1)]], dim=1), phi
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train_online(cfg: Config, resume: str | None = None) -> dict[str, Any]:
+    quiet_libraries()
+    validate(cfg, check_data=False)
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    from ..objectives import build_objective
+    from ..synpic import load_rewards, read_prompts
+
+    t = cfg.train
+    objective = build_objective(cfg.objective)
+    name = cfg.objective.name
+    if cfg.lora.rank == 0:
+        raise ConfigError(f"objective {name!r} trains LoRA weights online: set lora.rank > 0")
+    if name == "spo" and not objective.spm:
+        raise ConfigError("objective.spm: spo needs a step-aware preference model (diffalign train-spm) or a CLIP folder")
+    if name == "online_dpo" and not objective.rewards:
+        raise ConfigError("objective.rewards: online_dpo needs reward specs, e.g. pickscore=PATH,clip_score=PATH")
+    prompts = read_prompts(cfg.data.path)
+    run_dir = Path(t.output_dir)
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(mixed_precision=t.mixed_precision, log_with="tensorboard", project_dir=str(run_dir),
+                              cpu=not torch.cuda.is_available())
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    weight_dtype = DTYPES[t.mixed_precision]
+
+    adapter = load_adapter(cfg.model, accelerator.device, weight_dtype)
+    flow = adapter.prediction_type == "flow_matching"
+    if name == "spo" and adapter.prediction_type != "epsilon":
+        raise ConfigError(f"spo samples with DDIM and needs an epsilon-prediction model; this one predicts {adapter.prediction_type}")
+    if name == "online_dpo" and not flow:
+        raise ConfigError("online_dpo is the flow-matching recipe (SD3-class models); use spo or an offline objective here")
+    denoiser = adapter.denoiser
+    from accelerate.utils import set_seed
+
+    set_seed(t.seed)  # LoRA's initial A matrices come from the global RNG
+    add_lora(denoiser, cfg)
+    trainable = {n: p for n, p in denoiser.named_parameters() if p.requires_grad}
+    reference = {n: p.detach().clone() for n, p in trainable.items()}  # LoRA at init = the base model
+    optimizer = make_optimizer(cfg, list(trainable.values()), t.lr)
+    lr_sched = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps)
+    device = accelerator.device
+    if name == "spo":
+        from ..rewards.step_aware import StepAwarePM
+
+        scorer: Any = StepAwarePM(objective.spm, device=device)
+    else:
+        scorer = load_rewards([s.strip() for s in objective.rewards.split(",") if s.strip()], device)
+
+    start_step = 0
+    ckpt_path = find_checkpoint(run_dir, resume) if resume else None
+    if ckpt_path is not None:
+        ck = load_checkpoint(ckpt_path)
+        with torch.no_grad():
+            for n, p in trainable.items():
+                p.copy_(ck["trainable"][n].to(p.dtype))
+        if ck["reference"] is not None:
+            reference = {n: v.to(device) for n, v in ck["reference"].items()}
+        optimizer.load_state_dict(ck["optimizer"])
+        lr_sched.load_state_dict(ck["scheduler"])
+        start_step = int(ck["state"]["step"])
+        if main:
+            print(f"resumed from {ckpt_path} at step {start_step}")
+
+    model, optimizer = accelerator.prepare(denoiser, optimizer)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+        accelerator.init_trackers("tb", config=_flat_hparams(cfg))
+    export = exporter(adapter, True)
+    res = cfg.data.resolution
+    latent_shape = (denoiser.config.in_channels, res // adapter.pipe.vae_scale_factor, res // adapter.pipe.vae_scale_factor)
+    metrics_file = run_dir / "metrics.jsonl"
+    bar = tqdm(total=t.max_steps, initial=start_step, disable=not main, desc=f"train {name} (online)", unit="step")
+    last: dict[str, float] = {}
+    t0 = time.perf_counter()
+    for step in range(start_step, t.max_steps):
+        gen = torch.Generator().manual_seed(sample_seed(t.seed, step * world + rank, domain=3))
+        idx = torch.randint(0, len(prompts), (t.batch_size,), generator=gen).tolist()
+        batch_prompts = [prompts[i] for i in idx]
+        with torch.no_grad():
+            micro = adapter.default_micro(len(idx), res, res).to(device)
+            cond = _with_micro({k: v.to(device) for k, v in adapter.encode_prompts(batch_prompts).items()}, micro)
+            uncond = _with_micro({k: v.to(device) for k, v in adapter.encode_prompts([""] * len(idx)).items()}, micro)
+        logs: dict[str, float] = {}
+        model.eval()
+        with torch.no_grad():
+            if name == "spo":
+                pairs = spo_pairs(objective, adapter, model, scorer, batch_prompts, cond, uncond, latent_shape, gen)
+                logs["pairs"] = float(len(pairs))
+            else:
+                x0, phi = flow_group_pairs(objective, adapter, model, scorer, batch_prompts, cond, uncond, latent_shape, gen)
+                logs["phi_spread"] = float((phi.max(1).values - phi.min(1).values).mean())
+        model.train()
+        n_pairs = len(pairs) if name == "spo" else x0.shape[0]
+        if n_pairs:
+            if name != "spo":
+                seeds = [sample_seed(t.seed, (step * world + rank) * t.batch_size + i, domain=4) for i in range(n_pairs)]
+                x_t, tt, target = noised_inputs(adapter, x0, seeds)
+                c2 = {k: v.repeat_interleave(2, 0) for k, v in cond.items() if k != "__micro__"}
+                m2 = micro.repeat_interleave(2, 0)
+            # reference first: swapping weights in place after the policy forward would corrupt its graph
+            _swap(trainable, reference)
+            try:
+                with torch.inference_mode(), accelerator.autocast():
+                    if name == "spo":
+                        ref = spo_logps(objective, adapter, model, pairs, cond, uncond)
+                    else:
+                        ref = group_errors(adapter, model, x_t, tt, target, c2, m2, 2)
+            finally:
+                _swap(trainable, reference)
+            with accelerator.autocast():
+                if name == "spo":
+                    policy = spo_logps(objective, adapter, model, pairs, cond, uncond)
+                else:
+                    policy = group_errors(adapter, model, x_t, tt, target, c2, m2, 2)
+            out = objective(policy.float(), ref.clone().float(), {})
+            accelerator.backward(out.loss.mean())
+            logs["loss"] = float(out.loss.detach().mean())
+            logs.update({k: float(v.float().mean()) for k, v in out.metrics.items()})
+        grad_norm = accelerator.clip_grad_norm_(list(trainable.values()), t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
+        optimizer.step()
+        lr_sched.step()
+        optimizer.zero_grad(set_to_none=True)
+        refresh = getattr(objective, "ref_refresh_every", 0)
+        if refresh and (step + 1) % refresh == 0:
+            reference = {n: p.detach().clone() for n, p in trainable.items()}
+            logs["reference_refreshed"] = 1.0
+        logs.update(grad_norm=float(grad_norm), lr=lr_sched.get_last_lr()[0])
+        if "loss" in logs and not math.isfinite(logs["loss"]):
+            raise FloatingPointError(f"step {step + 1}: loss is {logs['loss']}")
+        last = logs
+        if main and ((step + 1) % t.log_every == 0 or step + 1 == t.max_steps):
+            accelerator.log(logs, step=step + 1)
+            with metrics_file.open("a") as f:
+                f.write(json.dumps({"step": step + 1, **logs}) + "\n")
+            bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}")
+        bar.update(1)
+        done = step + 1 == t.max_steps
+        if (step + 1) % t.checkpoint_every == 0 or done or t.halt_after_step == step + 1:
+            if main:
+                state = {"step": step + 1, "world_size": world, "objective": name, "lora": True, "family": adapter.family,
+                         "model_path": cfg.model.path, "metrics": logs}
+                save_checkpoint(run_dir, step + 1, trainable, optimizer, lr_sched, None, state, export,
+                                keep=t.keep_checkpoints, extra={"reference": reference})
+            accelerator.wait_for_everyone()
+        if t.halt_after_step == step + 1 and not done:
+            bar.close()
+            accelerator.end_training()
+            return {"halted_at": step + 1, **last}
+    bar.close()
+    if main:
+        summary = {"steps": t.max_steps, "seconds": time.perf_counter() - t0, "config": to_dict(cfg), **last}
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        print(f"done: {t.max_steps} online steps, checkpoint {run_dir / 'checkpoints'}")
+    accelerator.end_training()
+    return last
