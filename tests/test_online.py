@@ -117,3 +117,20 @@ def test_online_objectives_refuse_wrong_families(tiny_models, tiny_clip, prompts
         train(odpo_cfg(tiny_models["sd"], prompts_file, tiny_clip, tmp_path / "b", "train.max_steps=1"))
     with pytest.raises(ConfigError, match="set lora.rank > 0"):
         train(spo_cfg(tiny_models["sd"], prompts_file, tiny_clip, tmp_path / "c", "train.max_steps=1", "lora.rank=0"))
+
+
+def test_train_spm_learns_time_modules_and_reloads(tiny_models, tiny_clip, tmp_path):
+    from diffalign.rewards import StepAwarePM
+    from diffalign.spm import SPMConfig, train_spm
+
+    from conftest import make_pairs_parquet
+
+    data = make_pairs_parquet(tmp_path / "p.parquet", n=12)
+    rep = train_spm(SPMConfig(data=str(data), model=str(tiny_models["sd"]), clip=str(tiny_clip), out=str(tmp_path / "spm"),
+                              steps=3, batch_size=4, lr=1e-2, heldout=4, guidance_scale=2.0))
+    assert set(rep["heldout_acc_after"]) <= {"t<250", "250-500", "500-750", ">=750"}
+    spm = StepAwarePM(str(tmp_path / "spm"))
+    moved = [n for n, p in spm.time.state_dict().items() if "layers" in n and n.endswith("weight") and p.abs().sum() > 0]
+    assert moved  # adaLN weights start at zero; training moved them
+    imgs = torch.rand(2, 3, 32, 32)
+    assert not torch.allclose(spm(imgs, ["a red circle"] * 2, t=0).scores, spm(imgs, ["a red circle"] * 2, t=900).scores)
