@@ -68,3 +68,23 @@ def test_shipped_configs_validate(path):
 def test_shipped_configs_exist():
     names = {p.name for p in CONFIGS}
     assert {"sd15_dpo_lora.yaml", "sdxl_dpo_lora.yaml", "sd3_dpo_lora.yaml"} <= names
+
+
+# objectives defined only for one family: InPO/SmPO invert with DDIM and SPO samples with DDIM
+# (epsilon models); online_dpo is flow_grpo's flow-matching recipe
+ONLY_SDXL, ONLY_SD3 = {"inpo", "smpo", "spo"}, {"online_dpo"}
+
+
+def test_every_objective_has_sdxl_and_sd3_configs():
+    from diffalign.objectives import OBJECTIVES
+
+    used: dict[str, set[str]] = {"sdxl": set(), "sd3": set()}
+    for p in CONFIGS:
+        fam = p.name.split("_")[0]
+        if fam in used:
+            used[fam].add(load_config(p).objective.name)
+    for name in OBJECTIVES.names():
+        if name not in ONLY_SD3:
+            assert name in used["sdxl"], f"no configs/sdxl_*.yaml for objective {name!r}"
+        if name not in ONLY_SDXL:
+            assert name in used["sd3"], f"no configs/sd3_*.yaml for objective {name!r}"
