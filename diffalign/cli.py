@@ -9,6 +9,8 @@
     diffalign export-pairs RANKED_DIR OUT.parquet [--mode best_worst|all]
     diffalign demo [--out runs/demo] [--steps N]
     diffalign toy pretrain [--quick] | toy eval MODEL
+    diffalign eval --model M [--compare M2] (--metadata F | --toy SPLIT | --prompts F) --out DIR
+    diffalign train-spm --data PAIRS --model PIPE --clip CLIP --out DIR [--steps N]
     diffalign tiny FAMILY OUT_DIR [--prediction-type epsilon|v_prediction]
 
 Errors the user can fix (bad config keys, unknown names, missing files, bad data rows) are
@@ -85,6 +87,23 @@ def _parser() -> argparse.ArgumentParser:
 
     toy_cli.add_parser(sub)
 
+    from .benchmarks.geneval import harness as eval_cli
+
+    eval_cli.add_parser(sub)
+
+    sm = sub.add_parser("train-spm", help="train SPO's step-aware preference model on preference pairs")
+    sm.add_argument("--data", required=True, help="pairs (parquet/JSONL/folder/hub id), winner by label")
+    sm.add_argument("--model", required=True, help="the diffusion pipeline whose noisy x0 predictions are judged")
+    sm.add_argument("--clip", required=True, help="initial CLIPModel (PickScore in the paper) or an SPM folder")
+    sm.add_argument("--out", required=True)
+    sm.add_argument("--steps", type=int, default=200)
+    sm.add_argument("--batch-size", type=int, default=8)
+    sm.add_argument("--lr", type=float, default=1e-4)
+    sm.add_argument("--guidance", type=float, default=5.0)
+    sm.add_argument("--resolution", type=int, default=512)
+    sm.add_argument("--heldout", type=int, default=64)
+    sm.add_argument("--train-clip", action="store_true", help="fine-tune the whole CLIP too (the reference does)")
+
     ti = sub.add_parser("tiny", help="build a tiny random-weight pipeline (for tests and dry runs)")
     ti.add_argument("family", choices=["sd", "sdxl", "sd3"])
     ti.add_argument("out_dir")
@@ -149,6 +168,17 @@ def _run(args: argparse.Namespace) -> int:
         from .benchmarks.toyworlds import cli as toy_cli
 
         return toy_cli.run(args)
+    if args.cmd == "eval":
+        from .benchmarks.geneval import harness as eval_cli
+
+        return eval_cli.run_cli(args)
+    if args.cmd == "train-spm":
+        from .spm import SPMConfig, train_spm
+
+        train_spm(SPMConfig(data=args.data, model=args.model, clip=args.clip, out=args.out, steps=args.steps,
+                            batch_size=args.batch_size, lr=args.lr, guidance_scale=args.guidance,
+                            resolution=args.resolution, heldout=args.heldout, train_clip=args.train_clip))
+        return 0
     if args.cmd == "tiny":
         from ._quiet import quiet_libraries
         from .models.tiny import build_tiny_pipeline

@@ -258,14 +258,19 @@ def _write_shard(path: Path, rows: dict[str, list], writer=None) -> None:
 
 
 def export_pairs(ranked: str | Path, out: str | Path, mode: Literal["best_worst", "all"] = "best_worst") -> Path:
-    """Ranked shards -> one Pick-a-Pic style parquet (caption, jpg_0, jpg_1, label_0, label_1).
+    """Ranked shards -> one Pick-a-Pic style parquet (caption, jpg_0, jpg_1, label_0, label_1, plus
+    ``score_0.<reward>``/``score_1.<reward>`` for every reward, e.g. for SmPO's ``data.score_column``).
     ``best_worst``: rank 1 vs rank k per prompt; ``all``: every pair with different phi."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     rows: dict[str, list] = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": [], "label_1": []}
     for f in sorted(Path(ranked).glob("shard-*.parquet")):
-        t = pq.read_table(f, columns=["prompt", "images", "phi", "rank"]).to_pylist()
+        score_cols = [c for c in pq.read_schema(f).names if c.startswith("scores.")]
+        for c in score_cols:
+            rows.setdefault(f"score_0.{c[7:]}", [])
+            rows.setdefault(f"score_1.{c[7:]}", [])
+        t = pq.read_table(f, columns=["prompt", "images", "phi", "rank", *score_cols]).to_pylist()
         for r in t:
             order = np.argsort(r["rank"], kind="stable")
             pairs = [(order[0], order[-1])] if mode == "best_worst" else [
@@ -278,6 +283,9 @@ def export_pairs(ranked: str | Path, out: str | Path, mode: Literal["best_worst"
                 rows["jpg_1"].append(r["images"][b])
                 rows["label_0"].append(1.0)
                 rows["label_1"].append(0.0)
+                for c in score_cols:
+                    rows[f"score_0.{c[7:]}"].append(r[c][a])
+                    rows[f"score_1.{c[7:]}"].append(r[c][b])
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table(rows), out)
