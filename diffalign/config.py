@@ -113,6 +113,13 @@ class TrainConfig:
     """EMA of the trainable weights; 0 disables. The exported final weights are the EMA weights."""
     reference: Literal["auto", "lora_off", "copy", "none"] = "auto"
     """auto: adapter-off with LoRA, frozen copy for full fine-tuning, none for reference-free objectives."""
+    precompute_reference: bool = False
+    """Compute every reference error the run will use (same pairs, noise and t) in a pre-pass with
+    the base weights, then train with no reference model in memory and no reference forwards."""
+    compile: bool = False
+    """``torch.compile`` the denoiser (the first steps pay the compile time)."""
+    channels_last: bool = False
+    """Channels-last memory format for UNet denoisers (faster convolutions on GPUs)."""
     auto_beta_target: float = 0.0
     """Stability: adapt beta so the mean gradient factor sigmoid(-margin) stays near this value
     (e.g. 0.3); 0 disables. See ``diffalign.train.stability``."""

@@ -94,6 +94,29 @@ def prepare_batch(adapter: Adapter, batch: dict[str, Any], k: int, device: torch
     return x0, cond, micro
 
 
+@torch.inference_mode()
+def precompute_reference_errors(adapter: Adapter, dataset: Any, plan: StepPlan, objective: Any, k: int, first: int,
+                                last: int, accum: int, rank: int, accelerator: Any, show: bool = True) -> dict[tuple[int, int], Tensor]:
+    """Reference errors ``[B,k]`` for every (step, micro-batch) of this rank in ``[first, last)``:
+    the same pairs, noise and t the training steps will draw (all derive from data positions), so
+    the loss equals the one with a live reference model. CPU tensors, a few bytes per pair."""
+    from tqdm.auto import tqdm
+
+    if hasattr(objective, "noised_inputs"):
+        raise ConfigError("train.precompute_reference: this objective builds its inputs with the current model "
+                          "(inversion); its reference errors cannot be computed ahead")
+    table = {}
+    per_image = getattr(objective, "per_image_captions", False)
+    for step in tqdm(range(first, last), desc="reference pre-pass", unit="step", disable=not show):
+        for micro_i in range(accum):
+            batch = collate([dataset[key] for key in plan.keys(step, micro_i, rank)])
+            x0, cond, micro = prepare_batch(adapter, batch, k, accelerator.device, per_image_captions=per_image)
+            x_t, tt, target = noised_inputs(adapter, x0, batch["seed"])
+            with accelerator.autocast():
+                table[(step, micro_i)] = group_errors(adapter, adapter.denoiser, x_t, tt, target, cond, micro, k).float().cpu()
+    return table
+
+
 # ----------------------------------------------------------------------------- setup helpers
 
 
@@ -232,6 +255,12 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     # -- model
     adapter = load_adapter(cfg.model, accelerator.device, weight_dtype)
     denoiser = adapter.denoiser
+    ref_table: dict[tuple[int, int], Tensor] | None = None
+    if t.precompute_reference and objective.needs_reference:
+        # before LoRA and before any checkpoint weights: the denoiser holds exactly the reference weights
+        first = int(load_checkpoint(ckpt_path)["state"]["step"]) if ckpt_path is not None else 0
+        ref_table = precompute_reference_errors(adapter, dataset, plan, objective, k, first, t.max_steps, t.grad_accum,
+                                                rank, accelerator, show=main)
     use_lora = cfg.lora.rank > 0
     if use_lora:
         add_lora(denoiser, cfg)
@@ -242,8 +271,10 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
                     p.data = p.data.float()
     else:
         denoiser.requires_grad_(True)
-    ref = Reference(resolve_mode(t.reference, cfg.lora.rank, objective.needs_reference), denoiser,
-                    weight_dtype if weight_dtype != torch.float32 else None)
+    ref_mode = resolve_mode(t.reference, cfg.lora.rank, objective.needs_reference) if ref_table is None else "none"
+    ref = Reference(ref_mode, denoiser, weight_dtype if weight_dtype != torch.float32 else None)
+    if t.channels_last:
+        denoiser.to(memory_format=torch.channels_last)
     if t.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
     if t.attention == "xformers":
@@ -283,6 +314,8 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
             print(f"resumed from {ckpt_path} at step {start_step}")
 
     model, optimizer = accelerator.prepare(denoiser, optimizer)
+    if t.compile:
+        model = torch.compile(model)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
@@ -313,7 +346,9 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
                 with accelerator.autocast():
                     policy_err = group_errors(adapter, model, x_t, tt, target, cond, micro, k)  # [B,k]
                 ref_err = None
-                if ref.mode != "none":
+                if ref_table is not None:
+                    ref_err = ref_table[(step, micro_i)].to(policy_err.device)
+                elif ref.mode != "none":
                     with torch.inference_mode(), ref.active() as ref_model, accelerator.autocast():
                         ref_err = group_errors(adapter, ref_model, x_t, tt, target, cond, micro, k)
                     ref_err = ref_err.clone()  # leave inference mode: a plain constant for the loss
