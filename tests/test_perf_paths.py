@@ -48,3 +48,13 @@ def test_channels_last_trains_the_same(tiny_models, pairs_parquet, tmp_path):
     run(tiny_models["sd"], pairs_parquet, tmp_path / "b", "train.max_steps=2", "train.batch_size=2", "train.channels_last=true")
     la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert la == pytest.approx(lb, rel=1e-4, abs=1e-6)
+
+
+def test_gpu_check_builds_real_size_architectures():
+    """The GPU script's configs are the real SDXL UNet (2.57B) and SD3-medium transformer (2.03B)."""
+    from diffalign.benchmarks.perf.gpu_check import sd3_transformer, sdxl_unet
+
+    with torch.device("meta"):
+        n_xl = sum(p.numel() for p in sdxl_unet().parameters())
+        n_3 = sum(p.numel() for p in sd3_transformer().parameters())
+    assert 2.55e9 < n_xl < 2.6e9 and 2.0e9 < n_3 < 2.1e9, (n_xl, n_3)
