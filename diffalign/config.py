@@ -291,7 +291,13 @@ def validate(cfg: Config, *, check_data: bool = True) -> None:
     """Checks that need no model weights. Raises ``ConfigError`` naming the key."""
     from .objectives import build_objective
 
-    build_objective(cfg.objective)  # unknown name / unknown or mistyped hyperparameter
+    objective = build_objective(cfg.objective)  # unknown name / unknown or mistyped hyperparameter
+    from .train.stability import check_reports_margin, check_supports_beta
+
+    if cfg.train.auto_beta_target:
+        check_supports_beta(objective, cfg.objective.name)
+    if cfg.train.margin_cap:
+        check_reports_margin(objective, cfg.objective.name)
     if not cfg.model.path:
         raise ConfigError("model.path is empty: give a hub id (org/name) or a local diffusers folder")
     t = cfg.train

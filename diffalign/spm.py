@@ -127,7 +127,7 @@ def train_spm(cfg: SPMConfig) -> dict:
         with torch.no_grad():
             imgs = _x0_images(adapter, batch["pixels"], batch["caption"], t, gen, cfg.guidance_scale)
         lg = spm.logits(imgs, batch["caption"] * 2, torch.cat([t, t]).float()).view(2, -1).T  # [B, 2]
-        loss = F.cross_entropy(lg, torch.zeros(len(keys), dtype=torch.long))  # winner is index 0
+        loss = F.cross_entropy(lg, torch.zeros(len(keys), dtype=torch.long, device=lg.device))  # winner is index 0
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

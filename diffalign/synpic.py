@@ -239,8 +239,13 @@ def merge_shards(out: str | Path, require_complete: bool = True) -> Path | None:
     tmp = out / f"index.json.{os.getpid()}.tmp"  # per-process name: two ranks may finish together
     tmp.write_text(json.dumps(index, indent=2))
     os.replace(tmp, out / "index.json")
-    for stale in out.glob("index.json.*.tmp"):  # left by a process killed mid-write
-        stale.unlink(missing_ok=True)
+    for stale in out.glob("index.json.*.tmp"):  # left by a process killed mid-write (not a live one's)
+        try:
+            os.kill(int(stale.name.split(".")[2]), 0)
+        except (ValueError, ProcessLookupError):
+            stale.unlink(missing_ok=True)
+        except PermissionError:
+            pass
     return out / "index.json"
 
 

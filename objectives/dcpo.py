@@ -30,6 +30,8 @@ class DCPO:
     loss_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
 
     needs_reference: ClassVar[bool] = True
+    reports_margin: ClassVar[bool] = True
+    logistic_margin: ClassVar[bool] = True
     kind: ClassVar[str] = "preference"
     winner_only: ClassVar[bool] = False
     per_image_captions: ClassVar[bool] = True

@@ -87,6 +87,8 @@ class DiffusionDPO:
     loss_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
 
     needs_reference: ClassVar[bool] = True
+    reports_margin: ClassVar[bool] = True
+    logistic_margin: ClassVar[bool] = True
     kind: ClassVar[str] = "preference"
     winner_only: ClassVar[bool] = False
 

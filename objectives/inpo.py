@@ -74,6 +74,8 @@ class InPO:
     inversion_eta: float = 0.1
 
     needs_reference: ClassVar[bool] = True
+    reports_margin: ClassVar[bool] = True
+    logistic_margin: ClassVar[bool] = True
     kind: ClassVar[str] = "preference"
     winner_only: ClassVar[bool] = False
     renoise_steps: ClassVar[int] = 0

@@ -50,6 +50,7 @@ class MaPO:
     num_train_timesteps: float = 1000.0
 
     needs_reference: ClassVar[bool] = False
+    reports_margin: ClassVar[bool] = True
     kind: ClassVar[str] = "preference"
     winner_only: ClassVar[bool] = False
 

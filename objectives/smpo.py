@@ -67,6 +67,8 @@ class SmPO:
     renoise_steps: int = 1
 
     needs_reference: ClassVar[bool] = True
+    reports_margin: ClassVar[bool] = True
+    logistic_margin: ClassVar[bool] = True
     needs_scores: ClassVar[bool] = True
     kind: ClassVar[str] = "preference"
     winner_only: ClassVar[bool] = False
@@ -82,6 +84,11 @@ class SmPO:
     def __call__(self, policy_err: Tensor, ref_err: Tensor | None, batch: dict[str, Any]) -> ObjectiveOutput:
         assert ref_err is not None, "smpo needs reference errors"
         scores = batch["scores"].to(policy_err.device)  # [B, 2], winner first
+        if self.score_range == SCORE_RANGE and float(scores.abs().max()) > 1.5:
+            from diffalign.errors import ConfigError
+
+            raise ConfigError("smpo: the scores look like logit_scale * cos (|s| > 1.5) but objective.score_range is the "
+                              "raw-cosine default 0.1666; set objective.score_range (16.658 for PickScore x100)")
         loss, inside = smpo_loss(policy_err[:, 0], policy_err[:, 1], ref_err[:, 0], ref_err[:, 1], scores[:, 0],
                                  scores[:, 1], self.beta, self.score_range, self.smooth_scale)
         m = preference_metrics(policy_err, ref_err, inside, self.beta)

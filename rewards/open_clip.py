@@ -61,9 +61,14 @@ def clip_config_from_open_clip(cfg: dict[str, Any], eos_token_id: int = 49407, b
 
     cfg = cfg.get("model_cfg", cfg)
     v, t = cfg["vision_cfg"], cfg["text_cfg"]
-    for bad in ("timm_model_name", "hf_model_name"):
+    for bad in ("timm_model_name", "hf_model_name", "ls_init_value", "attentional_pool", "no_ln_pre", "no_causal_mask",
+                "final_ln_after_pool", "output_tokens"):
         if v.get(bad) or t.get(bad):
             raise ConfigError(f"OpenCLIP config uses {bad}; only the plain ViT + text transformer CLIP maps onto CLIPModel")
+    for key, ok in (("pool_type", ("tok", "argmax", None)),):
+        if v.get(key) not in ok[:1] + (None,) or t.get(key) not in ok[1:]:
+            raise ConfigError(f"OpenCLIP config sets {key}={v.get(key) or t.get(key)!r}; CLIPModel pools the class token "
+                              f"(vision) and the end-of-text token (text)")
     act = "quick_gelu" if cfg.get("quick_gelu") else "gelu"
     vw, tw = v["width"], t["width"]
     return CLIPConfig(
@@ -116,6 +121,18 @@ def convert_open_clip_state_dict(sd: dict[str, Tensor], vision_layers: int, text
     }
     out |= _blocks(sd, "visual.transformer.resblocks", "vision_model.encoder.layers", vision_layers)
     out |= _blocks(sd, "transformer.resblocks", "text_model.encoder.layers", text_layers)
+    # every source tensor must have been used: layer scale (ls_1/ls_2), attention pooling, extra
+    # layers... would otherwise load without error and score wrongly
+    used = set(need) | {"visual.ln_pre.weight", "visual.ln_pre.bias", "visual.ln_post.weight", "visual.ln_post.bias",
+                        "ln_final.bias", "attn_mask", "position_ids"}
+    for tower, n in (("visual.transformer.resblocks", vision_layers), ("transformer.resblocks", text_layers)):
+        for i in range(n):
+            used |= {f"{tower}.{i}.{a}.{w}" for a in ("ln_1", "ln_2", "mlp.c_fc", "mlp.c_proj", "attn.out_proj")
+                     for w in ("weight", "bias")} | {f"{tower}.{i}.attn.in_proj_weight", f"{tower}.{i}.attn.in_proj_bias"}
+    left = sorted(k for k in sd if k not in used)
+    if left:
+        raise ConfigError(f"OpenCLIP checkpoint has tensors this CLIPModel mapping does not cover (e.g. {left[:3]}); "
+                          f"only plain ViT + text transformer CLIPs (HPSv2, ViT-B/L/H) are supported")
     return out
 
 

@@ -145,15 +145,22 @@ def scored_pairs(path, n=8):
 
 
 @pytest.mark.parametrize("name", ["inpo", "smpo"])
-def test_train_inversion_objectives_end_to_end(tiny_models, tmp_path, name):
+def test_train_inversion_objectives_end_to_end(tiny_models, tmp_path, name, monkeypatch):
     from test_train import run, trainable
 
+    import diffalign.samplers.inversion as inv
+
+    calls = []
+    real = inv.invert_per_sample
+    monkeypatch.setattr(inv, "invert_per_sample", lambda *a, **k: calls.append(k.get("renoise_steps")) or real(*a, **k))
     data = scored_pairs(tmp_path / "scored.parquet")
     extra = ["data.score_column=pickscore"] if name == "smpo" else []
     metrics = run(tiny_models["sd"], data, tmp_path / "run", f"objective.name={name}", "train.max_steps=2",
                   "train.batch_size=2", "objective.inversion_steps=3", *extra)
     assert all(math.isfinite(v) for v in metrics.values()) and "implicit_acc" in metrics
-    assert len(trainable(tmp_path / "run")) > 0
+    assert calls == [1 if name == "smpo" else 0] * 2  # the loop's inputs came from inversion, each step
+    w = trainable(tmp_path / "run")
+    assert any(v.abs().sum() > 0 for n, v in w.items() if "lora_B" in n)  # LoRA B starts at zero: it trained
     if name == "smpo":
         assert "smooth_weight" in metrics
 

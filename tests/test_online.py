@@ -134,3 +134,15 @@ def test_train_spm_learns_time_modules_and_reloads(tiny_models, tiny_clip, tmp_p
     assert moved  # adaLN weights start at zero; training moved them
     imgs = torch.rand(2, 3, 32, 32)
     assert not torch.allclose(spm(imgs, ["a red circle"] * 2, t=0).scores, spm(imgs, ["a red circle"] * 2, t=900).scores)
+
+
+def test_spo_step_without_kept_pairs_still_runs_a_zero_weight_backward(tiny_models, tiny_clip, prompts_file, tmp_path, monkeypatch):
+    """No pair passes the threshold: the step still does forward+backward (DDP all-reduce stays in
+    step on every rank) with weight 0, and logs pairs = 0."""
+    calls = []
+    import diffalign.train.online as online
+
+    real = online.spo_logps
+    monkeypatch.setattr(online, "spo_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    m = train(spo_cfg(tiny_models["sd"], prompts_file, tiny_clip, tmp_path / "r", "train.max_steps=1", "objective.threshold=1.0"))
+    assert m["pairs"] == 0 and "loss" not in m and len(calls) == 2  # reference + policy forward on the fallback pair

@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-
 from test_train import run, trainable
 
 
@@ -28,10 +27,10 @@ def test_precomputed_reference_equals_live_reference(tiny_models, pairs_parquet,
 
 
 def test_precomputed_reference_survives_resume(tiny_models, pairs_parquet, tmp_path):
+    from test_train import overrides
+
     from diffalign.config import load_config
     from diffalign.train import train
-
-    from test_train import overrides
 
     extra = ["train.max_steps=3", "train.batch_size=2", "lora.rank=0", "train.lr=1e-3", "train.precompute_reference=true",
              "train.checkpoint_every=1"]

@@ -378,3 +378,18 @@ def test_step_aware_pm_is_its_clip_at_init_and_learns_time(tiny_clip, tmp_path):
     torch.testing.assert_close(per_image_t[[1, 3]], s9[[1, 3]], atol=1e-5, rtol=1e-5)
     again = StepAwarePM(str(spm.save(tmp_path / "spm")))
     torch.testing.assert_close(again(imgs, PROMPTS, t=900).scores, s9, atol=1e-6, rtol=1e-6)
+
+
+def test_open_clip_converter_refuses_unmapped_tensors(tiny_open_clip, tmp_path):
+    """Layer scale (ls_1) is not part of CLIPModel: loading must fail, not silently drop it."""
+    import shutil
+
+    from diffalign.rewards import HPSv2
+
+    d = tmp_path / "ls"
+    shutil.copytree(tiny_open_clip, d)
+    ck = torch.load(d / "HPS_v2.1_compressed.pt", weights_only=True)
+    ck["state_dict"]["visual.transformer.resblocks.0.ls_1.gamma"] = torch.ones(32)
+    torch.save(ck, d / "HPS_v2.1_compressed.pt")
+    with pytest.raises(ConfigError, match="does not cover.*ls_1"):
+        HPSv2(str(d))

@@ -94,3 +94,27 @@ def test_auto_beta_refuses_objective_without_beta(tiny_models, tmp_path):
                              "data.resolution=32", "objective.name=sft", "train.auto_beta_target=0.3", "train.max_steps=1"])
     with pytest.raises(ConfigError, match="objective 'sft' has no beta to adapt"):
         train(cfg)
+
+
+@pytest.mark.parametrize("name, extra, match", [
+    ("mapo", ["train.auto_beta_target=0.3"], "objective 'mapo' has no logistic loss on a beta-scaled margin"),
+    ("diffusion_dpo", ["train.auto_beta_target=0.3", "objective.loss_type=hinge"], "no logistic loss"),
+    ("rankdpo", ["train.margin_cap=5"], "objective 'rankdpo' reports no per-pair margin"),
+    ("kto", ["train.margin_cap=5"], "objective 'kto' reports no per-pair margin"),
+])
+def test_stability_options_checked_before_loading(name, extra, match):
+    from diffalign.config import load_config, validate
+
+    cfg = load_config(None, ["model.path=org/model", "data.path=x.parquet", f"objective.name={name}", *extra])
+    with pytest.raises(ConfigError, match=match):
+        validate(cfg, check_data=False)
+
+
+def test_smpo_refuses_logit_scale_scores_with_cosine_range():
+    from diffalign.objectives import SmPO
+
+    pol = torch.full((2, 2), 0.1)
+    with pytest.raises(ConfigError, match="set objective.score_range"):
+        SmPO()(pol, pol.clone(), {"scores": torch.tensor([[21.0, 20.5], [22.0, 21.0]])})
+    out = SmPO(score_range=16.658)(pol, pol.clone(), {"scores": torch.tensor([[21.0, 20.5], [22.0, 21.0]])})
+    assert torch.isfinite(out.loss).all()

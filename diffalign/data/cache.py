@@ -117,6 +117,8 @@ class CachedPairs(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.index["num_pairs"]
 
+    has_scores = False  # reward scores are not cached; objectives that need them read the pairs directly
+
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         index, seed = key
         s, r = divmod(index, self.index["shard_size"])

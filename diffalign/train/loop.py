@@ -246,7 +246,8 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     k = 1 if objective.winner_only else dataset.k
     if getattr(objective, "needs_scores", False) and not getattr(dataset, "has_scores", False):
         raise ConfigError(f"objective {cfg.objective.name!r} needs per-image reward scores: set data.score_column "
-                          f"(e.g. pickscore for score_0.pickscore/score_1.pickscore written by `diffalign label`)")
+                          f"(e.g. pickscore for score_0.pickscore/score_1.pickscore written by `diffalign label`; not available "
+                          f"with data.cache_dir) and match objective.score_range to the scores' scale")
     if objective.kind == "preference" and k != 2:
         raise ConfigError(f"objective {cfg.objective.name!r} trains on pairs but the data has {k} images per prompt; "
                           f"use objective.name=rankdpo or export the ranked set to pairs")

@@ -64,8 +64,10 @@ def _repeat(c: dict[str, Tensor], n: int) -> dict[str, Tensor]:
 
 
 def spo_pairs(obj: Any, adapter: Any, model: torch.nn.Module, spm: Any, prompts: list[str], cond: dict, uncond: dict,
-              latent_shape: tuple[int, ...], gen: torch.Generator) -> list[dict[str, Any]]:
-    """Sample with the step-wise resampler; returns kept pairs ``{x_t, w, l, t, t_prev, b}``."""
+              latent_shape: tuple[int, ...], gen: torch.Generator) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Sample with the step-wise resampler; returns the kept pairs ``{x_t, w, l, t, t_prev, b}`` and
+    one unkept pair (trained with weight 0 when nothing was kept, so every DDP rank still runs a
+    forward and backward and the gradient all-reduce stays in step)."""
     from diffusers import DDIMScheduler
 
     from ..samplers.base import guided, randn_like
@@ -91,7 +93,8 @@ def spo_pairs(obj: Any, adapter: Any, model: torch.nn.Module, spm: Any, prompts:
         imgs = adapter.decode_latents(x0)
         return spm(imgs.cpu(), prompts * k, t=max(t_prev, 0)).scores.to(device)
 
-    pairs = []
+    pairs: list[dict[str, Any]] = []
+    fallback: dict[str, Any] | None = None
     for i, t in enumerate(ts):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
         if i < obj.divert_start_step:
@@ -102,8 +105,10 @@ def spo_pairs(obj: Any, adapter: Any, model: torch.nn.Module, spm: Any, prompts:
         s = torch.stack([out.scores.max(0).values, out.scores.min(0).values]).softmax(0)  # [2, B]
         keep = (s[0] - s[1] > obj.threshold).nonzero().flatten().tolist()
         pairs += [{"x_t": x[b], "w": out.best[b], "l": out.worst[b], "t": t, "t_prev": t_prev, "b": b} for b in keep]
+        if fallback is None:
+            fallback = {"x_t": x[0], "w": out.best[0], "l": out.worst[0], "t": t, "t_prev": t_prev, "b": 0}
         x = out.next_x
-    return pairs
+    return pairs, fallback
 
 
 def spo_logps(obj: Any, adapter: Any, model: torch.nn.Module, pairs: list[dict[str, Any]], cond: dict, uncond: dict) -> Tensor:
@@ -184,6 +189,13 @@ def train_online(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         raise ConfigError("objective.spm: spo needs a step-aware preference model (diffalign train-spm) or a CLIP folder")
     if name == "online_dpo" and not objective.rewards:
         raise ConfigError("objective.rewards: online_dpo needs reward specs, e.g. pickscore=PATH,clip_score=PATH")
+    unsupported = [k for k, bad in (("train.grad_accum", t.grad_accum != 1), ("train.ema_decay", t.ema_decay > 0),
+                                    ("train.scale_lr", t.scale_lr), ("train.compile", t.compile),
+                                    ("train.precompute_reference", t.precompute_reference),
+                                    ("train.auto_beta_target", t.auto_beta_target > 0), ("train.margin_cap", t.margin_cap > 0),
+                                    ("data.cache_dir", bool(cfg.data.cache_dir))) if bad]
+    if unsupported:
+        raise ConfigError(f"objective {name!r} (online) does not support {', '.join(unsupported)}; remove it from the config")
     prompts = read_prompts(cfg.data.path)
     run_dir = Path(t.output_dir)
     AcceleratorState._reset_state()
@@ -203,6 +215,17 @@ def train_online(cfg: Config, resume: str | None = None) -> dict[str, Any]:
 
     set_seed(t.seed)  # LoRA's initial A matrices come from the global RNG
     add_lora(denoiser, cfg)
+    if weight_dtype != torch.float32:  # low-precision frozen base, fp32 adapters (as the offline loop)
+        denoiser.to(weight_dtype)
+        for p in denoiser.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    if t.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    if t.attention == "xformers":
+        denoiser.enable_xformers_memory_efficient_attention()
+    if t.channels_last:
+        denoiser.to(memory_format=torch.channels_last)
     trainable = {n: p for n, p in denoiser.named_parameters() if p.requires_grad}
     reference = {n: p.detach().clone() for n, p in trainable.items()}  # LoRA at init = the base model
     optimizer = make_optimizer(cfg, list(trainable.values()), t.lr)
@@ -244,6 +267,7 @@ def train_online(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     for step in range(start_step, t.max_steps):
         gen = torch.Generator().manual_seed(sample_seed(t.seed, step * world + rank, domain=3))
+        torch.manual_seed(sample_seed(t.seed, step * world + rank, domain=5))  # global-RNG users (LoRA dropout)
         idx = torch.randint(0, len(prompts), (t.batch_size,), generator=gen).tolist()
         batch_prompts = [prompts[i] for i in idx]
         with torch.no_grad():
@@ -254,12 +278,17 @@ def train_online(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         model.eval()
         with torch.no_grad():
             if name == "spo":
-                pairs = spo_pairs(objective, adapter, model, scorer, batch_prompts, cond, uncond, latent_shape, gen)
+                pairs, fallback = spo_pairs(objective, adapter, model, scorer, batch_prompts, cond, uncond, latent_shape, gen)
                 logs["pairs"] = float(len(pairs))
+                pair_weight = 1.0
+                if not pairs and fallback is not None:
+                    pairs, pair_weight = [fallback], 0.0
             else:
                 x0, phi = flow_group_pairs(objective, adapter, model, scorer, batch_prompts, cond, uncond, latent_shape, gen)
                 logs["phi_spread"] = float((phi.max(1).values - phi.min(1).values).mean())
         model.train()
+        if name != "spo":
+            pair_weight = 1.0
         n_pairs = len(pairs) if name == "spo" else x0.shape[0]
         if n_pairs:
             if name != "spo":
@@ -283,9 +312,11 @@ def train_online(cfg: Config, resume: str | None = None) -> dict[str, Any]:
                 else:
                     policy = group_errors(adapter, model, x_t, tt, target, c2, m2, 2)
             out = objective(policy.float(), ref.clone().float(), {})
-            accelerator.backward(out.loss.mean())
-            logs["loss"] = float(out.loss.detach().mean())
-            logs.update({k: float(v.float().mean()) for k, v in out.metrics.items()})
+            weight = pair_weight if name == "spo" else 1.0
+            accelerator.backward(weight * out.loss.mean())
+            if weight > 0:
+                logs["loss"] = float(out.loss.detach().mean())
+                logs.update({k: float(v.float().mean()) for k, v in out.metrics.items()})
         grad_norm = accelerator.clip_grad_norm_(list(trainable.values()), t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
         optimizer.step()
         lr_sched.step()

@@ -57,9 +57,19 @@ def with_beta_scale(objective: Any, base_beta: float, scale: float) -> Any:
 
 
 def check_supports_beta(objective: Any, name: str) -> float:
+    """Auto-beta needs a logistic loss on a beta-scaled margin (DPO family with the sigmoid loss)."""
     if not any(f.name == "beta" for f in dataclasses.fields(objective)):
         raise ConfigError(f"train.auto_beta_target: objective {name!r} has no beta to adapt")
+    if not getattr(objective, "logistic_margin", False) or getattr(objective, "loss_type", "sigmoid") != "sigmoid":
+        raise ConfigError(f"train.auto_beta_target: objective {name!r} has no logistic loss on a beta-scaled margin "
+                          f"(supported: diffusion_dpo with loss_type=sigmoid, dcpo, inpo, smpo)")
     return float(objective.beta)
+
+
+def check_reports_margin(objective: Any, name: str) -> None:
+    if not getattr(objective, "reports_margin", False):
+        raise ConfigError(f"train.margin_cap: objective {name!r} reports no per-pair margin "
+                          f"(supported: diffusion_dpo, dcpo, inpo, smpo, mapo)")
 
 
 def cap_margins(loss: Tensor, margins: Tensor | None, cap: float) -> Tensor:
