@@ -265,8 +265,12 @@ def load_image_reward(path: str = "THUDM/ImageReward", vision_config: dict | Non
     if tcfg.pop("position_embedding_type", "absolute") != "absolute":
         raise ConfigError(f"image_reward: {med} asks for relative position embeddings; only 'absolute' is supported")
 
-    tok = BertTokenizer.from_pretrained(str(folder)) if folder is not None and (folder / "vocab.txt").is_file() \
-        else BertTokenizer.from_pretrained("bert-base-uncased")
+    source = str(folder) if folder is not None and (folder / "vocab.txt").is_file() else "bert-base-uncased"
+    try:
+        tok = BertTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"image_reward: cannot load the BERT tokenizer from {source!r} ({type(e).__name__}); put "
+                          f"bert-base-uncased's vocab.txt next to {CHECKPOINT}") from None
     tok.add_special_tokens({"bos_token": "[DEC]"})
     tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
     tok.enc_token_id = tok.convert_tokens_to_ids("[ENC]")
