@@ -552,3 +552,20 @@ def test_load_model_accepts_a_diffalign_run_folder(tmp_path, monkeypatch):
     pipe, kw = harness.load_model(str(run), "cpu")
     assert seen == [run] and isinstance(pipe, Pipe)
     assert kw == {"max_sequence_length": 0}  # the base model's sampling defaults (toy-sd3 has no T5)
+
+
+def test_run_folder_settings_pin_the_checkpoint(tmp_path):
+    """A diffalign run that trained further between two evals must not mix into the old images."""
+    from diffalign.benchmarks.geneval.harness import EvalConfig, _settings_for
+
+    run = tmp_path / "run"
+    for step in (1, 2):
+        (run / "checkpoints" / f"step-{step:06d}").mkdir(parents=True)
+        (run / "checkpoints" / f"step-{step:06d}" / "state.json").write_text(f'{{"step": {step}}}')
+    (run / "checkpoints" / "latest").write_text("step-000001")
+    cfg = EvalConfig.__new__(EvalConfig)
+    cfg.size, cfg.seed = None, 0
+    a = _settings_for(cfg, str(run), 20, 4.0)
+    (run / "checkpoints" / "latest").write_text("step-000002")
+    b = _settings_for(cfg, str(run), 20, 4.0)
+    assert a["checkpoint"] == "step-000001" and b["checkpoint"] == "step-000002" and a != b

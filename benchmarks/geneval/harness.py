@@ -430,7 +430,14 @@ def score_folder(folder: Path, rows: Sequence[Mapping[str, Any]], cfg: EvalConfi
 def _settings_for(cfg: EvalConfig, spec: str, steps: int, guidance: float) -> dict[str, Any]:
     p = Path(spec).expanduser()
     path = str(p.resolve()) if p.exists() else str(spec)  # the same folder however it was written
-    return {"path": path, "steps": steps, "guidance": guidance, "size": cfg.size, "seed": cfg.seed}
+    out = {"path": path, "steps": steps, "guidance": guidance, "size": cfg.size, "seed": cfg.seed}
+    latest = p / "checkpoints" / "latest"
+    if latest.is_file():  # a diffalign run: pin the checkpoint, so a run that trained further is not mixed in
+        ck = p / "checkpoints" / latest.read_text().strip()
+        state = ck / "state.json"
+        out["checkpoint"] = ck.name
+        out["checkpoint_state_sha1"] = hashlib.sha1(state.read_bytes()).hexdigest() if state.exists() else None
+    return out
 
 
 def _check_names(cfg: EvalConfig, detector_spec: str | None) -> None:
