@@ -136,8 +136,17 @@ def run_baseline(pipe_dir: Path, data: Path, ft: str, batch: int, steps: int, re
     return {"mode": "baseline", "ft": ft, "pairs_per_s": steps * batch / dt, "seconds": dt, "peak_rss_gb": peak_rss_gb()}
 
 
+ABLATIONS = {  # each switch on its own, against the diffalign defaults
+    "no cache": ["data.cache_dir=null"],
+    "live reference": ["train.precompute_reference=false"],
+    "+ gradient checkpointing": ["train.gradient_checkpointing=true"],
+    "+ channels_last": ["train.channels_last=true"],
+    "+ torch.compile": ["train.compile=true"],
+}
+
+
 def run_diffalign(pipe_dir: Path, data: Path, ft: str, batch: int, steps: int, resolution: int, beta: float,
-                  optimizer: str, out: Path) -> dict:
+                  optimizer: str, out: Path, ablation: str | None = None) -> dict:
     from diffalign.config import load_config
     from diffalign.train import train
 
@@ -146,11 +155,16 @@ def run_diffalign(pipe_dir: Path, data: Path, ft: str, batch: int, steps: int, r
            f"objective.beta={beta}", "train.precompute_reference=true", f"train.checkpoint_every={10 * steps}",
            f"train.optimizer={optimizer}", "train.keep_checkpoints=1"]
     ovs += ["lora.rank=8"] if ft == "lora" else ["lora.rank=0"]
+    if ablation:
+        ovs += ABLATIONS[ablation]
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     train(load_config(None, ovs))
     total = time.perf_counter() - t0
     loop_s = json.loads((out / "summary.json").read_text())["seconds"]
-    return {"mode": f"diffalign ({optimizer})", "ft": ft, "pairs_per_s": steps * batch / loop_s, "seconds": loop_s,
+    return {"mode": f"diffalign ({optimizer})" + (f" {ablation}" if ablation else ""), "ft": ft, "pairs_per_s": steps * batch / loop_s, "seconds": loop_s,
             "pairs_per_s_incl_prepass": steps * batch / total, "peak_rss_gb": peak_rss_gb()}
 
 
@@ -166,6 +180,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--root", default="runs/perf-dpo")
     ap.add_argument("--run", help=argparse.SUPPRESS)  # internal: one mode in this process
     ap.add_argument("--optimizer", default="adamw", help=argparse.SUPPRESS)
+    ap.add_argument("--ablations", action="store_true", help="also time each optimisation switched on/off alone")
+    ap.add_argument("--ablation", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
@@ -178,7 +194,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             res = run_baseline(pipe_dir, data, args.ft, args.batch, args.steps, args.resolution, args.beta)
         else:
             res = run_diffalign(pipe_dir, data, args.ft, args.batch, args.steps, args.resolution, args.beta, args.optimizer,
-                                root / f"run-{args.ft}-{args.optimizer}")
+                                root / f"run-{args.ft}-{args.optimizer}", args.ablation)
         print("RESULT " + json.dumps(res))
         return [res]
 
@@ -198,6 +214,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     modes = [["--run", "baseline"], ["--run", "diffalign", "--optimizer", "adamw"]]
     if args.ft == "full":
         modes.append(["--run", "diffalign", "--optimizer", "adafactor"])
+    if args.ablations:
+        modes += [["--run", "diffalign", "--optimizer", "adamw", "--ablation", a] for a in ABLATIONS]
     results = []
     for m in modes:
         p = subprocess.run([sys.executable, "-m", "diffalign.benchmarks.perf.dpo_bench", *common, *m],
