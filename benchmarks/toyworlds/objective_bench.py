@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         print(f"{name}: gain {row['gain']:+.3f} [{row['ci95'][0]:+.3f}, {row['ci95'][1]:+.3f}], train {train_s:.0f} s")
     lines = ["| objective | model | base | aligned | gain [95% CI] | train wall time |", "|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: -r["gain"]):
-        sig = "" if r["ci95"][0] > 0 else " (n.s.)"
+        sig = "" if r["ci95"][0] > 0 else " (worse)" if r["ci95"][1] < 0 else " (n.s.)"
         lines.append(f"| `{r['objective']}` | {r['model']} | {r['base']:.3f} | {r['aligned']:.3f} | "
                      f"{r['gain']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]{sig} | {r['train_s'] / 60:.1f} min |")
     table = "\n".join(lines)
