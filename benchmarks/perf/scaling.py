@@ -31,6 +31,36 @@ def point(model: str, data: Path, out: Path, batch: int, steps: int, resolution:
             "wall_s": time.perf_counter() - t0, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
+def plot(res: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_batch, by_size = res["by_batch"], res["by_size"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    bs = [r["batch"] for r in by_batch]
+    a.plot(bs, [r["pairs_per_s"] for r in by_batch], "o-", label="pairs/s")
+    a2 = a.twinx()
+    a2.plot(bs, [r["peak_rss_gb"] for r in by_batch], "s--", color="C1", label="peak RSS (GB)")
+    a.set_xlabel("batch size (pairs)")
+    a.set_ylabel("pairs/s (solid)")
+    a2.set_ylabel("peak RSS, GB (dashed)")
+    a.set_title("throughput and memory vs batch")
+    sizes = [r["pairs"] for r in by_size]
+    b.plot(sizes, [r["peak_rss_gb"] for r in by_size], "s-", color="C1")
+    b.set_xscale("log")
+    b.set_xticks(sizes, [str(n) for n in sizes])
+    b.minorticks_off()
+    b.set_ylim(0, max(r["peak_rss_gb"] for r in by_size) * 1.3)
+    b.set_xlabel("dataset size (pairs)")
+    b.set_ylabel("peak RSS (GB)")
+    b.set_title("memory vs dataset size (batch 2)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None, help="pipeline (default: the shipped toy-sd)")
@@ -73,28 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     by_size = [{**sub(f, 2, f"n{n}"), "pairs": n} for n, f in files.items()]
     res = {"model": model, "resolution": args.resolution, "by_batch": by_batch, "by_size": by_size}
     (root / "scaling.json").write_text(json.dumps(res, indent=2))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
-    bs = [r["batch"] for r in by_batch]
-    a.plot(bs, [r["pairs_per_s"] for r in by_batch], "o-", label="pairs/s")
-    a2 = a.twinx()
-    a2.plot(bs, [r["peak_rss_gb"] for r in by_batch], "s--", color="C1", label="peak RSS (GB)")
-    a.set_xlabel("batch size (pairs)")
-    a.set_ylabel("pairs/s")
-    a2.set_ylabel("peak RSS (GB)")
-    a.set_title("throughput and memory vs batch")
-    b.plot([r["pairs"] for r in by_size], [r["peak_rss_gb"] for r in by_size], "s-", color="C1")
-    b.set_xscale("log")
-    b.set_ylim(0, max(r["peak_rss_gb"] for r in by_size) * 1.3)
-    b.set_xlabel("dataset size (pairs)")
-    b.set_ylabel("peak RSS (GB)")
-    b.set_title("memory vs dataset size (batch 2)")
-    fig.tight_layout()
-    fig.savefig(root / "scaling.png", dpi=110)
+    plot(res, root / "scaling.png")
     for r in by_batch:
         print(f"batch {r['batch']}: {r['pairs_per_s']:.2f} pairs/s, peak RSS {r['peak_rss_gb']:.2f} GB")
     for r in by_size:
