@@ -19,7 +19,7 @@ def test_user_errors_are_one_line(tmp_path, pairs_parquet):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"model:\n  path: /no/such/model\ndata:\n  path: {pairs_parquet}\n  resolution: 32\n")
     cases = [
-        (["validate", str(cfg), "objective.name=difusion_dpo"], "unknown objective 'difusion_dpo'. Did you mean 'diffusion_dpo'?"),
+        (["validate", str(cfg), "objective.name=difusion_dpo"], "unknown objective 'difusion_dpo'. Did you mean 'diffusion_dpo'"),
         (["validate", str(cfg), "train.optimizr=adamw"], "unknown config key 'train.optimizr'"),
         (["train", str(cfg), f"train.output_dir={tmp_path / 'r'}"], "model.path '/no/such/model' does not exist"),
         (["validate", str(tmp_path / "missing.yaml")], "config file"),

@@ -149,6 +149,25 @@ def add_lora(denoiser: torch.nn.Module, cfg: Config) -> None:
         raise ConfigError(f"lora.target_modules {lc.target_modules} matched no layer of the {type(denoiser).__name__}")
 
 
+def lora_base_dtype(denoiser: torch.nn.Module, weight_dtype: torch.dtype) -> None:
+    """Low-precision frozen base, fp32 adapters (mixed-precision LoRA)."""
+    if weight_dtype != torch.float32:
+        denoiser.to(weight_dtype)
+        for p in denoiser.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+
+
+def memory_options(denoiser: torch.nn.Module, cfg: Config) -> None:
+    t = cfg.train
+    if t.channels_last:
+        denoiser.to(memory_format=torch.channels_last)
+    if t.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    if t.attention == "xformers":
+        denoiser.enable_xformers_memory_efficient_attention()
+
+
 def exporter(adapter: Adapter, lora: bool):
     """A function writing the current denoiser weights in diffusers format to a folder."""
 
@@ -265,21 +284,12 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     use_lora = cfg.lora.rank > 0
     if use_lora:
         add_lora(denoiser, cfg)
-        if weight_dtype != torch.float32:  # low-precision frozen base, fp32 adapters
-            denoiser.to(weight_dtype)
-            for p in denoiser.parameters():
-                if p.requires_grad:
-                    p.data = p.data.float()
+        lora_base_dtype(denoiser, weight_dtype)
     else:
         denoiser.requires_grad_(True)
     ref_mode = resolve_mode(t.reference, cfg.lora.rank, objective.needs_reference) if ref_table is None else "none"
     ref = Reference(ref_mode, denoiser, weight_dtype if weight_dtype != torch.float32 else None)
-    if t.channels_last:
-        denoiser.to(memory_format=torch.channels_last)
-    if t.gradient_checkpointing:
-        denoiser.enable_gradient_checkpointing()
-    if t.attention == "xformers":
-        denoiser.enable_xformers_memory_efficient_attention()
+    memory_options(denoiser, cfg)
     denoiser.train()
     trainable = {n: p for n, p in denoiser.named_parameters() if p.requires_grad}
     lr = t.lr * (t.batch_size * t.grad_accum * world if t.scale_lr else 1)

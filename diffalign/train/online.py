@@ -30,7 +30,17 @@ from ..config import Config, ConfigError, dump_config, to_dict, validate
 from ..data.pairs import sample_seed
 from ..models.loading import load_adapter
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from .loop import DTYPES, _flat_hparams, add_lora, exporter, group_errors, make_optimizer, noised_inputs
+from .loop import (
+    DTYPES,
+    _flat_hparams,
+    add_lora,
+    exporter,
+    group_errors,
+    lora_base_dtype,
+    make_optimizer,
+    memory_options,
+    noised_inputs,
+)
 
 
 @torch.no_grad()
@@ -215,17 +225,8 @@ def train_online(cfg: Config, resume: str | None = None) -> dict[str, Any]:
 
     set_seed(t.seed)  # LoRA's initial A matrices come from the global RNG
     add_lora(denoiser, cfg)
-    if weight_dtype != torch.float32:  # low-precision frozen base, fp32 adapters (as the offline loop)
-        denoiser.to(weight_dtype)
-        for p in denoiser.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
-    if t.gradient_checkpointing:
-        denoiser.enable_gradient_checkpointing()
-    if t.attention == "xformers":
-        denoiser.enable_xformers_memory_efficient_attention()
-    if t.channels_last:
-        denoiser.to(memory_format=torch.channels_last)
+    lora_base_dtype(denoiser, weight_dtype)
+    memory_options(denoiser, cfg)
     trainable = {n: p for n, p in denoiser.named_parameters() if p.requires_grad}
     reference = {n: p.detach().clone() for n, p in trainable.items()}  # LoRA at init = the base model
     optimizer = make_optimizer(cfg, list(trainable.values()), t.lr)
