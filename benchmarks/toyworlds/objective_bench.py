@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--sample-steps", type=int, default=15)
     ap.add_argument("--guidance", type=float, default=4.0)
     ap.add_argument("--spm-steps", type=int, default=150)
+    ap.add_argument("--online-beta", type=float, default=500.0, help="online_dpo's beta (toy-sd3 velocity errors)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             data = [f"data.path={prompts_file}"]
             obj = [f"objective.name={name}", f"objective.rewards={','.join(rewards)}", "objective.group_size=4",
                    f"objective.sample_steps={args.sample_steps}", f"objective.guidance_scale={args.guidance}",
-                   "objective.beta=500", "objective.ref_refresh_every=50"]
+                   f"objective.beta={args.online_beta}", "objective.ref_refresh_every=50"]
         run_dir = root / "runs" / name
         print(f"== {name} on {Path(model).name}")
         t0 = time.time()
