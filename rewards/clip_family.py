@@ -75,8 +75,9 @@ def clip_preprocess(images: Tensor, size: int, crop: int, mean: list[float], std
     """``[B,3,H,W]`` in [0,1] -> normalised ``[B,3,crop,crop]`` (resize shortest side, center crop)."""
     H, W = images.shape[-2:]
     if min(H, W) != size:
-        s = size / min(H, W)
-        images = F.interpolate(images, size=(round(H * s), round(W * s)), mode="bicubic", align_corners=False, antialias=True)
+        # CLIPImageProcessor / torchvision geometry: short side = size, long side truncated
+        nh, nw = (size, int(size * W / H)) if H <= W else (int(size * H / W), size)
+        images = F.interpolate(images, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
     H, W = images.shape[-2:]
     top, left = (H - crop) // 2, (W - crop) // 2
     images = images[..., top : top + crop, left : left + crop]

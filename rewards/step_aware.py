@@ -51,7 +51,8 @@ class TimestepEmbedder(nn.Module):
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
         args = t.float()[:, None] * freqs[None]
-        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
 
 def _adaln(hidden: int, chunks: int, gates: tuple[int, ...]) -> nn.Sequential:
@@ -134,6 +135,18 @@ class StepAwarePM(_ClipReward):
         self.time.set_time(t.to(self.device))
         return self.model.logit_scale.exp().float() * self.cosine(images, prompts)
 
+    @staticmethod
+    def _times(t: Tensor | int | float | None, B: int) -> Tensor:
+        """``t``: None (clean images), one number for all, or one per image -> float ``[B]``."""
+        if t is None:
+            return torch.zeros(B)
+        tt = torch.as_tensor(t, dtype=torch.float32).flatten()
+        if tt.numel() == 1:
+            return tt.expand(B).clone()
+        if tt.numel() != B:
+            raise ConfigError(f"step_aware: {tt.numel()} timesteps for {B} images (give one, or one per image)")
+        return tt
+
     def score(self, images: Tensor, prompts: list[str], t: Tensor | None = None) -> Tensor:
         tt = torch.zeros(images.shape[0]) if t is None else t
         return self.logits(images, prompts, tt)
@@ -142,7 +155,7 @@ class StepAwarePM(_ClipReward):
     def __call__(self, images: Tensor, prompts: list[str], t: Tensor | int | None = None) -> RewardOutput:
         check_inputs(images, prompts)
         B = images.shape[0]
-        tt = torch.full((B,), int(t)) if isinstance(t, int) else (torch.zeros(B) if t is None else t.float())
+        tt = self._times(t, B)
         out = [self.score(images[i : i + self.batch_size], list(prompts[i : i + self.batch_size]), tt[i : i + self.batch_size])
                for i in range(0, B, self.batch_size)]
         return RewardOutput(torch.cat(out).float().cpu())

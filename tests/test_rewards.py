@@ -393,3 +393,37 @@ def test_open_clip_converter_refuses_unmapped_tensors(tiny_open_clip, tmp_path):
     torch.save(ck, d / "HPS_v2.1_compressed.pt")
     with pytest.raises(ConfigError, match="does not cover.*ls_1"):
         HPSv2(str(d))
+
+
+def test_clip_preprocess_resize_geometry_truncates_like_the_processor():
+    """Long side = int(size * long / short), as CLIPImageProcessor and torchvision compute it."""
+    from diffalign.rewards import clip_preprocess
+
+    seen = {}
+    import torch.nn.functional as Fn
+
+    real = Fn.interpolate
+
+    def spy(x, size=None, **kw):
+        seen["size"] = size
+        return real(x, size=size, **kw)
+
+    import diffalign.rewards.clip_family as cf
+
+    cf.F.interpolate = spy
+    try:
+        clip_preprocess(torch.rand(1, 3, 45, 67), 30, 30, [0.0] * 3, [1.0] * 3)  # 67 * 30 / 45 = 44.67 -> 44
+    finally:
+        cf.F.interpolate = real
+    assert seen["size"] == (30, 44)
+
+
+def test_step_aware_pm_dtype_and_timestep_checks(tiny_clip):
+    from diffalign.rewards import StepAwarePM
+
+    imgs = images(3, 32, 32, seed=6)
+    bf = StepAwarePM(str(tiny_clip), dtype=torch.bfloat16)(imgs, PROMPTS[:3], t=500).scores
+    fp = StepAwarePM(str(tiny_clip))(imgs, PROMPTS[:3], t=500).scores
+    assert bf.dtype == torch.float32 and torch.allclose(bf, fp, atol=0.5)
+    with pytest.raises(ConfigError, match="2 timesteps for 3 images"):
+        StepAwarePM(str(tiny_clip))(imgs, PROMPTS[:3], t=torch.tensor([1, 2]))
