@@ -258,10 +258,10 @@ def judge_detections(dets: list, metadata: Mapping[str, Any], th: Thresholds) ->
     return {"correct": bool(ok), "reason": reason, "details": json.dumps(details)}
 
 
-def judge_folder(folder: Path, root: Path, rows: Sequence[Mapping[str, Any]], cfg: EvalConfig, detector_fn,
-                 judge_key: str, log=print) -> list[dict[str, Any]]:
-    """GenEval per-image results for a model folder; judgements cached in ``judged.jsonl``."""
-    cache_file = folder / "judged.jsonl"
+def _cached(folder: Path, rows: Sequence[Mapping[str, Any]], cfg: EvalConfig, cache_file: Path, field: str,
+            value: str) -> tuple[dict[str, dict[str, Any]], list[tuple[int, int, Path]], dict[Path, str], list[tuple[int, int, Path]]]:
+    """Per-image cache records of ``cache_file`` whose ``field`` equals ``value`` (by file), every
+    (prompt, sample, path) of the folder, their SHA-1s, and those with no record or a changed image."""
     cache: dict[str, dict[str, Any]] = {}
     if cache_file.is_file():
         for line in cache_file.read_text().splitlines():
@@ -269,12 +269,20 @@ def judge_folder(folder: Path, root: Path, rows: Sequence[Mapping[str, Any]], cf
                 rec = json.loads(line)
             except json.JSONDecodeError:  # a line cut by an interruption
                 continue
-            if rec.get("judge") == judge_key:
+            if rec.get(field) == value:
                 cache[rec["file"]] = rec
     items = [(i, k, sample_path(folder, i, k)) for i in range(len(rows)) for k in range(cfg.per_prompt)]
     shas = {p: _sha1(p) for _, _, p in items}
     todo = [(i, k, p) for i, k, p in items
             if (c := cache.get(str(p.relative_to(folder)))) is None or c["sha1"] != shas[p]]
+    return cache, items, shas, todo
+
+
+def judge_folder(folder: Path, root: Path, rows: Sequence[Mapping[str, Any]], cfg: EvalConfig, detector_fn,
+                 judge_key: str, log=print) -> list[dict[str, Any]]:
+    """GenEval per-image results for a model folder; judgements cached in ``judged.jsonl``."""
+    cache_file = folder / "judged.jsonl"
+    cache, items, shas, todo = _cached(folder, rows, cfg, cache_file, "judge", judge_key)
     if todo:
         log(f"  judging {len(todo)} images ({len(items) - len(todo)} cached)")
         detector: Detector = detector_fn()
@@ -387,19 +395,7 @@ def score_folder(folder: Path, rows: Sequence[Mapping[str, Any]], cfg: EvalConfi
     import torch
 
     cache_file = folder / "rewards.jsonl"
-    cache: dict[str, dict[str, Any]] = {}
-    if cache_file.is_file():
-        for line in cache_file.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if rec.get("reward") == spec:
-                cache[rec["file"]] = rec
-    items = [(i, k, sample_path(folder, i, k)) for i in range(len(rows)) for k in range(cfg.per_prompt)]
-    shas = {p: _sha1(p) for _, _, p in items}
-    todo = [(i, k, p) for i, k, p in items
-            if (c := cache.get(str(p.relative_to(folder)))) is None or c["sha1"] != shas[p]]
+    cache, items, shas, todo = _cached(folder, rows, cfg, cache_file, "reward", spec)
     if todo:
         log(f"  scoring {len(todo)} images with {spec} ({len(items) - len(todo)} cached)")
         reward = reward_fn()

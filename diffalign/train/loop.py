@@ -199,13 +199,18 @@ class EMA:
         for n, p in params.items():
             self.shadow[n].lerp_(p.detach().float(), 1.0 - self.decay)
 
-    @torch.no_grad()
     def swap(self, params: dict[str, Tensor]) -> None:
         """Exchange live weights and shadow (call twice to undo)."""
-        for n, p in params.items():
-            live = p.detach().float().clone()
-            p.copy_(self.shadow[n].to(p.dtype))
-            self.shadow[n] = live
+        swap_weights(params, self.shadow)
+
+
+@torch.no_grad()
+def swap_weights(live: dict[str, Tensor], store: dict[str, Tensor]) -> None:
+    """Exchange live parameters with a stored set (fp32 copies) in place; call twice to undo."""
+    for n, p in live.items():
+        current = p.detach().float().clone()
+        p.copy_(store[n].to(p.dtype))
+        store[n] = current
 
 
 # ----------------------------------------------------------------------------- the loop

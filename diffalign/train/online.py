@@ -40,16 +40,8 @@ from .loop import (
     make_optimizer,
     memory_options,
     noised_inputs,
+    swap_weights,
 )
-
-
-@torch.no_grad()
-def _swap(live: dict[str, Tensor], other: dict[str, Tensor]) -> None:
-    """Exchange the live trainable weights with a snapshot (call twice to undo)."""
-    for n, p in live.items():
-        tmp = p.detach().clone()
-        p.copy_(other[n].to(p.dtype))
-        other[n] = tmp
 
 
 def _with_micro(cond: dict[str, Tensor], micro: Tensor) -> dict[str, Tensor]:
@@ -128,7 +120,6 @@ def spo_logps(obj: Any, adapter: Any, model: torch.nn.Module, pairs: list[dict[s
 
     sched = NoiseSchedule.from_scheduler(adapter.noise_scheduler)
     fn = _model_fn(adapter, model)
-    out = torch.zeros(len(pairs), 2, device=adapter.device)
     by_t: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, p in enumerate(pairs):
         by_t[(p["t"], p["t_prev"])].append(i)
@@ -144,7 +135,7 @@ def spo_logps(obj: Any, adapter: Any, model: torch.nn.Module, pairs: list[dict[s
         rows.append((idx, torch.stack([lw, ll], dim=1)))
     order = [i for idx, _ in rows for i in idx]
     stacked = torch.cat([r for _, r in rows])
-    return stacked[torch.argsort(torch.tensor(order))] if order else out
+    return stacked[torch.argsort(torch.tensor(order))]  # back to the pairs' order
 
 
 # ----------------------------------------------------------------------------- online DPO (flow)
@@ -298,7 +289,7 @@ def train_online(cfg: Config, resume: str | None = None) -> dict[str, Any]:
                 c2 = {k: v.repeat_interleave(2, 0) for k, v in cond.items() if k != "__micro__"}
                 m2 = micro.repeat_interleave(2, 0)
             # reference first: swapping weights in place after the policy forward would corrupt its graph
-            _swap(trainable, reference)
+            swap_weights(trainable, reference)
             try:
                 with torch.inference_mode(), accelerator.autocast():
                     if name == "spo":
@@ -306,7 +297,7 @@ def train_online(cfg: Config, resume: str | None = None) -> dict[str, Any]:
                     else:
                         ref = group_errors(adapter, model, x_t, tt, target, c2, m2, 2)
             finally:
-                _swap(trainable, reference)
+                swap_weights(trainable, reference)
             with accelerator.autocast():
                 if name == "spo":
                     policy = spo_logps(objective, adapter, model, pairs, cond, uncond)
