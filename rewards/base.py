@@ -2,10 +2,14 @@
 
 Higher is better. Device and dtype are constructor arguments, heavy imports happen inside the
 constructor, scoring runs batched under ``torch.inference_mode``.
+
+Audio rewards (class attribute ``modality = "audio"``; image rewards have none, or ``"image"``) take
+``(audio [B,S] float in [-1,1], prompts, sample_rate)`` instead and are checked by ``check_audio_inputs``.
 """
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +47,31 @@ def check_inputs(images: Tensor, prompts: list[str] | tuple[str, ...]) -> None:
     if len(prompts) != images.shape[0]:
         raise ConfigError(f"reward input: {images.shape[0]} images but {len(prompts)} prompts")
 
+
+
+def check_audio_inputs(audio: Tensor, prompts: list[str] | tuple[str, ...], sample_rate: int) -> None:
+    """One-line errors for audio rewards: ``audio`` is ``[B,S]`` mono float in [-1,1] at ``sample_rate`` Hz."""
+    if not isinstance(audio, Tensor) or audio.ndim != 2:
+        shape = tuple(audio.shape) if isinstance(audio, Tensor) else type(audio).__name__
+        raise ConfigError(f"reward input: audio must be a [B,S] mono waveform tensor, got {shape} (mix or pick channels first)")
+    if not audio.is_floating_point():
+        raise ConfigError(f"reward input: audio must be float in [-1,1], got dtype {audio.dtype} (int16 PCM: divide by 32768)")
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Real) or sample_rate <= 0 \
+            or not float(sample_rate).is_integer():
+        raise ConfigError(f"reward input: sample_rate must be a positive integer (Hz), got {sample_rate!r}")
+    if len(prompts) == 0:
+        raise ConfigError("reward input: the prompt list is empty")
+    if audio.shape[0] == 0:
+        raise ConfigError("reward input: the audio batch is empty")
+    if audio.shape[1] == 0:
+        raise ConfigError("reward input: the waveforms are empty (0 samples)")
+    if not torch.isfinite(audio).all():
+        raise ConfigError("reward input: audio holds NaN or inf values")
+    lo, hi = float(audio.min()), float(audio.max())
+    if lo < -1 - 1e-3 or hi > 1 + 1e-3:
+        raise ConfigError(f"reward input: audio must be in [-1,1], got values in [{lo:.3f}, {hi:.3f}] (int16 PCM: divide by 32768)")
+    if len(prompts) != audio.shape[0]:
+        raise ConfigError(f"reward input: {audio.shape[0]} waveforms but {len(prompts)} prompts")
 
 def batched(fn, images: Tensor, prompts: list[str], batch_size: int) -> Tensor:
     out = [fn(images[i : i + batch_size], list(prompts[i : i + batch_size])) for i in range(0, images.shape[0], batch_size)]

@@ -48,3 +48,53 @@ def build_clip_tokenizer(words: Iterable[str] = (), model_max_length: int = 77) 
     vocab += ["<|startoftext|>", "<|endoftext|>"]  # endoftext last: CLIP pools at argmax(input_ids)
     tok = CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=model_max_length)
     return tok
+
+
+
+def _bpe_pieces(pieces: list[str], rank: dict[tuple[str, str], int]) -> list[str]:
+    """Apply BPE merges (lowest rank first, leftmost first) to a list of symbols."""
+    pieces = list(pieces)
+    while len(pieces) > 1:
+        pairs = [(rank.get((a, b), len(rank)), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:]))]
+        best, i = min(pairs)
+        if best == len(rank):
+            break
+        pieces[i : i + 2] = [pieces[i] + pieces[i + 1]]
+    return pieces
+
+
+def build_roberta_tokenizer(words: Iterable[str] = (), model_max_length: int = 512):
+    """A genuine RoBERTa byte-level BPE tokenizer (``RobertaTokenizer``) with a small vocabulary.
+
+    Layout as in ``roberta-base``: ``<s>=0, <pad>=1, </s>=2, <unk>=3`` first (CLAP and AudioLDM's
+    ``ClapTextModelWithProjection`` configs assume those ids), then the 256 byte symbols, then one
+    token per merge, ``<mask>`` last. RoBERTa marks a preceding space with the ``Ġ`` byte symbol and
+    has no end-of-word suffix, so each word of ``words`` becomes one token in both forms: bare (first
+    word of a text) and ``Ġ``-prefixed (every later word). Each word is first split by the merges
+    made so far, then its pieces are merged left to right with new, higher-ranked merges, so words
+    that share prefixes or suffixes ("a", "an", "cat", "at") do not break one another. Any other
+    text falls back to byte tokens.
+    """
+    from transformers import RobertaTokenizer
+
+    symbols = _byte_symbols()
+    space = symbols[ord(" ")]  # "Ġ"
+    vocab: list[str] = ["<s>", "<pad>", "</s>", "<unk>"] + symbols
+    rank: dict[tuple[str, str], int] = {}
+    known = set(vocab)
+    for word in sorted({w.lower() for w in words}):
+        if not word.isascii() or not word.isalpha():
+            continue
+        for start in (list(word), [space] + list(word)):
+            parts = _bpe_pieces(start, rank)
+            while len(parts) > 1:
+                pair = (parts[0], parts[1])
+                if pair not in rank:
+                    rank[pair] = len(rank)
+                if pair[0] + pair[1] not in known:
+                    vocab.append(pair[0] + pair[1])
+                    known.add(pair[0] + pair[1])
+                parts = _bpe_pieces([pair[0] + pair[1]] + parts[2:], rank)
+    vocab.append("<mask>")
+    merges = sorted(rank, key=rank.get)
+    return RobertaTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=model_max_length)
