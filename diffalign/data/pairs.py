@@ -17,7 +17,6 @@ by the sampler, so an item is the same whatever the batch size, worker count or 
 
 from __future__ import annotations
 
-import io
 import json
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from ..config import ConfigError, DataConfig
 
 PICKAPIC_REQUIRED = ("caption", "jpg_0", "jpg_1", "label_0")
 VALID_LABELS = (0.0, 0.5, 1.0)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".wav")  # .png may be a video film strip
 
 
 class DataError(ConfigError):
@@ -344,7 +343,7 @@ def sample_seed(seed: int, position: int, domain: int = 0) -> int:
 class PairDataset(torch.utils.data.Dataset):
     """Map-style dataset; ``ds[(index, seed)]`` returns one pair, winner first.
 
-    Item: ``pixels [2,3,R,R]`` in [-1,1], ``caption`` (empty string when caption dropout hits),
+    Item: ``pixels [2,3,R,R]`` in [-1,1] (``[2,F,3,R,R]`` for video clips, ``[2,S]`` for audio), ``caption`` (empty string when caption dropout hits),
     ``micro [6]``, ``seed`` (for the loop's noise/timestep draws), ``index``, ``skipped``."""
 
     k = 2  # images per item
@@ -383,12 +382,14 @@ class PairDataset(torch.utils.data.Dataset):
         return self._images[row.source]
 
     @staticmethod
-    def _open(x: Any) -> Image.Image:
+    def _open(x: Any) -> Any:
+        """An image, video clip or audio clip (see ``media.py``); decoded now so corrupt bytes fail
+        here, not later."""
+        from .media import decode_media
+
         if isinstance(x, Image.Image):
             return x
-        img = Image.open(io.BytesIO(x)) if isinstance(x, bytes | bytearray) else Image.open(x)
-        img.load()  # force decoding now so corrupt bytes fail here, not later
-        return img
+        return decode_media(bytes(x) if isinstance(x, bytes | bytearray) else str(x))
 
     def load_pair(self, index: int) -> tuple[Image.Image, Image.Image, int]:
         """Decode pair ``index`` (winner, loser); a corrupt pair is replaced by the next readable
@@ -397,7 +398,7 @@ class PairDataset(torch.utils.data.Dataset):
             row = self.rows[(index + skipped) % len(self.rows)]
             try:
                 a, b = (self._open(v) for v in self._raw(row))
-            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
                 print(f"warning: skipping pair {row.source}:{row.row} ({row.caption[:40]!r}): undecodable image ({type(e).__name__})")
                 continue
             return (b, a, skipped) if row.swap else (a, b, skipped)
@@ -407,7 +408,7 @@ class PairDataset(torch.utils.data.Dataset):
         index, seed = key
         gen = torch.Generator().manual_seed(seed)
         win, lose, skipped = self.load_pair(index)
-        pixels, micro = joint_transform([win, lose], self.cfg.resolution, self.cfg.center_crop, self.cfg.random_flip, gen)
+        pixels, micro = media_tensors([win, lose], self.cfg.resolution, self.cfg.center_crop, self.cfg.random_flip, gen)
         row = self.rows[(index + skipped) % len(self.rows)]
         caption = row.caption
         dropped = self.cfg.caption_dropout > 0 and bool(torch.rand((), generator=gen) < self.cfg.caption_dropout)
@@ -424,6 +425,9 @@ class PairDataset(torch.utils.data.Dataset):
     @property
     def has_scores(self) -> bool:
         return self.rows[0].scores is not None
+
+
+from .media import media_tensors  # noqa: E402  (media imports joint_transform from here)
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -8,15 +8,14 @@ optional ``generator``, ``seed``, ``scores.<reward>`` lists. Items are returned 
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..config import DataConfig
-from .pairs import DataError, _parquet_files, _ParquetImages, check_columns, joint_transform
+from .media import decode_media, media_tensors
+from .pairs import DataError, _parquet_files, _ParquetImages, check_columns
 
 RANKED_REQUIRED = ("prompt", "images", "phi", "rank")
 
@@ -64,13 +63,12 @@ class RankedDataset(torch.utils.data.Dataset):
         imgs = []
         for j in order:
             try:
-                im = Image.open(io.BytesIO(blobs[j]))
-                im.load()
+                im = decode_media(blobs[j])
             except Exception as e:  # a ranked group with a broken image cannot be trained on
                 raise DataError(f"{self.cfg.path} row {r}: image {j} is undecodable ({type(e).__name__})") from None
             imgs.append(im)
         gen = torch.Generator().manual_seed(seed)
-        pixels, micro = joint_transform(imgs, self.cfg.resolution, self.cfg.center_crop, self.cfg.random_flip, gen)
+        pixels, micro = media_tensors(imgs, self.cfg.resolution, self.cfg.center_crop, self.cfg.random_flip, gen)
         caption = prompt
         if self.cfg.caption_dropout > 0 and bool(torch.rand((), generator=gen) < self.cfg.caption_dropout):
             caption = ""

@@ -19,7 +19,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-Family = Literal["sd", "sdxl", "sd3"]
+Family = Literal["sd", "sdxl", "sd3", "animatediff", "text2video", "audioldm"]
+Modality = Literal["image", "video", "audio"]
 PredictionType = Literal["epsilon", "v_prediction", "flow_matching"]
 
 
@@ -41,6 +42,8 @@ class Adapter:
     """
 
     family: Family
+    modality: Modality = "image"
+    """What ``encode_images`` takes: images ``[B,3,H,W]``, clips ``[B,F,3,H,W]`` or waveforms ``[B,S]``."""
     denoiser_name: Literal["unet", "transformer"] = "unet"
 
     def __init__(self, pipe: Any, noise_scheduler: Any, prediction_type: PredictionType,

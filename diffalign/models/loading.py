@@ -21,6 +21,16 @@ PIPELINE_FAMILIES: dict[str, Family] = {
     "StableDiffusionPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl",
     "StableDiffusion3Pipeline": "sd3",
+    "AnimateDiffPipeline": "animatediff",
+    "TextToVideoSDPipeline": "text2video",
+    "AudioLDMPipeline": "audioldm",
+}
+FAMILY_PIPELINE: dict[Family, str] = {f: c for c, f in PIPELINE_FAMILIES.items()}
+# the trainable module's class per family (full fine-tuning export / reload)
+DENOISER_CLASS: dict[Family, tuple[str, str]] = {
+    "sd": ("unet", "UNet2DConditionModel"), "sdxl": ("unet", "UNet2DConditionModel"),
+    "sd3": ("transformer", "SD3Transformer2DModel"), "animatediff": ("unet", "UNetMotionModel"),
+    "text2video": ("unet", "UNet3DConditionModel"), "audioldm": ("unet", "UNet2DConditionModel"),
 }
 
 
@@ -88,9 +98,11 @@ def load_adapter(mcfg: ModelConfig, device: torch.device | str = "cpu", dtype: t
     loop can decide (LoRA keeps fp32 adapters on a low-precision base)."""
     import diffusers
 
+    from .audio import AudioLDMAdapter, MelConfig
     from .sd import SDAdapter
     from .sd3 import SD3Adapter
     from .sdxl import SDXLAdapter
+    from .video import TextToVideoAdapter, VideoAdapter
 
     family = resolve_family(mcfg)
     kw: dict[str, Any] = {"revision": mcfg.revision, "variant": mcfg.variant}
@@ -98,24 +110,18 @@ def load_adapter(mcfg: ModelConfig, device: torch.device | str = "cpu", dtype: t
     index = read_model_index(mcfg.path, mcfg.revision)
     nulls = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None}
     if family == "sd":
-        pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-            mcfg.path, safety_checker=None, feature_extractor=None, requires_safety_checker=False, torch_dtype=torch.float32, **kw
-        )
-        sched = diffusers.DDPMScheduler.from_pretrained(mcfg.path, subfolder="scheduler", **kw)
-        cls: type[Adapter] = SDAdapter
-    elif family == "sdxl":
-        pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(mcfg.path, torch_dtype=torch.float32, **nulls, **kw)
-        sched = diffusers.DDPMScheduler.from_pretrained(mcfg.path, subfolder="scheduler", **kw)
-        cls = SDXLAdapter
-    else:
-        pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(mcfg.path, torch_dtype=torch.float32, **nulls, **kw)
-        sched = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(mcfg.path, subfolder="scheduler", **kw)
-        cls = SD3Adapter
+        nulls |= {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    pipe = getattr(diffusers, FAMILY_PIPELINE[family]).from_pretrained(mcfg.path, torch_dtype=torch.float32, **nulls, **kw)
+    sched_cls = diffusers.FlowMatchEulerDiscreteScheduler if family == "sd3" else diffusers.DDPMScheduler
+    sched = sched_cls.from_pretrained(mcfg.path, subfolder="scheduler", **kw)
+    cls: type[Adapter] = {"sd": SDAdapter, "sdxl": SDXLAdapter, "sd3": SD3Adapter, "animatediff": VideoAdapter,
+                          "text2video": TextToVideoAdapter, "audioldm": AudioLDMAdapter}[family]
     pred = _check_prediction_type(mcfg, family, sched)
     sampling = mcfg.timestep_sampling
     if sampling == "auto":
         sampling = "logit_normal" if family == "sd3" else "uniform"
-    adapter = cls(pipe, sched, pred, sampling, mcfg.logit_mean, mcfg.logit_std)
+    extra = {"mel": MelConfig(**model_settings(mcfg.path).get("mel", {}))} if family == "audioldm" else {}
+    adapter = cls(pipe, sched, pred, sampling, mcfg.logit_mean, mcfg.logit_std, **extra)
     adapter.max_sequence_length = pipeline_call_defaults(mcfg.path).get("max_sequence_length", mcfg.max_sequence_length)
     for m in adapter.frozen_modules():
         m.requires_grad_(False)
@@ -124,11 +130,16 @@ def load_adapter(mcfg: ModelConfig, device: torch.device | str = "cpu", dtype: t
     return adapter
 
 
-def pipeline_call_defaults(path: str | Path) -> dict[str, Any]:
-    """Sampling settings a model folder asks for in ``diffalign.json`` (the toy SD3 model, trained
-    without T5, wants ``max_sequence_length=0``); empty for ordinary checkpoints."""
+def model_settings(path: str | Path) -> dict[str, Any]:
+    """A model folder's ``diffalign.json`` (empty for ordinary checkpoints): ``call_defaults`` for
+    sampling (the toy SD3 model, trained without T5, wants ``max_sequence_length=0``) and, for
+    audio models, the ``mel`` front end (see ``models/audio.py``)."""
     f = Path(path) / "diffalign.json"
-    return json.loads(f.read_text()).get("call_defaults", {}) if f.is_file() else {}
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def pipeline_call_defaults(path: str | Path) -> dict[str, Any]:
+    return model_settings(path).get("call_defaults", {})
 
 
 def load_pipeline(path: str | Path, device: torch.device | str = "cpu", **components: Any) -> tuple[Any, dict[str, Any]]:
@@ -143,8 +154,7 @@ def load_pipeline(path: str | Path, device: torch.device | str = "cpu", **compon
     kw: dict[str, Any] = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None}
     if family == "sd":
         kw.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    cls = {"sd": diffusers.StableDiffusionPipeline, "sdxl": diffusers.StableDiffusionXLPipeline,
-           "sd3": diffusers.StableDiffusion3Pipeline}[family]
+    cls = getattr(diffusers, FAMILY_PIPELINE[family])
     pipe = cls.from_pretrained(str(path), torch_dtype=torch.float32, **{**kw, **components}).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe, pipeline_call_defaults(path)
@@ -168,9 +178,18 @@ def load_trained_pipeline(path: str | Path, device: torch.device | str = "cpu") 
     export = p / "export"
     if state["lora"]:
         pipe, _ = load_pipeline(state["model_path"], device)
+        if (export / "lora.safetensors").is_file():  # pipelines without diffusers' LoRA loader
+            from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            _, name = DENOISER_CLASS[state["family"]]
+            den = pipe.transformer if state["family"] == "sd3" else pipe.unet
+            inject_adapter_in_model(LoraConfig(**json.loads((export / "lora_config.json").read_text())), den)
+            set_peft_model_state_dict(den, load_file(str(export / "lora.safetensors")))
+            return pipe.to(device)
         pipe.load_lora_weights(str(export))
         return pipe
-    name = "transformer" if state["family"] == "sd3" else "unet"
-    den_cls = diffusers.SD3Transformer2DModel if name == "transformer" else diffusers.UNet2DConditionModel
+    name, den_name = DENOISER_CLASS[state["family"]]
+    den_cls = getattr(diffusers, den_name)
     pipe, _ = load_pipeline(state["model_path"], device, **{name: den_cls.from_pretrained(str(export / name))})
     return pipe.to(device)

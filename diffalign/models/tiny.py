@@ -47,7 +47,7 @@ def _clip_text(hidden: int, projection: int | None, vocab_size: int, eos: int, b
 
 
 def build_tiny_pipeline(
-    family: Literal["sd", "sdxl", "sd3"],
+    family: Literal["sd", "sdxl", "sd3", "animatediff", "text2video", "audioldm"],
     out_dir: str | Path | None = None,
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon",
     seed: int = 0,
@@ -104,8 +104,67 @@ def build_tiny_pipeline(
             transformer=transformer, scheduler=sched, vae=_vae(shift_factor=0.1), text_encoder=te1, tokenizer=tok,
             text_encoder_2=te2, tokenizer_2=build_clip_tokenizer(WORDS), text_encoder_3=None, tokenizer_3=None,
         )
+    elif family in ("animatediff", "text2video", "audioldm"):
+        pipe = _tiny_av(family, sample_size, prediction_type, V, eos, bos, tok)
     else:
-        raise ValueError(f"unknown family {family!r}; valid choices: sd, sdxl, sd3")
+        raise ValueError(f"unknown family {family!r}; valid choices: sd, sdxl, sd3, animatediff, text2video, audioldm")
     if out_dir is not None:
         pipe.save_pretrained(str(out_dir), safe_serialization=True)
+        if family == "audioldm":  # the mel front end matching the 8-bin vocoder (see models/audio.py)
+            import json
+
+            mel = {"sample_rate": 8000, "n_fft": 256, "hop": 64, "n_mels": 8, "fmax": 4000.0}
+            (Path(out_dir) / "diffalign.json").write_text(json.dumps({"mel": mel, "call_defaults": {"audio_length_in_s": 0.256}}))
     return pipe
+
+
+def _ddim(prediction_type: str):
+    import diffusers
+
+    return diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                                   set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+
+
+def _tiny_av(family: str, sample_size: int, prediction_type: str, V: int, eos: int, bos: int, tok):
+    """Video (AnimateDiff, ModelScope text-to-video) and audio (AudioLDM) pipelines."""
+    import diffusers
+
+    if family == "animatediff":
+        unet2d = diffusers.UNet2DConditionModel(
+            sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8)
+        adapter = diffusers.MotionAdapter(block_out_channels=(16, 32), motion_layers_per_block=1, motion_num_attention_heads=2,
+                                          motion_norm_num_groups=8, motion_max_seq_length=8, use_motion_mid_block=False)
+        unet = diffusers.UNetMotionModel.from_unet2d(unet2d, adapter)
+        return diffusers.AnimateDiffPipeline(vae=_vae(), text_encoder=_clip_text(16, None, V, eos, bos), tokenizer=tok,
+                                             unet=unet, motion_adapter=None, scheduler=_ddim(prediction_type))
+    if family == "text2video":
+        unet = diffusers.UNet3DConditionModel(
+            sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+            down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+            cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8)
+        return diffusers.TextToVideoSDPipeline(vae=_vae(), text_encoder=_clip_text(16, None, V, eos, bos), tokenizer=tok,
+                                               unet=unet, scheduler=_ddim(prediction_type))
+    # audioldm: mel VAE (1 channel), CLAP text tower + RoBERTa BPE, class-embedding UNet, HiFi-GAN vocoder
+    from transformers import ClapTextConfig, ClapTextModelWithProjection, SpeechT5HifiGan, SpeechT5HifiGanConfig
+
+    from .tokenizer import build_roberta_tokenizer
+
+    rtok = build_roberta_tokenizer(WORDS, model_max_length=16)
+    te = ClapTextModelWithProjection(ClapTextConfig(
+        vocab_size=len(rtok), hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=18, projection_dim=16, pad_token_id=1, bos_token_id=0, eos_token_id=2, type_vocab_size=1))
+    vae = diffusers.AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                                  latent_channels=4, norm_num_groups=4, sample_size=32, scaling_factor=0.5)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=(16, 32), attention_head_dim=4, norm_num_groups=8, class_embed_type="simple_projection",
+        projection_class_embeddings_input_dim=16, class_embeddings_concat=True)
+    voc = SpeechT5HifiGan(SpeechT5HifiGanConfig(
+        model_in_dim=8, sampling_rate=8000, upsample_initial_channel=16, upsample_rates=[4, 4, 4],
+        upsample_kernel_sizes=[8, 8, 8], resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1, 3]], normalize_before=False))
+    return diffusers.AudioLDMPipeline(vae=vae, text_encoder=te, tokenizer=rtok, unet=unet, scheduler=_ddim(prediction_type),
+                                      vocoder=voc)

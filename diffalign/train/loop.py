@@ -140,10 +140,16 @@ def add_lora(denoiser: torch.nn.Module, cfg: Config) -> None:
 
     lc = cfg.lora
     denoiser.requires_grad_(False)
-    denoiser.add_adapter(LoraConfig(
+    config = LoraConfig(
         r=lc.rank, lora_alpha=lc.alpha if lc.alpha is not None else lc.rank, lora_dropout=lc.dropout,
         init_lora_weights="gaussian" if lc.init == "gaussian" else True, target_modules=list(lc.target_modules),
-    ))
+    )
+    if hasattr(denoiser, "add_adapter"):
+        denoiser.add_adapter(config)
+    else:  # denoisers without diffusers' peft mixin (UNet3DConditionModel): plain peft injection
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(config, denoiser)
     names = [n for n, p in denoiser.named_parameters() if p.requires_grad]
     if not names:
         raise ConfigError(f"lora.target_modules {lc.target_modules} matched no layer of the {type(denoiser).__name__}")
@@ -178,13 +184,40 @@ def exporter(adapter: Adapter, lora: bool):
             from diffusers.utils import convert_state_dict_to_diffusers
             from peft.utils import get_peft_model_state_dict
 
-            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(den))
-            type(adapter.pipe).save_lora_weights(str(folder), **{f"{adapter.denoiser_name}_lora_layers": layers},
-                                                 safe_serialization=True)
+            if has_lora_loader(adapter.pipe):
+                layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(den))
+                type(adapter.pipe).save_lora_weights(str(folder), **{f"{adapter.denoiser_name}_lora_layers": layers},
+                                                     safe_serialization=True)
+            else:  # pipelines without diffusers' LoRA loader (AudioLDM, text-to-video): peft state dict + config
+                from safetensors.torch import save_file
+
+                save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(den).items()}, folder / "lora.safetensors")
+                cfg = {k: sorted(v) if isinstance(v, set) else v for k, v in _peft_config(den).items()}
+                (folder / "lora_config.json").write_text(json.dumps(cfg, default=str))
         else:
             den.save_pretrained(str(folder / adapter.denoiser_name), safe_serialization=True)
 
     return export
+
+
+def has_lora_loader(pipe: Any) -> bool:
+    """diffusers can save and load this pipeline's denoiser LoRA itself."""
+    den = getattr(pipe, "transformer", None) or pipe.unet
+    return hasattr(type(pipe), "save_lora_weights") and hasattr(den, "load_lora_adapter")
+
+
+def _peft_config(model: torch.nn.Module) -> dict[str, Any]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    cfg = getattr(model, "peft_config", None)
+    if cfg:
+        return {k: v for k, v in cfg["default"].to_dict().items() if k in LORA_CONFIG_KEYS}
+    layer = next(m for m in model.modules() if isinstance(m, BaseTunerLayer))
+    names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)})
+    return {"r": layer.r["default"], "lora_alpha": layer.lora_alpha["default"], "target_modules": names}
+
+
+LORA_CONFIG_KEYS = ("r", "lora_alpha", "target_modules", "lora_dropout", "init_lora_weights")
 
 
 class EMA:

@@ -32,13 +32,23 @@ def resolve_mode(requested: str, lora_rank: int, needs_reference: bool) -> Refer
     return requested  # type: ignore[return-value]
 
 
+def set_adapters_enabled(model: nn.Module, enabled: bool) -> None:
+    """Toggle every peft LoRA layer (what diffusers' ``disable_adapters`` does, also for models
+    without diffusers' peft mixin, e.g. ``UNet3DConditionModel``)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for m in model.modules():
+        if isinstance(m, BaseTunerLayer):
+            m.enable_adapters(enabled)
+
+
 @contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[None]:
-    model.disable_adapters()
+    set_adapters_enabled(model, False)
     try:
         yield
     finally:
-        model.enable_adapters()
+        set_adapters_enabled(model, True)
 
 
 class Reference:
