@@ -72,14 +72,61 @@ def tag_bars(per_tag: dict[str, dict[str, float]], out: Path) -> Path:
     return out
 
 
+def save_gif(frames: np.ndarray, path: Path, scale: int = 4, ms: int = 150) -> Path:
+    """uint8 ``[F,H,W,3]`` -> looping animated GIF (nearest-neighbour upscaled)."""
+    from PIL import Image
+
+    big = frames.repeat(scale, 1).repeat(scale, 2)
+    imgs = [Image.fromarray(f) for f in big]
+    imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=ms, loop=0)
+    return path
+
+
+def video_strips(clips: np.ndarray, scale: int = 2) -> np.ndarray:
+    """uint8 ``[N,F,H,W,3]`` -> one image, a row of frames per clip."""
+    n, f = clips.shape[:2]
+    return image_grid(clips.reshape(n * f, *clips.shape[2:]), f, scale=scale)
+
+
+def spectrogram_png(waves: np.ndarray, labels: Sequence[str], sample_rate: int, out: Path) -> Path:
+    """Log-magnitude spectrograms of float ``[N,S]`` waveforms, one panel per clip."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(waves)
+    cols = min(4, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 2.2 * rows), squeeze=False)
+    for ax, w, lab in zip(axes.flat, waves, labels, strict=False):
+        ax.specgram(w, NFFT=256, Fs=sample_rate, noverlap=192, cmap="magma", vmin=-120)
+        ax.set_title(lab, fontsize=7)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+_MIME = {".png": "image/png", ".gif": "image/gif", ".wav": "audio/wav"}
+
+
 def _img_tag(path: Path, alt: str) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+    mime = _MIME.get(path.suffix.lower(), "image/png")
+    if mime.startswith("audio"):
+        return f'<figure><audio controls src="data:{mime};base64,{data}"></audio><figcaption>{html.escape(alt)}</figcaption></figure>'
+    return f'<img alt="{html.escape(alt)}" src="data:{mime};base64,{data}">'
 
 
-def write_report(folder: Path, title: str, table_md: str, sections: list[tuple[str, Path | None, str]],
+def write_report(folder: Path, title: str, table_md: str, sections: list[tuple[str, Path | list[Path] | None, str]],
                  metrics: dict[str, Any]) -> Path:
-    """``sections``: (heading, PNG path or None, text). Writes report.md, index.html, metrics.json."""
+    """``sections``: (heading, media path(s) or None, text); PNG/GIF images and WAV audio are inlined
+    in the HTML (audio as playable players). Writes report.md, index.html, metrics.json."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     md = [f"# {title}", "", table_md, ""]
@@ -87,9 +134,9 @@ def write_report(folder: Path, title: str, table_md: str, sections: list[tuple[s
     for heading, png, text in sections:
         md += [f"## {heading}", "", text, ""]
         body += [f"<h2>{html.escape(heading)}</h2>", f"<p>{html.escape(text)}</p>"]
-        if png is not None:
-            md += [f"![{heading}]({png.name})", ""]
-            body.append(_img_tag(png, heading))
+        for media in [png] if isinstance(png, Path) else png or []:
+            md += [f"[{media.name}]({media.name})" if media.suffix == ".wav" else f"![{heading}]({media.name})", ""]
+            body.append(_img_tag(media, media.stem if media.suffix == ".wav" else heading))
     (folder / "report.md").write_text("\n".join(md))
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title>"
             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}img{image-rendering:pixelated;"

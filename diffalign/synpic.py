@@ -86,24 +86,39 @@ def image_seed(seed: int, prompt_index: int, generator_index: int, image_index: 
     return int(np.random.SeedSequence([seed, prompt_index, generator_index, image_index]).generate_state(1)[0])
 
 
-def load_rewards(specs: list[str], device: str | torch.device = "cpu") -> dict[str, Any]:
+def load_rewards(specs: list[str], device: str | torch.device = "cpu", modality: str | None = None) -> dict[str, Any]:
+    """Reward models from ``name[=path]`` specs; with ``modality`` given, each must score that kind
+    of media (one-line error otherwise, before anything is generated)."""
     from .rewards import REWARDS
 
     out = {}
     for spec in specs:
         name, _, path = spec.partition("=")
         cls = REWARDS.get(name)
+        kind = getattr(cls, "modality", "image")
+        if modality is not None and kind != modality:
+            raise ConfigError(f"reward {name!r} scores {kind}, but the generators make {modality}; "
+                              f"choose a {modality} reward ({', '.join(n for n in REWARDS.names() if getattr(REWARDS.get(n), 'modality', 'image') == modality)})")
         key = name if name not in out else f"{name}:{len(out)}"
         out[key] = cls(path, device=device) if path else cls(device=device)
     return out
 
 
-def _encode(img: np.ndarray, fmt: str) -> bytes:
-    from PIL import Image
+def check_modalities(names: list[str], pipes: list[Any]) -> tuple[str, int | None]:
+    """All generators make one kind of media (and audio at one rate): (modality, sample rate)."""
+    from .models.generate import pipeline_modality, sample_rate
 
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG" if fmt == "png" else "JPEG", quality=95)
-    return buf.getvalue()
+    kinds = {(pipeline_modality(p), sample_rate(p)) for p in pipes}
+    if len(kinds) > 1:
+        raise ConfigError(f"generators {names} make different media {sorted(kinds, key=str)}; one ranked set holds one kind")
+    return kinds.pop()
+
+
+def score_media(reward: Any, x: torch.Tensor, prompts: list[str], sr: int | None) -> torch.Tensor:
+    """Scores ``[N]`` of any reward on its kind of media (audio rewards also take the sample rate)."""
+    if getattr(reward, "modality", "image") == "audio":
+        return reward(x, prompts, sample_rate=sr).scores
+    return reward(x, prompts).scores
 
 
 def _check_writable(out: Path) -> None:
@@ -140,6 +155,8 @@ def run_synpic(cfg: SynPicConfig, rank: int | None = None, world: int | None = N
     from tqdm.auto import tqdm
 
     from ._quiet import quiet_libraries
+    from .data.media import encode_media, to_reward_input
+    from .models.generate import generate_media
     from .models.loading import load_pipeline
     from .rewards.ensemble import ranks_from_phi, vote_phi
 
@@ -169,7 +186,8 @@ def run_synpic(cfg: SynPicConfig, rank: int | None = None, world: int | None = N
         return out
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipes = [load_pipeline(g, device) for g in cfg.generators]
-    rewards = load_rewards(cfg.rewards, device)
+    modality, sr = check_modalities(cfg.generators, [p for p, _ in pipes])
+    rewards = load_rewards(cfg.rewards, device, modality)
     k = cfg.images_per_generator
     K = k * len(pipes)
     total = sum(min(cfg.shard_size, len(prompts) - s * cfg.shard_size) for s in todo) * K
@@ -183,24 +201,20 @@ def run_synpic(cfg: SynPicConfig, rank: int | None = None, world: int | None = N
             for b in range(0, len(idx), cfg.batch_prompts):
                 chunk = idx[b : b + cfg.batch_prompts]
                 gseeds = [image_seed(cfg.seed, p, gi, j) for p in chunk for j in range(k)]
-                gens = [torch.Generator().manual_seed(x) for x in gseeds]
-                with torch.inference_mode():
-                    imgs = pipe([prompts[p] for p in chunk], num_images_per_prompt=k, num_inference_steps=cfg.steps,
-                                guidance_scale=cfg.guidance, generator=gens, output_type="np", **call_kw).images
-                imgs = (np.clip(imgs, 0, 1) * 255).round().astype(np.uint8).reshape(len(chunk), k, *imgs.shape[1:])
+                outs = generate_media(pipe, [prompts[p] for p in chunk], k, gseeds, cfg.steps, cfg.guidance, **call_kw)
                 for ci in range(len(chunk)):
                     for j in range(k):
-                        images[b + ci][gi * k + j] = imgs[ci, j]
+                        images[b + ci][gi * k + j] = outs[ci * k + j]
                         seeds[b + ci][gi * k + j] = gseeds[ci * k + j]
                 bar.update(len(chunk) * k)
                 bar.set_postfix(img_per_s=f"{bar.n / (time.time() - t0):.1f}")
-        flat = torch.from_numpy(np.stack([im for row in images for im in row])).permute(0, 3, 1, 2).float() / 255
+        flat = to_reward_input([im for row in images for im in row], modality)
         flat_prompts = [prompts[p] for p in idx for _ in range(K)]
-        scores = {name: r(flat, flat_prompts).scores.view(len(idx), K) for name, r in rewards.items()}
+        scores = {name: score_media(r, flat, flat_prompts, sr).view(len(idx), K) for name, r in rewards.items()}
         phi = vote_phi(scores)
         ranks = ranks_from_phi(phi)
         rows: dict[str, list] = {"prompt": [prompts[p] for p in idx], "prompt_index": idx,
-                                 "images": [[_encode(im, cfg.image_format) for im in row] for row in images],
+                                 "images": [[encode_media(im, modality, cfg.image_format, sr) for im in row] for row in images],
                                  "generator": [[cfg.generators[j // k] for j in range(K)] for _ in idx],
                                  "seed": seeds, "phi": phi.tolist(), "rank": ranks.tolist()}
         for name, sc in scores.items():

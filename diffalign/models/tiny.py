@@ -147,7 +147,12 @@ def _tiny_av(family: str, sample_size: int, prediction_type: str, V: int, eos: i
         return diffusers.TextToVideoSDPipeline(vae=_vae(), text_encoder=_clip_text(16, None, V, eos, bos), tokenizer=tok,
                                                unet=unet, scheduler=_ddim(prediction_type))
     # audioldm: mel VAE (1 channel), CLAP text tower + RoBERTa BPE, class-embedding UNet, HiFi-GAN vocoder
-    from transformers import ClapTextConfig, ClapTextModelWithProjection, SpeechT5HifiGan, SpeechT5HifiGanConfig
+    from transformers import (
+        ClapTextConfig,
+        ClapTextModelWithProjection,
+        SpeechT5HifiGan,
+        SpeechT5HifiGanConfig,
+    )
 
     from .tokenizer import build_roberta_tokenizer
 
@@ -166,5 +171,8 @@ def _tiny_av(family: str, sample_size: int, prediction_type: str, V: int, eos: i
     voc = SpeechT5HifiGan(SpeechT5HifiGanConfig(
         model_in_dim=8, sampling_rate=8000, upsample_initial_channel=16, upsample_rates=[4, 4, 4],
         upsample_kernel_sizes=[8, 8, 8], resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1, 3]], normalize_before=False))
+    for m in voc.modules():  # HiFi-GAN's own init (std 0.01) makes a tiny random vocoder silent (~1e-7)
+        if isinstance(m, torch.nn.Conv1d | torch.nn.ConvTranspose1d):
+            torch.nn.init.normal_(m.weight, std=0.3)
     return diffusers.AudioLDMPipeline(vae=vae, text_encoder=te, tokenizer=rtok, unet=unet, scheduler=_ddim(prediction_type),
                                       vocoder=voc)

@@ -1,0 +1,211 @@
+"""Video (AnimateDiff, ModelScope text-to-video) and audio (AudioLDM) families: storage format,
+adapters, training with DPO (LoRA and full), export/reload, and Syn-Pic on clips."""
+
+from __future__ import annotations
+
+import io
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffalign.config import ConfigError, ModelConfig, load_config
+from diffalign.data.media import Audio, Clip, decode_media, encode_audio, encode_media, encode_video, media_tensors
+
+AV_FAMILIES = {"animatediff": "video", "text2video": "video", "audioldm": "audio"}
+
+
+@pytest.fixture(scope="module")
+def av_models(tmp_path_factory) -> dict[str, Path]:
+    from diffalign._quiet import quiet_libraries
+    from diffalign.models.tiny import build_tiny_pipeline
+
+    quiet_libraries()
+    root = tmp_path_factory.mktemp("tiny-av")
+    for fam in AV_FAMILIES:
+        build_tiny_pipeline(fam, root / fam)
+    return {fam: root / fam for fam in AV_FAMILIES}
+
+
+def make_av_parquet(path: Path, modality: str, n: int = 8, seed: int = 0) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    rows: dict[str, list] = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": [], "label_1": []}
+    for i in range(n):
+        if modality == "video":
+            a, b = ((rng.random((3, 32, 32, 3)) * 255).astype(np.uint8) for _ in range(2))
+            enc = encode_video
+        else:
+            a, b = ((rng.random(2048) * 1.6 - 0.8).astype(np.float32) for _ in range(2))
+
+            def enc(w):
+                return encode_audio(w, 8000)
+        rows["caption"].append(["a red circle", "a blue square"][i % 2])
+        rows["jpg_0"].append(enc(a))
+        rows["jpg_1"].append(enc(b))
+        rows["label_0"].append(float(i % 2))
+        rows["label_1"].append(1.0 - float(i % 2))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(rows), path, row_group_size=4)
+    return path
+
+
+# ----------------------------------------------------------------------------- storage
+
+
+def test_video_and_audio_round_trip_exactly():
+    rng = np.random.default_rng(0)
+    clip = (rng.random((5, 12, 10, 3)) * 255).astype(np.uint8)
+    got = decode_media(encode_video(clip))
+    assert isinstance(got, Clip) and np.array_equal(got.frames, clip)
+    w = (rng.random(1000) * 2 - 1).astype(np.float32)
+    a = decode_media(encode_audio(w, 8000))
+    assert isinstance(a, Audio) and a.sample_rate == 8000 and np.abs(a.wave - w).max() <= 1 / 32767 + 1e-6
+    img = (rng.random((8, 8, 3)) * 255).astype(np.uint8)
+    from PIL import Image
+
+    assert isinstance(decode_media(encode_media(img, "image")), Image.Image)  # a plain PNG stays an image
+
+
+def test_bad_media_fail_clearly():
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(1)
+        w.setframerate(8000)
+        w.writeframes(b"\x80" * 100)
+    with pytest.raises(ValueError, match="16-bit"):
+        decode_media(buf.getvalue())
+    clips = [Clip(np.zeros((3, 8, 8, 3), np.uint8)), Clip(np.zeros((3, 8, 8, 3), np.uint8))]
+    with pytest.raises(ConfigError, match="random_flip"):
+        media_tensors(clips, 8, True, True, torch.Generator())
+    with pytest.raises(ConfigError, match="mixes"):
+        media_tensors([clips[0], Audio(np.zeros(10, np.float32), 8000)], 8, True, False, torch.Generator())
+
+
+def test_media_tensors_shapes():
+    gen = torch.Generator().manual_seed(0)
+    clips = [Clip(np.full((3, 16, 16, 3), v, np.uint8)) for v in (0, 255)]
+    x, _ = media_tensors(clips, 8, True, False, gen)
+    assert x.shape == (2, 3, 3, 8, 8) and x[0].max() == -1 and x[1].min() == 1
+    a, _ = media_tensors([Audio(np.ones(100, np.float32), 8000), Audio(-np.ones(90, np.float32), 8000)], 8, True, False, gen)
+    assert a.shape == (2, 90)  # trimmed to the shortest of the group
+
+
+# ----------------------------------------------------------------------------- adapters
+
+
+def _x0(modality: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(2, 3, 3, 32, 32, generator=g) * 2 - 1 if modality == "video" else torch.rand(2, 2048, generator=g) * 1.6 - 0.8
+
+
+@pytest.mark.parametrize("fam", list(AV_FAMILIES))
+def test_adapter_loads_and_matches_the_pipeline_denoising_step(av_models, fam):
+    """The training-time conditioning is the sampling-time one: one DDIM step of the pipeline from
+    given latents equals scheduler.step on the adapter's prediction."""
+    from diffalign.models import load_adapter
+    from diffalign.models.loading import load_pipeline
+
+    a = load_adapter(ModelConfig(path=str(av_models[fam])))
+    assert a.family == fam and a.modality == AV_FAMILIES[fam]
+    z = a.encode_images(_x0(a.modality))
+    assert z.ndim == (5 if a.modality == "video" else 4) and z.shape[0] == 2
+    back = a.decode_latents(z)
+    assert back.shape[0] == 2 and torch.isfinite(back).all()
+
+    pipe, _ = load_pipeline(av_models[fam])
+    latents = torch.randn(1, *z.shape[1:], generator=torch.Generator().manual_seed(1))
+    seen: list[torch.Tensor] = []
+    if a.modality == "video":
+        out = pipe(["a red circle"], num_inference_steps=1, guidance_scale=1.0, latents=latents.clone(), output_type="latent",
+                   num_frames=z.shape[2])
+        got = out.frames
+    else:  # AudioLDM always decodes; its step callback sees the latents
+        pipe(["a red circle"], num_inference_steps=1, guidance_scale=1.0, latents=latents.clone(), audio_length_in_s=0.256,
+             callback=lambda i, t, lat: seen.append(lat.clone()))
+        got = seen[-1]
+    pipe.scheduler.set_timesteps(1)
+    t = pipe.scheduler.timesteps[0]
+    with torch.no_grad():
+        eps = a.predict(latents, t.expand(1), a.encode_prompts(["a red circle"]))
+    want = pipe.scheduler.step(eps, t, latents).prev_sample
+    torch.testing.assert_close(torch.as_tensor(got), want, rtol=1e-4, atol=1e-5)
+
+
+def test_audio_adapter_uses_the_folders_mel_front_end(av_models):
+    from diffalign.models import load_adapter
+    from diffalign.models.audio import MelConfig, log_mel
+
+    a = load_adapter(ModelConfig(path=str(av_models["audioldm"])))
+    assert a.mel.n_mels == 8 and a.mel.sample_rate == 8000  # from diffalign.json
+    assert a.mel.n_mels == a.pipe.vocoder.config.model_in_dim
+    f = log_mel(torch.zeros(1, 640), MelConfig(sample_rate=8000, n_fft=256, hop=64, n_mels=8, fmax=4000))
+    assert f.shape == (1, 10, 8) and torch.allclose(f, torch.full_like(f, float(np.log(1e-5))))  # silence at the floor
+
+
+@pytest.mark.parametrize("fam,mode", [("animatediff", "lora"), ("text2video", "lora"), ("audioldm", "lora"),
+                                      ("audioldm", "full"), ("text2video", "full")])
+def test_dpo_trains_exports_and_reloads(av_models, tmp_path, fam, mode):
+    from diffalign.models import load_adapter, load_trained_pipeline
+    from diffalign.train import train
+
+    data = make_av_parquet(tmp_path / "pairs.parquet", AV_FAMILIES[fam])
+    extra = ["lora.rank=0", "train.lr=1e-3"] if mode == "full" else []
+    out = tmp_path / "run"
+    metrics = train(load_config(None, [f"model.path={av_models[fam]}", f"data.path={data}", f"train.output_dir={out}",
+                                       "data.resolution=32", "data.random_flip=false", "train.lr=1e-2", "objective.beta=100",
+                                       "train.max_steps=2", "train.batch_size=2", "train.checkpoint_every=100", *extra]))
+    assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
+    pipe = load_trained_pipeline(out)
+    base = load_adapter(ModelConfig(path=str(av_models[fam])))
+    z = base.encode_images(_x0(base.modality))[:1]
+    t, cond = torch.tensor([500]), base.encode_prompts(["a dog"])
+    with torch.no_grad():
+        trained, orig = base.predict(z, t, cond, model=pipe.unet), base.predict(z, t, cond)
+    assert not torch.allclose(trained, orig), "the exported weights must change the denoiser"
+    if mode == "lora":  # adapters off = the base network (training never touched it; float noise from
+        # a different attention processor after diffusers' LoRA load is allowed)
+        from diffalign.train.reference import adapters_disabled
+
+        with torch.no_grad(), adapters_disabled(pipe.unet):
+            off = base.predict(z, t, cond, model=pipe.unet)
+            assert torch.allclose(off, orig, atol=1e-5), float((off - orig).abs().max())
+
+
+def test_video_data_refuses_random_flip(av_models, tmp_path):
+    from diffalign.train import train
+
+    data = make_av_parquet(tmp_path / "pairs.parquet", "video", n=4)
+    with pytest.raises(ConfigError, match="random_flip"):
+        train(load_config(None, [f"model.path={av_models['animatediff']}", f"data.path={data}", f"train.output_dir={tmp_path / 'r'}",
+                                 "data.resolution=32", "data.random_flip=true", "train.max_steps=1", "train.batch_size=2"]))
+
+
+# ----------------------------------------------------------------------------- Syn-Pic on clips
+
+
+def test_synpic_on_audio_writes_wavs_and_checks_reward_modality(av_models, tmp_path):
+    import pyarrow.parquet as pq
+
+    from diffalign.rewards.clap import build_tiny_clap
+    from diffalign.synpic import SynPicConfig, export_pairs, run_synpic
+
+    clap = build_tiny_clap(tmp_path / "clap", sampling_rate=8000)
+    (tmp_path / "p.txt").write_text("a red circle\na blue square\n")
+    cfg = dict(prompts=str(tmp_path / "p.txt"), generators=[str(av_models["audioldm"])], images_per_generator=2, steps=2,
+               seed=0, shard_size=8, batch_prompts=2)
+    out = run_synpic(SynPicConfig(**cfg, rewards=[f"clap={clap}"], out=str(tmp_path / "syn")))
+    tbl = pq.read_table(out / "shard-00000.parquet").to_pylist()
+    assert len(tbl) == 2 and all(len(r["images"]) == 2 for r in tbl)
+    a = decode_media(tbl[0]["images"][0])
+    assert isinstance(a, Audio) and a.sample_rate == 8000 and len(a.wave) == 2048
+    assert sorted(tbl[0]["rank"]) == [1, 2] and len(tbl[0]["scores.clap"]) == 2
+    pairs = export_pairs(out, tmp_path / "pairs.parquet")
+    assert isinstance(decode_media(pq.read_table(pairs).column("jpg_0")[0].as_py()), Audio)
+    with pytest.raises(ConfigError, match="scores image"):
+        run_synpic(SynPicConfig(**cfg, rewards=["pickscore=/nonexistent"], out=str(tmp_path / "syn2")))
