@@ -12,7 +12,15 @@ import pytest
 import torch
 
 from diffalign.config import ConfigError, ModelConfig, load_config
-from diffalign.data.media import Audio, Clip, decode_media, encode_audio, encode_media, encode_video, media_tensors
+from diffalign.data.media import (
+    Audio,
+    Clip,
+    decode_media,
+    encode_audio,
+    encode_media,
+    encode_video,
+    media_tensors,
+)
 
 AV_FAMILIES = {"animatediff": "video", "text2video": "video", "audioldm": "audio"}
 

@@ -284,7 +284,7 @@ def _band_noise(n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def render_events(events: Sequence[Event], rng: np.random.Generator) -> np.ndarray:
-    """Float32 (N_SAMPLES,) clip with ``events`` (random peak amplitudes and phases) on faint hiss."""
+    """Float32 (N_SAMPLES,) clip with ``events`` (random peak amplitudes, clock-locked phases) on faint hiss."""
     wave = rng.normal(0.0, BACKGROUND_RMS, N_SAMPLES)
     for ev in events:
         i0, i1 = round(ev.start * SR), round(ev.end * SR)
@@ -292,8 +292,11 @@ def render_events(events: Sequence[Event], rng: np.random.Generator) -> np.ndarr
         if ev.kind == "noise":
             sound = _band_noise(n, rng)
         else:
-            t = np.arange(n) / SR
-            sound = np.sin(2 * np.pi * ev.freq * t + rng.uniform(0, 2 * np.pi))
+            # phase locked to the clip's clock: with pitches on the 125 Hz frame-rate harmonics every
+            # 64-sample frame of a beep is the same waveform, so a vocoder can be trained with a
+            # waveform loss (a random phase is unknowable from a magnitude spectrogram)
+            t = (i0 + np.arange(n)) / SR
+            sound = np.sin(2 * np.pi * ev.freq * t)
         sound = sound * _envelope(n)
         sound *= rng.uniform(*AMPLITUDE) / np.abs(sound).max()  # peak amplitude as drawn
         wave[i0:i1] += sound
