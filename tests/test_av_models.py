@@ -4,6 +4,7 @@ adapters, training with DPO (LoRA and full), export/reload, and Syn-Pic on clips
 from __future__ import annotations
 
 import io
+import json
 import wave
 from pathlib import Path
 
@@ -217,3 +218,19 @@ def test_synpic_on_audio_writes_wavs_and_checks_reward_modality(av_models, tmp_p
     assert isinstance(decode_media(pq.read_table(pairs).column("jpg_0")[0].as_py()), Audio)
     with pytest.raises(ConfigError, match="scores image"):
         run_synpic(SynPicConfig(**cfg, rewards=["pickscore=/nonexistent"], out=str(tmp_path / "syn2")))
+
+
+@pytest.mark.parametrize("fam,flag", [("animatediff", "--toy-video"), ("audioldm", "--toy-audio")])
+def test_eval_cli_judges_clips_and_writes_a_report(av_models, tmp_path, fam, flag, capsys):
+    from diffalign.cli import main
+
+    out = tmp_path / "ev"
+    rc = main(["eval", "--model", str(av_models[fam]), "--compare", str(av_models[fam]), flag, "heldout", "--n-prompts", "2",
+               "--per-prompt", "2", "--steps", "2", "--out", str(out)])
+    assert rc in (0, None)
+    text = capsys.readouterr().out
+    assert "overall" in text and "+0.000" in text  # the same model against itself: no difference
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and {r["model"] for r in rows} == {"model", "compare"} and all("reason" in r for r in rows)
+    page = (out / "index.html").read_text()
+    assert ("image/gif" in page) if flag == "--toy-video" else ("<audio controls" in page and "audio/wav" in page)

@@ -580,6 +580,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     src = ev.add_mutually_exclusive_group(required=True)
     src.add_argument("--metadata", help="GenEval evaluation_metadata.jsonl")
     src.add_argument("--toy", choices=["heldout", "train"], help="ShapesWorld prompts (judged by the exact toy detector)")
+    src.add_argument("--toy-video", choices=["heldout", "train"], help="ShapesWorld-video prompts, clips judged exactly "
+                                                                     "(a text-to-video model)")
+    src.add_argument("--toy-audio", choices=["heldout", "train"], help="ToneWorld prompts, audio judged exactly "
+                                                                     "(a text-to-audio model)")
     src.add_argument("--geneval-templates", dest="templates", type=int, nargs="?", const=100, metavar="N",
                      help="build a GenEval-style suite from GenEval's templates over the COCO classes, N draws per tag "
                           "(default 100; with --prompt-seed 43 it is GenEval's own 553-prompt file)")
@@ -612,6 +616,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    if args.toy_video or args.toy_audio:
+        return run_av_cli(args)
     cfg = EvalConfig(
         model=args.model, out=args.out, compare=args.compare, metadata=args.metadata, toy=args.toy,
         templates=args.templates, prompts=args.prompts or [], n_prompts=args.n_prompts, prompt_seed=args.prompt_seed,
@@ -623,6 +629,28 @@ def run_cli(args: argparse.Namespace) -> int:
         report=not args.no_report)
     out = run_eval(cfg)
     print(format_summary(out))
+    return 0
+
+
+def run_av_cli(args: argparse.Namespace) -> int:
+    """``--toy-video`` / ``--toy-audio``: the toy video / audio worlds, judged exactly (see toyworlds/av_bench.py)."""
+    from ..toyworlds.av_bench import World, evaluate_and_report
+
+    name, split = ("video", args.toy_video) if args.toy_video else ("audio", args.toy_audio)
+    if name == "video":
+        from ..toyworlds import video as mod
+
+        w = World("video", "", "", mod.prompts, mod.judge_clip)
+    else:
+        from ..toyworlds import tones as mod
+
+        w = World("audio", "", "", mod.prompts, mod.judge_audio)  # type: ignore[arg-type]
+    models = {"model": args.model} | ({"compare": args.compare} if args.compare else {})
+    out = evaluate_and_report(w, models, Path(args.out), split, args.n_prompts or 60, args.per_prompt,
+                              args.seed if args.prompt_seed is None else args.prompt_seed, args.steps or 15,
+                              args.guidance if args.guidance is not None else 4.0, device=args.device or "cpu")
+    print(out["table"])
+    print(f"report: {Path(args.out) / 'index.html'}")
     return 0
 
 

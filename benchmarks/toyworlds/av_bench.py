@@ -100,25 +100,71 @@ def _table(names: Sequence[str], res: dict[str, dict[str, Any]], gains: dict[str
     return "\n".join(lines)
 
 
+def evaluate_and_report(w: World, models: dict[str, str], rep: Path, split: str = "heldout", n_eval: int = 60,
+                        per_prompt: int = 4, seed: int = 1000, steps: int = 15, guidance: float = 4.0,
+                        extra_sections: Sequence[tuple[str, Any, str]] = (), write: bool = True,
+                        device: str = "cpu") -> dict[str, Any]:
+    """Judge every model (label -> pipeline folder, hub id or diffalign run) on the same prompts and
+    seeds; the first label is the baseline of the paired differences. Media and plots go to ``rep``;
+    with ``write`` the report (markdown + HTML) and ``results.jsonl`` are written there too."""
+    from ...data.media import encode_audio
+    from ...report import save_gif, save_png, spectrogram_png, tag_bars, video_strips, write_report
+    from ..geneval.harness import load_model
+    from .evaluate import paired_difference
+
+    rep.mkdir(parents=True, exist_ok=True)
+    res = {}
+    for label, spec in models.items():
+        pipe, call_kw = load_model(spec, device)
+        pipe.set_progress_bar_config(disable=True)
+        res[label] = evaluate_av(pipe, w, split, n_eval, per_prompt, seed, steps, guidance, **call_kw)
+    names = list(models)
+    gains = {n: paired_difference(res[names[0]]["results"], res[n]["results"]) for n in names[1:]}
+    table = _table(names, res, gains)
+    pick = list(range(0, min(8 * per_prompt, len(res[names[0]]["results"])), per_prompt))
+    shown = "; ".join(f"{i + 1}: {res[names[0]]['results'][j]['prompt']}" for i, j in enumerate(pick))
+    sections: list[tuple[str, Any, str]] = []
+    for n in names:
+        m = res[n]["media"][pick]
+        verdicts = ", ".join("ok" if res[n]["results"][j]["correct"] else "x" for j in pick)
+        if w.name == "video":
+            strip = save_png(video_strips(m, scale=2), rep / f"{n}_strips.png")
+            gifs = [save_gif(m[i], rep / f"{n}_{i + 1}.gif") for i in range(min(4, len(m)))]
+            sections.append((f"{n}: clips", [strip, *gifs], f"one row per prompt ({shown}); judge: {verdicts}"))
+        else:
+            from .tones import SR
+
+            spec_png = spectrogram_png(m, [f"{i + 1}" for i in range(len(m))], SR, rep / f"{n}_spectrograms.png")
+            wavs = []
+            for i in range(min(4, len(m))):
+                (rep / f"{n}_{i + 1}.wav").write_bytes(encode_audio(m[i], SR))
+                wavs.append(rep / f"{n}_{i + 1}.wav")
+            sections.append((f"{n}: clips", [spec_png, *wavs], f"prompts {shown}; judge: {verdicts}"))
+    sections.append(("Per-tag accuracy", tag_bars({n: res[n]["summary"]["per_tag"] for n in names}, rep / "per_tag.png"),
+                     f"judged exactly ({w.name} world judge)"))
+    sections += list(extra_sections)
+    metrics = {n: res[n]["summary"] for n in names} | {"gains": gains, "models": models}
+    if write:
+        write_report(rep, f"diffalign toy {w.name} evaluation", table, sections, metrics)
+        with (rep / "results.jsonl").open("w") as f:
+            for n in names:
+                for r in res[n]["results"]:
+                    f.write(json.dumps({"model": n, **r}) + "\n")
+    return {"results": res, "gains": gains, "table": table, "sections": sections, "metrics": metrics}
+
+
 def run_av_bench(name: str, out: str, objectives: Sequence[str] = ("diffusion_dpo", "rankdpo"), base: str | None = None,
                  reward: str | None = None, n_train: int = 100, k: int = 4, steps: int = 60, beta: float = 2000.0,
                  lr: float = 1e-3, batch_size: int = 4, n_eval: int = 60, per_prompt: int = 4, sample_steps: int = 15,
                  guidance: float = 4.0, seed: int = 0) -> dict[str, Any]:
     from ..._quiet import quiet_libraries
     from ...config import load_config
-    from ...models.loading import load_pipeline, load_trained_pipeline, pipeline_call_defaults
     from ...report import (
         loss_curve,
-        save_gif,
-        save_png,
-        spectrogram_png,
-        tag_bars,
-        video_strips,
         write_report,
     )
     from ...synpic import SynPicConfig, export_pairs, run_synpic
     from ...train import train
-    from .evaluate import paired_difference
 
     quiet_libraries()
     w = world(name)
@@ -151,45 +197,15 @@ def run_av_bench(name: str, out: str, objectives: Sequence[str] = ("diffusion_dp
         timing[f"train_{obj}_s"] = time.time() - t1
     print(f"[3/4] judged evaluation: {n_eval} held-out prompts x {per_prompt} samples per model")
     t2 = time.time()
-    pipe, call_kw = load_pipeline(base)
-    res = {"base": evaluate_av(pipe, w, "heldout", n_eval, per_prompt, seed + 1000, sample_steps, guidance, **call_kw)}
-    for obj, run_dir in runs.items():
-        p = load_trained_pipeline(run_dir)
-        p.set_progress_bar_config(disable=True)
-        res[obj] = evaluate_av(p, w, "heldout", n_eval, per_prompt, seed + 1000, sample_steps, guidance,
-                               **pipeline_call_defaults(base))
-    gains = {obj: paired_difference(res["base"]["results"], res[obj]["results"]) for obj in runs}
-    timing["eval_s"] = time.time() - t2
-    names = ["base", *runs]
-    table = _table(names, res, gains)
-
-    print("[4/4] report")
+    models = {"base": base} | {obj: str(run_dir) for obj, run_dir in runs.items()}
     rep = root / "report"
-    rep.mkdir(exist_ok=True)
-    pick = list(range(0, min(8 * per_prompt, len(res["base"]["results"])), per_prompt))
-    shown = "; ".join(f"{i + 1}: {res['base']['results'][j]['prompt']}" for i, j in enumerate(pick))
-    sections: list[tuple[str, Any, str]] = []
-    for n in names:
-        m = res[n]["media"][pick]
-        verdicts = ", ".join("ok" if res[n]["results"][j]["correct"] else "x" for j in pick)
-        if name == "video":
-            strip = save_png(video_strips(m, scale=2), rep / f"{n}_strips.png")
-            gifs = [save_gif(m[i], rep / f"{n}_{i + 1}.gif") for i in range(min(4, len(m)))]
-            sections.append((f"{n}: clips", [strip, *gifs], f"one row per prompt ({shown}); judge: {verdicts}"))
-        else:
-            from ...data.media import encode_audio
-            from .tones import SR
-
-            spec = spectrogram_png(m, [f"{i + 1}" for i in range(len(m))], SR, rep / f"{n}_spectrograms.png")
-            wavs = []
-            for i in range(min(4, len(m))):
-                (rep / f"{n}_{i + 1}.wav").write_bytes(encode_audio(m[i], SR))
-                wavs.append(rep / f"{n}_{i + 1}.wav")
-            sections.append((f"{n}: clips", [spec, *wavs], f"prompts {shown}; judge: {verdicts}"))
-    bars = tag_bars({n: res[n]["summary"]["per_tag"] for n in names}, rep / "per_tag.png")
-    sections.append(("Per-tag accuracy", bars, f"judged exactly ({name} world judge)"))
-    for obj, run_dir in runs.items():
-        sections.append((f"Training: {obj}", loss_curve(run_dir / "metrics.jsonl", rep / f"training_{obj}.png"), ""))
+    ev = evaluate_and_report(w, models, rep, "heldout", n_eval, per_prompt, seed + 1000, sample_steps, guidance,
+                             extra_sections=[(f"Training: {obj}", loss_curve(run_dir / "metrics.jsonl", rep / f"training_{obj}.png"), "")
+                                             for obj, run_dir in runs.items()], write=False)
+    res, gains, table, sections = ev["results"], ev["gains"], ev["table"], ev["sections"]
+    names = list(models)
+    timing["eval_s"] = time.time() - t2
+    print("[4/4] report")
     timing["total_s"] = time.time() - t0
     metrics = {n: res[n]["summary"] for n in names} | {"gains": gains, "timing": timing, "settings": {
         "world": name, "base": base, "reward": reward, "objectives": list(objectives), "n_train": n_train, "k": k, "steps": steps,

@@ -44,11 +44,11 @@ def generate_media(pipe: Any, prompts: list[str], k: int, seeds: list[int], step
     name = type(pipe).__name__
     kw: dict[str, Any] = {"num_inference_steps": steps, "guidance_scale": guidance, "generator": gens, **call_kw}
     with torch.inference_mode():
-        if name == "TextToVideoSDPipeline":  # one video per prompt: repeat the prompts instead
+        if name in VIDEO_PIPELINES:
+            # TextToVideoSD makes one video per prompt, and AnimateDiff checks a generator list against
+            # the prompt count alone: repeat the prompts instead of asking for k per prompt
             frames = pipe([p for p in prompts for _ in range(k)], output_type="np", **kw).frames
             return list(_uint8(np.asarray(frames)))
-        if name == "AnimateDiffPipeline":
-            return list(_uint8(np.asarray(pipe(prompts, num_videos_per_prompt=k, output_type="np", **kw).frames)))
         if name in AUDIO_PIPELINES:
             audios = pipe(prompts, num_waveforms_per_prompt=k, output_type="np", **kw).audios
             return list(np.clip(np.asarray(audios, dtype=np.float32), -1, 1))

@@ -115,6 +115,10 @@ def build_tiny_pipeline(
 
             mel = {"sample_rate": 8000, "n_fft": 256, "hop": 64, "n_mels": 8, "fmax": 4000.0}
             (Path(out_dir) / "diffalign.json").write_text(json.dumps({"mel": mel, "call_defaults": {"audio_length_in_s": 0.256}}))
+        if family in ("animatediff", "text2video"):  # the tiny motion modules know 8 positions
+            import json
+
+            (Path(out_dir) / "diffalign.json").write_text(json.dumps({"call_defaults": {"num_frames": 4}}))
     return pipe
 
 
