@@ -28,3 +28,24 @@ def test_quick_pretrain_exports_loadable_pipelines(tmp_path):
                    generator=torch.Generator().manual_seed(0), **kw).images
         assert img.shape == (1, 3, 32, 32) and torch.isfinite(img).all()
     assert json.loads((out / "toy-sd3" / "diffalign.json").read_text())["call_defaults"] == {"max_sequence_length": 0}
+
+
+def test_quick_av_pretrain_exports_loadable_video_and_audio_pipelines(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "models"
+    cmd = [sys.executable, "-m", "diffalign.cli", "toy", "pretrain", "--quick", "--work", str(work), "--out", str(out),
+           "--stages", "avae", "vocoder", "audio", "video"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-2000:]
+    from diffalign.benchmarks.toyworlds.tones import N_SAMPLES
+    from diffalign.benchmarks.toyworlds.video import FRAMES
+    from diffalign.models import load_pipeline
+
+    pipe, kw = load_pipeline(out / "toy-audio")
+    assert type(pipe).__name__ == "AudioLDMPipeline" and kw["audio_length_in_s"] == N_SAMPLES / 8000
+    audio = pipe(["a high beep"], num_inference_steps=2, generator=torch.Generator().manual_seed(0), **kw).audios
+    assert audio.shape == (1, N_SAMPLES)
+    pipe, kw = load_pipeline(out / "toy-video")
+    assert type(pipe).__name__ == "AnimateDiffPipeline" and kw["num_frames"] == FRAMES
+    frames = pipe(["a red circle moving left"], num_inference_steps=2, output_type="np",
+                  generator=torch.Generator().manual_seed(0), **kw).frames
+    assert frames.shape == (1, FRAMES, 32, 32, 3)

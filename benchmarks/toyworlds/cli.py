@@ -6,6 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
+IMAGE_STAGES = ("vae", "sd", "sd3")
+AV_STAGES = ("video", "avae", "vocoder", "audio")
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     toy = sub.add_parser("toy", help="ShapesWorld toy models: pretrain, eval")
@@ -16,7 +19,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pre.add_argument("--minutes", type=float, nargs=3, default=[8.0, 90.0, 90.0], metavar=("VAE", "SD", "SD3"),
                      help="wall-clock minutes per stage (sd and sd3 run one after the other)")
     pre.add_argument("--quick", action="store_true", help="a few seconds per stage: checks the pipeline end to end")
-    pre.add_argument("--stages", nargs="+", default=["vae", "sd", "sd3"], choices=["vae", "sd", "sd3"])
+    pre.add_argument("--stages", nargs="+", default=["vae", "sd", "sd3"], choices=[*IMAGE_STAGES, *AV_STAGES],
+                     help="image stages (vae sd sd3), the video model (video: AnimateDiff on toy-sd) and the audio "
+                          "model (avae vocoder audio: a tiny AudioLDM)")
+    pre.add_argument("--av-minutes", type=float, nargs=4, default=[95.0, 13.0, 6.0, 40.0],
+                     metavar=("VIDEO", "AVAE", "VOCODER", "AUDIO"), help="wall-clock minutes of the video/audio stages")
+    pre.add_argument("--video-base", default=None, help="toy-sd folder the video model starts from (default: shipped)")
     ev = ts.add_parser("eval", help="judged GenEval-style score of a pipeline folder on ShapesWorld prompts")
     ev.add_argument("model")
     ev.add_argument("--split", default="heldout", choices=["train", "heldout"])
@@ -35,8 +43,12 @@ def run(args: argparse.Namespace) -> int:
         from .pretrain import export_pipeline, train_stage
 
         work, out = Path(args.work), Path(args.out)
-        minutes = dict(zip(["vae", "sd", "sd3"], [0.05, 0.05, 0.05] if args.quick else args.minutes, strict=True))
+        minutes = dict(zip([*IMAGE_STAGES, *AV_STAGES], [0.05] * 7 if args.quick else [*args.minutes, *args.av_minutes],
+                           strict=True))
         for stage in args.stages:
+            if stage in AV_STAGES:
+                _pretrain_av(stage, work, out, minutes[stage], args.quick, args.video_base)
+                continue
             meta = train_stage(stage, work, minutes[stage], batch=8 if args.quick else 64)
             print(f"{stage}: {meta['images']} images in {meta['seconds'] / 60:.1f} min total")
             if stage != "vae":
@@ -51,3 +63,21 @@ def run(args: argparse.Namespace) -> int:
     s = res["summary"]
     print(json.dumps({k: s[k] for k in ("overall", "overall_ci95", "per_tag")}, indent=2))
     return 0
+
+
+def _pretrain_av(stage: str, work: Path, out: Path, minutes: float, quick: bool, video_base: str | None) -> None:
+    if stage == "video":
+        from ...demo import asset
+        from .pretrain_video import export_video_pipeline, train_video
+
+        base = video_base or asset("toy-sd")
+        meta = train_video(work, base, minutes, batch=2 if quick else 16)
+        print(f"video: {meta['clips']} clips in {meta['seconds'] / 60:.1f} min total")
+        print(f"exported {export_video_pipeline(work, base, out / 'toy-video')}")
+        return
+    from .pretrain_audio import export_audio_pipeline, train_audio_stage
+
+    meta = train_audio_stage(stage, work, minutes, batch=2 if quick else (16 if stage == "vocoder" else 32))  # type: ignore[arg-type]
+    print(f"{stage}: {meta['clips']} clips in {meta['seconds'] / 60:.1f} min total")
+    if stage == "audio":
+        print(f"exported {export_audio_pipeline(work, out / 'toy-audio')}")
