@@ -32,6 +32,7 @@ import numpy as np
 class World:
     name: str
     base: str
+    """Name of the shipped base model (an asset folder)."""
     reward: str
     prompts: Callable[[str, int, int], list[dict[str, Any]]]
     judge: Callable[[np.ndarray, dict[str, Any]], tuple[bool, str]]
@@ -43,11 +44,11 @@ def world(name: str) -> World:
     if name == "video":
         from . import video
 
-        return World("video", asset("toy-video"), f"video_clip={asset('toy-video-clip')}", video.prompts, video.judge_clip)
+        return World("video", "toy-video", f"video_clip={asset('toy-video-clip')}", video.prompts, video.judge_clip)
     if name == "audio":
         from . import tones
 
-        return World("audio", asset("toy-audio"), f"clap={asset('toy-clap')}", tones.prompts, tones.judge_audio)
+        return World("audio", "toy-audio", f"clap={asset('toy-clap')}", tones.prompts, tones.judge_audio)
     raise ValueError(f"unknown world {name!r}; valid choices: video, audio")
 
 
@@ -167,8 +168,10 @@ def run_av_bench(name: str, out: str, objectives: Sequence[str] = ("diffusion_dp
     from ...train import train
 
     quiet_libraries()
+    from ...demo import asset
+
     w = world(name)
-    base = base or w.base
+    base = base or asset(w.base)  # the shipped base model, when there is one
     reward = reward or w.reward
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
@@ -199,6 +202,7 @@ def run_av_bench(name: str, out: str, objectives: Sequence[str] = ("diffusion_dp
     t2 = time.time()
     models = {"base": base} | {obj: str(run_dir) for obj, run_dir in runs.items()}
     rep = root / "report"
+    rep.mkdir(parents=True, exist_ok=True)
     ev = evaluate_and_report(w, models, rep, "heldout", n_eval, per_prompt, seed + 1000, sample_steps, guidance,
                              extra_sections=[(f"Training: {obj}", loss_curve(run_dir / "metrics.jsonl", rep / f"training_{obj}.png"), "")
                                              for obj, run_dir in runs.items()], write=False)
