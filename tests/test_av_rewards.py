@@ -16,8 +16,6 @@ import torch.nn.functional as F
 from diffalign.errors import ConfigError
 from diffalign.rewards import REWARDS
 
-torch.set_num_threads(1)
-
 PROMPTS = ["a red circle moving left", "a blue square moving up then a green triangle appearing",
            "two yellow circles", "a photo of a purple square"]
 FUSION_FRAMES = 4
