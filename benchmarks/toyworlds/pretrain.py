@@ -124,6 +124,41 @@ def _ema_update(ema: dict[str, dict], modules: dict[str, torch.nn.Module], decay
                 ema[name][k].copy_(v)
 
 
+class Bookkeeper:
+    """What every pretraining stage does after its optimiser step: EMA update (fast decay for the
+    first 200 steps), the step / sample counters, a JSONL loss log every ``log_every`` steps and an
+    atomic checkpoint every ``save_every`` steps and at the end (wall time accumulated in ``meta``)."""
+
+    def __init__(self, ckpt: Path, modules: dict[str, torch.nn.Module], ema: dict[str, dict], opt, meta: dict,
+                 log_path: Path, unit: str, ema_decay: float, log_every: int, save_every: int) -> None:
+        self.ckpt, self.modules, self.ema, self.opt, self.meta = ckpt, modules, ema, opt, meta
+        self.unit, self.ema_decay, self.log_every, self.save_every = unit, ema_decay, log_every, save_every
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log = log_path.open("a")
+        self.losses: list[float] = []
+        self.t_start = time.time()
+
+    def step(self, loss: torch.Tensor, n: int) -> None:
+        meta = self.meta
+        _ema_update(self.ema, self.modules, self.ema_decay if meta["steps"] > 200 else 0.9)
+        meta["steps"] += 1
+        meta[self.unit] += n
+        self.losses.append(float(loss.detach()))
+        if meta["steps"] % self.log_every == 0:
+            rec = {"step": meta["steps"], self.unit: meta[self.unit], "loss": float(np.mean(self.losses))}
+            self.log.write(json.dumps(rec) + "\n")
+            self.log.flush()
+            self.losses = []
+        if meta["steps"] % self.save_every == 0:
+            self.save()
+
+    def save(self) -> dict:
+        self.meta["seconds"] += time.time() - self.t_start
+        self.t_start = time.time()
+        _save_state(self.ckpt, self.modules, self.ema, self.opt, self.meta)
+        return self.meta
+
+
 def train_stage(kind: Kind, work: Path, minutes: float, batch: int = 64, lr: float = 5e-4, seed: int = 0,
                 ema_decay: float = 0.999, log_every: int = 50) -> dict[str, Any]:
     """Train (or continue) one stage for ``minutes`` of wall time; checkpoint to ``work/kind``."""
@@ -155,10 +190,7 @@ def train_stage(kind: Kind, work: Path, minutes: float, batch: int = 64, lr: flo
 
     ddpm = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     t_end = time.time() + minutes * 60
-    t_start = time.time()
-    losses: list[float] = []
-    work.mkdir(parents=True, exist_ok=True)
-    log = (work / f"{kind}.log").open("a")
+    book = Bookkeeper(ckpt, modules, ema, opt, meta, work / f"{kind}.log", "images", ema_decay, log_every, 200)
     while time.time() < t_end:
         x, caps = stream.next(batch)
         if kind == "vae":
@@ -192,21 +224,8 @@ def train_stage(kind: Kind, work: Path, minutes: float, batch: int = 64, lr: flo
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        _ema_update(ema, modules, ema_decay if meta["steps"] > 200 else 0.9)
-        meta["steps"] += 1
-        meta["images"] += batch
-        losses.append(float(loss.detach()))
-        if meta["steps"] % log_every == 0:
-            log.write(json.dumps({"step": meta["steps"], "images": meta["images"], "loss": float(np.mean(losses))}) + "\n")
-            log.flush()
-            losses = []
-        if meta["steps"] % 200 == 0:
-            meta["seconds"] += time.time() - t_start
-            t_start = time.time()
-            _save_state(ckpt, modules, ema, opt, meta)
-    meta["seconds"] += time.time() - t_start
-    _save_state(ckpt, modules, ema, opt, meta)
-    return meta
+        book.step(loss, batch)
+    return book.save()
 
 
 @torch.no_grad()

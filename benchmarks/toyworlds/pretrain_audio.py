@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ...models.audio import MelConfig, log_mel
-from .pretrain import _ema_update, _load_state, _save_state
+from .pretrain import Bookkeeper, _load_state
 from .tones import N_SAMPLES, SR, make_dataset
 
 AudioStage = Literal["avae", "vocoder", "audio"]
@@ -156,10 +156,8 @@ def train_audio_stage(stage: AudioStage, work: Path, minutes: float, batch: int 
         meta = _load_state(ckpt, modules, ema, opt)
     stream = WaveStream(seed * 1000 + meta["steps"] + 17)
     ddpm = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    t_end, t_start = time.time() + minutes * 60, time.time()
-    losses: list[float] = []
-    work.mkdir(parents=True, exist_ok=True)
-    log = (work / f"{stage}.log").open("a")
+    t_end = time.time() + minutes * 60
+    book = Bookkeeper(ckpt, modules, ema, opt, meta, work / f"{stage}.log", "clips", ema_decay, log_every, 200)
     while time.time() < t_end:
         w, caps = stream.next(batch)
         feats = log_mel(w, TOY_MEL)  # [B,T,M]
@@ -188,21 +186,8 @@ def train_audio_stage(stage: AudioStage, work: Path, minutes: float, batch: int 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        _ema_update(ema, modules, ema_decay if meta["steps"] > 200 else 0.9)
-        meta["steps"] += 1
-        meta["clips"] += batch
-        losses.append(float(loss.detach()))
-        if meta["steps"] % log_every == 0:
-            log.write(json.dumps({"step": meta["steps"], "clips": meta["clips"], "loss": float(np.mean(losses))}) + "\n")
-            log.flush()
-            losses = []
-        if meta["steps"] % 200 == 0:
-            meta["seconds"] += time.time() - t_start
-            t_start = time.time()
-            _save_state(ckpt, modules, ema, opt, meta)
-    meta["seconds"] += time.time() - t_start
-    _save_state(ckpt, modules, ema, opt, meta)
-    return meta
+        book.step(loss, batch)
+    return book.save()
 
 
 def export_audio_pipeline(work: Path, out: Path, dtype: torch.dtype = torch.float32) -> Path:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .pretrain import MAX_TOKENS, WORDS, _ema_update, _load_state, _save_state
+from .pretrain import MAX_TOKENS, WORDS, Bookkeeper, _load_state
 from .video import FRAMES, make_dataset
 
 VIDEO_WORDS = ("moving", "up", "down", "then", "appearing")
@@ -124,10 +124,8 @@ def train_video(work: Path, base: str | Path, minutes: float, batch: int = 16, l
         meta = _load_state(ckpt, modules, ema, opt)
     stream = ClipStream(seed * 1000 + meta["steps"])
     ddpm = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    t_end, t_start = time.time() + minutes * 60, time.time()
-    losses: list[float] = []
-    work.mkdir(parents=True, exist_ok=True)
-    log = (work / "video.log").open("a")
+    t_end = time.time() + minutes * 60
+    book = Bookkeeper(ckpt, modules, ema, opt, meta, work / "video.log", "clips", ema_decay, log_every, 100)
     while time.time() < t_end:
         x, caps = stream.next(batch)
         z = encode_clips(vae, x)  # [B,4,F,16,16]
@@ -142,21 +140,8 @@ def train_video(work: Path, base: str | Path, minutes: float, batch: int = 16, l
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        _ema_update(ema, modules, ema_decay if meta["steps"] > 200 else 0.9)
-        meta["steps"] += 1
-        meta["clips"] += batch
-        losses.append(float(loss.detach()))
-        if meta["steps"] % log_every == 0:
-            log.write(json.dumps({"step": meta["steps"], "clips": meta["clips"], "loss": float(np.mean(losses))}) + "\n")
-            log.flush()
-            losses = []
-        if meta["steps"] % 100 == 0:
-            meta["seconds"] += time.time() - t_start
-            t_start = time.time()
-            _save_state(ckpt, modules, ema, opt, meta)
-    meta["seconds"] += time.time() - t_start
-    _save_state(ckpt, modules, ema, opt, meta)
-    return meta
+        book.step(loss, batch)
+    return book.save()
 
 
 def export_video_pipeline(work: Path, base: str | Path, out: Path, dtype: torch.dtype = torch.float32) -> Path:
