@@ -28,6 +28,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..config import ConfigError, DataConfig
+from .media import decode_media, media_tensors
 
 PICKAPIC_REQUIRED = ("caption", "jpg_0", "jpg_1", "label_0")
 VALID_LABELS = (0.0, 0.5, 1.0)
@@ -385,8 +386,6 @@ class PairDataset(torch.utils.data.Dataset):
     def _open(x: Any) -> Any:
         """An image, video clip or audio clip (see ``media.py``); decoded now so corrupt bytes fail
         here, not later."""
-        from .media import decode_media
-
         if isinstance(x, Image.Image):
             return x
         return decode_media(bytes(x) if isinstance(x, bytes | bytearray) else str(x))
@@ -425,9 +424,6 @@ class PairDataset(torch.utils.data.Dataset):
     @property
     def has_scores(self) -> bool:
         return self.rows[0].scores is not None
-
-
-from .media import media_tensors  # noqa: E402  (media imports joint_transform from here)
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -182,8 +182,7 @@ def load_trained_pipeline(path: str | Path, device: torch.device | str = "cpu") 
             from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
             from safetensors.torch import load_file
 
-            _, name = DENOISER_CLASS[state["family"]]
-            den = pipe.transformer if state["family"] == "sd3" else pipe.unet
+            den = getattr(pipe, DENOISER_CLASS[state["family"]][0])
             inject_adapter_in_model(LoraConfig(**json.loads((export / "lora_config.json").read_text())), den)
             set_peft_model_state_dict(den, load_file(str(export / "lora.safetensors")))
             return pipe.to(device)

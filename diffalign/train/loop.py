@@ -150,6 +150,7 @@ def add_lora(denoiser: torch.nn.Module, cfg: Config) -> None:
         from peft import inject_adapter_in_model
 
         inject_adapter_in_model(config, denoiser)
+        denoiser.peft_config = {"default": config}  # where add_adapter keeps it, for the exporter
     names = [n for n, p in denoiser.named_parameters() if p.requires_grad]
     if not names:
         raise ConfigError(f"lora.target_modules {lc.target_modules} matched no layer of the {type(denoiser).__name__}")
@@ -207,14 +208,7 @@ def has_lora_loader(pipe: Any) -> bool:
 
 
 def _peft_config(model: torch.nn.Module) -> dict[str, Any]:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    cfg = getattr(model, "peft_config", None)
-    if cfg:
-        return {k: v for k, v in cfg["default"].to_dict().items() if k in LORA_CONFIG_KEYS}
-    layer = next(m for m in model.modules() if isinstance(m, BaseTunerLayer))
-    names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)})
-    return {"r": layer.r["default"], "lora_alpha": layer.lora_alpha["default"], "target_modules": names}
+    return {k: v for k, v in model.peft_config["default"].to_dict().items() if k in LORA_CONFIG_KEYS}
 
 
 LORA_CONFIG_KEYS = ("r", "lora_alpha", "target_modules", "lora_dropout", "init_lora_weights")
