@@ -9,7 +9,11 @@ Model output is the velocity ``v = eps - x0`` at ``x_sigma = (1 - sigma) x0 + si
   ``std = a * sqrt(sigma / (1 - sigma))`` (a = ``noise_level``, 0.7), ``dt = sigma_next - sigma`` (< 0),
   ``mean = x * (1 + std^2 / (2 sigma) * dt) + v * (1 + std^2 (1 - sigma) / (2 sigma)) * dt``,
   ``x_next = mean + std * sqrt(-dt) * z``; log-prob averaged over dims. At sigma = 1 the
-  ``sqrt(sigma/(1-sigma))`` is infinite, so (as flow_grpo) sigma is capped below 1 there.
+  ``sqrt(sigma/(1-sigma))`` is infinite, so flow_grpo puts ``sigma_max = sigmas[1]`` (the grid's
+  second sigma) in that denominator only: ``std = a * sqrt(1 / (1 - sigmas[1]))``
+  (``sd3_sde_with_logprob.py``: ``torch.where(sigma == 1, sigma_max, sigma)``). Capping sigma at
+  ``1 - 1e-3`` everywhere instead (an earlier version here) gives std ~ 22 a and a first-step drift
+  factor of about -15 on a 15-step grid: the samples explode.
 """
 
 from __future__ import annotations
@@ -23,11 +27,19 @@ from .base import ModelFn, SampleOutput, gaussian_log_prob, guided, randn_like
 
 
 def flow_sde_step(v: Tensor, x: Tensor, sigma: float, sigma_next: float, noise: Tensor | None,
-                  noise_level: float = 0.7) -> tuple[Tensor, Tensor | None, Tensor]:
-    s = min(sigma, 1 - 1e-3)  # flow_grpo: sigma_max excluded from the std formula
+                  noise_level: float = 0.7, sigma_max: float | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+    """One Flow-GRPO SDE step from ``sigma`` to ``sigma_next``. ``sigma_max``: the grid's second sigma,
+    used in the std's denominator when ``sigma == 1`` (default ``sigma_next``, which it is for the
+    first step of a grid starting at 1)."""
+    if sigma >= 1:
+        sigma_max = sigma_next if sigma_max is None else sigma_max
+        if not 0 <= sigma_max < 1:
+            raise ValueError(f"flow_sde_step: sigma_max must be in [0, 1) at sigma = 1, got {sigma_max}")
+        std = noise_level * (sigma / (1 - sigma_max)) ** 0.5
+    else:
+        std = noise_level * (sigma / (1 - sigma)) ** 0.5
     dt = sigma_next - sigma
-    std = noise_level * (s / (1 - s)) ** 0.5
-    mean = x * (1 + std**2 / (2 * s) * dt) + v * (1 + std**2 * (1 - s) / (2 * s)) * dt
+    mean = x * (1 + std**2 / (2 * sigma) * dt) + v * (1 + std**2 * (1 - sigma) / (2 * sigma)) * dt
     scale = std * (-dt) ** 0.5
     if noise is None or scale == 0:
         return mean, None, mean
@@ -49,7 +61,7 @@ def flow_sample(model_fn: ModelFn, x_T: Tensor, sigmas: list[float] | Tensor, co
         t = torch.tensor(sig[i] * num_train_timesteps, device=x.device, dtype=torch.float32)
         v = guided(model_fn, x, t, cond, guidance_scale)
         if eta > 0 and sig[i + 1] > 0:
-            x, lp, _ = flow_sde_step(v, x, sig[i], sig[i + 1], randn_like(x, generator), eta)
+            x, lp, _ = flow_sde_step(v, x, sig[i], sig[i + 1], randn_like(x, generator), eta, sigma_max=sig[1])
             if return_log_probs and lp is not None:
                 out.log_probs.append(lp)
         else:
