@@ -16,8 +16,13 @@ def test_set_rejects_malformed_specs(spec, capsys):
 
 
 def test_recipes_name_registered_objectives_and_valid_keys():
-    from diffalign.config import load_config
+    from diffalign.config import load_config, validate
+    from diffalign.demo import asset
+    from diffalign.errors import ConfigError
 
+    model = [f"model.path={asset('toy-sd')}"]
+    with pytest.raises(ConfigError, match="betta"):  # the check below can fail
+        validate(load_config(None, [*model, "objective.name=smpo", "objective.betta=1"]), check_data=False)
     for name, overrides in objective_bench.RECIPES.items():
         assert name in objective_bench.OBJECTIVES
-        load_config(None, [f"objective.name={name}", *overrides])  # unknown keys would raise ConfigError
+        validate(load_config(None, [*model, f"objective.name={name}", *overrides]), check_data=False)
