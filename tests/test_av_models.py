@@ -234,3 +234,21 @@ def test_eval_cli_judges_clips_and_writes_a_report(av_models, tmp_path, fam, fla
     assert len(rows) == 8 and {r["model"] for r in rows} == {"model", "compare"} and all("reason" in r for r in rows)
     page = (out / "index.html").read_text()
     assert ("image/gif" in page) if flag == "--toy-video" else ("<audio controls" in page and "audio/wav" in page)
+
+
+@pytest.mark.parametrize("fam", ["animatediff", "audioldm"])
+def test_cached_clip_latents_give_the_same_loss(av_models, tmp_path, fam):
+    """``diffalign cache`` on clips: frame-wise video latents and mel-VAE audio latents train to the same loss."""
+    from diffalign.data.cache import build_cache
+    from diffalign.train import train
+
+    data = make_av_parquet(tmp_path / "pairs.parquet", AV_FAMILIES[fam], n=6)
+    base = [f"model.path={av_models[fam]}", f"data.path={data}", "data.resolution=32", "data.random_flip=false",
+            "objective.beta=100", "train.max_steps=2", "train.batch_size=2", "train.checkpoint_every=100"]
+    cache = tmp_path / "cache"
+    build_cache(load_config(None, [*base, f"train.output_dir={tmp_path / 'x'}", f"data.cache_dir={cache}"]), shard_size=4)
+    assert len(list(cache.glob("shard-*.safetensors"))) == 2
+    cached = train(load_config(None, [*base, f"train.output_dir={tmp_path / 'c'}", f"data.cache_dir={cache}"]))
+    plain = train(load_config(None, [*base, f"train.output_dir={tmp_path / 'p'}"]))
+    for k in ("loss", "err/policy_w", "err/ref_l"):
+        assert cached[k] == pytest.approx(plain[k], rel=1e-5, abs=1e-7), k
