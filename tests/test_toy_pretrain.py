@@ -11,7 +11,8 @@ import torch
 
 def test_quick_pretrain_exports_loadable_pipelines(tmp_path):
     work, out = tmp_path / "work", tmp_path / "models"
-    cmd = [sys.executable, "-m", "diffalign.cli", "toy", "pretrain", "--quick", "--work", str(work), "--out", str(out)]
+    cmd = [sys.executable, "-m", "diffalign.cli", "toy", "pretrain", "--quick", "--work", str(work), "--out", str(out),
+           "--device", "cpu"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     first = json.loads((work / "sd3" / "meta.json").read_text())
@@ -49,3 +50,13 @@ def test_quick_av_pretrain_exports_loadable_video_and_audio_pipelines(tmp_path):
     frames = pipe(["a red circle moving left"], num_inference_steps=2, output_type="np",
                   generator=torch.Generator().manual_seed(0), **kw).frames
     assert frames.shape == (1, FRAMES, 32, 32, 3)
+
+
+def test_unusable_device_is_one_line(tmp_path):
+    for device in ["bogus", *([] if torch.cuda.is_available() else ["cuda"])]:
+        cmd = [sys.executable, "-m", "diffalign.cli", "toy", "pretrain", "--quick", "--work", str(tmp_path / "w"),
+               "--device", device]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert p.returncode != 0
+        assert f"--device {device!r} is not usable here" in p.stderr and "Traceback" not in p.stderr, p.stderr[-1000:]
+        assert not (tmp_path / "w").exists()  # refused before any work

@@ -25,6 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pre.add_argument("--av-minutes", type=float, nargs=4, default=[95.0, 13.0, 6.0, 40.0],
                      metavar=("VIDEO", "AVAE", "VOCODER", "AUDIO"), help="wall-clock minutes of the video/audio stages")
     pre.add_argument("--video-base", default=None, help="toy-sd folder the video model starts from (default: shipped)")
+    pre.add_argument("--device", default=None,
+                     help="torch device for the networks, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu); "
+                          "checkpoints are device-free, so a run can continue on another machine")
     ev = ts.add_parser("eval", help="judged GenEval-style score of a pipeline folder on ShapesWorld prompts")
     ev.add_argument("model")
     ev.add_argument("--split", default="heldout", choices=["train", "heldout"])
@@ -40,16 +43,23 @@ def run(args: argparse.Namespace) -> int:
 
     quiet_libraries()
     if args.toy_cmd == "pretrain":
+        import torch
+
         from .pretrain import export_pipeline, train_stage
 
         work, out = Path(args.work), Path(args.out)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as e:
+            raise SystemExit(f"diffalign toy pretrain: --device {device!r} is not usable here ({str(e).splitlines()[0]})") from None
         minutes = dict(zip([*IMAGE_STAGES, *AV_STAGES], [0.05] * 7 if args.quick else [*args.minutes, *args.av_minutes],
                            strict=True))
         for stage in args.stages:
             if stage in AV_STAGES:
-                _pretrain_av(stage, work, out, minutes[stage], args.quick, args.video_base)
+                _pretrain_av(stage, work, out, minutes[stage], args.quick, args.video_base, device)
                 continue
-            meta = train_stage(stage, work, minutes[stage], batch=8 if args.quick else 64)
+            meta = train_stage(stage, work, minutes[stage], batch=8 if args.quick else 64, device=device)
             print(f"{stage}: {meta['images']} images in {meta['seconds'] / 60:.1f} min total")
             if stage != "vae":
                 export_pipeline(stage, work, out / f"toy-{stage}")
@@ -65,19 +75,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pretrain_av(stage: str, work: Path, out: Path, minutes: float, quick: bool, video_base: str | None) -> None:
+def _pretrain_av(stage: str, work: Path, out: Path, minutes: float, quick: bool, video_base: str | None, device: str) -> None:
     if stage == "video":
         from ...demo import asset
         from .pretrain_video import export_video_pipeline, train_video
 
         base = video_base or asset("toy-sd")
-        meta = train_video(work, base, minutes, batch=2 if quick else 16)
+        meta = train_video(work, base, minutes, batch=2 if quick else 16, device=device)
         print(f"video: {meta['clips']} clips in {meta['seconds'] / 60:.1f} min total")
         print(f"exported {export_video_pipeline(work, base, out / 'toy-video')}")
         return
     from .pretrain_audio import export_audio_pipeline, train_audio_stage
 
-    meta = train_audio_stage(stage, work, minutes, batch=2 if quick else (16 if stage == "vocoder" else 32))  # type: ignore[arg-type]
+    meta = train_audio_stage(stage, work, minutes, batch=2 if quick else (16 if stage == "vocoder" else 32),  # type: ignore[arg-type]
+                             device=device)
     print(f"{stage}: {meta['clips']} clips in {meta['seconds'] / 60:.1f} min total")
     if stage == "audio":
         print(f"exported {export_audio_pipeline(work, out / 'toy-audio')}")

@@ -93,8 +93,8 @@ def _save_state(path: Path, modules: dict[str, torch.nn.Module], ema: dict[str, 
     tmp = path.with_name(path.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     for name, m in modules.items():
-        save_file({k: v.contiguous() for k, v in m.state_dict().items()}, tmp / f"{name}.safetensors")
-        save_file({k: v.contiguous() for k, v in ema[name].items()}, tmp / f"{name}.ema.safetensors")
+        save_file({k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}, tmp / f"{name}.safetensors")
+        save_file({k: v.cpu().contiguous() for k, v in ema[name].items()}, tmp / f"{name}.ema.safetensors")
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
     (tmp / "meta.json").write_text(json.dumps(meta))
     import shutil
@@ -109,8 +109,9 @@ def _load_state(path: Path, modules: dict[str, torch.nn.Module], ema: dict[str, 
 
     for name, m in modules.items():
         m.load_state_dict(load_file(path / f"{name}.safetensors"))
-        ema[name] = load_file(path / f"{name}.ema.safetensors")
-    opt.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        own = m.state_dict()  # EMA copies live where the module does (a GPU run resumes on a CPU and back)
+        ema[name] = {k: v.to(own[k].device) for k, v in load_file(path / f"{name}.ema.safetensors").items()}
+    opt.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))  # moved to the params
     return json.loads((path / "meta.json").read_text())
 
 
@@ -160,8 +161,9 @@ class Bookkeeper:
 
 
 def train_stage(kind: Kind, work: Path, minutes: float, batch: int = 64, lr: float = 5e-4, seed: int = 0,
-                ema_decay: float = 0.999, log_every: int = 50) -> dict[str, Any]:
-    """Train (or continue) one stage for ``minutes`` of wall time; checkpoint to ``work/kind``."""
+                ema_decay: float = 0.999, log_every: int = 50, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Train (or continue) one stage for ``minutes`` of wall time; checkpoint to ``work/kind``.
+    ``device``: where the networks train (images are rendered on the CPU); checkpoints are device-free."""
     torch.manual_seed(seed)
     tok = tokenizer()
     modules: dict[str, torch.nn.Module] = {}
@@ -172,12 +174,14 @@ def train_stage(kind: Kind, work: Path, minutes: float, batch: int = 64, lr: flo
         from safetensors.torch import load_file
 
         vae.load_state_dict(load_file(work / "vae" / "vae.ema.safetensors"))
-        vae.requires_grad_(False).eval()
+        vae.requires_grad_(False).eval().to(device)
         scale = latent_scale(work)
         modules["denoiser"] = build_denoiser(kind)
         modules["text_encoder"] = build_text(kind == "sd3", len(tok), tok.eos_token_id, tok.bos_token_id)
         if kind == "sd3":
             modules["text_encoder_2"] = build_text(True, len(tok), tok.eos_token_id, tok.bos_token_id)
+    for m in modules.values():
+        m.to(device)
     params = [p for m in modules.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     ema = {n: {k: v.detach().clone() for k, v in m.state_dict().items()} for n, m in modules.items()}
@@ -193,6 +197,7 @@ def train_stage(kind: Kind, work: Path, minutes: float, batch: int = 64, lr: flo
     book = Bookkeeper(ckpt, modules, ema, opt, meta, work / f"{kind}.log", "images", ema_decay, log_every, 200)
     while time.time() < t_end:
         x, caps = stream.next(batch)
+        x = x.to(device)
         if kind == "vae":
             post = modules["vae"].encode(x).latent_dist
             rec = modules["vae"].decode(post.sample()).sample
@@ -201,15 +206,15 @@ def train_stage(kind: Kind, work: Path, minutes: float, batch: int = 64, lr: flo
             with torch.no_grad():
                 z = vae.encode(x).latent_dist.mode() * scale
             caps = [c if r > 0.1 else "" for c, r in zip(caps, torch.rand(batch).tolist(), strict=True)]
-            ids = tok(caps, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
+            ids = tok(caps, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids.to(device)
             eps = torch.randn_like(z)
             if kind == "sd":
-                t = torch.randint(0, 1000, (batch,))
+                t = torch.randint(0, 1000, (batch,), device=device)
                 ehs = modules["text_encoder"](ids).last_hidden_state
                 pred = modules["denoiser"](ddpm.add_noise(z, eps, t), t, encoder_hidden_states=ehs).sample
                 loss = F.mse_loss(pred, eps)
             else:
-                sig = torch.sigmoid(torch.randn(batch)).view(-1, 1, 1, 1)
+                sig = torch.sigmoid(torch.randn(batch, device=device)).view(-1, 1, 1, 1)
                 o1 = modules["text_encoder"](ids, output_hidden_states=True)
                 o2 = modules["text_encoder_2"](ids, output_hidden_states=True)
                 # as StableDiffusion3Pipeline.encode_prompt: penultimate hidden states concatenated, padded to 128

@@ -105,7 +105,7 @@ def stft_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Multi-resolution STFT magnitude loss (linear L1) at three window sizes."""
     loss = pred.new_zeros(())
     for n_fft in (128, 256, 512):
-        w = torch.hann_window(n_fft)
+        w = torch.hann_window(n_fft, device=pred.device)
         a = torch.stft(pred, n_fft, n_fft // 4, window=w, return_complex=True).abs()
         b = torch.stft(target, n_fft, n_fft // 4, window=w, return_complex=True).abs()
         loss = loss + (a - b).abs().mean()
@@ -133,7 +133,7 @@ def audio_latent_scale(work: Path) -> float:
 
 
 def train_audio_stage(stage: AudioStage, work: Path, minutes: float, batch: int = 32, lr: float = 5e-4, seed: int = 0,
-                      ema_decay: float = 0.999, log_every: int = 50) -> dict[str, Any]:
+                      ema_decay: float = 0.999, log_every: int = 50, device: str | torch.device = "cpu") -> dict[str, Any]:
     from diffusers import DDPMScheduler
 
     torch.manual_seed(seed)
@@ -144,9 +144,11 @@ def train_audio_stage(stage: AudioStage, work: Path, minutes: float, batch: int 
     elif stage == "vocoder":
         modules["vocoder"] = build_vocoder()
     else:
-        vae, scale = _load_vae(work), audio_latent_scale(work)
+        vae, scale = _load_vae(work).to(device), audio_latent_scale(work)
         modules["denoiser"] = build_audio_unet()
         modules["text_encoder"] = build_audio_text(len(tok))
+    for m in modules.values():
+        m.to(device)
     params = [p for m in modules.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=lr if stage != "vocoder" else 3e-3, weight_decay=0.0)
     ema = {n: {k: v.detach().clone() for k, v in m.state_dict().items()} for n, m in modules.items()}
@@ -160,6 +162,7 @@ def train_audio_stage(stage: AudioStage, work: Path, minutes: float, batch: int 
     book = Bookkeeper(ckpt, modules, ema, opt, meta, work / f"{stage}.log", "clips", ema_decay, log_every, 200)
     while time.time() < t_end:
         w, caps = stream.next(batch)
+        w = w.to(device)
         feats = log_mel(w, TOY_MEL)  # [B,T,M]
         if stage == "avae":
             post = modules["vae"].encode(feats.unsqueeze(1)).latent_dist
@@ -176,10 +179,10 @@ def train_audio_stage(stage: AudioStage, work: Path, minutes: float, batch: int 
             with torch.no_grad():
                 z = vae.encode(feats.unsqueeze(1)).latent_dist.mode() * scale
             caps = [c if r > 0.1 else "" for c, r in zip(caps, torch.rand(batch).tolist(), strict=True)]
-            enc = tok(caps, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
+            enc = tok(caps, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").to(device)
             emb = F.normalize(modules["text_encoder"](enc.input_ids, attention_mask=enc.attention_mask).text_embeds, dim=-1)
             eps = torch.randn_like(z)
-            t = torch.randint(0, 1000, (batch,))
+            t = torch.randint(0, 1000, (batch,), device=device)
             pred = modules["denoiser"](ddpm.add_noise(z, eps, t), t, encoder_hidden_states=None, class_labels=emb).sample
             loss = F.mse_loss(pred, eps)
         opt.zero_grad(set_to_none=True)

@@ -105,12 +105,14 @@ def encode_clips(vae: Any, x: torch.Tensor) -> torch.Tensor:
 
 
 def train_video(work: Path, base: str | Path, minutes: float, batch: int = 16, lr: float = 4e-4, seed: int = 0,
-                ema_decay: float = 0.998, log_every: int = 25) -> dict[str, Any]:
+                ema_decay: float = 0.998, log_every: int = 25, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Train (or continue) the video model for ``minutes``; checkpoints in ``work/video``."""
     from diffusers import DDPMScheduler
 
     torch.manual_seed(seed)
     modules, vae, tok = build_modules(base)
+    for m in (*modules.values(), vae):
+        m.to(device)
     unet = modules["denoiser"]
     motion = [p for n, p in unet.named_parameters() if "motion_modules" in n]
     motion_ids = {id(p) for p in motion}
@@ -128,12 +130,12 @@ def train_video(work: Path, base: str | Path, minutes: float, batch: int = 16, l
     book = Bookkeeper(ckpt, modules, ema, opt, meta, work / "video.log", "clips", ema_decay, log_every, 100)
     while time.time() < t_end:
         x, caps = stream.next(batch)
-        z = encode_clips(vae, x)  # [B,4,F,16,16]
+        z = encode_clips(vae, x.to(device))  # [B,4,F,16,16]
         caps = [c if r > 0.1 else "" for c, r in zip(caps, torch.rand(batch).tolist(), strict=True)]
-        ids = tok(caps, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
+        ids = tok(caps, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids.to(device)
         ehs = modules["text_encoder"](ids).last_hidden_state.repeat_interleave(FRAMES, 0)  # one copy per frame
         eps = torch.randn_like(z)
-        t = torch.randint(0, 1000, (batch,))
+        t = torch.randint(0, 1000, (batch,), device=device)
         pred = unet(ddpm.add_noise(z, eps, t), t, encoder_hidden_states=ehs).sample
         loss = F.mse_loss(pred, eps)
         opt.zero_grad(set_to_none=True)
