@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--beta", type=float, default=2000.0)
     ap.add_argument("--n-train", type=int, default=100)
     ap.add_argument("--n-eval", type=int, default=60)
+    ap.add_argument("--eval-seed", type=int, default=None,
+                    help="held-out prompt sample and image seeds (default seed + 1000); another value re-judges the "
+                         "trained runs on an independent sample (results in <objective>.eval<SEED>x<N>.json)")
     ap.add_argument("--per-prompt", type=int, default=4)
     ap.add_argument("--sample-steps", type=int, default=15)
     ap.add_argument("--guidance", type=float, default=4.0)
@@ -108,8 +111,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                                      out=str(root / "synpic"), images_per_generator=2, steps=args.sample_steps,
                                      guidance=args.guidance, seed=args.seed, shard_size=64, batch_prompts=32))
     pairs = export_pairs(ranked, root / "pairs.parquet")
-    eval_kw = dict(split="heldout", n_prompts=args.n_eval, per_prompt=args.per_prompt, seed=args.seed + 1000,
+    eval_seed = args.seed + 1000 if args.eval_seed is None else args.eval_seed
+    eval_kw = dict(split="heldout", n_prompts=args.n_eval, per_prompt=args.per_prompt, seed=eval_seed,
                    steps=args.sample_steps, guidance=args.guidance)
+    suffix = "" if (eval_seed, args.n_eval) == (args.seed + 1000, 60) else f".eval{eval_seed}x{args.n_eval}"
 
     base: dict[str, Any] = {}
 
@@ -124,7 +129,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
               "train.lr_scheduler=constant", "data.resolution=32"]
     rows = []
     for name in [o.strip() for o in args.objectives.split(",") if o.strip()]:
-        res_file = root / f"{name}.json"
+        res_file = root / f"{name}{suffix}.json"
         if res_file.exists():
             rows.append(json.loads(res_file.read_text()))
             print(f"{name}: cached")
@@ -161,10 +166,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                    "objective.ref_refresh_every=50"]
         obj += RECIPES.get(name, []) + extra.get(name, [])
         run_dir = root / "runs" / name
-        print(f"== {name} on {Path(model).name}")
-        t0 = time.time()
-        train(load_config(None, [f"model.path={model}", *data, f"train.output_dir={run_dir}", *common, *obj]))
-        train_s = time.time() - t0
+        if (run_dir / "summary.json").exists():  # trained before: judge it again (e.g. on another prompt sample)
+            train_s = json.loads((run_dir / "summary.json").read_text())["seconds"]
+            print(f"== {name}: reusing the trained run {run_dir}")
+        else:
+            print(f"== {name} on {Path(model).name}")
+            t0 = time.time()
+            train(load_config(None, [f"model.path={model}", *data, f"train.output_dir={run_dir}", *common, *obj]))
+            train_s = time.time() - t0
         aligned = load_trained_pipeline(run_dir)
         aligned.set_progress_bar_config(disable=True)
         res = evaluate_pipeline(aligned, **eval_kw, **pipeline_call_defaults(model))
@@ -183,7 +192,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         lines.append(f"| `{r['objective']}` | {r['model']} | {r['base']:.3f} | {r['aligned']:.3f} | "
                      f"{r['gain']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]{sig} | {r['train_s'] / 60:.1f} min |")
     table = "\n".join(lines)
-    (root / "table.md").write_text(table + "\n")
+    (root / f"table{suffix}.md").write_text(table + "\n")
     print("\n" + table)
     return rows
 
