@@ -61,7 +61,7 @@ def flow_sample(model_fn: ModelFn, x_T: Tensor, sigmas: list[float] | Tensor, co
         t = torch.tensor(sig[i] * num_train_timesteps, device=x.device, dtype=torch.float32)
         v = guided(model_fn, x, t, cond, guidance_scale)
         if eta > 0 and sig[i + 1] > 0:
-            x, lp, _ = flow_sde_step(v, x, sig[i], sig[i + 1], randn_like(x, generator), eta, sigma_max=sig[1])
+            x, lp, _ = flow_sde_step(v, x, sig[i], sig[i + 1], randn_like(x, generator), eta)
             if return_log_probs and lp is not None:
                 out.log_probs.append(lp)
         else:

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     from diffalign._quiet import quiet_libraries
     from diffalign.benchmarks.toyworlds.evaluate import evaluate_pipeline, paired_difference
-    from diffalign.config import load_config
+    from diffalign.config import load_config, to_dict
     from diffalign.demo import asset, train_prompts
     from diffalign.models.loading import load_pipeline, load_trained_pipeline, pipeline_call_defaults
     from diffalign.spm import SPMConfig, train_spm
@@ -166,13 +166,20 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                    "objective.ref_refresh_every=50"]
         obj += RECIPES.get(name, []) + extra.get(name, [])
         run_dir = root / "runs" / name
+        cfg = load_config(None, [f"model.path={model}", *data, f"train.output_dir={run_dir}", *common, *obj])
         if (run_dir / "summary.json").exists():  # trained before: judge it again (e.g. on another prompt sample)
-            train_s = json.loads((run_dir / "summary.json").read_text())["seconds"]
+            done = json.loads((run_dir / "summary.json").read_text())
+            if done["config"] != to_dict(cfg):
+                changed = [f"{sec}.{k}" for sec, v in to_dict(cfg).items() if isinstance(v, dict)
+                           for k in v if done["config"].get(sec, {}).get(k) != v[k]]
+                raise SystemExit(f"{run_dir} was trained with other settings ({', '.join(changed) or 'config'} differ); "
+                                 "move it away to retrain")
+            train_s = done["seconds"]
             print(f"== {name}: reusing the trained run {run_dir}")
         else:
             print(f"== {name} on {Path(model).name}")
             t0 = time.time()
-            train(load_config(None, [f"model.path={model}", *data, f"train.output_dir={run_dir}", *common, *obj]))
+            train(cfg)
             train_s = time.time() - t0
         aligned = load_trained_pipeline(run_dir)
         aligned.set_progress_bar_config(disable=True)

@@ -93,7 +93,7 @@ def _save_state(path: Path, modules: dict[str, torch.nn.Module], ema: dict[str, 
     tmp = path.with_name(path.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     for name, m in modules.items():
-        save_file({k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}, tmp / f"{name}.safetensors")
+        save_file({k: v.cpu().contiguous() for k, v in m.state_dict().items()}, tmp / f"{name}.safetensors")
         save_file({k: v.cpu().contiguous() for k, v in ema[name].items()}, tmp / f"{name}.ema.safetensors")
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
     (tmp / "meta.json").write_text(json.dumps(meta))
