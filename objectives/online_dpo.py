@@ -1,15 +1,16 @@
-"""Online DPO for flow-matching models (flow_grpo ``scripts/train_sd3_dpo.py``, ``config/dpo.py``;
-yifan123/flow_grpo, Liu et al. 2025).
+"""Online DPO (flow_grpo ``scripts/train_sd3_dpo.py``, ``config/dpo.py``; yifan123/flow_grpo, Liu et al. 2025).
 
-Each round the policy generates ``group_size`` images per prompt with the Flow-GRPO SDE sampler
-(``noise_level``; ``sample_steps`` steps, CFG ``guidance_scale``), the reward ensemble (``rewards``,
+Each round the policy generates ``group_size`` images per prompt (``sample_steps`` steps, CFG
+``guidance_scale``): flow models with the Flow-GRPO SDE sampler (``noise_level``) as flow_grpo,
+DDPM-family models (epsilon / v prediction; our extension, flow_grpo is SD3-only) with DDIM at
+``eta`` (1 = ancestral DDPM) on the model's own noise schedule. The reward ensemble (``rewards``,
 comma-separated ``name=path`` specs, aggregated by RankDPO's vote) picks the best and the worst,
-and the pair trains with the flow-matching Diffusion-DPO loss (velocity target ``noise - x0``,
-per-sample mean error, shared sigma and noise for the pair, ``-0.5 * beta`` convention; beta 100 as
-flow_grpo for SD3.5 LoRA). The reference is a snapshot of the LoRA weights refreshed every
-``ref_refresh_every`` steps (flow_grpo's ``copy_learner_to_ref`` every ``ref_update_step``; 0 keeps
-the initial weights, i.e. offline-style DPO against the base model). The snapshot is saved in every
-checkpoint, so a resumed run keeps the same reference (OneTrainer #1403's pitfall).
+and the pair trains with the Diffusion-DPO loss on the model's own target (flow: velocity
+``noise - x0``; per-sample mean error, shared timestep and noise for the pair, ``-0.5 * beta``
+convention; beta 100 as flow_grpo for SD3.5 LoRA; epsilon models need Diffusion-DPO's larger betas).
+The reference is a snapshot of the LoRA weights refreshed every ``ref_refresh_every`` steps
+(flow_grpo's ``copy_learner_to_ref`` every ``ref_update_step``; 0 keeps the initial weights,
+i.e. DPO against the base model). The snapshot is saved in every checkpoint, so a resumed run keeps the same reference (OneTrainer #1403's pitfall).
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ class OnlineDPO:
     sample_steps: int = 10
     guidance_scale: float = 4.0
     noise_level: float = 0.7
+    """Flow models: the Flow-GRPO SDE's noise scale ``a``."""
+    eta: float = 1.0
+    """DDPM-family models (epsilon / v prediction) sample with DDIM; 1.0 is ancestral DDPM."""
     ref_refresh_every: int = 0
 
     needs_reference: ClassVar[bool] = True
@@ -42,8 +46,9 @@ class OnlineDPO:
     winner_only: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        if self.beta <= 0 or self.group_size < 2 or self.sample_steps < 1 or self.noise_level < 0 or self.ref_refresh_every < 0:
-            raise ValueError("need beta > 0, group_size >= 2, sample_steps >= 1, noise_level >= 0, ref_refresh_every >= 0")
+        if (self.beta <= 0 or self.group_size < 2 or self.sample_steps < 1 or self.noise_level < 0
+                or not 0 <= self.eta <= 1 or self.ref_refresh_every < 0):
+            raise ValueError("need beta > 0, group_size >= 2, sample_steps >= 1, noise_level >= 0, 0 <= eta <= 1, ref_refresh_every >= 0")
 
     def __call__(self, policy_err: Tensor, ref_err: Tensor | None, batch: dict[str, Any]) -> ObjectiveOutput:
         assert ref_err is not None, "online_dpo needs reference errors"

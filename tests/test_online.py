@@ -110,11 +110,55 @@ def test_online_dpo_flow_reference_refresh_and_resume(tiny_models, tiny_clip, pr
         torch.testing.assert_close(live[n], b[n], atol=1e-6, rtol=0)
 
 
+def test_online_dpo_on_an_epsilon_model_samples_with_ddim_and_moves_the_lora(tiny_models, tiny_clip, prompts_file, tmp_path):
+    """DDPM-family models draw each group with DDIM (eta 1 = ancestral) on the pipeline's schedule."""
+    from test_train import trainable
+
+    m = train(odpo_cfg(tiny_models["sd"], prompts_file, tiny_clip, tmp_path / "eps", "train.max_steps=2"))
+    assert math.isfinite(m["loss"]) and m["phi_spread"] > 0
+    moved = [n for n, v in trainable(tmp_path / "eps").items() if "lora_B" in n and v.abs().sum() > 0]
+    assert moved  # LoRA B starts at zero; two steps moved it
+
+
+def test_online_dpo_group_sampler_is_ddim_for_epsilon_models(tiny_models, monkeypatch):
+    """The group sampler calls ddim_sample with the objective's eta on the DDIM timesteps of sample_steps."""
+    import diffalign.samplers.ddim as ddim_mod
+    from diffalign.config import ModelConfig
+    from diffalign.models.loading import load_adapter
+    from diffalign.objectives import OnlineDPO
+    from diffalign.train.online import group_pairs
+
+    seen = {}
+    real = ddim_mod.ddim_sample
+
+    def spy(fn, x_T, timesteps, cond, sched, guidance_scale, eta, gen):
+        seen.update(steps=len(timesteps), eta=eta, guidance=guidance_scale, n=x_T.shape[0])
+        return real(fn, x_T, timesteps, cond, sched, guidance_scale, eta, gen)
+
+    monkeypatch.setattr(ddim_mod, "ddim_sample", spy)
+    adapter = load_adapter(ModelConfig(path=str(tiny_models["sd"])))
+    obj = OnlineDPO(rewards="x", group_size=3, sample_steps=4, guidance_scale=2.0, eta=0.5)
+    cond = {k: v for k, v in adapter.encode_prompts(["a red circle", "a blue square"]).items()}
+    uncond = {k: v for k, v in adapter.encode_prompts(["", ""]).items()}
+    micro = adapter.default_micro(2, 32, 32)
+    cond, uncond = {**cond, "__micro__": micro}, {**uncond, "__micro__": micro}
+
+    class Bright:  # reward = mean brightness: best and worst are the brightest and darkest image of each group
+        def __call__(self, imgs, texts):
+            return type("R", (), {"scores": imgs.mean((1, 2, 3))})()
+
+    shape = (adapter.denoiser.config.in_channels, 32 // adapter.pipe.vae_scale_factor, 32 // adapter.pipe.vae_scale_factor)
+    pairs, phi = group_pairs(obj, adapter, adapter.denoiser, {"b": Bright()}, ["a red circle", "a blue square"], cond, uncond,
+                             shape, torch.Generator().manual_seed(0))
+    assert seen == {"steps": 4, "eta": 0.5, "guidance": 2.0, "n": 6}
+    assert pairs.shape == (2, 2, *shape) and phi.shape == (2, 3)
+    bright = adapter.decode_latents(pairs.flatten(0, 1)).mean((1, 2, 3)).view(2, 2)
+    assert (bright[:, 0] > bright[:, 1]).all()
+
+
 def test_online_objectives_refuse_wrong_families(tiny_models, tiny_clip, prompts_file, tmp_path):
     with pytest.raises(ConfigError, match="needs an epsilon-prediction model"):
         train(spo_cfg(tiny_models["sd3"], prompts_file, tiny_clip, tmp_path / "a", "train.max_steps=1"))
-    with pytest.raises(ConfigError, match="online_dpo is the flow-matching recipe"):
-        train(odpo_cfg(tiny_models["sd"], prompts_file, tiny_clip, tmp_path / "b", "train.max_steps=1"))
     with pytest.raises(ConfigError, match="set lora.rank > 0"):
         train(spo_cfg(tiny_models["sd"], prompts_file, tiny_clip, tmp_path / "c", "train.max_steps=1", "lora.rank=0"))
 

@@ -138,26 +138,40 @@ def spo_logps(obj: Any, adapter: Any, model: torch.nn.Module, pairs: list[dict[s
     return stacked[torch.argsort(torch.tensor(order))]  # back to the pairs' order
 
 
-# ----------------------------------------------------------------------------- online DPO (flow)
+# ----------------------------------------------------------------------------- online DPO
 
 
-def flow_group_pairs(obj: Any, adapter: Any, model: torch.nn.Module, rewards: dict, prompts: list[str], cond: dict,
-                     uncond: dict, latent_shape: tuple[int, ...], gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    """``group_size`` SDE samples per prompt -> (best, worst) clean latents ``[B, 2, ...]`` and phi ``[B, G]``."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
+def group_pairs(obj: Any, adapter: Any, model: torch.nn.Module, rewards: dict, prompts: list[str], cond: dict,
+                uncond: dict, latent_shape: tuple[int, ...], gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """``group_size`` samples per prompt from the current policy -> (best, worst) clean latents
+    ``[B, 2, ...]`` and phi ``[B, G]``. Flow models sample with the Flow-GRPO SDE (``noise_level``),
+    DDPM-family models with DDIM (``eta``) on the pipeline's noise schedule."""
     from ..rewards.ensemble import vote_phi
     from ..samplers.base import randn_like
-    from ..samplers.flow import flow_sample
 
-    sch = FlowMatchEulerDiscreteScheduler.from_config(adapter.pipe.scheduler.config)
-    sch.set_timesteps(obj.sample_steps)
     B, G = len(prompts), obj.group_size
     x_T = randn_like(torch.empty(B * G, *latent_shape, device=adapter.device), gen)
     rep = {k: v.repeat_interleave(G, 0) for k, v in cond.items()}  # prompt-major: b*G + j
     urep = {k: v.repeat_interleave(G, 0) for k, v in uncond.items()}
-    x0 = flow_sample(_model_fn(adapter, model), x_T, sch.sigmas, (urep, rep), obj.guidance_scale, obj.noise_level, gen,
-                     num_train_timesteps=adapter.num_train_timesteps).sample
+    fn = _model_fn(adapter, model)
+    if adapter.prediction_type == "flow_matching":
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        from ..samplers.flow import flow_sample
+
+        sch = FlowMatchEulerDiscreteScheduler.from_config(adapter.pipe.scheduler.config)
+        sch.set_timesteps(obj.sample_steps)
+        x0 = flow_sample(fn, x_T, sch.sigmas, (urep, rep), obj.guidance_scale, obj.noise_level, gen,
+                         num_train_timesteps=adapter.num_train_timesteps).sample
+    else:
+        from diffusers import DDIMScheduler
+
+        from ..samplers.ddim import NoiseSchedule, ddim_sample
+
+        ddim = DDIMScheduler.from_config(adapter.pipe.scheduler.config)
+        ddim.set_timesteps(obj.sample_steps)
+        x0 = ddim_sample(fn, x_T, ddim.timesteps, (urep, rep), NoiseSchedule.from_scheduler(adapter.noise_scheduler),
+                         obj.guidance_scale, obj.eta, gen).sample
     imgs = adapter.decode_latents(x0).cpu()
     texts = [p for p in prompts for _ in range(G)]
     scores = {n: r(imgs, texts).scores.view(B, G) for n, r in rewards.items()}
@@ -206,11 +220,8 @@ def train_online(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     weight_dtype = DTYPES[t.mixed_precision]
 
     adapter = load_adapter(cfg.model, accelerator.device, weight_dtype)
-    flow = adapter.prediction_type == "flow_matching"
     if name == "spo" and adapter.prediction_type != "epsilon":
         raise ConfigError(f"spo samples with DDIM and needs an epsilon-prediction model; this one predicts {adapter.prediction_type}")
-    if name == "online_dpo" and not flow:
-        raise ConfigError("online_dpo is the flow-matching recipe (SD3-class models); use spo or an offline objective here")
     denoiser = adapter.denoiser
     from accelerate.utils import set_seed
 
@@ -276,7 +287,7 @@ def train_online(cfg: Config, resume: str | None = None) -> dict[str, Any]:
                 if not pairs and fallback is not None:
                     pairs, pair_weight = [fallback], 0.0
             else:
-                x0, phi = flow_group_pairs(objective, adapter, model, scorer, batch_prompts, cond, uncond, latent_shape, gen)
+                x0, phi = group_pairs(objective, adapter, model, scorer, batch_prompts, cond, uncond, latent_shape, gen)
                 logs["phi_spread"] = float((phi.max(1).values - phi.min(1).values).mean())
         model.train()
         if name != "spo":
