@@ -10,7 +10,8 @@ and the pair trains with the Diffusion-DPO loss on the model's own target (flow:
 convention; beta 100 as flow_grpo for SD3.5 LoRA; epsilon models need Diffusion-DPO's larger betas).
 The reference is a snapshot of the LoRA weights refreshed every ``ref_refresh_every`` steps
 (flow_grpo's ``copy_learner_to_ref`` every ``ref_update_step``; 0 keeps the initial weights,
-i.e. DPO against the base model). The snapshot is saved in every checkpoint, so a resumed run keeps the same reference (OneTrainer #1403's pitfall).
+i.e. DPO against the base model). The snapshot is saved in every checkpoint, so a resumed run keeps
+the same reference (OneTrainer #1403's pitfall).
 """
 
 from __future__ import annotations
