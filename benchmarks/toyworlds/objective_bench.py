@@ -63,6 +63,26 @@ def score_range(pairs: Path, column: str) -> float:
     return float(max(vals) - min(vals))
 
 
+def pool(files: list[str | Path]) -> dict[str, Any]:
+    """One paired gain and CI over several result files of the same objective (e.g. the default
+    held-out sample and an ``--eval-seed`` replicate): their per-image judgements are concatenated."""
+    from diffalign.benchmarks.toyworlds.evaluate import paired_difference
+
+    rows = [json.loads(Path(f).read_text()) for f in files]
+    if len({(r["objective"], r["model"]) for r in rows}) != 1:
+        raise SystemExit(f"--pool: files are of different objectives or models: {', '.join(map(str, files))}")
+    missing = [str(f) for f, r in zip(files, rows, strict=True) if "per_image" not in r]
+    if missing:
+        raise SystemExit(f"--pool: no per-image judgements in {', '.join(missing)} (written before they were kept; re-judge)")
+    imgs = [i for r in rows for i in r["per_image"]]
+    if len({(i["prompt"], i["seed"]) for i in imgs}) != len(imgs):
+        raise SystemExit("--pool: the files share images (same prompt and seed); pool independent samples only")
+    base = [{"correct": i["base"], "tag": i["tag"], "seed": i["seed"]} for i in imgs]
+    new = [{"correct": i["aligned"], "tag": i["tag"], "seed": i["seed"]} for i in imgs]
+    d = paired_difference(base, new)
+    return {"objective": rows[0]["objective"], "images": len(imgs), "gain": d["diff"], "ci95": [d["ci95_low"], d["ci95_high"]]}
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="runs/objective-bench")
@@ -83,7 +103,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--set", action="append", default=[], metavar="OBJECTIVE:KEY=VALUE",
                     help="extra config override for one objective, after RECIPES (repeatable)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pool", nargs="+", metavar="RESULT_JSON",
+                    help="print one gain and CI over these result files of one objective, then exit")
     args = ap.parse_args(argv)
+    if args.pool:
+        r = pool(args.pool)
+        print(f"{r['objective']}: pooled over {r['images']} images: gain {r['gain']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]")
+        return [r]
     extra: dict[str, list[str]] = {}
     for spec in args.set:
         name, sep, ov = spec.partition(":")
@@ -189,7 +215,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         row = {"objective": name, "model": Path(model).name, "base": b["summary"]["overall"],
                "aligned": res["summary"]["overall"], "gain": diff["diff"], "ci95": [diff["ci95_low"], diff["ci95_high"]],
                "per_tag_base": b["summary"]["per_tag"], "per_tag_aligned": res["summary"]["per_tag"],
-               "train_s": train_s, "settings": obj + data}
+               "train_s": train_s, "settings": obj + data,
+               # per image, so samples judged on different prompt sets can be pooled later (--pool)
+               "per_image": [{"prompt": rb["prompt"], "tag": rb["tag"], "seed": rb["seed"], "base": rb["correct"],
+                              "aligned": ra["correct"]} for rb, ra in zip(b["results"], res["results"], strict=True)]}
         res_file.write_text(json.dumps(row, indent=2))
         rows.append(row)
         print(f"{name}: gain {row['gain']:+.3f} [{row['ci95'][0]:+.3f}, {row['ci95'][1]:+.3f}], train {train_s:.0f} s")
