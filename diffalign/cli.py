@@ -74,7 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     de.add_argument("--model", default=None, help="policy pipeline (default: shipped toy-sd)")
     de.add_argument("--generator", action="append", default=None, help="Syn-Pic generators (default: toy-sd and toy-sd3)")
     de.add_argument("--reward", action="append", default=None, help="NAME=PATH rewards (default: the two toy CLIPs)")
-    de.add_argument("--objective", default="rankdpo")
+    de.add_argument("--objective", default="rankdpo",
+                    help="rankdpo (default), diffusion_dpo, kto, sft, or online_dpo (no Syn-Pic: the policy samples its own groups)")
     de.add_argument("--beta", type=float, default=2000.0)
     de.add_argument("--steps", type=int, default=150, help="training steps (the budget knob)")
     de.add_argument("--lr", type=float, default=1e-3)

@@ -28,6 +28,11 @@ def asset(name: str) -> str:
     return str(p)
 
 
+# Objectives the demo trains with its shared recipe (beta, lr, steps); the others need their own data
+# or settings (MaPO's beta, SmPO's scores, DCPO's pairs, SPO's step model): see objective_bench.
+DEMO_OBJECTIVES = ("rankdpo", "diffusion_dpo", "kto", "sft", "online_dpo")
+
+
 def train_prompts(n: int, seed: int) -> list[str]:
     from .benchmarks.toyworlds.shapes import prompts
 
@@ -45,12 +50,17 @@ def run_demo(out: str = "runs/demo", model: str | None = None, generators: list[
              n_eval: int = 60, per_prompt: int = 4, sample_steps: int = 15, guidance: float = 4.0, seed: int = 0) -> dict[str, Any]:
     from ._quiet import quiet_libraries
     from .benchmarks.toyworlds.evaluate import evaluate_pipeline, paired_difference
-    from .config import load_config
+    from .config import load_config, validate
     from .models.loading import load_pipeline, load_trained_pipeline, pipeline_call_defaults
     from .report import image_grid, loss_curve, save_png, tag_bars, write_report
     from .synpic import SynPicConfig, run_synpic
     from .train import train
 
+    if objective not in DEMO_OBJECTIVES:  # before any work
+        from .registry import suggest
+
+        raise ConfigError(f"demo --objective {objective!r}: not one the demo wires up.{suggest(objective, list(DEMO_OBJECTIVES))} "
+                          "Every objective runs in `python -m diffalign.benchmarks.toyworlds.objective_bench`.")
     quiet_libraries()
     t_start = time.time()
     root = Path(out)
@@ -59,26 +69,40 @@ def run_demo(out: str = "runs/demo", model: str | None = None, generators: list[
     generators = generators or [asset("toy-sd"), asset("toy-sd3")]
     rewards = rewards or [f"pickscore={asset('toy-clip-a')}", f"pickscore={asset('toy-clip-b')}"]
 
-    print(f"[1/4] Syn-Pic: {n_train} prompts x {len(generators)} generators x {images_per_generator} images, "
-          f"{len(rewards)} rewards")
+    online = objective == "online_dpo"  # the policy draws its own groups each step: no Syn-Pic stage
+    run_dir = root / "run"
     (root / "prompts.txt").write_text("\n".join(train_prompts(n_train, seed)))
-    ranked = run_synpic(SynPicConfig(prompts=str(root / "prompts.txt"), generators=generators, rewards=rewards,
-                                     out=str(root / "synpic"), images_per_generator=images_per_generator,
-                                     steps=sample_steps, guidance=guidance, seed=seed, shard_size=64, batch_prompts=32))
-    data_ovs = [f"data.path={ranked}", "data.format=ranked"]
-    if objective != "rankdpo":  # pair objectives train on best-vs-worst pairs
-        from .synpic import export_pairs
+    ranked = root / "synpic"
+    if online:
+        data_ovs = [f"data.path={root / 'prompts.txt'}"]
+        obj_ovs = [f"objective.rewards={','.join(rewards)}", "objective.group_size=4", f"objective.sample_steps={sample_steps}",
+                   f"objective.guidance_scale={guidance}", "objective.ref_refresh_every=50"]
+    elif objective == "rankdpo":
+        data_ovs, obj_ovs = [f"data.path={ranked}", "data.format=ranked"], []
+    else:  # pair objectives train on best-vs-worst pairs
+        data_ovs, obj_ovs = [f"data.path={root / 'pairs.parquet'}"], []
+    obj_ovs = [f"objective.name={objective}", *([f"objective.beta={beta}"] if objective != "sft" else []), *obj_ovs]
+    cfg = load_config(None, [f"model.path={model}", *data_ovs, "data.resolution=32", f"train.output_dir={run_dir}",
+                             f"train.max_steps={steps}", f"train.batch_size={batch_size}", f"train.lr={lr}", *obj_ovs,
+                             "lora.rank=8", f"train.seed={seed}", f"train.checkpoint_every={steps}", "train.warmup_steps=0",
+                             "train.lr_scheduler=constant"])
+    validate(cfg, check_data=False)  # keys and hyperparameters, before minutes of generation
 
-        data_ovs = [f"data.path={export_pairs(ranked, root / 'pairs.parquet')}"]
+    if online:
+        print(f"[1/4] Syn-Pic: skipped ({objective} samples {n_train} prompts with the policy as it trains)")
+    else:
+        print(f"[1/4] Syn-Pic: {n_train} prompts x {len(generators)} generators x {images_per_generator} images, "
+              f"{len(rewards)} rewards")
+        run_synpic(SynPicConfig(prompts=str(root / "prompts.txt"), generators=generators, rewards=rewards, out=str(ranked),
+                                images_per_generator=images_per_generator, steps=sample_steps, guidance=guidance, seed=seed,
+                                shard_size=64, batch_prompts=32))
+        if objective != "rankdpo":
+            from .synpic import export_pairs
+
+            export_pairs(ranked, root / "pairs.parquet")
     t_data = time.time()
 
     print(f"[2/4] {objective} with LoRA on {Path(model).name}: {steps} steps")
-    run_dir = root / "run"
-    obj = [f"objective.name={objective}"] + ([f"objective.beta={beta}"] if objective != "sft" else [])
-    cfg = load_config(None, [f"model.path={model}", *data_ovs, "data.resolution=32", f"train.output_dir={run_dir}",
-                             f"train.max_steps={steps}", f"train.batch_size={batch_size}", f"train.lr={lr}", *obj,
-                             "lora.rank=8", f"train.seed={seed}", f"train.checkpoint_every={steps}", "train.warmup_steps=0",
-                             "train.lr_scheduler=constant"])
     train(cfg)
     t_train = time.time()
 

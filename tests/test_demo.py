@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from diffalign.demo import run_demo
+from diffalign.errors import ConfigError
 
 
 def test_demo_plumbing_and_report(tmp_path, tiny_models, tiny_clip):
@@ -26,3 +29,19 @@ def test_demo_plumbing_and_report(tmp_path, tiny_models, tiny_clip):
                      per_prompt=2, sample_steps=2, batch_size=2)
     assert {k: again[k] for k in ("base", "aligned", "gain")} == {k: m[k] for k in ("base", "aligned", "gain")}
     assert (tmp_path / "again" / "results.jsonl").read_text() == (tmp_path / "demo" / "results.jsonl").read_text()
+
+
+def test_demo_refuses_objectives_it_does_not_wire_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match=r"'rankdpo'.*objective_bench"):
+        run_demo(out=str(tmp_path / "x"), objective="rankdp")
+    with pytest.raises(ConfigError, match="mapo"):
+        run_demo(out=str(tmp_path / "x"), objective="mapo")
+    assert not (tmp_path / "x").exists()
+
+
+def test_demo_online_dpo_skips_synpic_and_reports(tmp_path, tiny_models, tiny_clip):
+    m = run_demo(out=str(tmp_path / "on"), model=str(tiny_models["sd"]), rewards=[f"pickscore={tiny_clip}"],
+                 objective="online_dpo", steps=1, n_train=4, n_eval=5, per_prompt=2, sample_steps=2, batch_size=2)
+    assert not (tmp_path / "on" / "synpic").exists() and (tmp_path / "on" / "report" / "index.html").exists()
+    assert m["settings"]["objective"] == "online_dpo" and len(m["aligned"]["per_tag"]) == 5
+    assert (tmp_path / "on" / "run" / "checkpoints" / "latest").exists()
