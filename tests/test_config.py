@@ -71,8 +71,8 @@ def test_shipped_configs_exist():
 
 
 # objectives defined only for one family: InPO/SmPO invert with DDIM and SPO samples with DDIM
-# (epsilon models); online_dpo is flow_grpo's flow-matching recipe
-ONLY_SDXL, ONLY_SD3 = {"inpo", "smpo", "spo"}, {"online_dpo"}
+# (epsilon models); online_dpo runs on both (flow SDE or DDIM groups)
+ONLY_SDXL, ONLY_SD3 = {"inpo", "smpo", "spo"}, set()
 
 
 def test_every_objective_has_sdxl_and_sd3_configs():
