@@ -64,14 +64,12 @@ def run_demo(out: str = "runs/demo", model: str | None = None, generators: list[
     quiet_libraries()
     t_start = time.time()
     root = Path(out)
-    root.mkdir(parents=True, exist_ok=True)
     model = model or asset("toy-sd")
     generators = generators or [asset("toy-sd"), asset("toy-sd3")]
     rewards = rewards or [f"pickscore={asset('toy-clip-a')}", f"pickscore={asset('toy-clip-b')}"]
 
     online = objective == "online_dpo"  # the policy draws its own groups each step: no Syn-Pic stage
     run_dir = root / "run"
-    (root / "prompts.txt").write_text("\n".join(train_prompts(n_train, seed)))
     ranked = root / "synpic"
     if online:
         data_ovs = [f"data.path={root / 'prompts.txt'}"]
@@ -86,7 +84,11 @@ def run_demo(out: str = "runs/demo", model: str | None = None, generators: list[
                              f"train.max_steps={steps}", f"train.batch_size={batch_size}", f"train.lr={lr}", *obj_ovs,
                              "lora.rank=8", f"train.seed={seed}", f"train.checkpoint_every={steps}", "train.warmup_steps=0",
                              "train.lr_scheduler=constant"])
-    validate(cfg, check_data=False)  # keys and hyperparameters, before minutes of generation
+    validate(cfg, check_data=False)  # keys and hyperparameters, before any file or minute of generation
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "prompts.txt").write_text("\n".join(train_prompts(n_train, seed)))
+    if online:
+        generators = []  # not used: the policy samples its own groups
 
     if online:
         print(f"[1/4] Syn-Pic: skipped ({objective} samples {n_train} prompts with the policy as it trains)")

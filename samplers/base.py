@@ -43,10 +43,12 @@ def _cat_cond(u: Any, c: Any) -> Any:
 
 
 def guided(model_fn: ModelFn, x: Tensor, t: Tensor, cond: Any, guidance_scale: float) -> Tensor:
-    """One (possibly classifier-free guided) prediction; both halves go through one forward."""
+    """One (possibly classifier-free guided) prediction; both halves go through one forward.
+    ``cond`` is an ``(uncond, cond)`` pair, or the conditioning alone when ``guidance_scale`` is 1
+    (a pair is accepted there too: only its conditional half is run)."""
     tt = t.expand(x.shape[0]) if t.ndim == 0 else t
     if guidance_scale == 1.0:
-        return model_fn(x, tt, cond)
+        return model_fn(x, tt, cond[1] if isinstance(cond, tuple) else cond)
     uncond, c = cond
     pred_u, pred_c = model_fn(torch.cat([x, x]), torch.cat([tt, tt]), _cat_cond(uncond, c)).chunk(2)
     return pred_u + guidance_scale * (pred_c - pred_u)

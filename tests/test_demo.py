@@ -36,6 +36,8 @@ def test_demo_refuses_objectives_it_does_not_wire_before_any_work(tmp_path):
         run_demo(out=str(tmp_path / "x"), objective="rankdp")
     with pytest.raises(ConfigError, match="mapo"):
         run_demo(out=str(tmp_path / "x"), objective="mapo")
+    with pytest.raises(ConfigError, match="max_steps"):  # bad hyperparameters: refused before any file is written
+        run_demo(out=str(tmp_path / "x"), steps=0)
     assert not (tmp_path / "x").exists()
 
 
@@ -43,5 +45,6 @@ def test_demo_online_dpo_skips_synpic_and_reports(tmp_path, tiny_models, tiny_cl
     m = run_demo(out=str(tmp_path / "on"), model=str(tiny_models["sd"]), rewards=[f"pickscore={tiny_clip}"],
                  objective="online_dpo", steps=1, n_train=4, n_eval=5, per_prompt=2, sample_steps=2, batch_size=2)
     assert not (tmp_path / "on" / "synpic").exists() and (tmp_path / "on" / "report" / "index.html").exists()
-    assert m["settings"]["objective"] == "online_dpo" and len(m["aligned"]["per_tag"]) == 5
+    assert m["settings"]["objective"] == "online_dpo" and m["settings"]["generators"] == []
+    assert len(m["aligned"]["per_tag"]) == 5
     assert (tmp_path / "on" / "run" / "checkpoints" / "latest").exists()

@@ -53,6 +53,10 @@ def test_pool_refuses_mixed_objectives_overlaps_and_old_files(tmp_path):
     a = _result(tmp_path / "a.json", "kto", [1, 2], [0, 1], [1, 1], ["x", "x"])
     with pytest.raises(SystemExit, match="different objectives"):
         objective_bench.pool([a, _result(tmp_path / "b.json", "dcpo", [3], [0], [1], ["x"])])
+    other = _result(tmp_path / "d.json", "kto", [4], [0], [1], ["x"])
+    other.write_text(json.dumps({**json.loads(other.read_text()), "settings": ["objective.beta=500"]}))
+    with pytest.raises(SystemExit, match="settings"):
+        objective_bench.pool([a, other])
     with pytest.raises(SystemExit, match="share images"):
         objective_bench.pool([a, _result(tmp_path / "c.json", "kto", [2], [0], [1], ["x"])])
     old = tmp_path / "old.json"

@@ -1,5 +1,5 @@
 """Online objectives: SPO (step-wise pairs, clipped-ratio loss on DDIM transition log-probs) and
-online DPO for flow models (self-generated best vs worst, refreshed reference); hand-derived
+online DPO (self-generated best vs worst from flow SDE or DDIM groups, refreshed reference); hand-derived
 losses, parity with the official lines, transition log-probs against torch.distributions, end to
 end on tiny pipelines, exact resume."""
 
@@ -110,11 +110,13 @@ def test_online_dpo_flow_reference_refresh_and_resume(tiny_models, tiny_clip, pr
         torch.testing.assert_close(live[n], b[n], atol=1e-6, rtol=0)
 
 
-def test_online_dpo_on_an_epsilon_model_samples_with_ddim_and_moves_the_lora(tiny_models, tiny_clip, prompts_file, tmp_path):
-    """DDPM-family models draw each group with DDIM (eta 1 = ancestral) on the pipeline's schedule."""
+@pytest.mark.parametrize("family", ["sd", "sd-v", "sdxl"])
+def test_online_dpo_on_ddpm_family_models_samples_with_ddim_and_moves_the_lora(family, tiny_models, tiny_clip, prompts_file,
+                                                                               tmp_path):
+    """DDPM-family models (epsilon, v, SDXL micro-conditioning) draw each group with DDIM (eta 1 = ancestral)."""
     from test_train import trainable
 
-    m = train(odpo_cfg(tiny_models["sd"], prompts_file, tiny_clip, tmp_path / "eps", "train.max_steps=2"))
+    m = train(odpo_cfg(tiny_models[family], prompts_file, tiny_clip, tmp_path / "eps", "train.max_steps=2"))
     assert math.isfinite(m["loss"]) and m["phi_spread"] > 0
     moved = [n for n, v in trainable(tmp_path / "eps").items() if "lora_B" in n and v.abs().sum() > 0]
     assert moved  # LoRA B starts at zero; two steps moved it
@@ -132,7 +134,8 @@ def test_online_dpo_group_sampler_is_ddim_for_epsilon_models(tiny_models, monkey
     real = ddim_mod.ddim_sample
 
     def spy(fn, x_T, timesteps, cond, sched, guidance_scale, eta, gen):
-        seen.update(steps=len(timesteps), eta=eta, guidance=guidance_scale, n=x_T.shape[0])
+        seen.update(steps=len(timesteps), eta=eta, guidance=guidance_scale, n=x_T.shape[0], pred=sched.prediction_type,
+                    uncond_first=torch.equal(cond[0]["prompt_embeds"][0], uncond["prompt_embeds"][0]))
         return real(fn, x_T, timesteps, cond, sched, guidance_scale, eta, gen)
 
     monkeypatch.setattr(ddim_mod, "ddim_sample", spy)
@@ -150,10 +153,38 @@ def test_online_dpo_group_sampler_is_ddim_for_epsilon_models(tiny_models, monkey
     shape = (adapter.denoiser.config.in_channels, 32 // adapter.pipe.vae_scale_factor, 32 // adapter.pipe.vae_scale_factor)
     pairs, phi = group_pairs(obj, adapter, adapter.denoiser, {"b": Bright()}, ["a red circle", "a blue square"], cond, uncond,
                              shape, torch.Generator().manual_seed(0))
-    assert seen == {"steps": 4, "eta": 0.5, "guidance": 2.0, "n": 6}
+    assert seen == {"steps": 4, "eta": 0.5, "guidance": 2.0, "n": 6, "pred": "epsilon", "uncond_first": True}
     assert pairs.shape == (2, 2, *shape) and phi.shape == (2, 3)
     bright = adapter.decode_latents(pairs.flatten(0, 1)).mean((1, 2, 3)).view(2, 2)
     assert (bright[:, 0] > bright[:, 1]).all()
+
+
+def test_online_objectives_refuse_video_and_audio_models_before_loading(tiny_clip, prompts_file, tmp_path):
+    import json
+
+    for cls in ("AnimateDiffPipeline", "TextToVideoSDPipeline", "AudioLDMPipeline"):
+        fake = tmp_path / cls  # only model_index.json: the refusal must come before any weights load
+        fake.mkdir()
+        (fake / "model_index.json").write_text(json.dumps({"_class_name": cls}))
+        for cfg in (odpo_cfg(fake, prompts_file, tiny_clip, tmp_path / "o", "train.max_steps=1"),
+                    spo_cfg(fake, prompts_file, tiny_clip, tmp_path / "s", "train.max_steps=1")):
+            with pytest.raises(ConfigError, match="trains image models"):
+                train(cfg)
+
+
+def test_guided_at_scale_one_runs_only_the_conditional_half_of_a_pair():
+    from diffalign.samplers.base import guided
+
+    calls = []
+
+    def fn(x, t, c):
+        calls.append(c)
+        return x * c
+
+    x, t = torch.ones(2, 3), torch.tensor(5)
+    out = guided(fn, x, t, (torch.tensor(7.0), torch.tensor(3.0)), 1.0)
+    assert torch.equal(out, torch.full((2, 3), 3.0)) and len(calls) == 1
+    assert torch.equal(guided(fn, x, t, torch.tensor(2.0), 1.0), torch.full((2, 3), 2.0))  # a plain cond still works
 
 
 def test_online_objectives_refuse_wrong_families(tiny_models, tiny_clip, prompts_file, tmp_path):

@@ -64,13 +64,14 @@ def score_range(pairs: Path, column: str) -> float:
 
 
 def pool(files: list[str | Path]) -> dict[str, Any]:
-    """One paired gain and CI over several result files of the same objective (e.g. the default
-    held-out sample and an ``--eval-seed`` replicate): their per-image judgements are concatenated."""
+    """One paired gain and CI over several result files of the same trained run (e.g. the default
+    held-out sample and an ``--eval-seed`` replicate): their per-image judgements are concatenated.
+    Like each file's own CI it covers image-seed variation only, not retraining."""
     from diffalign.benchmarks.toyworlds.evaluate import paired_difference
 
     rows = [json.loads(Path(f).read_text()) for f in files]
-    if len({(r["objective"], r["model"]) for r in rows}) != 1:
-        raise SystemExit(f"--pool: files are of different objectives or models: {', '.join(map(str, files))}")
+    if len({(r["objective"], r["model"], json.dumps(r.get("settings"))) for r in rows}) != 1:
+        raise SystemExit(f"--pool: files are of different objectives, models or settings: {', '.join(map(str, files))}")
     missing = [str(f) for f, r in zip(files, rows, strict=True) if "per_image" not in r]
     if missing:
         raise SystemExit(f"--pool: no per-image judgements in {', '.join(missing)} (written before they were kept; re-judge)")

@@ -28,7 +28,7 @@ from torch import Tensor
 from .._quiet import quiet_libraries
 from ..config import Config, ConfigError, dump_config, to_dict, validate
 from ..data.pairs import sample_seed
-from ..models.loading import load_adapter
+from ..models.loading import load_adapter, resolve_family
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .loop import (
     DTYPES,
@@ -219,6 +219,9 @@ def train_online(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     weight_dtype = DTYPES[t.mixed_precision]
 
+    family = resolve_family(cfg.model)  # reads model_index.json only
+    if family in ("animatediff", "text2video", "audioldm"):  # groups are scored by image rewards on [B,3,H,W]
+        raise ConfigError(f"objective {name!r} (online) trains image models (sd, sdxl, sd3); {cfg.model.path} is {family!r}")
     adapter = load_adapter(cfg.model, accelerator.device, weight_dtype)
     if name == "spo" and adapter.prediction_type != "epsilon":
         raise ConfigError(f"spo samples with DDIM and needs an epsilon-prediction model; this one predicts {adapter.prediction_type}")
