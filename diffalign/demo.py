@@ -45,7 +45,7 @@ def train_prompts(n: int, seed: int) -> list[str]:
 
 
 def run_demo(out: str = "runs/demo", model: str | None = None, generators: list[str] | None = None,
-             rewards: list[str] | None = None, objective: str = "rankdpo", beta: float = 2000.0, steps: int = 150,
+             rewards: list[str] | None = None, objective: str = "rankdpo", beta: float = 2000.0, steps: int = 800,
              lr: float = 1e-3, batch_size: int = 8, n_train: int = 100, images_per_generator: int = 2,
              n_eval: int = 60, per_prompt: int = 4, sample_steps: int = 15, guidance: float = 4.0, seed: int = 0) -> dict[str, Any]:
     from ._quiet import quiet_libraries

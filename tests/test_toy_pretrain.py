@@ -21,6 +21,19 @@ def test_quick_pretrain_exports_loadable_pipelines(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert json.loads((work / "sd3" / "meta.json").read_text())["steps"] > first["steps"]
 
+    def adam_steps(stage):
+        state = torch.load(work / stage / "optimizer.pt", weights_only=True)["state"]
+        return int(next(iter(state.values()))["step"])
+
+    # continuing keeps AdamW's state (its step count is the stage's); --restart-optimizer starts a fresh one
+    # from the EMA weights, so its count covers only the new steps
+    before = json.loads((work / "sd" / "meta.json").read_text())["steps"]
+    assert adam_steps("sd") == before
+    p = subprocess.run(cmd + ["--stages", "sd", "--restart-optimizer"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    after = json.loads((work / "sd" / "meta.json").read_text())["steps"]
+    assert after > before and adam_steps("sd") == after - before
+
     from diffalign.models import load_pipeline
 
     for name in ("toy-sd", "toy-sd3"):

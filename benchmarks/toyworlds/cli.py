@@ -25,6 +25,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pre.add_argument("--av-minutes", type=float, nargs=4, default=[95.0, 13.0, 6.0, 40.0],
                      metavar=("VIDEO", "AVAE", "VOCODER", "AUDIO"), help="wall-clock minutes of the video/audio stages")
     pre.add_argument("--video-base", default=None, help="toy-sd folder the video model starts from (default: shipped)")
+    pre.add_argument("--restart-optimizer", action="store_true",
+                     help="continue image stages from their EMA weights with a fresh AdamW (how toy-sd v2 was made)")
     pre.add_argument("--device", default=None,
                      help="torch device for the networks, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu); "
                           "checkpoints are device-free, so a run can continue on another machine")
@@ -59,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
             if stage in AV_STAGES:
                 _pretrain_av(stage, work, out, minutes[stage], args.quick, args.video_base, device)
                 continue
-            meta = train_stage(stage, work, minutes[stage], batch=8 if args.quick else 64, device=device)
+            meta = train_stage(stage, work, minutes[stage], batch=8 if args.quick else 64, device=device,
+                               restart_optimizer=args.restart_optimizer)
             print(f"{stage}: {meta['images']} images in {meta['seconds'] / 60:.1f} min total")
             if stage != "vae":
                 export_pipeline(stage, work, out / f"toy-{stage}")

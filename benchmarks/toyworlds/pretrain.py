@@ -161,9 +161,12 @@ class Bookkeeper:
 
 
 def train_stage(kind: Kind, work: Path, minutes: float, batch: int = 64, lr: float = 5e-4, seed: int = 0,
-                ema_decay: float = 0.999, log_every: int = 50, device: str | torch.device = "cpu") -> dict[str, Any]:
+                ema_decay: float = 0.999, log_every: int = 50, device: str | torch.device = "cpu",
+                restart_optimizer: bool = False) -> dict[str, Any]:
     """Train (or continue) one stage for ``minutes`` of wall time; checkpoint to ``work/kind``.
-    ``device``: where the networks train (images are rendered on the CPU); checkpoints are device-free."""
+    ``device``: where the networks train (images are rendered on the CPU); checkpoints are device-free.
+    ``restart_optimizer``: continue from the checkpoint's EMA weights (live weights := EMA) with a
+    fresh AdamW, as toy-sd v2 was made from v1."""
     torch.manual_seed(seed)
     tok = tokenizer()
     modules: dict[str, torch.nn.Module] = {}
@@ -189,6 +192,11 @@ def train_stage(kind: Kind, work: Path, minutes: float, batch: int = 64, lr: flo
     meta = {"images": 0, "steps": 0, "seconds": 0.0}
     if (ckpt / "meta.json").exists():
         meta = _load_state(ckpt, modules, ema, opt)
+        if restart_optimizer:
+            with torch.no_grad():
+                for n, m in modules.items():
+                    m.load_state_dict(ema[n])
+            opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     stream = Stream(seed * 1000 + meta["steps"])  # new images after a resume
     from diffusers import DDPMScheduler
 
