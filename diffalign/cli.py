@@ -83,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     de.add_argument("--eval-prompts", type=int, default=60)
     de.add_argument("--per-prompt", type=int, default=4)
     de.add_argument("--seed", type=int, default=0)
+    de.add_argument("--overwrite", action="store_true", help="replace a previous demo in --out")
 
     from .benchmarks.toyworlds import cli as toy_cli
 
@@ -163,7 +164,8 @@ def _run(args: argparse.Namespace) -> int:
         from .demo import run_demo
 
         run_demo(args.out, args.model, args.generator, args.reward, args.objective, args.beta, args.steps, args.lr,
-                 n_train=args.train_prompts, n_eval=args.eval_prompts, per_prompt=args.per_prompt, seed=args.seed)
+                 n_train=args.train_prompts, n_eval=args.eval_prompts, per_prompt=args.per_prompt, seed=args.seed,
+                 overwrite=args.overwrite)
         return 0
     if args.cmd == "toy":
         from .benchmarks.toyworlds import cli as toy_cli

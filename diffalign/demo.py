@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from importlib import resources
 from pathlib import Path
@@ -31,6 +32,7 @@ def asset(name: str) -> str:
 # Objectives the demo trains with its shared recipe (beta, lr, steps); the others need their own data
 # or settings (MaPO's beta, SmPO's scores, DCPO's pairs, SPO's step model): see objective_bench.
 DEMO_OBJECTIVES = ("rankdpo", "diffusion_dpo", "kto", "sft", "online_dpo")
+DEMO_OUTPUTS = ("prompts.txt", "synpic", "pairs.parquet", "run", "report", "results.jsonl")
 
 
 def train_prompts(n: int, seed: int) -> list[str]:
@@ -47,7 +49,8 @@ def train_prompts(n: int, seed: int) -> list[str]:
 def run_demo(out: str = "runs/demo", model: str | None = None, generators: list[str] | None = None,
              rewards: list[str] | None = None, objective: str = "rankdpo", beta: float = 2000.0, steps: int = 800,
              lr: float = 1e-3, batch_size: int = 8, n_train: int = 100, images_per_generator: int = 2,
-             n_eval: int = 60, per_prompt: int = 4, sample_steps: int = 15, guidance: float = 4.0, seed: int = 0) -> dict[str, Any]:
+             n_eval: int = 60, per_prompt: int = 4, sample_steps: int = 15, guidance: float = 4.0, seed: int = 0,
+             overwrite: bool = False) -> dict[str, Any]:
     from ._quiet import quiet_libraries
     from .benchmarks.toyworlds.evaluate import evaluate_pipeline, paired_difference
     from .config import load_config, validate
@@ -85,6 +88,12 @@ def run_demo(out: str = "runs/demo", model: str | None = None, generators: list[
                              "lora.rank=8", f"train.seed={seed}", f"train.checkpoint_every={steps}", "train.warmup_steps=0",
                              "train.lr_scheduler=constant"])
     validate(cfg, check_data=False)  # keys and hyperparameters, before any file or minute of generation
+    previous = [root / n for n in DEMO_OUTPUTS if (root / n).exists()]
+    if previous and not overwrite:  # a rerun would reuse Syn-Pic images made by possibly other weights
+        raise ConfigError(f"{root} holds a previous demo ({', '.join(p.name for p in previous)}); "
+                          "pass --out to another folder, or --overwrite to replace it")
+    for p in previous:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
     root.mkdir(parents=True, exist_ok=True)
     (root / "prompts.txt").write_text("\n".join(train_prompts(n_train, seed)))
     if online:

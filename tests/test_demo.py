@@ -29,6 +29,14 @@ def test_demo_plumbing_and_report(tmp_path, tiny_models, tiny_clip):
                      per_prompt=2, sample_steps=2, batch_size=2)
     assert {k: again[k] for k in ("base", "aligned", "gain")} == {k: m[k] for k in ("base", "aligned", "gain")}
     assert (tmp_path / "again" / "results.jsonl").read_text() == (tmp_path / "demo" / "results.jsonl").read_text()
+    # a rerun into the same folder is refused (it would reuse the old Syn-Pic images), unless asked to overwrite
+    kw = dict(model=str(tiny_models["sd"]), generators=[str(tiny_models["sd"])], rewards=[f"pickscore={tiny_clip}"], steps=1,
+              n_train=4, n_eval=5, per_prompt=2, sample_steps=2, batch_size=2)
+    with pytest.raises(ConfigError, match="holds a previous demo .*--overwrite"):
+        run_demo(out=str(tmp_path / "demo"), **kw)
+    stamp = (tmp_path / "demo" / "results.jsonl").stat().st_mtime_ns
+    run_demo(out=str(tmp_path / "demo"), overwrite=True, **kw)
+    assert (tmp_path / "demo" / "results.jsonl").stat().st_mtime_ns != stamp
 
 
 def test_demo_refuses_objectives_it_does_not_wire_before_any_work(tmp_path):

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import ConfigError
+
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step-{step:06d}"
@@ -77,6 +79,15 @@ def _prune(folder: Path, keep: int) -> None:
     done = sorted(p for p in folder.glob("step-*") if not p.name.endswith(".tmp"))
     for old in done[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def check_fresh(run_dir: Path) -> None:
+    """A run started without ``resume`` must not mix with an earlier run in the same folder (its
+    checkpoints and appended metrics would interleave)."""
+    old = find_checkpoint(run_dir, "latest") if (run_dir / "checkpoints").is_dir() else None
+    if old is not None:
+        raise ConfigError(f"train.output_dir {run_dir} already holds a run (checkpoint {old.name}); "
+                          "pass --resume to continue it, or choose another train.output_dir")
 
 
 def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
