@@ -67,11 +67,11 @@ def run_demo(out: str = "runs/demo", model: str | None = None, generators: list[
     quiet_libraries()
     t_start = time.time()
     root = Path(out)
+    online = objective == "online_dpo"  # the policy draws its own groups each step: no Syn-Pic stage
     model = model or asset("toy-sd")
-    generators = generators or [asset("toy-sd"), asset("toy-sd3")]
+    generators = [] if online else generators or [asset("toy-sd"), asset("toy-sd3")]
     rewards = rewards or [f"pickscore={asset('toy-clip-a')}", f"pickscore={asset('toy-clip-b')}"]
 
-    online = objective == "online_dpo"  # the policy draws its own groups each step: no Syn-Pic stage
     run_dir = root / "run"
     ranked = root / "synpic"
     if online:
@@ -96,8 +96,6 @@ def run_demo(out: str = "runs/demo", model: str | None = None, generators: list[
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     root.mkdir(parents=True, exist_ok=True)
     (root / "prompts.txt").write_text("\n".join(train_prompts(n_train, seed)))
-    if online:
-        generators = []  # not used: the policy samples its own groups
 
     if online:
         print(f"[1/4] Syn-Pic: skipped ({objective} samples {n_train} prompts with the policy as it trains)")

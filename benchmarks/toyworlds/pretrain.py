@@ -193,9 +193,8 @@ def train_stage(kind: Kind, work: Path, minutes: float, batch: int = 64, lr: flo
     if (ckpt / "meta.json").exists():
         meta = _load_state(ckpt, modules, ema, opt)
         if restart_optimizer:
-            with torch.no_grad():
-                for n, m in modules.items():
-                    m.load_state_dict(ema[n])
+            for n, m in modules.items():
+                m.load_state_dict(ema[n])
             opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     stream = Stream(seed * 1000 + meta["steps"])  # new images after a resume
     from diffusers import DDPMScheduler

@@ -81,13 +81,17 @@ def _prune(folder: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def check_fresh(run_dir: Path) -> None:
-    """A run started without ``resume`` must not mix with an earlier run in the same folder (its
-    checkpoints and appended metrics would interleave)."""
-    old = find_checkpoint(run_dir, "latest") if (run_dir / "checkpoints").is_dir() else None
+def resume_point(run_dir: Path, resume: str | None) -> Path | None:
+    """The checkpoint a run continues from (``resume``: ``latest`` or a folder), or None for a fresh
+    run, which must not mix with an earlier run in the same folder (checkpoints and appended metrics
+    would interleave)."""
+    if resume:
+        return find_checkpoint(run_dir, resume)
+    old = find_checkpoint(run_dir, "latest")
     if old is not None:
         raise ConfigError(f"train.output_dir {run_dir} already holds a run (checkpoint {old.name}); "
                           "pass --resume to continue it, or choose another train.output_dir")
+    return None
 
 
 def find_checkpoint(run_dir: Path, resume: str) -> Path | None:

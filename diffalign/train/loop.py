@@ -31,7 +31,7 @@ from ..data.pairs import PairDataset, collate
 from ..data.sampler import StepPlan
 from ..models.base import Adapter, per_sample_error
 from ..models.loading import load_adapter
-from .checkpoint import check_fresh, find_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, resume_point, save_checkpoint
 from .reference import Reference, fingerprint, resolve_mode
 from .stability import (
     AutoBeta,
@@ -281,9 +281,7 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     base_beta = check_supports_beta(objective, cfg.objective.name) if auto_beta else 0.0
     divergence = DivergenceMonitor(t.divergence_window)
     weight_dtype = DTYPES[t.mixed_precision]
-    ckpt_path = find_checkpoint(run_dir, resume) if resume else None
-    if not resume:
-        check_fresh(run_dir)
+    ckpt_path = resume_point(run_dir, resume)
 
     # -- data (before the model: bad data fails fast and cheaply)
     if cfg.data.cache_dir:

@@ -29,7 +29,7 @@ from .._quiet import quiet_libraries
 from ..config import Config, ConfigError, dump_config, to_dict, validate
 from ..data.pairs import sample_seed
 from ..models.loading import load_adapter, resolve_family
-from .checkpoint import check_fresh, find_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, resume_point, save_checkpoint
 from .loop import (
     DTYPES,
     _flat_hparams,
@@ -245,9 +245,7 @@ def train_online(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         scorer = load_rewards([s.strip() for s in objective.rewards.split(",") if s.strip()], device)
 
     start_step = 0
-    ckpt_path = find_checkpoint(run_dir, resume) if resume else None
-    if not resume:
-        check_fresh(run_dir)
+    ckpt_path = resume_point(run_dir, resume)
     if ckpt_path is not None:
         ck = load_checkpoint(ckpt_path)
         with torch.no_grad():
