@@ -4,14 +4,16 @@ prompts x generators x k images per generator -> reward ensemble -> vote phi and
 
 Output folder::
 
-    manifest.json          generators, rewards, sampler settings, seed, versions, shard layout
+    manifest.json          generators (and a fingerprint of their weight files), rewards, sampler
+                           settings, seed, versions, shard layout
     shard-00000.parquet    one row per prompt: prompt, images (PNG/JPEG bytes), generator, seed,
                            scores.<reward>, phi, rank   (lists of length G*k)
 
 Every image's seed is derived from (seed, prompt index, generator index, image index), so any
 shard can be regenerated identically. Shards are written to a temporary file and renamed: a
 shard on disk is always complete, and a rerun after a crash continues at the first missing
-shard without duplicating or losing prompts. Processes started with ``accelerate launch`` (or
+shard without duplicating or losing prompts; it refuses to continue if a local generator's weight
+files changed since the run started (the images already on disk would come from other weights). Processes started with ``accelerate launch`` (or
 any launcher setting RANK/WORLD_SIZE) take shards round-robin; whichever process finds every
 shard present writes ``index.json`` (the merge: shard list, row counts, SHA-256 of each shard),
 the marker that the dataset is complete. ``merge_shards`` rebuilds it by hand.
@@ -138,9 +140,36 @@ def manifest_for(cfg: SynPicConfig, prompts: list[str]) -> dict[str, Any]:
     import diffalign
 
     return {"config": asdict(cfg), "num_prompts": len(prompts), "num_shards": (len(prompts) + cfg.shard_size - 1) // cfg.shard_size,
-            "prompts_sha": _sha(prompts),
+            "prompts_sha": _sha(prompts), "generator_weights": [weights_fingerprint(g) for g in cfg.generators],
             "versions": {"diffalign": diffalign.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
                          "transformers": transformers.__version__}}
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def weights_fingerprint(path: str | Path, chunks: int = 16, chunk_bytes: int = 1 << 16) -> str:
+    """A cheap fingerprint of a local model's weight files: names, sizes and ``chunks`` evenly spaced
+    slices of each file (whole files under chunks*chunk_bytes). Retraining changes nearly every weight,
+    so sampled slices catch it without reading gigabytes. Hub ids (not a local path) give ``""``."""
+    import hashlib
+
+    root = Path(path)
+    if not root.exists():
+        return ""
+    files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(root) if f != root else f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            if size <= chunks * chunk_bytes:
+                h.update(fh.read())
+                continue
+            for i in range(chunks):
+                fh.seek((size - chunk_bytes) * i // (chunks - 1))
+                h.update(fh.read(chunk_bytes))
+    return h.hexdigest()[:16]
 
 
 def _sha(prompts: list[str]) -> str:
@@ -176,6 +205,10 @@ def run_synpic(cfg: SynPicConfig, rank: int | None = None, world: int | None = N
         old = json.loads(mf.read_text())
         if {k: old[k] for k in ("config", "prompts_sha")} != {k: manifest[k] for k in ("config", "prompts_sha")}:
             raise ConfigError(f"{out} holds a Syn-Pic run with other settings or prompts; choose another --out")
+        for g, was, now in zip(cfg.generators, old.get("generator_weights", []), manifest["generator_weights"]):
+            if was != now:
+                raise ConfigError(f"{out}: generator {g!r} has other weights than when this Syn-Pic run started "
+                                  f"(fingerprint {was} -> {now}); its images on disk would mix two models; choose another --out")
     elif rank == 0:
         tmp = mf.with_name("manifest.json.tmp")
         tmp.write_text(json.dumps(manifest, indent=2))

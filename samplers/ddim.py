@@ -46,6 +46,16 @@ class NoiseSchedule:
         return sa * pred + s1a * x, sa * x - s1a * pred  # v-prediction
 
 
+def ddim_timesteps(scheduler_config: Any, num_steps: int) -> list[int]:
+    """The ``num_steps`` sampling timesteps (descending) that ``diffusers.DDIMScheduler`` picks for this
+    scheduler config (its ``timestep_spacing`` and ``steps_offset`` included)."""
+    from diffusers import DDIMScheduler
+
+    ddim = DDIMScheduler.from_config(scheduler_config)
+    ddim.set_timesteps(num_steps)
+    return [int(t) for t in ddim.timesteps]
+
+
 def ddim_step(pred: Tensor, x: Tensor, t: int, t_prev: int, sched: NoiseSchedule, eta: float = 0.0,
               noise: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
     """One DDIM step. Returns ``(x_prev, log_prob [B] or None, mean)``."""

@@ -164,3 +164,42 @@ def test_synpic_two_processes_equal_one(tmp_path, tiny_models, tiny_clip):
     (out / "shard-00001.parquet").unlink()
     with pytest.raises(ConfigError, match="1 of 3 shards missing"):
         merge_shards(out)
+
+
+def test_weights_fingerprint_follows_content_not_location(tmp_path):
+    from diffalign.synpic import weights_fingerprint
+
+    a = tmp_path / "a" / "unet"
+    a.mkdir(parents=True)
+    (a / "diffusion_pytorch_model.safetensors").write_bytes(bytes(range(256)) * 64)  # 16 KiB
+    (a / "config.json").write_text("{}")
+    b = tmp_path / "b"
+    import shutil
+
+    shutil.copytree(tmp_path / "a", b)
+    fa = weights_fingerprint(tmp_path / "a", chunks=4, chunk_bytes=256)
+    assert fa == weights_fingerprint(b, chunks=4, chunk_bytes=256) != ""
+    (b / "unet" / "config.json").write_text('{"x": 1}')  # configs are not weights
+    assert weights_fingerprint(b, chunks=4, chunk_bytes=256) == fa
+    data = bytearray((b / "unet" / "diffusion_pytorch_model.safetensors").read_bytes())
+    data[-1] ^= 1  # the last slice always covers the file's end
+    (b / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(bytes(data))
+    assert weights_fingerprint(b, chunks=4, chunk_bytes=256) != fa
+    assert weights_fingerprint("some-org/some-hub-model") == ""
+
+
+def test_synpic_refuses_to_continue_with_retrained_generator(tmp_path, tiny_models, tiny_clip):
+    import shutil
+
+    gen = tmp_path / "gen"
+    shutil.copytree(tiny_models["sd"], gen)
+    c = cfg_for(tmp_path, tiny_models, tiny_clip)
+    c.generators = [str(gen)]
+    run_synpic(c)
+    run_synpic(c)  # same weights: the finished run is reused
+    w = next(gen.rglob("unet/*.safetensors"))
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 1
+    w.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match=r"generator '.*gen' has other weights than when this Syn-Pic run started"):
+        run_synpic(c)

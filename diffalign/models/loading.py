@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError, ModelConfig
-from .base import Adapter, Family, PredictionType
+from .base import Adapter, Family, Modality, PredictionType
 
 PIPELINE_FAMILIES: dict[str, Family] = {
     "StableDiffusionPipeline": "sd",
@@ -26,6 +26,9 @@ PIPELINE_FAMILIES: dict[str, Family] = {
     "AudioLDMPipeline": "audioldm",
 }
 FAMILY_PIPELINE: dict[Family, str] = {f: c for c, f in PIPELINE_FAMILIES.items()}
+FAMILY_MODALITY: dict[Family, Modality] = {
+    "sd": "image", "sdxl": "image", "sd3": "image", "animatediff": "video", "text2video": "video", "audioldm": "audio",
+}
 # the trainable module's class per family (full fine-tuning export / reload)
 DENOISER_CLASS: dict[Family, tuple[str, str]] = {
     "sd": ("unet", "UNet2DConditionModel"), "sdxl": ("unet", "UNet2DConditionModel"),

@@ -28,7 +28,7 @@ from torch import Tensor
 from .._quiet import quiet_libraries
 from ..config import Config, ConfigError, dump_config, to_dict, validate
 from ..data.pairs import sample_seed
-from ..models.loading import load_adapter, resolve_family
+from ..models.loading import FAMILY_MODALITY, load_adapter, resolve_family
 from .checkpoint import load_checkpoint, resume_point, save_checkpoint
 from .loop import (
     DTYPES,
@@ -70,16 +70,12 @@ def spo_pairs(obj: Any, adapter: Any, model: torch.nn.Module, spm: Any, prompts:
     """Sample with the step-wise resampler; returns the kept pairs ``{x_t, w, l, t, t_prev, b}`` and
     one unkept pair (trained with weight 0 when nothing was kept, so every DDP rank still runs a
     forward and backward and the gradient all-reduce stays in step)."""
-    from diffusers import DDIMScheduler
-
     from ..samplers.base import guided, randn_like
-    from ..samplers.ddim import NoiseSchedule, ddim_step
+    from ..samplers.ddim import NoiseSchedule, ddim_step, ddim_timesteps
     from ..samplers.stepwise import stepwise_resample
 
     sched = NoiseSchedule.from_scheduler(adapter.noise_scheduler)
-    ddim = DDIMScheduler.from_config(adapter.pipe.scheduler.config)
-    ddim.set_timesteps(obj.sample_steps)
-    ts = [int(t) for t in ddim.timesteps]
+    ts = ddim_timesteps(adapter.pipe.scheduler.config, obj.sample_steps)
     fn = _model_fn(adapter, model)
     B, k, g = len(prompts), obj.samples_per_step, obj.guidance_scale
     device = adapter.device
@@ -164,13 +160,9 @@ def group_pairs(obj: Any, adapter: Any, model: torch.nn.Module, rewards: dict, p
         x0 = flow_sample(fn, x_T, sch.sigmas, (urep, rep), obj.guidance_scale, obj.noise_level, gen,
                          num_train_timesteps=adapter.num_train_timesteps).sample
     else:
-        from diffusers import DDIMScheduler
+        from ..samplers.ddim import NoiseSchedule, ddim_sample, ddim_timesteps
 
-        from ..samplers.ddim import NoiseSchedule, ddim_sample
-
-        ddim = DDIMScheduler.from_config(adapter.pipe.scheduler.config)
-        ddim.set_timesteps(obj.sample_steps)
-        x0 = ddim_sample(fn, x_T, ddim.timesteps, (urep, rep), NoiseSchedule.from_scheduler(adapter.noise_scheduler),
+        x0 = ddim_sample(fn, x_T, ddim_timesteps(adapter.pipe.scheduler.config, obj.sample_steps), (urep, rep), NoiseSchedule.from_scheduler(adapter.noise_scheduler),
                          obj.guidance_scale, obj.eta, gen).sample
     imgs = adapter.decode_latents(x0).cpu()
     texts = [p for p in prompts for _ in range(G)]
@@ -220,8 +212,9 @@ def train_online(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     weight_dtype = DTYPES[t.mixed_precision]
 
     family = resolve_family(cfg.model)  # reads model_index.json only
-    if family in ("animatediff", "text2video", "audioldm"):  # groups are scored by image rewards on [B,3,H,W]
-        raise ConfigError(f"objective {name!r} (online) trains image models (sd, sdxl, sd3); {cfg.model.path} is {family!r}")
+    if FAMILY_MODALITY[family] != "image":  # groups are scored by image rewards on [B,3,H,W]
+        raise ConfigError(f"objective {name!r} (online) trains image models (sd, sdxl, sd3); {cfg.model.path} is a "
+                          f"{FAMILY_MODALITY[family]} model ({family!r})")
     adapter = load_adapter(cfg.model, accelerator.device, weight_dtype)
     if name == "spo" and adapter.prediction_type != "epsilon":
         raise ConfigError(f"spo samples with DDIM and needs an epsilon-prediction model; this one predicts {adapter.prediction_type}")
