@@ -2,9 +2,11 @@
 
 ``diffalign cache CONFIG`` writes ``data.cache_dir``:
 
-    index.json                 what was cached (model, resolution, data fingerprint, shard size)
+    index.json                 what was cached (model, resolution, data format, k, data fingerprint, shard size)
     uncond.safetensors         the empty-prompt embedding (for caption dropout)
-    shard-00000.safetensors    latents [n,2,C,h,w], micro [n,6], skipped [n], cond.<name> [n,...]
+    shard-00000.safetensors    latents [n,k,C,h,w] (k=2 for pairs, winner first; a ranked set's k images
+                               best first), micro [n,k,6] or [n,6], skipped [n], cond.<name> [n,...],
+                               and for ranked sets phi [n,k], rank [n,k]
 
 Shards are written to a temporary name and renamed, so an interrupted ``cache`` resumes at the
 first missing shard. Training reads shards memory-mapped (``safe_open``), so memory stays flat.
@@ -31,11 +33,23 @@ from .pairs import PairDataset
 SHARD = "shard-{:05d}.safetensors"
 
 
-def data_fingerprint(ds: PairDataset) -> str:
+def data_fingerprint(ds: Any) -> str:
     h = hashlib.sha256()
     for r in ds.rows:
-        h.update(f"{r.source}:{r.row}:{int(r.swap)}:{r.caption}\n".encode())
+        if isinstance(r, tuple):  # ranked: (file, row, prompt, phi, rank)
+            h.update(f"{r[0]}:{r[1]}:{r[2]}:{r[3]}:{r[4]}\n".encode())
+        else:
+            h.update(f"{r.source}:{r.row}:{int(r.swap)}:{r.caption}\n".encode())
     return h.hexdigest()[:16]
+
+
+def _source(dcfg: DataConfig, verbose: bool = True) -> Any:
+    """The uncached dataset the cache mirrors (pairs or a ranked Syn-Pic set)."""
+    if dcfg.format == "ranked":
+        from .ranked import RankedDataset
+
+        return RankedDataset(dcfg, verbose=verbose)
+    return PairDataset(dcfg, verbose=verbose)
 
 
 def _check_cacheable(dcfg: DataConfig) -> None:
@@ -56,10 +70,12 @@ def build_cache(cfg: Config, shard_size: int = 256) -> Path:
     out = Path(cfg.data.cache_dir)
     out.mkdir(parents=True, exist_ok=True)
     dcfg = replace(cfg.data, caption_dropout=0.0, cache_dir=None)
-    ds = PairDataset(dcfg)
+    ds = _source(dcfg)
+    ranked = cfg.data.format == "ranked"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     adapter = load_adapter(cfg.model, device)
-    index = {"num_pairs": len(ds), "shard_size": shard_size, "model_path": cfg.model.path, "family": adapter.family,
+    index = {"num_rows": len(ds), "format": "ranked" if ranked else "pairs", "k": ds.k if ranked else 2,
+             "shard_size": shard_size, "model_path": cfg.model.path, "family": adapter.family,
              "resolution": cfg.data.resolution, "data_fingerprint": data_fingerprint(ds)}
     old = out / "index.json"
     if old.exists() and json.loads(old.read_text()) != index:
@@ -72,28 +88,31 @@ def build_cache(cfg: Config, shard_size: int = 256) -> Path:
         if path.exists():
             continue  # resumed
         idx = range(s * shard_size, min(len(ds), (s + 1) * shard_size))
-        lat, cond, micro, skipped = [], [], [], []
+        lat, cond, micro, skipped, extra = [], [], [], [], []
         for chunk in (list(idx)[i : i + 16] for i in range(0, len(idx), 16)):
             items = [ds[(i, 0)] for i in chunk]
-            pix = torch.stack([it["pixels"] for it in items])  # [b,2,3,R,R]
+            pix = torch.stack([it["pixels"] for it in items])  # [b,k,3,R,R]
             lat.append(adapter.encode_images(pix.flatten(0, 1).to(device)).unflatten(0, pix.shape[:2]).cpu())
             cond.append({k: v.cpu() for k, v in adapter.encode_prompts([it["caption"] for it in items]).items()})
             micro.append(torch.stack([it["micro"] for it in items]))
             skipped.append(torch.tensor([it["skipped"] for it in items]))
+            if ranked:
+                extra.append({n: torch.stack([it[n] for it in items]) for n in ("phi", "rank")})
         tensors = {"latents": torch.cat(lat), "micro": torch.cat(micro), "skipped": torch.cat(skipped)}
+        for n in ("phi", "rank") if ranked else ():
+            tensors[n] = torch.cat([e[n] for e in extra])
         for k in cond[0]:
             tensors[f"cond.{k}"] = torch.cat([c[k] for c in cond])
         tmp = path.with_name(path.name + ".tmp")
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
         os.replace(tmp, path)
-    print(f"cached {len(ds)} pairs in {n_shards} shards at {out}")
+    print(f"cached {len(ds)} {'ranked groups' if ranked else 'pairs'} in {n_shards} shards at {out}")
     return out
 
 
 class CachedPairs(torch.utils.data.Dataset):
-    """Reads a cache built by ``build_cache``; items mirror ``PairDataset`` with latents instead of pixels."""
-
-    k = 2
+    """Reads a cache built by ``build_cache``; items mirror ``PairDataset`` (or ``RankedDataset``) with
+    latents instead of pixels."""
 
     def __init__(self, dcfg: DataConfig, mcfg: ModelConfig) -> None:
         _check_cacheable(dcfg)
@@ -101,21 +120,24 @@ class CachedPairs(torch.utils.data.Dataset):
         if not (root / "index.json").exists():
             raise ConfigError(f"data.cache_dir {str(root)!r} has no index.json: run `diffalign cache CONFIG` first")
         self.index = json.loads((root / "index.json").read_text())
-        src = PairDataset(replace(dcfg, cache_dir=None), verbose=False)  # light columns only: no image decoding
-        expect = {"model_path": mcfg.path, "resolution": dcfg.resolution, "data_fingerprint": data_fingerprint(src),
-                  "num_pairs": len(src)}
+        src = _source(replace(dcfg, cache_dir=None), verbose=False)  # light columns only: no image decoding
+        expect = {"model_path": mcfg.path, "resolution": dcfg.resolution, "format": "ranked" if dcfg.format == "ranked" else "pairs",
+                  "data_fingerprint": data_fingerprint(src), "num_rows": len(src)}
         for k, v in expect.items():
-            if self.index[k] != v:
-                raise ConfigError(f"data.cache_dir {str(root)!r} is stale: {k} is {self.index[k]!r} there, {v!r} now; rebuild it")
+            if self.index.get(k) != v:
+                raise ConfigError(f"data.cache_dir {str(root)!r} is stale: {k} is {self.index.get(k)!r} there, {v!r} now; rebuild it")
+        self.k = self.index["k"]
         n_shards = (len(src) + self.index["shard_size"] - 1) // self.index["shard_size"]
         missing = [s for s in range(n_shards) if not (root / SHARD.format(s)).exists()]
         if missing:
             raise ConfigError(f"data.cache_dir {str(root)!r} is incomplete ({len(missing)} shards missing): rerun `diffalign cache`")
-        self.root, self.cfg, self.captions = root, dcfg, [r.caption for r in src.rows]
+        # PairDataset takes the next row's caption for a skipped (broken) pair; ranked rows are never skipped here
+        self.root, self.cfg = root, dcfg
+        self.captions = [r[2] for r in src.rows] if dcfg.format == "ranked" else [r.caption for r in src.rows]
         self.uncond: dict[str, torch.Tensor] | None = None
 
     def __len__(self) -> int:
-        return self.index["num_pairs"]
+        return self.index["num_rows"]
 
     has_scores = False  # reward scores are not cached; objectives that need them read the pairs directly
 
@@ -132,5 +154,7 @@ class CachedPairs(torch.utils.data.Dataset):
                 with safe_open(str(self.root / "uncond.safetensors"), framework="pt") as f:
                     self.uncond = {k: f.get_tensor(k)[0] for k in f.keys()}
             cond, caption = dict(self.uncond), ""
-        return {"latents": row["latents"], "cond": cond, "micro": row["micro"], "caption": caption, "seed": seed,
+        item = {"latents": row["latents"], "cond": cond, "micro": row["micro"], "caption": caption, "seed": seed,
                 "index": index, "skipped": int(row["skipped"])}
+        item.update({n: row[n] for n in ("phi", "rank") if n in row})
+        return item
