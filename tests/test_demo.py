@@ -23,6 +23,8 @@ def test_demo_plumbing_and_report(tmp_path, tiny_models, tiny_clip):
     assert html.count("data:image/png;base64,") == 4 and "gain:" in html
     rows = (tmp_path / "demo" / "results.jsonl").read_text().splitlines()
     assert len(rows) == 10
+    # training read latents the VAE encoded once (the cache), not once per step
+    assert json.loads((tmp_path / "demo" / "cache" / "index.json").read_text())["format"] == "ranked"
     # same seed, same numbers
     again = run_demo(out=str(tmp_path / "again"), model=str(tiny_models["sd"]), generators=[str(tiny_models["sd"])],
                      rewards=[f"pickscore={tiny_clip}", f"clip_score={tiny_clip}"], steps=2, n_train=4, n_eval=5,
