@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--generator", action="append", required=True, help="pipeline folder or hub id (repeatable)")
     sp.add_argument("--reward", action="append", required=True, help="NAME or NAME=PATH, e.g. pickscore=PATH (repeatable)")
     sp.add_argument("--out", required=True)
-    sp.add_argument("--images-per-generator", type=int, default=2)
+    sp.add_argument("--images-per-generator", type=int, nargs="+", default=[2],
+                    help="images per prompt from each generator: one number for all, or one per --generator")
     sp.add_argument("--steps", type=int, default=20)
     sp.add_argument("--guidance", type=float, default=5.0)
     sp.add_argument("--seed", type=int, default=0)
@@ -80,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     de.add_argument("--steps", type=int, default=800, help="training steps of 8 (the budget knob; 800 take ~4 min on 2 cores)")
     de.add_argument("--lr", type=float, default=1e-3)
     de.add_argument("--train-prompts", type=int, default=100)
+    de.add_argument("--images-per-generator", type=int, nargs="+", default=None,
+                    help="Syn-Pic images per prompt from each generator: one number for all, or one per generator")
     de.add_argument("--eval-prompts", type=int, default=60)
     de.add_argument("--per-prompt", type=int, default=4)
     de.add_argument("--seed", type=int, default=0)
@@ -146,7 +149,8 @@ def _run(args: argparse.Namespace) -> int:
 
         out = run_synpic(SynPicConfig(
             prompts=args.prompts, generators=args.generator, rewards=args.reward, out=args.out,
-            images_per_generator=args.images_per_generator, steps=args.steps, guidance=args.guidance, seed=args.seed,
+            images_per_generator=args.images_per_generator[0] if len(args.images_per_generator) == 1 else args.images_per_generator,
+            steps=args.steps, guidance=args.guidance, seed=args.seed,
             shard_size=args.shard_size, batch_prompts=args.batch_prompts, image_format=args.format, dedup=args.dedup))
         print(f"ranked dataset: {out}")
         return 0
@@ -164,7 +168,10 @@ def _run(args: argparse.Namespace) -> int:
         from .demo import run_demo
 
         run_demo(args.out, args.model, args.generator, args.reward, args.objective, args.beta, args.steps, args.lr,
-                 n_train=args.train_prompts, n_eval=args.eval_prompts, per_prompt=args.per_prompt, seed=args.seed,
+                 n_train=args.train_prompts, n_eval=args.eval_prompts,
+                 **({} if args.images_per_generator is None else
+                    {"images_per_generator": args.images_per_generator[0] if len(args.images_per_generator) == 1
+                     else args.images_per_generator}), per_prompt=args.per_prompt, seed=args.seed,
                  overwrite=args.overwrite)
         return 0
     if args.cmd == "toy":

@@ -48,7 +48,7 @@ def train_prompts(n: int, seed: int) -> list[str]:
 
 def run_demo(out: str = "runs/demo", model: str | None = None, generators: list[str] | None = None,
              rewards: list[str] | None = None, objective: str = "rankdpo", beta: float = 2000.0, steps: int = 800,
-             lr: float = 1e-3, batch_size: int = 8, n_train: int = 100, images_per_generator: int = 2,
+             lr: float = 1e-3, batch_size: int = 8, n_train: int = 100, images_per_generator: int | list[int] = 2,
              n_eval: int = 60, per_prompt: int = 4, sample_steps: int = 15, guidance: float = 4.0, seed: int = 0,
              overwrite: bool = False) -> dict[str, Any]:
     from ._quiet import quiet_libraries
@@ -90,6 +90,10 @@ def run_demo(out: str = "runs/demo", model: str | None = None, generators: list[
                              "lora.rank=8", f"train.seed={seed}", f"train.checkpoint_every={steps}", "train.warmup_steps=0",
                              "train.lr_scheduler=constant"])
     validate(cfg, check_data=False)  # keys and hyperparameters, before any file or minute of generation
+    if not online:
+        from .synpic import per_generator_counts
+
+        per_generator_counts(images_per_generator, len(generators))
     previous = [root / n for n in DEMO_OUTPUTS if (root / n).exists()]
     if previous and not overwrite:  # a rerun would reuse Syn-Pic images made by possibly other weights
         raise ConfigError(f"{root} holds a previous demo ({', '.join(p.name for p in previous)}); "

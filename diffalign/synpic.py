@@ -1,13 +1,14 @@
 """Syn-Pic: generate, score and rank a synthetic preference dataset (RankDPO's recipe).
 
-prompts x generators x k images per generator -> reward ensemble -> vote phi and rank per prompt.
+prompts x generators x k images per generator (k may differ per generator) -> reward ensemble ->
+vote phi and rank per prompt.
 
 Output folder::
 
     manifest.json          generators (and a fingerprint of their weight files), rewards, sampler
                            settings, seed, versions, shard layout
     shard-00000.parquet    one row per prompt: prompt, images (PNG/JPEG bytes), generator, seed,
-                           scores.<reward>, phi, rank   (lists of length G*k)
+                           scores.<reward>, phi, rank   (lists of length K = sum of the k's)
 
 Every image's seed is derived from (seed, prompt index, generator index, image index), so any
 shard can be regenerated identically. Shards are written to a temporary file and renamed: a
@@ -44,7 +45,9 @@ class SynPicConfig:
     rewards: list[str]
     """``name`` or ``name=path``, e.g. ``pickscore=yuvalkirstain/PickScore_v1`` (``diffalign ls rewards``)."""
     out: str
-    images_per_generator: int = 2
+    images_per_generator: int | list[int] = 2
+    """Images per prompt from each generator: one number for all, or one per generator (e.g. more
+    from the policy being aligned than from a second model)."""
     steps: int = 20
     guidance: float = 5.0
     seed: int = 0
@@ -178,6 +181,18 @@ def _sha(prompts: list[str]) -> str:
     return hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
 
 
+def per_generator_counts(images_per_generator: int | list[int], n_generators: int) -> list[int]:
+    """Images per prompt for each generator; at least 1 each and 2 in all (a ranking needs two)."""
+    ks = [images_per_generator] * n_generators if isinstance(images_per_generator, int) else list(images_per_generator)
+    if len(ks) != n_generators:
+        raise ConfigError(f"images_per_generator {images_per_generator}: give one number, or one per generator ({n_generators})")
+    if min(ks) < 1:
+        raise ConfigError(f"images_per_generator {images_per_generator}: every generator needs at least 1 image per prompt")
+    if sum(ks) < 2:
+        raise ConfigError("synpic needs at least 2 images per prompt to rank (generators x images_per_generator)")
+    return ks
+
+
 def run_synpic(cfg: SynPicConfig, rank: int | None = None, world: int | None = None,
                writer=None) -> Path:
     """Build (or continue) the ranked dataset; returns the output folder."""
@@ -193,10 +208,9 @@ def run_synpic(cfg: SynPicConfig, rank: int | None = None, world: int | None = N
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
     prompts = read_prompts(cfg.prompts, cfg.dedup)
-    if cfg.images_per_generator < 1 or not cfg.generators or not cfg.rewards:
-        raise ConfigError("synpic needs at least one generator, one reward and images_per_generator >= 1")
-    if len(cfg.generators) * cfg.images_per_generator < 2:
-        raise ConfigError("synpic needs at least 2 images per prompt to rank (generators x images_per_generator)")
+    if not cfg.generators or not cfg.rewards:
+        raise ConfigError("synpic needs at least one generator and one reward")
+    ks = per_generator_counts(cfg.images_per_generator, len(cfg.generators))
     out = Path(cfg.out)
     _check_writable(out)
     manifest = manifest_for(cfg, prompts)
@@ -221,24 +235,26 @@ def run_synpic(cfg: SynPicConfig, rank: int | None = None, world: int | None = N
     pipes = [load_pipeline(g, device) for g in cfg.generators]
     modality, sr = check_modalities(cfg.generators, [p for p, _ in pipes])
     rewards = load_rewards(cfg.rewards, device, modality)
-    k = cfg.images_per_generator
-    K = k * len(pipes)
+    K = sum(ks)
+    first = [sum(ks[:gi]) for gi in range(len(ks))]  # column of each generator's first image in a row
+    owner = [gi for gi, k in enumerate(ks) for _ in range(k)]  # generator of each column
     total = sum(min(cfg.shard_size, len(prompts) - s * cfg.shard_size) for s in todo) * K
     bar = tqdm(total=total, desc="synpic", unit="img")
     t0 = time.time()
     for s in todo:
         idx = list(range(s * cfg.shard_size, min(len(prompts), (s + 1) * cfg.shard_size)))
-        images: list[list[Any]] = [[None] * K for _ in idx]  # per prompt: G*k images, generator-major
+        images: list[list[Any]] = [[None] * K for _ in idx]  # per prompt: K images, generator-major
         seeds = [[0] * K for _ in idx]
         for gi, (pipe, call_kw) in enumerate(pipes):
+            k = ks[gi]
             for b in range(0, len(idx), cfg.batch_prompts):
                 chunk = idx[b : b + cfg.batch_prompts]
                 gseeds = [image_seed(cfg.seed, p, gi, j) for p in chunk for j in range(k)]
                 outs = generate_media(pipe, [prompts[p] for p in chunk], k, gseeds, cfg.steps, cfg.guidance, **call_kw)
                 for ci in range(len(chunk)):
                     for j in range(k):
-                        images[b + ci][gi * k + j] = outs[ci * k + j]
-                        seeds[b + ci][gi * k + j] = gseeds[ci * k + j]
+                        images[b + ci][first[gi] + j] = outs[ci * k + j]
+                        seeds[b + ci][first[gi] + j] = gseeds[ci * k + j]
                 bar.update(len(chunk) * k)
                 bar.set_postfix(img_per_s=f"{bar.n / (time.time() - t0):.1f}")
         flat = to_reward_input([im for row in images for im in row], modality)
@@ -248,7 +264,7 @@ def run_synpic(cfg: SynPicConfig, rank: int | None = None, world: int | None = N
         ranks = ranks_from_phi(phi)
         rows: dict[str, list] = {"prompt": [prompts[p] for p in idx], "prompt_index": idx,
                                  "images": [[encode_media(im, modality, cfg.image_format, sr) for im in row] for row in images],
-                                 "generator": [[cfg.generators[j // k] for j in range(K)] for _ in idx],
+                                 "generator": [[cfg.generators[owner[j]] for j in range(K)] for _ in idx],
                                  "seed": seeds, "phi": phi.tolist(), "rank": ranks.tolist()}
         for name, sc in scores.items():
             rows[f"scores.{name}"] = sc.tolist()

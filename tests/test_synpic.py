@@ -203,3 +203,21 @@ def test_synpic_refuses_to_continue_with_retrained_generator(tmp_path, tiny_mode
     w.write_bytes(bytes(data))
     with pytest.raises(ConfigError, match=r"generator '.*gen' has other weights than when this Syn-Pic run started"):
         run_synpic(c)
+
+
+def test_synpic_images_per_generator_can_differ(tmp_path, tiny_models, tiny_clip):
+    c = cfg_for(tmp_path, tiny_models, tiny_clip, out="uneven")
+    c.images_per_generator = [3, 1]
+    rows = table(run_synpic(c))
+    sd, sd3 = str(tiny_models["sd"]), str(tiny_models["sd3"])
+    assert all(r["generator"] == [sd] * 3 + [sd3] for r in rows) and all(sorted(r["rank"]) == [1, 2, 3, 4] for r in rows)
+    # the sd images equal those of an even run's first three (same per-(prompt, generator, index) seeds)
+    even = cfg_for(tmp_path, tiny_models, tiny_clip, out="even")
+    even.images_per_generator = 3
+    ref = table(run_synpic(even))
+    assert [r["images"][:3] for r in rows] == [r["images"][:3] for r in ref]
+    assert [r["images"][3] for r in rows] == [r["images"][3] for r in ref]  # sd3's first image
+    for bad, msg in (([1, 1, 1], r"one number, or one per generator \(2\)"), ([2, 0], "at least 1 image")):
+        c.images_per_generator, c.out = bad, str(tmp_path / "bad")
+        with pytest.raises(ConfigError, match=msg):
+            run_synpic(c)
