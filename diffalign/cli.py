@@ -52,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--images-per-generator", type=int, nargs="+", default=[2],
                     help="images per prompt from each generator: one number for all, or one per --generator")
     sp.add_argument("--steps", type=int, default=20)
-    sp.add_argument("--guidance", type=float, default=5.0)
+    sp.add_argument("--guidance", type=float, nargs="+", default=[5.0],
+                    help="guidance scale: one for all generators, or one per --generator")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--shard-size", type=int, default=64)
     sp.add_argument("--batch-prompts", type=int, default=16)
@@ -150,7 +151,7 @@ def _run(args: argparse.Namespace) -> int:
         out = run_synpic(SynPicConfig(
             prompts=args.prompts, generators=args.generator, rewards=args.reward, out=args.out,
             images_per_generator=args.images_per_generator[0] if len(args.images_per_generator) == 1 else args.images_per_generator,
-            steps=args.steps, guidance=args.guidance, seed=args.seed,
+            steps=args.steps, guidance=args.guidance[0] if len(args.guidance) == 1 else args.guidance, seed=args.seed,
             shard_size=args.shard_size, batch_prompts=args.batch_prompts, image_format=args.format, dedup=args.dedup))
         print(f"ranked dataset: {out}")
         return 0

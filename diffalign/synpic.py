@@ -49,7 +49,9 @@ class SynPicConfig:
     """Images per prompt from each generator: one number for all, or one per generator (e.g. more
     from the policy being aligned than from a second model)."""
     steps: int = 20
-    guidance: float = 5.0
+    guidance: float | list[float] = 5.0
+    """Classifier-free guidance scale: one for all generators, or one per generator (the same model
+    may be listed twice, e.g. once guided and once at 1.0, whose images are mostly the losers)."""
     seed: int = 0
     shard_size: int = 64
     """Prompts per shard (the unit of resumption)."""
@@ -211,6 +213,9 @@ def run_synpic(cfg: SynPicConfig, rank: int | None = None, world: int | None = N
     if not cfg.generators or not cfg.rewards:
         raise ConfigError("synpic needs at least one generator and one reward")
     ks = per_generator_counts(cfg.images_per_generator, len(cfg.generators))
+    gs = [cfg.guidance] * len(cfg.generators) if isinstance(cfg.guidance, (int, float)) else list(cfg.guidance)
+    if len(gs) != len(cfg.generators):
+        raise ConfigError(f"guidance {cfg.guidance}: give one scale, or one per generator ({len(cfg.generators)})")
     out = Path(cfg.out)
     _check_writable(out)
     manifest = manifest_for(cfg, prompts)
@@ -250,7 +255,7 @@ def run_synpic(cfg: SynPicConfig, rank: int | None = None, world: int | None = N
             for b in range(0, len(idx), cfg.batch_prompts):
                 chunk = idx[b : b + cfg.batch_prompts]
                 gseeds = [image_seed(cfg.seed, p, gi, j) for p in chunk for j in range(k)]
-                outs = generate_media(pipe, [prompts[p] for p in chunk], k, gseeds, cfg.steps, cfg.guidance, **call_kw)
+                outs = generate_media(pipe, [prompts[p] for p in chunk], k, gseeds, cfg.steps, gs[gi], **call_kw)
                 for ci in range(len(chunk)):
                     for j in range(k):
                         images[b + ci][first[gi] + j] = outs[ci * k + j]

@@ -221,3 +221,12 @@ def test_synpic_images_per_generator_can_differ(tmp_path, tiny_models, tiny_clip
         c.images_per_generator, c.out = bad, str(tmp_path / "bad")
         with pytest.raises(ConfigError, match=msg):
             run_synpic(c)
+    # a guidance scale per generator: the same model listed twice, guided and unguided
+    c = cfg_for(tmp_path, tiny_models, tiny_clip, out="twice")
+    c.generators, c.images_per_generator, c.guidance = [sd, sd], [2, 1], [5.0, 1.0]
+    twice = table(run_synpic(c))
+    assert [r["images"][:2] for r in twice] == [r["images"][:2] for r in ref]  # the guided pair: as before
+    assert all(r["images"][2] not in r["images"][:2] for r in twice)
+    c.guidance, c.out = [5.0, 1.0, 1.0], str(tmp_path / "bad2")
+    with pytest.raises(ConfigError, match=r"one scale, or one per generator \(2\)"):
+        run_synpic(c)
