@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     de = sub.add_parser("demo", help="Syn-Pic + RankDPO + judged eval on the shipped ShapesWorld toy models (CPU, minutes)")
     de.add_argument("--out", default="runs/demo")
     de.add_argument("--model", default=None, help="policy pipeline (default: shipped toy-sd)")
-    de.add_argument("--generator", action="append", default=None, help="Syn-Pic generators (default: toy-sd and toy-sd3)")
+    de.add_argument("--generator", action="append", default=None, help="Syn-Pic generators (default: toy-sd, toy-sd3 and the policy unguided)")
     de.add_argument("--reward", action="append", default=None, help="NAME=PATH rewards (default: the two toy CLIPs)")
     de.add_argument("--objective", default="rankdpo",
                     help="rankdpo (default), diffusion_dpo, kto, sft, or online_dpo (no Syn-Pic: the policy samples its own groups)")
@@ -83,7 +83,10 @@ def _parser() -> argparse.ArgumentParser:
     de.add_argument("--lr", type=float, default=1e-3)
     de.add_argument("--train-prompts", type=int, default=100)
     de.add_argument("--images-per-generator", type=int, nargs="+", default=None,
-                    help="Syn-Pic images per prompt from each generator: one number for all, or one per generator")
+                    help="Syn-Pic images per prompt from each generator: one number for all, or one per generator "
+                         "(default 2 2 1 for toy-sd, toy-sd3 and the policy unguided)")
+    de.add_argument("--synpic-guidance", type=float, nargs="+", default=None,
+                    help="Syn-Pic guidance per generator (default 4 4 1 for the default generators)")
     de.add_argument("--eval-prompts", type=int, default=60)
     de.add_argument("--per-prompt", type=int, default=4)
     de.add_argument("--seed", type=int, default=0)
@@ -172,7 +175,9 @@ def _run(args: argparse.Namespace) -> int:
                  n_train=args.train_prompts, n_eval=args.eval_prompts,
                  **({} if args.images_per_generator is None else
                     {"images_per_generator": args.images_per_generator[0] if len(args.images_per_generator) == 1
-                     else args.images_per_generator}), per_prompt=args.per_prompt, seed=args.seed,
+                     else args.images_per_generator}),
+                 **({} if args.synpic_guidance is None else
+                    {"synpic_guidance": args.synpic_guidance[0] if len(args.synpic_guidance) == 1 else args.synpic_guidance}), per_prompt=args.per_prompt, seed=args.seed,
                  overwrite=args.overwrite)
         return 0
     if args.cmd == "toy":

@@ -1,7 +1,10 @@
 """``diffalign demo``: the whole alignment pipeline on ShapesWorld, on a CPU, in minutes.
 
 1. Syn-Pic: held-in ShapesWorld prompts x the toy generators x k images, scored by the toy CLIP
-   reward ensemble, ranked by vote aggregation (labels never come from the judge);
+   reward ensemble, ranked by vote aggregation (labels never come from the judge). By default 2
+   images from toy-sd, 2 from toy-sd3 and 1 from the policy sampled without guidance: the unguided
+   image is usually a clear loser, and without such negatives the toy-reward rankings of two
+   comparable generators taught the policy to lose held-out counting (benchmarks/RESULTS.md);
 2. RankDPO (or any objective) with LoRA on the policy model (toy-sd by default);
 3. judged GenEval-style evaluation of base vs aligned on held-out prompts (colour/shape/relation
    combinations never seen in training), with a paired bootstrap CI on the gain;
@@ -48,9 +51,12 @@ def train_prompts(n: int, seed: int) -> list[str]:
 
 def run_demo(out: str = "runs/demo", model: str | None = None, generators: list[str] | None = None,
              rewards: list[str] | None = None, objective: str = "rankdpo", beta: float = 2000.0, steps: int = 800,
-             lr: float = 1e-3, batch_size: int = 8, n_train: int = 100, images_per_generator: int | list[int] = 2,
+             lr: float = 1e-3, batch_size: int = 8, n_train: int = 100, images_per_generator: int | list[int] | None = None,
              n_eval: int = 60, per_prompt: int = 4, sample_steps: int = 15, guidance: float = 4.0, seed: int = 0,
-             overwrite: bool = False) -> dict[str, Any]:
+             overwrite: bool = False, synpic_guidance: float | list[float] | None = None) -> dict[str, Any]:
+    """``images_per_generator`` and ``synpic_guidance`` (Syn-Pic's guidance per generator; ``guidance``
+    is the evaluation's) default to [2, 2, 1] and [guidance, guidance, 1] for the default generators
+    (toy-sd, toy-sd3, the policy unguided), and to 2 and ``guidance`` for generators you pass."""
     from ._quiet import quiet_libraries
     from .benchmarks.toyworlds.evaluate import evaluate_pipeline, paired_difference
     from .config import load_config, validate
@@ -69,7 +75,14 @@ def run_demo(out: str = "runs/demo", model: str | None = None, generators: list[
     root = Path(out)
     online = objective == "online_dpo"  # the policy draws its own groups each step: no Syn-Pic stage
     model = model or asset("toy-sd")
-    generators = [] if online else generators or [asset("toy-sd"), asset("toy-sd3")]
+    if online:
+        generators = []
+    elif generators is None:  # the two toy models, plus the policy unguided as a source of clear losers
+        generators = [asset("toy-sd"), asset("toy-sd3"), model]
+        images_per_generator = [2, 2, 1] if images_per_generator is None else images_per_generator
+        synpic_guidance = [guidance, guidance, 1.0] if synpic_guidance is None else synpic_guidance
+    images_per_generator = 2 if images_per_generator is None else images_per_generator
+    synpic_guidance = guidance if synpic_guidance is None else synpic_guidance
     rewards = rewards or [f"pickscore={asset('toy-clip-a')}", f"pickscore={asset('toy-clip-b')}"]
 
     run_dir = root / "run"
@@ -94,6 +107,8 @@ def run_demo(out: str = "runs/demo", model: str | None = None, generators: list[
         from .synpic import per_generator_counts
 
         per_generator_counts(images_per_generator, len(generators))
+        if not isinstance(synpic_guidance, (int, float)) and len(synpic_guidance) != len(generators):
+            raise ConfigError(f"demo synpic_guidance {synpic_guidance}: give one scale, or one per generator ({len(generators)})")
     previous = [root / n for n in DEMO_OUTPUTS if (root / n).exists()]
     if previous and not overwrite:  # a rerun would reuse Syn-Pic images made by possibly other weights
         raise ConfigError(f"{root} holds a previous demo ({', '.join(p.name for p in previous)}); "
@@ -106,10 +121,13 @@ def run_demo(out: str = "runs/demo", model: str | None = None, generators: list[
     if online:
         print(f"[1/4] Syn-Pic: skipped ({objective} samples {n_train} prompts with the policy as it trains)")
     else:
-        print(f"[1/4] Syn-Pic: {n_train} prompts x {len(generators)} generators x {images_per_generator} images, "
+        ks = [images_per_generator] * len(generators) if isinstance(images_per_generator, int) else images_per_generator
+        gs = [synpic_guidance] * len(generators) if isinstance(synpic_guidance, (int, float)) else synpic_guidance
+        parts = ", ".join(f"{k} from {Path(g).name} (guidance {s:g})" for g, k, s in zip(generators, ks, gs))
+        print(f"[1/4] Syn-Pic: {n_train} prompts x ({parts}), "
               f"{len(rewards)} rewards")
         run_synpic(SynPicConfig(prompts=str(root / "prompts.txt"), generators=generators, rewards=rewards, out=str(ranked),
-                                images_per_generator=images_per_generator, steps=sample_steps, guidance=guidance, seed=seed,
+                                images_per_generator=images_per_generator, steps=sample_steps, guidance=synpic_guidance, seed=seed,
                                 shard_size=64, batch_prompts=32))
         if objective != "rankdpo":
             from .synpic import export_pairs
@@ -155,7 +173,8 @@ def run_demo(out: str = "runs/demo", model: str | None = None, generators: list[
     metrics = {"base": sb, "aligned": sa, "gain": diff, "timing": timing,
                "settings": {"model": model, "generators": generators, "rewards": rewards, "objective": objective, "beta": beta,
                             "steps": steps, "lr": lr, "n_train": n_train, "n_eval": n_eval, "per_prompt": per_prompt,
-                            "sample_steps": sample_steps, "guidance": guidance, "seed": seed}}
+                            "sample_steps": sample_steps, "guidance": guidance, "seed": seed,
+                            "images_per_generator": images_per_generator, "synpic_guidance": synpic_guidance}}
     write_report(rep, "diffalign demo: ShapesWorld alignment", table, [
         ("Base model samples", grid_b, f"first image of the first 16 held-out prompts ({prompts_shown})"),
         ("Aligned model samples", grid_a, "same prompts and seeds after alignment"),

@@ -48,8 +48,10 @@ def test_demo_refuses_objectives_it_does_not_wire_before_any_work(tmp_path):
         run_demo(out=str(tmp_path / "x"), objective="mapo")
     with pytest.raises(ConfigError, match="max_steps"):  # bad hyperparameters: refused before any file is written
         run_demo(out=str(tmp_path / "x"), steps=0)
-    with pytest.raises(ConfigError, match=r"one per generator \(2\)"):  # two default generators
-        run_demo(out=str(tmp_path / "x"), images_per_generator=[3, 1, 1])
+    with pytest.raises(ConfigError, match=r"one per generator \(3\)"):  # toy-sd, toy-sd3, the policy unguided
+        run_demo(out=str(tmp_path / "x"), images_per_generator=[3, 1, 1, 1])
+    with pytest.raises(ConfigError, match=r"synpic_guidance \[4.0, 1.0\]: give one scale, or one per generator \(3\)"):
+        run_demo(out=str(tmp_path / "x"), synpic_guidance=[4.0, 1.0])
     assert not (tmp_path / "x").exists()
 
 
