@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -131,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _one_or_each(values: list) -> Any:
+    """A ``nargs="+"`` per-generator option: one value stays a scalar (one for all generators)."""
+    return values[0] if len(values) == 1 else values
+
+
 def _run(args: argparse.Namespace) -> int:
     from .config import load_config, validate
 
@@ -153,8 +159,8 @@ def _run(args: argparse.Namespace) -> int:
 
         out = run_synpic(SynPicConfig(
             prompts=args.prompts, generators=args.generator, rewards=args.reward, out=args.out,
-            images_per_generator=args.images_per_generator[0] if len(args.images_per_generator) == 1 else args.images_per_generator,
-            steps=args.steps, guidance=args.guidance[0] if len(args.guidance) == 1 else args.guidance, seed=args.seed,
+            images_per_generator=_one_or_each(args.images_per_generator), steps=args.steps,
+            guidance=_one_or_each(args.guidance), seed=args.seed,
             shard_size=args.shard_size, batch_prompts=args.batch_prompts, image_format=args.format, dedup=args.dedup))
         print(f"ranked dataset: {out}")
         return 0
@@ -172,13 +178,10 @@ def _run(args: argparse.Namespace) -> int:
         from .demo import run_demo
 
         run_demo(args.out, args.model, args.generator, args.reward, args.objective, args.beta, args.steps, args.lr,
-                 n_train=args.train_prompts, n_eval=args.eval_prompts,
-                 **({} if args.images_per_generator is None else
-                    {"images_per_generator": args.images_per_generator[0] if len(args.images_per_generator) == 1
-                     else args.images_per_generator}),
-                 **({} if args.synpic_guidance is None else
-                    {"synpic_guidance": args.synpic_guidance[0] if len(args.synpic_guidance) == 1 else args.synpic_guidance}), per_prompt=args.per_prompt, seed=args.seed,
-                 overwrite=args.overwrite)
+                 n_train=args.train_prompts, n_eval=args.eval_prompts, per_prompt=args.per_prompt, seed=args.seed,
+                 overwrite=args.overwrite,
+                 images_per_generator=args.images_per_generator and _one_or_each(args.images_per_generator),
+                 synpic_guidance=args.synpic_guidance and _one_or_each(args.synpic_guidance))
         return 0
     if args.cmd == "toy":
         from .benchmarks.toyworlds import cli as toy_cli

@@ -104,11 +104,10 @@ def run_demo(out: str = "runs/demo", model: str | None = None, generators: list[
                              "train.lr_scheduler=constant"])
     validate(cfg, check_data=False)  # keys and hyperparameters, before any file or minute of generation
     if not online:
-        from .synpic import per_generator_counts
+        from .synpic import per_generator, per_generator_counts
 
-        per_generator_counts(images_per_generator, len(generators))
-        if not isinstance(synpic_guidance, (int, float)) and len(synpic_guidance) != len(generators):
-            raise ConfigError(f"demo synpic_guidance {synpic_guidance}: give one scale, or one per generator ({len(generators)})")
+        ks = per_generator_counts(images_per_generator, len(generators))
+        gs = per_generator(synpic_guidance, len(generators), "demo synpic_guidance", "scale")
     previous = [root / n for n in DEMO_OUTPUTS if (root / n).exists()]
     if previous and not overwrite:  # a rerun would reuse Syn-Pic images made by possibly other weights
         raise ConfigError(f"{root} holds a previous demo ({', '.join(p.name for p in previous)}); "
@@ -121,8 +120,6 @@ def run_demo(out: str = "runs/demo", model: str | None = None, generators: list[
     if online:
         print(f"[1/4] Syn-Pic: skipped ({objective} samples {n_train} prompts with the policy as it trains)")
     else:
-        ks = [images_per_generator] * len(generators) if isinstance(images_per_generator, int) else images_per_generator
-        gs = [synpic_guidance] * len(generators) if isinstance(synpic_guidance, (int, float)) else synpic_guidance
         parts = ", ".join(f"{k} from {Path(g).name} (guidance {s:g})" for g, k, s in zip(generators, ks, gs))
         print(f"[1/4] Syn-Pic: {n_train} prompts x ({parts}), "
               f"{len(rewards)} rewards")

@@ -183,11 +183,17 @@ def _sha(prompts: list[str]) -> str:
     return hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
 
 
+def per_generator(value: Any, n_generators: int, name: str, unit: str) -> list:
+    """``value`` for each generator: one value for all, or a list with one per generator."""
+    vs = [value] * n_generators if isinstance(value, (int, float)) else list(value)
+    if len(vs) != n_generators:
+        raise ConfigError(f"{name} {value}: give one {unit}, or one per generator ({n_generators})")
+    return vs
+
+
 def per_generator_counts(images_per_generator: int | list[int], n_generators: int) -> list[int]:
     """Images per prompt for each generator; at least 1 each and 2 in all (a ranking needs two)."""
-    ks = [images_per_generator] * n_generators if isinstance(images_per_generator, int) else list(images_per_generator)
-    if len(ks) != n_generators:
-        raise ConfigError(f"images_per_generator {images_per_generator}: give one number, or one per generator ({n_generators})")
+    ks = per_generator(images_per_generator, n_generators, "images_per_generator", "number")
     if min(ks) < 1:
         raise ConfigError(f"images_per_generator {images_per_generator}: every generator needs at least 1 image per prompt")
     if sum(ks) < 2:
@@ -213,9 +219,7 @@ def run_synpic(cfg: SynPicConfig, rank: int | None = None, world: int | None = N
     if not cfg.generators or not cfg.rewards:
         raise ConfigError("synpic needs at least one generator and one reward")
     ks = per_generator_counts(cfg.images_per_generator, len(cfg.generators))
-    gs = [cfg.guidance] * len(cfg.generators) if isinstance(cfg.guidance, (int, float)) else list(cfg.guidance)
-    if len(gs) != len(cfg.generators):
-        raise ConfigError(f"guidance {cfg.guidance}: give one scale, or one per generator ({len(cfg.generators)})")
+    gs = per_generator(cfg.guidance, len(cfg.generators), "guidance", "scale")
     out = Path(cfg.out)
     _check_writable(out)
     manifest = manifest_for(cfg, prompts)
@@ -237,7 +241,8 @@ def run_synpic(cfg: SynPicConfig, rank: int | None = None, world: int | None = N
         merge_shards(out, require_complete=False)
         return out
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipes = [load_pipeline(g, device) for g in cfg.generators]
+    loaded = {g: load_pipeline(g, device) for g in dict.fromkeys(cfg.generators)}  # a model listed twice loads once
+    pipes = [loaded[g] for g in cfg.generators]
     modality, sr = check_modalities(cfg.generators, [p for p, _ in pipes])
     rewards = load_rewards(cfg.rewards, device, modality)
     K = sum(ks)

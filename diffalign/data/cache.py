@@ -43,9 +43,13 @@ def data_fingerprint(ds: Any) -> str:
     return h.hexdigest()[:16]
 
 
+def _kind(dcfg: DataConfig) -> str:
+    return "ranked" if dcfg.format == "ranked" else "pairs"
+
+
 def _source(dcfg: DataConfig, verbose: bool = True) -> Any:
     """The uncached dataset the cache mirrors (pairs or a ranked Syn-Pic set)."""
-    if dcfg.format == "ranked":
+    if _kind(dcfg) == "ranked":
         from .ranked import RankedDataset
 
         return RankedDataset(dcfg, verbose=verbose)
@@ -71,10 +75,10 @@ def build_cache(cfg: Config, shard_size: int = 256) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     dcfg = replace(cfg.data, caption_dropout=0.0, cache_dir=None)
     ds = _source(dcfg)
-    ranked = cfg.data.format == "ranked"
+    ranked = _kind(cfg.data) == "ranked"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     adapter = load_adapter(cfg.model, device)
-    index = {"num_rows": len(ds), "format": "ranked" if ranked else "pairs", "k": ds.k if ranked else 2,
+    index = {"num_rows": len(ds), "format": _kind(cfg.data), "k": ds.k,
              "shard_size": shard_size, "model_path": cfg.model.path, "family": adapter.family,
              "resolution": cfg.data.resolution, "data_fingerprint": data_fingerprint(ds)}
     old = out / "index.json"
@@ -121,7 +125,7 @@ class CachedPairs(torch.utils.data.Dataset):
             raise ConfigError(f"data.cache_dir {str(root)!r} has no index.json: run `diffalign cache CONFIG` first")
         self.index = json.loads((root / "index.json").read_text())
         src = _source(replace(dcfg, cache_dir=None), verbose=False)  # light columns only: no image decoding
-        expect = {"model_path": mcfg.path, "resolution": dcfg.resolution, "format": "ranked" if dcfg.format == "ranked" else "pairs",
+        expect = {"model_path": mcfg.path, "resolution": dcfg.resolution, "format": _kind(dcfg),
                   "data_fingerprint": data_fingerprint(src), "num_rows": len(src)}
         for k, v in expect.items():
             if self.index.get(k) != v:
@@ -133,7 +137,7 @@ class CachedPairs(torch.utils.data.Dataset):
             raise ConfigError(f"data.cache_dir {str(root)!r} is incomplete ({len(missing)} shards missing): rerun `diffalign cache`")
         # PairDataset takes the next row's caption for a skipped (broken) pair; ranked rows are never skipped here
         self.root, self.cfg = root, dcfg
-        self.captions = [r[2] for r in src.rows] if dcfg.format == "ranked" else [r.caption for r in src.rows]
+        self.captions = [r[2] for r in src.rows] if _kind(dcfg) == "ranked" else [r.caption for r in src.rows]
         self.uncond: dict[str, torch.Tensor] | None = None
 
     def __len__(self) -> int:

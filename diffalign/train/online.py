@@ -162,7 +162,8 @@ def group_pairs(obj: Any, adapter: Any, model: torch.nn.Module, rewards: dict, p
     else:
         from ..samplers.ddim import NoiseSchedule, ddim_sample, ddim_timesteps
 
-        x0 = ddim_sample(fn, x_T, ddim_timesteps(adapter.pipe.scheduler.config, obj.sample_steps), (urep, rep), NoiseSchedule.from_scheduler(adapter.noise_scheduler),
+        ts = ddim_timesteps(adapter.pipe.scheduler.config, obj.sample_steps)
+        x0 = ddim_sample(fn, x_T, ts, (urep, rep), NoiseSchedule.from_scheduler(adapter.noise_scheduler),
                          obj.guidance_scale, obj.eta, gen).sample
     imgs = adapter.decode_latents(x0).cpu()
     texts = [p for p in prompts for _ in range(G)]
