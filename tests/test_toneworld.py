@@ -9,7 +9,7 @@ import pytest
 
 from diffalign.benchmarks.toyworlds.tones import (
     HELDOUT_COUNTS,
-    HELDOUT_PAIRS,
+    HELDOUT_ORDERS,
     HELDOUT_SILENCE,
     HELDOUT_TAGS,
     KINDS,
@@ -37,9 +37,9 @@ SPLITS = ("train", "heldout")
 _NOUN = r"(?:a low beep|a high beep|a noise burst)"
 TEMPLATES = {
     "single": _NOUN,
-    "order": rf"{_NOUN} followed by {_NOUN}",
-    "counting": r"(?:two|three) (?:low|high) beeps",
-    "silence": rf"{_NOUN} then silence",
+    "order": rf"{_NOUN} followed by {_NOUN}(?: followed by {_NOUN})?",
+    "counting": rf"(?:two|three) (?:low|high) beeps(?: followed by {_NOUN})?",
+    "silence": rf"{_NOUN}(?: followed by {_NOUN})? then silence",
 }
 
 
@@ -127,6 +127,16 @@ def test_captions_and_metadata():
         "tag": "order", "prompt": "a high beep followed by a noise burst", "events": ["high", "noise"]}
     assert build_metadata("counting", ("low", 3))["events"] == ["low"] * 3
     assert build_metadata("counting", ("high", 2))["prompt"] == "two high beeps"
+    assert build_metadata("counting", ("high", 3, "noise")) == {
+        "tag": "counting", "prompt": "three high beeps followed by a noise burst",
+        "events": ["high", "high", "high", "noise"]}
+    assert build_metadata("order", ("low", "noise", "low"))["prompt"] == (
+        "a low beep followed by a noise burst followed by a low beep")
+    assert build_metadata("silence", ("low", "high"))["prompt"] == "a low beep followed by a high beep then silence"
+    for tag, bad in (("order", ("low", "low")), ("order", ("low",)), ("silence", ("low", "high", "low")),
+                     ("counting", ("high", 2, "high")), ("counting", ("noise", 2)), ("single", ("hum",))):
+        with pytest.raises(ValueError):
+            build_metadata(tag, bad)
     assert build_metadata("silence", ("noise",)) == {
         "tag": "silence", "prompt": "a noise burst then silence", "events": ["noise"],
         "silence_after": SILENCE_AFTER}
@@ -142,19 +152,27 @@ def test_prompts_are_balanced():
 def test_heldout_split():
     train = prompts("train", 2000, seed=0)
     assert not any(heldout_combinations(md) for md in train)
-    for md in train:
-        ev = md["events"]
-        assert not (md["tag"] == "order" and tuple(ev) in HELDOUT_PAIRS)
-        assert not (md["tag"] == "counting" and (len(ev), ev[0]) in HELDOUT_COUNTS)
-        assert not (md["tag"] == "silence" and ev[0] in HELDOUT_SILENCE)
+    seen = {(md["tag"], tuple(md["events"])) for md in train}
+    assert not seen & {("order", s) for s in HELDOUT_ORDERS}
+    assert ("counting", ("high",) * 3) not in seen and ("counting", ("low",) * 3) in seen
+    assert not seen & {("silence", s) for s in HELDOUT_SILENCE}
+    assert len(seen) == 3 + 14 + 11 + 7  # every train prompt of every tag is drawn
     heldout = prompts("heldout", 600, seed=0)
     assert all(heldout_combinations(md) for md in heldout)
-    assert {c[0] for md in heldout for c in heldout_combinations(md)} == {"pair", "count", "silence"}
-    # No train clip shows "a noise burst then silence", named or not.
+    assert {c[0] for md in heldout for c in heldout_combinations(md)} == {"order", "count", "silence"}
+    # Every part of a held-out prompt is seen in training: each adjacent pair of a held-out order
+    # inside a train order, the held-out count with a tail, the final noise burst before silence.
+    train_pairs = {p for tag, ev in seen if tag == "order" for p in zip(ev, ev[1:])}
+    assert all(set(zip(s, s[1:])) <= train_pairs for s in HELDOUT_ORDERS)
+    assert {("counting", ("high",) * n + (k,)) for n, _ in HELDOUT_COUNTS for k in ("low", "noise")} <= seen
+    assert ("silence", ("low", "noise")) in seen
+    # No train clip shows a held-out "... then silence" sequence, named or not.
     rng = np.random.default_rng(5)
-    for _ in range(200):
-        (ev,) = plan_events(build_metadata("single", ("noise",)), rng, "train")
-        assert ev.end > SILENCE_AFTER
+    for params in HELDOUT_SILENCE:
+        for tag in ("single", "order"):
+            if len(params) in ((1,) if tag == "single" else (2, 3)):
+                for _ in range(100):
+                    assert plan_events(build_metadata(tag, params), rng, "train")[-1].end > SILENCE_AFTER
     with pytest.raises(ValueError):
         sample_metadata("single", rng, "heldout")
 
@@ -165,9 +183,12 @@ def test_perturb_metadata():
         bad = perturb_metadata(md, rng, split="train")
         assert bad["tag"] == md["tag"] and bad["events"] != md["events"]
         assert not heldout_combinations(bad)
-    swapped = {tuple(perturb_metadata(build_metadata("order", ("high", "noise")), rng)["events"])
-               for _ in range(50)}
-    assert swapped == {("noise", "high"), ("low", "noise"), ("high", "low")}
+    edits = {tuple(perturb_metadata(build_metadata("order", ("high", "noise")), rng)["events"])
+             for _ in range(200)}
+    assert ("noise", "high") in edits and ("high", "noise", "low") in edits  # swapped, one event added
+    assert all(len(e) in (2, 3) and e != ("high", "noise") for e in edits)
+    counts = {tuple(perturb_metadata(build_metadata("counting", ("high", 3)), rng)["events"]) for _ in range(100)}
+    assert counts == {("low",) * 3, ("high",) * 2, ("high",) * 3 + ("low",), ("high",) * 3 + ("noise",)}
 
 
 def test_silence_needs_the_event_early():
@@ -179,6 +200,10 @@ def test_silence_needs_the_event_early():
         ok, reason = judge_audio(late, md)
         assert not ok and "ends at" in reason
         assert judge_audio(late, build_metadata("single", (kind,)))[0]
+    two = build_metadata("silence", ("high", "low"))
+    for _ in range(200):  # two events always fit before the silence (shortened when needed)
+        evs = plan_events(two, rng)
+        assert evs[-1].end <= SILENCE_AFTER - 0.05 + 1e-9 and evs[1].start - evs[0].end >= 0.08 - 1e-9
 
 
 def test_silent_clips_have_no_events():
