@@ -32,6 +32,7 @@ judged 0.06 on them after 192k clips, so alignment had nothing to improve on.)
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -184,13 +185,8 @@ def _in_split(metadata: Mapping[str, Any], split: Split) -> bool:
 
 
 def _sequences(lengths: Sequence[int]) -> list[tuple[Kind, ...]]:
-    """Every kind sequence of the given lengths with different neighbours."""
-    seqs: list[tuple[Kind, ...]] = [(k,) for k in KINDS]
-    out = [s for s in seqs if len(s) in lengths]
-    for _ in range(max(lengths) - 1):
-        seqs = [(*s, k) for s in seqs for k in KINDS if k != s[-1]]
-        out += [s for s in seqs if len(s) in lengths]
-    return out
+    """Every kind sequence of the given lengths with different neighbours (in a fixed order)."""
+    return [s for n in lengths for s in itertools.product(KINDS, repeat=n) if all(a != b for a, b in zip(s, s[1:]))]
 
 
 def _all_params(tag: Tag) -> list[tuple]:
