@@ -163,7 +163,7 @@ def metadata_params(metadata: Mapping[str, Any]) -> tuple:
     if tag in ("single", "order", "silence"):
         return events
     if tag == "counting":
-        n = events.count(events[0]) if events[-1] == events[0] else len(events) - 1
+        n = len(events) - (events[-1] != events[0])  # a tail is the one event of another kind
         return (events[0], n, *events[n:])
     raise ValueError(f"unknown tag {tag!r}")
 
