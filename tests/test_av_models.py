@@ -35,7 +35,8 @@ def av_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny-av")
     for fam in AV_FAMILIES:
         build_tiny_pipeline(fam, root / fam)
-    return {fam: root / fam for fam in AV_FAMILIES}
+    build_tiny_pipeline("audioldm", root / "audioldm-tokens", text_conditioning="tokens")  # Tango-style UNet
+    return {fam: root / fam for fam in [*AV_FAMILIES, "audioldm-tokens"]}
 
 
 def make_av_parquet(path: Path, modality: str, n: int = 8, seed: int = 0) -> Path:
@@ -113,7 +114,7 @@ def _x0(modality: str) -> torch.Tensor:
     return torch.rand(2, 3, 3, 32, 32, generator=g) * 2 - 1 if modality == "video" else torch.rand(2, 2048, generator=g) * 1.6 - 0.8
 
 
-@pytest.mark.parametrize("fam", list(AV_FAMILIES))
+@pytest.mark.parametrize("fam", [*AV_FAMILIES, "audioldm-tokens"])
 def test_adapter_loads_and_matches_the_pipeline_denoising_step(av_models, fam):
     """The training-time conditioning is the sampling-time one: one DDIM step of the pipeline from
     given latents equals scheduler.step on the adapter's prediction."""
@@ -121,7 +122,8 @@ def test_adapter_loads_and_matches_the_pipeline_denoising_step(av_models, fam):
     from diffalign.models.loading import load_pipeline
 
     a = load_adapter(ModelConfig(path=str(av_models[fam])))
-    assert a.family == fam and a.modality == AV_FAMILIES[fam]
+    family = fam.removesuffix("-tokens")
+    assert a.family == family and a.modality == AV_FAMILIES[family]
     z = a.encode_images(_x0(a.modality))
     assert z.ndim == (5 if a.modality == "video" else 4) and z.shape[0] == 2
     back = a.decode_latents(z)
@@ -158,12 +160,12 @@ def test_audio_adapter_uses_the_folders_mel_front_end(av_models):
 
 
 @pytest.mark.parametrize("fam,mode", [("animatediff", "lora"), ("text2video", "lora"), ("audioldm", "lora"),
-                                      ("audioldm", "full"), ("text2video", "full")])
+                                      ("audioldm", "full"), ("text2video", "full"), ("audioldm-tokens", "lora")])
 def test_dpo_trains_exports_and_reloads(av_models, tmp_path, fam, mode):
     from diffalign.models import load_adapter, load_trained_pipeline
     from diffalign.train import train
 
-    data = make_av_parquet(tmp_path / "pairs.parquet", AV_FAMILIES[fam])
+    data = make_av_parquet(tmp_path / "pairs.parquet", AV_FAMILIES[fam.removesuffix("-tokens")])
     extra = ["lora.rank=0", "train.lr=1e-3"] if mode == "full" else []
     out = tmp_path / "run"
     metrics = train(load_config(None, [f"model.path={av_models[fam]}", f"data.path={data}", f"train.output_dir={out}",
@@ -184,6 +186,36 @@ def test_dpo_trains_exports_and_reloads(av_models, tmp_path, fam, mode):
         with torch.no_grad(), adapters_disabled(pipe.unet):
             off = base.predict(z, t, cond, model=pipe.unet)
             assert torch.allclose(off, orig, atol=1e-5), float((off - orig).abs().max())
+
+
+def test_token_audio_pipeline_conditions_on_word_order(av_models, tmp_path):
+    """A Tango-style folder loads as TokenAudioLDMPipeline; its conditioning is the token states
+    [B, L, D] (so two orders of the same words differ, where a bag of words would not), guidance
+    and several clips per prompt work, and a bad diffalign.json value fails in one line."""
+    import shutil
+
+    from diffalign.models import load_adapter
+    from diffalign.models.audio import TokenAudioLDMPipeline
+    from diffalign.models.loading import ModelLoadError, load_pipeline
+
+    pipe, kw = load_pipeline(av_models["audioldm-tokens"])
+    assert type(pipe) is TokenAudioLDMPipeline
+    a = load_adapter(ModelConfig(path=str(av_models["audioldm-tokens"])))
+    cond = a.encode_prompts(["a red circle left of a blue square", "a blue square left of a red circle"])
+    h = cond["encoder_hidden_states"]
+    assert h.shape == (2, pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size)
+    assert not torch.allclose(h[0], h[1])
+    gens = [torch.Generator().manual_seed(i) for i in range(4)]
+    audio = pipe(["a red circle", "a dog"], num_inference_steps=2, guidance_scale=3.0, num_waveforms_per_prompt=2,
+                 generator=gens, **kw).audios
+    assert audio.shape == (4, 2048) and np.isfinite(audio).all()
+    assert not pipe.unet._forward_pre_hooks, "the conditioning hook must not outlive the call"
+
+    bad = tmp_path / "bad"
+    shutil.copytree(av_models["audioldm-tokens"], bad)
+    (bad / "diffalign.json").write_text(json.dumps({"text_conditioning": "pooling"}))
+    with pytest.raises(ModelLoadError, match="text_conditioning 'pooling'; valid choices: pooled, tokens"):
+        load_pipeline(bad)
 
 
 def test_video_data_refuses_random_flip(av_models, tmp_path):

@@ -65,6 +65,36 @@ def test_quick_av_pretrain_exports_loadable_video_and_audio_pipelines(tmp_path):
     assert frames.shape == (1, FRAMES, 32, 32, 3)
 
 
+def test_token_audio_run_starts_from_a_pooled_one_and_stays_tokens(tmp_path):
+    """--audio-init copies every tensor whose name and shape match (all of the text tower, most of
+    the UNet); the export loads as the Tango-style pipeline; continuing with the other
+    conditioning is refused in one line."""
+    import re
+    import shutil
+
+    base = [sys.executable, "-m", "diffalign.cli", "toy", "pretrain", "--quick", "--device", "cpu"]
+    pooled = tmp_path / "pooled"
+    p = subprocess.run(base + ["--work", str(pooled), "--out", str(tmp_path / "m0"), "--stages", "avae", "vocoder", "audio"],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    work, out = tmp_path / "tokens", tmp_path / "m1"
+    for stage in ("avae", "vocoder"):
+        shutil.copytree(pooled / stage, work / stage)
+    cmd = base + ["--work", str(work), "--out", str(out), "--stages", "audio", "--audio-conditioning", "tokens"]
+    p = subprocess.run(cmd + ["--audio-init", str(pooled / "audio")], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    counts = {m: (int(a), int(b)) for m, a, b in re.findall(r"(\w+): (\d+)/(\d+) tensors from", p.stdout)}
+    assert counts["text_encoder"][0] == counts["text_encoder"][1]
+    assert 0 < counts["denoiser"][0] < counts["denoiser"][1]  # the class embedding and cross-attention k/v differ
+    from diffalign.models import load_pipeline
+
+    pipe, _ = load_pipeline(out / "toy-audio")
+    assert type(pipe).__name__ == "TokenAudioLDMPipeline"
+    p = subprocess.run(cmd[:-2] + ["--audio-conditioning", "pooled"], capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert "a 'tokens'-conditioned run; continue it with text_conditioning='tokens'" in p.stderr
+
+
 def test_unusable_device_is_one_line(tmp_path):
     for device in ["bogus", *([] if torch.cuda.is_available() else ["cuda"])]:
         cmd = [sys.executable, "-m", "diffalign.cli", "toy", "pretrain", "--quick", "--work", str(tmp_path / "w"),

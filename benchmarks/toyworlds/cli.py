@@ -24,6 +24,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                           "model (avae vocoder audio: a tiny AudioLDM)")
     pre.add_argument("--av-minutes", type=float, nargs=4, default=[95.0, 13.0, 6.0, 40.0],
                      metavar=("VIDEO", "AVAE", "VOCODER", "AUDIO"), help="wall-clock minutes of the video/audio stages")
+    pre.add_argument("--audio-conditioning", default="pooled", choices=["pooled", "tokens"],
+                     help="how the audio UNet reads the caption: pooled CLAP embedding (AudioLDM) or cross-attention "
+                          "to its token states (Tango)")
+    pre.add_argument("--audio-init", default=None,
+                     help="a previous run's audio checkpoint folder (WORK/audio) to start a new audio run from, "
+                          "wherever tensor names and shapes match")
     pre.add_argument("--video-base", default=None, help="toy-sd folder the video model starts from (default: shipped)")
     pre.add_argument("--restart-optimizer", action="store_true",
                      help="continue image stages from their EMA weights with a fresh AdamW (how toy-sd v2 was made)")
@@ -59,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
                            strict=True))
         for stage in args.stages:
             if stage in AV_STAGES:
-                _pretrain_av(stage, work, out, minutes[stage], args.quick, args.video_base, device)
+                _pretrain_av(stage, work, out, minutes[stage], args, device)
                 continue
             meta = train_stage(stage, work, minutes[stage], batch=8 if args.quick else 64, device=device,
                                restart_optimizer=args.restart_optimizer)
@@ -78,12 +84,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pretrain_av(stage: str, work: Path, out: Path, minutes: float, quick: bool, video_base: str | None, device: str) -> None:
+def _pretrain_av(stage: str, work: Path, out: Path, minutes: float, args: argparse.Namespace, device: str) -> None:
+    quick = args.quick
     if stage == "video":
         from ...demo import asset
         from .pretrain_video import export_video_pipeline, train_video
 
-        base = video_base or asset("toy-sd")
+        base = args.video_base or asset("toy-sd")
         meta = train_video(work, base, minutes, batch=2 if quick else 16, device=device)
         print(f"video: {meta['clips']} clips in {meta['seconds'] / 60:.1f} min total")
         print(f"exported {export_video_pipeline(work, base, out / 'toy-video')}")
@@ -91,7 +98,8 @@ def _pretrain_av(stage: str, work: Path, out: Path, minutes: float, quick: bool,
     from .pretrain_audio import export_audio_pipeline, train_audio_stage
 
     meta = train_audio_stage(stage, work, minutes, batch=2 if quick else (16 if stage == "vocoder" else 32),  # type: ignore[arg-type]
-                             device=device)
+                             device=device, text_conditioning=args.audio_conditioning,
+                             init_from=Path(args.audio_init) if args.audio_init else None)
     print(f"{stage}: {meta['clips']} clips in {meta['seconds'] / 60:.1f} min total")
     if stage == "audio":
         print(f"exported {export_audio_pipeline(work, out / 'toy-audio')}")

@@ -7,13 +7,16 @@ Three time-budgeted, resumable stages (checkpoints as in ``pretrain.py``):
 2. ``vocoder``: ``SpeechT5HifiGan`` (the vocoder class of diffusers' AudioLDM) from the same
                 features to the 8 kHz waveform, with a multi-resolution STFT magnitude loss (no
                 adversary: ToneWorld's beeps and noise bursts need magnitudes, not fine phase);
-3. ``audio``:   ``UNet2DConditionModel`` conditioned through its class embedding on the
-                L2-normalised ``ClapTextModelWithProjection`` text embedding (AudioLDM's
-                conditioning; no cross-attention), trained jointly with the text encoder;
-                epsilon prediction, 10% caption dropout, EMA.
+3. ``audio``:   ``UNet2DConditionModel`` trained jointly with a ``ClapTextModelWithProjection`` text
+                tower; epsilon prediction, 10% caption dropout, EMA. ``text_conditioning``:
+                ``"pooled"`` feeds the L2-normalised text embedding through the class embedding
+                (AudioLDM's conditioning; the attention blocks attend to themselves), ``"tokens"``
+                lets the UNet cross-attend to the tower's token states (Tango's; see
+                ``models/audio.py``). ``init_from`` starts a new run from another run's weights
+                wherever names and shapes agree (how the token model reused the pooled one's).
 
 ``export_audio_pipeline`` writes an ``AudioLDMPipeline`` folder plus ``diffalign.json`` with the
-mel front end the adapter must use (:data:`TOY_MEL`).
+mel front end the adapter must use (:data:`TOY_MEL`) and the text conditioning.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...models.audio import MelConfig, log_mel
+from ...config import ConfigError
+from ...models.audio import MelConfig, TextConditioning, log_mel
 from .pretrain import Bookkeeper, _load_state
 from .tones import N_SAMPLES, SR, make_dataset
 
@@ -74,16 +78,29 @@ def build_audio_text(vocab: int):
     return ClapTextModelWithProjection(cfg)
 
 
-def build_audio_unet():
+def build_audio_unet(text_conditioning: TextConditioning = "pooled"):
     from diffusers import UNet2DConditionModel
 
+    if text_conditioning == "tokens":  # cross-attention to the 64-wide token states, no class embedding
+        cond: dict[str, Any] = {"cross_attention_dim": 64}
+    else:  # no text tokens: the attention blocks attend to themselves
+        cond = {"cross_attention_dim": (64, 128, 128), "class_embed_type": "simple_projection",
+                "projection_class_embeddings_input_dim": 64, "class_embeddings_concat": True}
     return UNet2DConditionModel(
         sample_size=FRAMES // 4, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128, 128),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=(64, 128, 128),  # no text tokens: the attention blocks attend to themselves
-        attention_head_dim=4, norm_num_groups=16, class_embed_type="simple_projection",
-        projection_class_embeddings_input_dim=64, class_embeddings_concat=True)
+        attention_head_dim=4, norm_num_groups=16, **cond)
+
+
+def _init_matching(module: torch.nn.Module, path: Path) -> tuple[int, int]:
+    """Copy the tensors of ``path`` (safetensors) whose name and shape match; (copied, total)."""
+    from safetensors.torch import load_file
+
+    src, own = load_file(path), module.state_dict()
+    same = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
+    module.load_state_dict(same, strict=False)
+    return len(same), len(own)
 
 
 class WaveStream:
@@ -133,7 +150,10 @@ def audio_latent_scale(work: Path) -> float:
 
 
 def train_audio_stage(stage: AudioStage, work: Path, minutes: float, batch: int = 32, lr: float = 5e-4, seed: int = 0,
-                      ema_decay: float = 0.999, log_every: int = 50, device: str | torch.device = "cpu") -> dict[str, Any]:
+                      ema_decay: float = 0.999, log_every: int = 50, device: str | torch.device = "cpu",
+                      text_conditioning: TextConditioning = "pooled", init_from: Path | None = None) -> dict[str, Any]:
+    """Train (or continue) one stage; ``text_conditioning`` and ``init_from`` concern the ``audio``
+    stage (``init_from``: another run's ``audio`` checkpoint folder, read only when starting)."""
     from diffusers import DDPMScheduler
 
     torch.manual_seed(seed)
@@ -145,17 +165,29 @@ def train_audio_stage(stage: AudioStage, work: Path, minutes: float, batch: int 
         modules["vocoder"] = build_vocoder()
     else:
         vae, scale = _load_vae(work).to(device), audio_latent_scale(work)
-        modules["denoiser"] = build_audio_unet()
+        modules["denoiser"] = build_audio_unet(text_conditioning)
         modules["text_encoder"] = build_audio_text(len(tok))
+    ckpt = work / stage
+    resuming = (ckpt / "meta.json").exists()
+    if stage == "audio" and resuming:
+        found = json.loads((ckpt / "meta.json").read_text()).get("text_conditioning", "pooled")
+        if found != text_conditioning:
+            raise ConfigError(f"{ckpt}: a {found!r}-conditioned run; continue it with text_conditioning={found!r} "
+                              f"(--audio-conditioning {found}) or start a new work folder")
+    if stage == "audio" and init_from is not None and not resuming:
+        for name, m in modules.items():
+            n, total = _init_matching(m, Path(init_from) / f"{name}.ema.safetensors")
+            print(f"{name}: {n}/{total} tensors from {init_from}")
     for m in modules.values():
         m.to(device)
     params = [p for m in modules.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=lr if stage != "vocoder" else 3e-3, weight_decay=0.0)
     ema = {n: {k: v.detach().clone() for k, v in m.state_dict().items()} for n, m in modules.items()}
-    ckpt = work / stage
-    meta = {"clips": 0, "steps": 0, "seconds": 0.0}
-    if (ckpt / "meta.json").exists():
+    meta: dict[str, Any] = {"clips": 0, "steps": 0, "seconds": 0.0}
+    if resuming:
         meta = _load_state(ckpt, modules, ema, opt)
+    if stage == "audio":
+        meta["text_conditioning"] = text_conditioning
     stream = WaveStream(seed * 1000 + meta["steps"] + 17)
     ddpm = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     t_end = time.time() + minutes * 60
@@ -180,10 +212,14 @@ def train_audio_stage(stage: AudioStage, work: Path, minutes: float, batch: int 
                 z = vae.encode(feats.unsqueeze(1)).latent_dist.mode() * scale
             caps = [c if r > 0.1 else "" for c, r in zip(caps, torch.rand(batch).tolist(), strict=True)]
             enc = tok(caps, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").to(device)
-            emb = F.normalize(modules["text_encoder"](enc.input_ids, attention_mask=enc.attention_mask).text_embeds, dim=-1)
+            text = modules["text_encoder"](enc.input_ids, attention_mask=enc.attention_mask)
+            if text_conditioning == "tokens":
+                kw = {"encoder_hidden_states": text.last_hidden_state}  # [B, L, 64]
+            else:
+                kw = {"encoder_hidden_states": None, "class_labels": F.normalize(text.text_embeds, dim=-1)}  # [B, 64]
             eps = torch.randn_like(z)
             t = torch.randint(0, 1000, (batch,), device=device)
-            pred = modules["denoiser"](ddpm.add_noise(z, eps, t), t, encoder_hidden_states=None, class_labels=emb).sample
+            pred = modules["denoiser"](ddpm.add_noise(z, eps, t), t, **kw).sample
             loss = F.mse_loss(pred, eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -202,7 +238,8 @@ def export_audio_pipeline(work: Path, out: Path, dtype: torch.dtype = torch.floa
     vae.register_to_config(scaling_factor=audio_latent_scale(work))
     voc = build_vocoder()
     voc.load_state_dict(load_file(work / "vocoder" / "vocoder.ema.safetensors"))
-    unet = build_audio_unet()
+    cond = json.loads((work / "audio" / "meta.json").read_text()).get("text_conditioning", "pooled")
+    unet = build_audio_unet(cond)
     unet.load_state_dict(load_file(work / "audio" / "denoiser.ema.safetensors"))
     te = build_audio_text(len(tok))
     te.load_state_dict(load_file(work / "audio" / "text_encoder.ema.safetensors"))
@@ -210,6 +247,6 @@ def export_audio_pipeline(work: Path, out: Path, dtype: torch.dtype = torch.floa
                                     set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
     pipe = diffusers.AudioLDMPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched, vocoder=voc)
     pipe.to(dtype).save_pretrained(str(out), safe_serialization=True)
-    (out / "diffalign.json").write_text(json.dumps({"mel": TOY_MEL.to_dict(),
+    (out / "diffalign.json").write_text(json.dumps({"mel": TOY_MEL.to_dict(), "text_conditioning": cond,
                                                     "call_defaults": {"audio_length_in_s": N_SAMPLES / SR}}))
     return out

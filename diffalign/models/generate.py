@@ -17,7 +17,7 @@ import torch
 from ..data.media import Modality
 
 VIDEO_PIPELINES = ("AnimateDiffPipeline", "TextToVideoSDPipeline")
-AUDIO_PIPELINES = ("AudioLDMPipeline",)
+AUDIO_PIPELINES = ("AudioLDMPipeline", "TokenAudioLDMPipeline")
 
 
 def pipeline_modality(pipe: Any) -> Modality:

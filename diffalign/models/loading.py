@@ -114,7 +114,7 @@ def load_adapter(mcfg: ModelConfig, device: torch.device | str = "cpu", dtype: t
     nulls = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None}
     if family == "sd":
         nulls |= {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-    pipe = getattr(diffusers, FAMILY_PIPELINE[family]).from_pretrained(mcfg.path, torch_dtype=torch.float32, **nulls, **kw)
+    pipe = pipeline_class(family, mcfg.path).from_pretrained(mcfg.path, torch_dtype=torch.float32, **nulls, **kw)
     sched_cls = diffusers.FlowMatchEulerDiscreteScheduler if family == "sd3" else diffusers.DDPMScheduler
     sched = sched_cls.from_pretrained(mcfg.path, subfolder="scheduler", **kw)
     cls: type[Adapter] = {"sd": SDAdapter, "sdxl": SDXLAdapter, "sd3": SD3Adapter, "animatediff": VideoAdapter,
@@ -141,6 +141,21 @@ def model_settings(path: str | Path) -> dict[str, Any]:
     return json.loads(f.read_text()) if f.is_file() else {}
 
 
+def pipeline_class(family: Family, path: str | Path) -> type:
+    """The diffusers pipeline class of ``family``; an AudioLDM folder whose ``diffalign.json`` says
+    ``"text_conditioning": "tokens"`` loads as :class:`~diffalign.models.audio.TokenAudioLDMPipeline`."""
+    import diffusers
+
+    cond = model_settings(path).get("text_conditioning", "pooled")
+    if family == "audioldm" and cond != "pooled":
+        if cond != "tokens":
+            raise ModelLoadError(f"{Path(path) / 'diffalign.json'}: text_conditioning {cond!r}; valid choices: pooled, tokens")
+        from .audio import TokenAudioLDMPipeline
+
+        return TokenAudioLDMPipeline
+    return getattr(diffusers, FAMILY_PIPELINE[family])
+
+
 def pipeline_call_defaults(path: str | Path) -> dict[str, Any]:
     return model_settings(path).get("call_defaults", {})
 
@@ -148,7 +163,6 @@ def pipeline_call_defaults(path: str | Path) -> dict[str, Any]:
 def load_pipeline(path: str | Path, device: torch.device | str = "cpu", **components: Any) -> tuple[Any, dict[str, Any]]:
     """Any supported pipeline folder or hub id -> (pipeline, extra keyword arguments for calling it).
     ``components`` replace pipeline parts (e.g. ``unet=...``)."""
-    import diffusers
 
     index = read_model_index(str(path))
     family = PIPELINE_FAMILIES.get(index.get("_class_name", ""))
@@ -157,8 +171,7 @@ def load_pipeline(path: str | Path, device: torch.device | str = "cpu", **compon
     kw: dict[str, Any] = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None}
     if family == "sd":
         kw.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    cls = getattr(diffusers, FAMILY_PIPELINE[family])
-    pipe = cls.from_pretrained(str(path), torch_dtype=torch.float32, **{**kw, **components}).to(device)
+    pipe = pipeline_class(family, path).from_pretrained(str(path), torch_dtype=torch.float32, **{**kw, **components}).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe, pipeline_call_defaults(path)
 

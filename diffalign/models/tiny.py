@@ -52,8 +52,10 @@ def build_tiny_pipeline(
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon",
     seed: int = 0,
     sample_size: int = 4,
+    text_conditioning: Literal["pooled", "tokens"] = "pooled",
 ):
-    """Build (and optionally save) a tiny pipeline; ``sample_size`` is the latent side (x8 pixels)."""
+    """Build (and optionally save) a tiny pipeline; ``sample_size`` is the latent side (x8 pixels).
+    ``text_conditioning`` applies to ``audioldm`` (see ``models/audio.py``)."""
     import diffusers
 
     torch.manual_seed(seed)
@@ -105,7 +107,7 @@ def build_tiny_pipeline(
             text_encoder_2=te2, tokenizer_2=build_clip_tokenizer(WORDS), text_encoder_3=None, tokenizer_3=None,
         )
     elif family in ("animatediff", "text2video", "audioldm"):
-        pipe = _tiny_av(family, sample_size, prediction_type, V, eos, bos, tok)
+        pipe = _tiny_av(family, sample_size, prediction_type, V, eos, bos, tok, text_conditioning)
     else:
         raise ValueError(f"unknown family {family!r}; valid choices: sd, sdxl, sd3, animatediff, text2video, audioldm")
     if out_dir is not None:
@@ -114,7 +116,12 @@ def build_tiny_pipeline(
             import json
 
             mel = {"sample_rate": 8000, "n_fft": 256, "hop": 64, "n_mels": 8, "fmax": 4000.0}
-            (Path(out_dir) / "diffalign.json").write_text(json.dumps({"mel": mel, "call_defaults": {"audio_length_in_s": 0.256}}))
+            (Path(out_dir) / "diffalign.json").write_text(json.dumps({"mel": mel, "text_conditioning": text_conditioning,
+                                                                      "call_defaults": {"audio_length_in_s": 0.256}}))
+    if family == "audioldm" and text_conditioning == "tokens":  # saved as an AudioLDMPipeline folder, used as this
+        from .audio import TokenAudioLDMPipeline
+
+        pipe = TokenAudioLDMPipeline(**pipe.components)
         if family in ("animatediff", "text2video"):  # the tiny motion modules know 8 positions
             import json
 
@@ -129,7 +136,8 @@ def _ddim(prediction_type: str):
                                    set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
 
 
-def _tiny_av(family: str, sample_size: int, prediction_type: str, V: int, eos: int, bos: int, tok):
+def _tiny_av(family: str, sample_size: int, prediction_type: str, V: int, eos: int, bos: int, tok,
+             text_conditioning: str = "pooled"):
     """Video (AnimateDiff, ModelScope text-to-video) and audio (AudioLDM) pipelines."""
     import diffusers
 
@@ -150,7 +158,8 @@ def _tiny_av(family: str, sample_size: int, prediction_type: str, V: int, eos: i
             cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8)
         return diffusers.TextToVideoSDPipeline(vae=_vae(), text_encoder=_clip_text(16, None, V, eos, bos), tokenizer=tok,
                                                unet=unet, scheduler=_ddim(prediction_type))
-    # audioldm: mel VAE (1 channel), CLAP text tower + RoBERTa BPE, class-embedding UNet, HiFi-GAN vocoder
+    # audioldm: mel VAE (1 channel), CLAP text tower + RoBERTa BPE, class-embedding (pooled) or
+    # cross-attention (tokens) UNet, HiFi-GAN vocoder
     from transformers import (
         ClapTextConfig,
         ClapTextModelWithProjection,
@@ -167,11 +176,13 @@ def _tiny_av(family: str, sample_size: int, prediction_type: str, V: int, eos: i
     vae = diffusers.AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
                                   up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
                                   latent_channels=4, norm_num_groups=4, sample_size=32, scaling_factor=0.5)
+    cond: dict = ({"cross_attention_dim": 16} if text_conditioning == "tokens" else
+                  {"cross_attention_dim": (16, 32), "class_embed_type": "simple_projection",
+                   "projection_class_embeddings_input_dim": 16, "class_embeddings_concat": True})
     unet = diffusers.UNet2DConditionModel(
         sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=(16, 32), attention_head_dim=4, norm_num_groups=8, class_embed_type="simple_projection",
-        projection_class_embeddings_input_dim=16, class_embeddings_concat=True)
+        attention_head_dim=4, norm_num_groups=8, **cond)
     voc = SpeechT5HifiGan(SpeechT5HifiGanConfig(
         model_in_dim=8, sampling_rate=8000, upsample_initial_channel=16, upsample_rates=[4, 4, 4],
         upsample_kernel_sizes=[8, 8, 8], resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1, 3]], normalize_before=False))
