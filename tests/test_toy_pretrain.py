@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -93,6 +94,34 @@ def test_token_audio_run_starts_from_a_pooled_one_and_stays_tokens(tmp_path):
     p = subprocess.run(cmd[:-2] + ["--audio-conditioning", "pooled"], capture_output=True, text=True, timeout=600)
     assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert "a 'tokens'-conditioned run; continue it with text_conditioning='tokens'" in p.stderr
+
+
+def test_video_with_frozen_spatial_layers_trains_only_motion_and_text(tmp_path):
+    """--video-freeze-spatial: toy-sd's spatial weights come out unchanged, the motion modules and
+    the text encoder move; continuing with the other recipe is refused in one line."""
+    from safetensors.torch import load_file
+
+    from diffalign.demo import asset
+
+    work = tmp_path / "w"
+    cmd = [sys.executable, "-m", "diffalign.cli", "toy", "pretrain", "--quick", "--device", "cpu", "--work", str(work),
+           "--out", str(tmp_path / "m"), "--stages", "video"]
+    p = subprocess.run(cmd + ["--video-freeze-spatial"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads((work / "video" / "meta.json").read_text())["freeze_spatial"] is True
+    unet = load_file(str(work / "video" / "denoiser.safetensors"))
+    sd = load_file(str(Path(asset("toy-sd")) / "unet" / "diffusion_pytorch_model.safetensors"))
+    spatial = [k for k in unet if "motion_modules" not in k]
+    assert spatial and all(torch.equal(unet[k], sd[k].float()) for k in spatial)
+    from diffalign.benchmarks.toyworlds.pretrain_video import build_modules
+
+    fresh = build_modules(asset("toy-sd"))[0]
+    motion = [k for k in unet if "motion_modules" in k and k.endswith("weight")]
+    assert any(not torch.equal(unet[k], fresh["denoiser"].state_dict()[k]) for k in motion)
+    te = load_file(str(work / "video" / "text_encoder.safetensors"))
+    assert any(not torch.equal(v, fresh["text_encoder"].state_dict()[k]) for k, v in te.items())
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0 and "Traceback" not in p.stderr and "a run with freeze_spatial=True" in p.stderr
 
 
 def test_unusable_device_is_one_line(tmp_path):

@@ -30,6 +30,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pre.add_argument("--audio-init", default=None,
                      help="a previous run's audio checkpoint folder (WORK/audio) to start a new audio run from, "
                           "wherever tensor names and shapes match")
+    pre.add_argument("--video-freeze-spatial", action="store_true",
+                     help="train only the motion modules (lr 1e-3) and the text encoder (lr 1e-4), batch 8, EMA 0.995 "
+                          "(AnimateDiff's recipe; ~3x faster per clip on a CPU)")
     pre.add_argument("--video-base", default=None, help="toy-sd folder the video model starts from (default: shipped)")
     pre.add_argument("--restart-optimizer", action="store_true",
                      help="continue image stages from their EMA weights with a fresh AdamW (how toy-sd v2 was made)")
@@ -91,7 +94,9 @@ def _pretrain_av(stage: str, work: Path, out: Path, minutes: float, args: argpar
         from .pretrain_video import export_video_pipeline, train_video
 
         base = args.video_base or asset("toy-sd")
-        meta = train_video(work, base, minutes, batch=2 if quick else 16, device=device)
+        recipe = {"lr": 1e-3, "ema_decay": 0.995, "freeze_spatial": True} if args.video_freeze_spatial else {}
+        batch = 2 if quick else (8 if args.video_freeze_spatial else 16)
+        meta = train_video(work, base, minutes, batch=batch, device=device, **recipe)
         print(f"video: {meta['clips']} clips in {meta['seconds'] / 60:.1f} min total")
         print(f"exported {export_video_pipeline(work, base, out / 'toy-video')}")
         return

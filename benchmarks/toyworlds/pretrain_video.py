@@ -6,7 +6,9 @@ toy-sd ``UNet2DConditionModel`` becomes a ``UNetMotionModel`` (``from_unet2d`` +
 ``MotionAdapter`` whose temporal attention starts as the identity), and everything trains on
 ShapesWorld-video clips: motion modules at ``lr``, the pretrained spatial layers and the text
 encoder at ``lr/4`` (unlike AnimateDiff, the spatial layers are not frozen: motion words must
-reach the features the temporal layers read). The tokenizer gains the video words; their
+reach the features the temporal layers read). ``freeze_spatial=True`` is AnimateDiff's recipe
+instead: the spatial layers stay toy-sd's, only the motion modules (``lr``) and the text encoder
+(``lr/10``) train, about 3x faster per clip on a CPU. The tokenizer gains the video words; their
 embeddings start at the mean of the existing ones, every other row is copied by token string.
 
 Frames go through the shared toy VAE one by one (the ``AnimateDiffPipeline`` decodes the same
@@ -105,10 +107,19 @@ def encode_clips(vae: Any, x: torch.Tensor) -> torch.Tensor:
 
 
 def train_video(work: Path, base: str | Path, minutes: float, batch: int = 16, lr: float = 4e-4, seed: int = 0,
-                ema_decay: float = 0.998, log_every: int = 25, device: str | torch.device = "cpu") -> dict[str, Any]:
+                ema_decay: float = 0.998, log_every: int = 25, device: str | torch.device = "cpu",
+                freeze_spatial: bool = False) -> dict[str, Any]:
     """Train (or continue) the video model for ``minutes``; checkpoints in ``work/video``."""
     from diffusers import DDPMScheduler
 
+    from ...config import ConfigError
+
+    ckpt = work / "video"
+    resuming = (ckpt / "meta.json").exists()
+    if resuming:  # the optimiser's parameter groups differ between the two recipes
+        found = json.loads((ckpt / "meta.json").read_text()).get("freeze_spatial", False)
+        if found != freeze_spatial:
+            raise ConfigError(f"{ckpt}: a run with freeze_spatial={found}; continue it the same way or start a new work folder")
     torch.manual_seed(seed)
     modules, vae, tok = build_modules(base)
     for m in (*modules.values(), vae):
@@ -116,14 +127,21 @@ def train_video(work: Path, base: str | Path, minutes: float, batch: int = 16, l
     unet = modules["denoiser"]
     motion = [p for n, p in unet.named_parameters() if "motion_modules" in n]
     motion_ids = {id(p) for p in motion}
-    rest = [p for p in unet.parameters() if id(p) not in motion_ids] + list(modules["text_encoder"].parameters())
-    opt = torch.optim.AdamW([{"params": motion, "lr": lr}, {"params": rest, "lr": lr / 4}], weight_decay=0.0)
-    params = motion + rest
+    spatial = [p for p in unet.parameters() if id(p) not in motion_ids]
+    text = list(modules["text_encoder"].parameters())
+    if freeze_spatial:
+        for p in spatial:
+            p.requires_grad_(False)
+        groups = [{"params": motion, "lr": lr}, {"params": text, "lr": lr / 10}]
+    else:
+        groups = [{"params": motion, "lr": lr}, {"params": spatial + text, "lr": lr / 4}]
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    params = [p for g in groups for p in g["params"]]
     ema = {n: {k: v.detach().clone() for k, v in m.state_dict().items()} for n, m in modules.items()}
-    ckpt = work / "video"
-    meta = {"clips": 0, "steps": 0, "seconds": 0.0}
-    if (ckpt / "meta.json").exists():
+    meta: dict[str, Any] = {"clips": 0, "steps": 0, "seconds": 0.0}
+    if resuming:
         meta = _load_state(ckpt, modules, ema, opt)
+    meta["freeze_spatial"] = freeze_spatial
     stream = ClipStream(seed * 1000 + meta["steps"])
     ddpm = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     t_end = time.time() + minutes * 60
