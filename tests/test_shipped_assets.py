@@ -40,3 +40,22 @@ def test_toy_rewards_load_through_pickscore():
         good = r(x, [i[1] for i in items]).scores
         bad = r(x, [perturb_metadata(i[2], rng)["prompt"] for i in items]).scores
         assert (good > bad).float().mean() > 0.7  # trained rewards prefer the true caption
+
+
+def test_toy_audio_base_loads_token_conditioned_and_follows_train_captions():
+    """The shipped ToneWorld base is Tango-style (cross-attention to the caption tokens) and renders
+    judged-correct clips for most of its simplest train captions (one event: measured 26 of 30 clips
+    at 15 DDIM steps, all 6 checked here; a randomly initialised UNet of the same architecture, 1 of 6)."""
+    import numpy as np
+
+    from diffalign.benchmarks.toyworlds import tones
+    from diffalign.models import load_pipeline
+
+    pipe, kw = load_pipeline(ASSETS / "toy-audio")
+    assert type(pipe).__name__ == "TokenAudioLDMPipeline"
+    mds = [m for m in tones.prompts("train", 40, 0) if m["tag"] == "single"][:6]
+    gens = [torch.Generator().manual_seed(i) for i in range(len(mds))]
+    audio = pipe([m["prompt"] for m in mds], num_inference_steps=15, guidance_scale=4.0, generator=gens, **kw).audios
+    assert audio.shape == (len(mds), tones.N_SAMPLES) and np.isfinite(audio).all()
+    correct = [tones.judge_audio(a, m)[0] for a, m in zip(audio, mds, strict=True)]
+    assert sum(correct) >= 4, [tones.judge_audio(a, m)[1] for a, m in zip(audio, mds, strict=True)]
