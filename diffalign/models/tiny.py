@@ -118,14 +118,14 @@ def build_tiny_pipeline(
             mel = {"sample_rate": 8000, "n_fft": 256, "hop": 64, "n_mels": 8, "fmax": 4000.0}
             (Path(out_dir) / "diffalign.json").write_text(json.dumps({"mel": mel, "text_conditioning": text_conditioning,
                                                                       "call_defaults": {"audio_length_in_s": 0.256}}))
-    if family == "audioldm" and text_conditioning == "tokens":  # saved as an AudioLDMPipeline folder, used as this
-        from .audio import TokenAudioLDMPipeline
-
-        pipe = TokenAudioLDMPipeline(**pipe.components)
         if family in ("animatediff", "text2video"):  # the tiny motion modules know 8 positions
             import json
 
             (Path(out_dir) / "diffalign.json").write_text(json.dumps({"call_defaults": {"num_frames": 4}}))
+    if family == "audioldm" and text_conditioning == "tokens":  # saved as an AudioLDMPipeline folder, used as this
+        from .audio import TokenAudioLDMPipeline
+
+        pipe = TokenAudioLDMPipeline(**pipe.components)
     return pipe
 
 
