@@ -6,7 +6,7 @@
     diffalign cache CONFIG [key=value ...]
     diffalign synpic --prompts F --generator G [--generator G2] --reward R --out DIR
     diffalign label PAIRS.parquet OUT.parquet --reward R [--reward R2]
-    diffalign export-pairs RANKED_DIR OUT.parquet [--mode best_worst|all]
+    diffalign export-pairs RANKED_DIR OUT.parquet [--mode best_worst|all] [--n N]
     diffalign demo [--out runs/demo] [--steps N]
     diffalign toy pretrain [--quick] | toy eval MODEL
     diffalign eval --model M [--compare M2] (--metadata F | --toy SPLIT | --prompts F) --out DIR
@@ -71,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     ep.add_argument("ranked")
     ep.add_argument("out")
     ep.add_argument("--mode", default="best_worst", choices=["best_worst", "all"])
+    ep.add_argument("--n", type=int, default=1, help="best_worst: each of the n best against each of the n worst")
 
     de = sub.add_parser("demo", help="Syn-Pic + RankDPO + judged eval on the shipped ShapesWorld toy models (CPU, minutes)")
     de.add_argument("--out", default="runs/demo")
@@ -172,7 +173,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.cmd == "export-pairs":
         from .synpic import export_pairs
 
-        print(f"pairs: {export_pairs(args.ranked, args.out, args.mode)}")
+        print(f"pairs: {export_pairs(args.ranked, args.out, args.mode, args.n)}")
         return 0
     if args.cmd == "demo":
         from .demo import run_demo

@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -150,6 +151,11 @@ def manifest_for(cfg: SynPicConfig, prompts: list[str]) -> dict[str, Any]:
                          "transformers": transformers.__version__}}
 
 
+def _resumable(manifest: dict[str, Any]) -> dict[str, Any]:
+    return {"config": {k: v for k, v in manifest["config"].items() if k not in ("prompts", "out")},
+            "prompts_sha": manifest["prompts_sha"]}
+
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 
@@ -226,7 +232,9 @@ def run_synpic(cfg: SynPicConfig, rank: int | None = None, world: int | None = N
     mf = out / "manifest.json"
     if mf.exists():
         old = json.loads(mf.read_text())
-        if {k: old[k] for k in ("config", "prompts_sha")} != {k: manifest[k] for k in ("config", "prompts_sha")}:
+        # where the prompt file and the run folder live does not matter (a moved or copied folder resumes);
+        # the prompts' content (prompts_sha) and every other setting do
+        if _resumable(old) != _resumable(manifest):
             raise ConfigError(f"{out} holds a Syn-Pic run with other settings or prompts; choose another --out")
         for g, was, now in zip(cfg.generators, old.get("generator_weights", []), manifest["generator_weights"]):
             if was != now:
@@ -335,14 +343,23 @@ def _write_shard(path: Path, rows: dict[str, list], writer=None) -> None:
         raise ConfigError(f"writing {path.name} failed ({e.strerror or e}); nothing was left half-written") from None
 
 
-def export_pairs(ranked: str | Path, out: str | Path, mode: Literal["best_worst", "all"] = "best_worst") -> Path:
+def export_pairs(ranked: str | Path, out: str | Path, mode: Literal["best_worst", "all"] = "best_worst",
+                 n: int = 1) -> Path:
     """Ranked shards -> one Pick-a-Pic style parquet (caption, jpg_0, jpg_1, label_0, label_1, plus
     ``score_0.<reward>``/``score_1.<reward>`` for every reward, e.g. for SmPO's ``data.score_column``).
-    ``best_worst``: rank 1 vs rank k per prompt; ``all``: every pair with different phi."""
+    ``best_worst``: each of the ``n`` best against each of the ``n`` worst per prompt (``n`` = 1: rank 1
+    vs rank k); ``all``: every pair with different phi. Pairs far apart in the ranking are labelled
+    more reliably by an imperfect reward than neighbours are, so ``n`` trades pairs for label noise."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    if mode not in ("best_worst", "all"):
+        raise ValueError(f"pairs mode {mode!r}; valid choices: best_worst, all")
+    if n < 1 or (mode == "all" and n != 1):
+        raise ValueError(f"n={n}: the n best vs the n worst needs n >= 1 and mode best_worst")
+
     rows: dict[str, list] = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": [], "label_1": []}
+    short = 0
     for f in sorted(Path(ranked).glob("shard-*.parquet")):
         score_cols = [c for c in pq.read_schema(f).names if c.startswith("scores.")]
         for c in score_cols:
@@ -351,7 +368,10 @@ def export_pairs(ranked: str | Path, out: str | Path, mode: Literal["best_worst"
         t = pq.read_table(f, columns=["prompt", "images", "phi", "rank", *score_cols]).to_pylist()
         for r in t:
             order = np.argsort(r["rank"], kind="stable")
-            pairs = [(order[0], order[-1])] if mode == "best_worst" else [
+            if mode == "best_worst" and 2 * n > len(order):
+                short += 1  # counted and reported below; n = 1 with one sample was always a tie
+                continue
+            pairs = [(a, b) for a in order[:n] for b in order[len(order) - n:]] if mode == "best_worst" else [
                 (order[i], order[j]) for i in range(len(order)) for j in range(i + 1, len(order))]
             for a, b in pairs:
                 if r["phi"][a] == r["phi"][b]:
@@ -364,6 +384,9 @@ def export_pairs(ranked: str | Path, out: str | Path, mode: Literal["best_worst"
                 for c in score_cols:
                     rows[f"score_0.{c[7:]}"].append(r[c][a])
                     rows[f"score_1.{c[7:]}"].append(r[c][b])
+    if short:
+        print(f"export-pairs: skipped {short} prompt(s) with fewer than {2 * n} ranked samples ({n} best vs {n} worst)",
+              file=sys.stderr)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table(rows), out)

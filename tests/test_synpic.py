@@ -195,8 +195,17 @@ def test_synpic_refuses_to_continue_with_retrained_generator(tmp_path, tiny_mode
     shutil.copytree(tiny_models["sd"], gen)
     c = cfg_for(tmp_path, tiny_models, tiny_clip)
     c.generators = [str(gen)]
-    run_synpic(c)
+    out = run_synpic(c)
     run_synpic(c)  # same weights: the finished run is reused
+    # a moved folder with a moved prompt file resumes: only content and settings must match
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    (tmp_path / "elsewhere.txt").write_text((tmp_path / "prompts.txt").read_text())
+    stamps = {f: f.stat().st_mtime_ns for f in moved.glob("shard-*.parquet")}
+    run_synpic(SynPicConfig(**{**vars(c), "out": str(moved), "prompts": str(tmp_path / "elsewhere.txt")}))
+    assert {f: f.stat().st_mtime_ns for f in moved.glob("shard-*.parquet")} == stamps  # nothing regenerated
+    with pytest.raises(ConfigError, match="holds a Syn-Pic run with other settings or prompts"):
+        run_synpic(SynPicConfig(**{**vars(c), "out": str(moved), "steps": 3}))
     w = next(gen.rglob("unet/*.safetensors"))
     data = bytearray(w.read_bytes())
     data[-1] ^= 1
@@ -230,3 +239,28 @@ def test_synpic_images_per_generator_can_differ(tmp_path, tiny_models, tiny_clip
     c.guidance, c.out = [5.0, 1.0, 1.0], str(tmp_path / "bad2")
     with pytest.raises(ConfigError, match=r"one scale, or one per generator \(2\)"):
         run_synpic(c)
+
+
+def test_export_pairs_n_best_against_n_worst(tmp_path, capsys):
+    import pyarrow as pa
+
+    # hand-made ranked shard: prompt "p" has 5 samples ranked b, d, a, e, c (phi: higher is better,
+    # a tie between d and a); prompt "q" has 3 samples, too few for the 2 best vs the 2 worst
+    rows = {"prompt": ["p", "q"], "images": [[b"a", b"b", b"c", b"d", b"e"], [b"x", b"y", b"z"]],
+            "phi": [[0.5, 1.0, 0.0, 0.5, 0.25], [1.0, 0.5, 0.0]], "rank": [[3, 1, 5, 2, 4], [1, 2, 3]],
+            "scores.r": [[0.3, 0.9, 0.1, 0.4, 0.2], [3.0, 2.0, 1.0]]}
+    ranked = tmp_path / "ranked"
+    ranked.mkdir()
+    pq.write_table(pa.table(rows), ranked / "shard-00000.parquet")
+    got = pq.read_table(export_pairs(ranked, tmp_path / "n2.parquet", "best_worst", 2)).to_pylist()
+    assert [(r["jpg_0"], r["jpg_1"]) for r in got] == [(b"b", b"e"), (b"b", b"c"), (b"d", b"e"), (b"d", b"c")]
+    assert [(r["score_0.r"], r["score_1.r"]) for r in got][1] == (0.9, 0.1)
+    assert "skipped 1 prompt(s) with fewer than 4 ranked samples" in capsys.readouterr().err
+    one = pq.read_table(export_pairs(ranked, tmp_path / "n1.parquet")).to_pylist()
+    assert [(r["caption"], r["jpg_0"], r["jpg_1"]) for r in one] == [("p", b"b", b"c"), ("q", b"x", b"z")]
+    # every pair except the d-a tie
+    assert len(pq.read_table(export_pairs(ranked, tmp_path / "all.parquet", "all")).to_pylist()) == 10 - 1 + 3
+    with pytest.raises(ValueError, match="valid choices: best_worst, all"):
+        export_pairs(ranked, tmp_path / "x.parquet", "top")
+    with pytest.raises(ValueError, match="n=2"):
+        export_pairs(ranked, tmp_path / "x.parquet", "all", 2)

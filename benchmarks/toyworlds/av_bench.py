@@ -107,7 +107,7 @@ def evaluate_and_report(w: World, models: dict[str, str], rep: Path, split: str 
                         device: str = "cpu") -> dict[str, Any]:
     """Judge every model (label -> pipeline folder, hub id or diffalign run) on the same prompts and
     seeds; the first label is the baseline of the paired differences. Media and plots go to ``rep``;
-    with ``write`` the report (markdown + HTML) and ``results.jsonl`` are written there too."""
+    per-clip verdicts go to ``results.jsonl``; with ``write`` the report (markdown + HTML) too."""
     from ...data.media import encode_audio
     from ...report import save_gif, save_png, spectrogram_png, tag_bars, video_strips, write_report
     from ..geneval.harness import load_model
@@ -145,19 +145,20 @@ def evaluate_and_report(w: World, models: dict[str, str], rep: Path, split: str 
                      f"judged exactly ({w.name} world judge)"))
     sections += list(extra_sections)
     metrics = {n: res[n]["summary"] for n in names} | {"gains": gains, "models": models}
+    with (rep / "results.jsonl").open("w") as f:  # per-clip verdicts, for pooling or re-analysis later
+        for n in names:
+            for r in res[n]["results"]:
+                f.write(json.dumps({"model": n, **r}) + "\n")
     if write:
         write_report(rep, f"diffalign toy {w.name} evaluation", table, sections, metrics)
-        with (rep / "results.jsonl").open("w") as f:
-            for n in names:
-                for r in res[n]["results"]:
-                    f.write(json.dumps({"model": n, **r}) + "\n")
     return {"results": res, "gains": gains, "table": table, "sections": sections, "metrics": metrics}
 
 
 def run_av_bench(name: str, out: str, objectives: Sequence[str] = ("diffusion_dpo", "rankdpo"), base: str | None = None,
                  reward: str | None = None, n_train: int = 100, k: int = 4, steps: int = 60, beta: float = 2000.0,
                  lr: float = 1e-3, batch_size: int = 4, n_eval: int = 60, per_prompt: int = 4, sample_steps: int = 15,
-                 guidance: float = 4.0, seed: int = 0, pairs_mode: Literal["best_worst", "all"] = "best_worst") -> dict[str, Any]:
+                 guidance: float = 4.0, seed: int = 0, pairs_mode: Literal["best_worst", "all"] = "best_worst",
+                 pairs_n: int = 1) -> dict[str, Any]:
     from ..._quiet import quiet_libraries
     from ...config import load_config
     from ...report import (
@@ -182,7 +183,7 @@ def run_av_bench(name: str, out: str, objectives: Sequence[str] = ("diffusion_dp
     ranked = run_synpic(SynPicConfig(prompts=str(root / "prompts.txt"), generators=[base], rewards=[reward],
                                      out=str(root / "synpic"), images_per_generator=k, steps=sample_steps, guidance=guidance,
                                      seed=seed, shard_size=64, batch_prompts=8))
-    pairs = export_pairs(ranked, root / "pairs.parquet", pairs_mode)  # DPO's pairs; RankDPO reads the ranked sets
+    pairs = export_pairs(ranked, root / "pairs.parquet", pairs_mode, pairs_n)  # DPO's pairs; RankDPO reads the ranked sets
     timing["synpic_s"] = time.time() - t0
     runs: dict[str, Path] = {}
     for obj in objectives:
@@ -214,7 +215,7 @@ def run_av_bench(name: str, out: str, objectives: Sequence[str] = ("diffusion_dp
     metrics = {n: res[n]["summary"] for n in names} | {"gains": gains, "timing": timing, "settings": {
         "world": name, "base": base, "reward": reward, "objectives": list(objectives), "n_train": n_train, "k": k, "steps": steps,
         "beta": beta, "lr": lr, "batch_size": batch_size, "n_eval": n_eval, "per_prompt": per_prompt,
-        "sample_steps": sample_steps, "guidance": guidance, "seed": seed, "pairs_mode": pairs_mode}}
+        "sample_steps": sample_steps, "guidance": guidance, "seed": seed, "pairs_mode": pairs_mode, "pairs_n": pairs_n}}
     write_report(rep, f"diffalign toy {name} alignment", table, sections, metrics)
     (root / "results.json").write_text(json.dumps(metrics, indent=2, default=str))
     print("\n" + table)
@@ -232,6 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--objectives", nargs="+", default=["diffusion_dpo", "rankdpo"])
     ap.add_argument("--pairs", default="best_worst", choices=["best_worst", "all"],
                     help="DPO pairs per prompt: best vs worst of the k ranked samples, or every pair with different scores")
+    ap.add_argument("--pairs-n", type=int, default=1, help="best_worst: each of the n best against each of the n worst")
     for flag, default in [("--n-train", 100), ("--k", 4), ("--steps", 60), ("--batch-size", 4), ("--n-eval", 60),
                           ("--per-prompt", 4), ("--sample-steps", 15), ("--seed", 0)]:
         ap.add_argument(flag, type=int, default=default)
@@ -239,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.add_argument(flag, type=float, default=default)
     a = ap.parse_args(argv)
     run_av_bench(a.world, a.out or f"runs/av-{a.world}", a.objectives, a.base, a.reward, a.n_train, a.k, a.steps, a.beta,
-                 a.lr, a.batch_size, a.n_eval, a.per_prompt, a.sample_steps, a.guidance, a.seed, a.pairs)
+                 a.lr, a.batch_size, a.n_eval, a.per_prompt, a.sample_steps, a.guidance, a.seed, a.pairs, a.pairs_n)
 
 
 if __name__ == "__main__":
