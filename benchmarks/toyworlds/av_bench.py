@@ -155,8 +155,8 @@ def evaluate_and_report(w: World, models: dict[str, str], rep: Path, split: str 
 
 
 def run_av_bench(name: str, out: str, objectives: Sequence[str] = ("diffusion_dpo", "rankdpo"), base: str | None = None,
-                 reward: str | None = None, n_train: int = 100, k: int = 4, steps: int = 60, beta: float = 2000.0,
-                 lr: float = 1e-3, batch_size: int = 4, n_eval: int = 60, per_prompt: int = 4, sample_steps: int = 15,
+                 reward: str | None = None, n_train: int = 40, k: int = 16, steps: int = 100, beta: float = 2000.0,
+                 lr: float = 1e-3, batch_size: int = 8, n_eval: int = 60, per_prompt: int = 8, sample_steps: int = 15,
                  guidance: float = 4.0, seed: int = 0, pairs_mode: Literal["best_worst", "all"] = "best_worst",
                  pairs_n: int = 1) -> dict[str, Any]:
     from ..._quiet import quiet_libraries
@@ -234,8 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pairs", default="best_worst", choices=["best_worst", "all"],
                     help="DPO pairs per prompt: best vs worst of the k ranked samples, or every pair with different scores")
     ap.add_argument("--pairs-n", type=int, default=1, help="best_worst: each of the n best against each of the n worst")
-    for flag, default in [("--n-train", 100), ("--k", 4), ("--steps", 60), ("--batch-size", 4), ("--n-eval", 60),
-                          ("--per-prompt", 4), ("--sample-steps", 15), ("--seed", 0)]:
+    for flag, default in [("--n-train", 40), ("--k", 16), ("--steps", 100), ("--batch-size", 8), ("--n-eval", 60),
+                          ("--per-prompt", 8), ("--sample-steps", 15), ("--seed", 0)]:
         ap.add_argument(flag, type=int, default=default)
     for flag, default in [("--beta", 2000.0), ("--lr", 1e-3), ("--guidance", 4.0)]:
         ap.add_argument(flag, type=float, default=default)
