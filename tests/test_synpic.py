@@ -119,7 +119,7 @@ def test_label_writes_scores_and_ai_label(tmp_path, tiny_clip):
     import torch
     from PIL import Image
 
-    im = np.asarray(Image.open(io.BytesIO(rows[0]["jpg_0"])).convert("RGB").resize((32, 32), Image.BICUBIC))
+    im = np.array(Image.open(io.BytesIO(rows[0]["jpg_0"])).convert("RGB").resize((32, 32), Image.BICUBIC))
     s = PickScore(str(tiny_clip))(torch.from_numpy(im[None]).permute(0, 3, 1, 2).float() / 255, [rows[0]["caption"]]).scores
     assert s.item() == pytest.approx(rows[0]["score_0.pickscore"], rel=1e-5)
 
