@@ -343,6 +343,14 @@ def _write_shard(path: Path, rows: dict[str, list], writer=None) -> None:
         raise ConfigError(f"writing {path.name} failed ({e.strerror or e}); nothing was left half-written") from None
 
 
+def check_pairs_mode(mode: str, n: int) -> None:
+    """Fail in one line on export-pairs settings that make no sense (before any work is done)."""
+    if mode not in ("best_worst", "all"):
+        raise ConfigError(f"pairs mode {mode!r}; valid choices: best_worst, all")
+    if n < 1 or (mode == "all" and n != 1):
+        raise ConfigError(f"n={n}: the n best vs the n worst needs n >= 1 and mode best_worst")
+
+
 def export_pairs(ranked: str | Path, out: str | Path, mode: Literal["best_worst", "all"] = "best_worst",
                  n: int = 1) -> Path:
     """Ranked shards -> one Pick-a-Pic style parquet (caption, jpg_0, jpg_1, label_0, label_1, plus
@@ -353,10 +361,7 @@ def export_pairs(ranked: str | Path, out: str | Path, mode: Literal["best_worst"
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if mode not in ("best_worst", "all"):
-        raise ValueError(f"pairs mode {mode!r}; valid choices: best_worst, all")
-    if n < 1 or (mode == "all" and n != 1):
-        raise ValueError(f"n={n}: the n best vs the n worst needs n >= 1 and mode best_worst")
+    check_pairs_mode(mode, n)
 
     rows: dict[str, list] = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": [], "label_1": []}
     short = 0

@@ -303,3 +303,10 @@ def test_av_bench_runs_end_to_end_with_all_pairs(av_models, tmp_path):
     assert m["settings"]["pairs_mode"] == "all" and set(m["gains"]) == {"diffusion_dpo"}
     assert m["base"]["n_per_tag"] == {"order": 1, "counting": 1, "silence": 1}
     assert "<audio controls" in (tmp_path / "b" / "report" / "index.html").read_text()
+    verdicts = [json.loads(line) for line in (tmp_path / "b" / "report" / "results.jsonl").read_text().splitlines()]
+    assert [v["model"] for v in verdicts] == ["base"] * 3 + ["diffusion_dpo"] * 3 and all("correct" in v for v in verdicts)
+    # a pairs setting that cannot work fails before any Syn-Pic work
+    with pytest.raises(ConfigError, match="n=2: the n best vs the n worst needs n >= 1 and mode best_worst"):
+        run_av_bench("audio", str(tmp_path / "c"), ["diffusion_dpo"], str(av_models["audioldm"]), f"clap={clap}",
+                     pairs_mode="all", pairs_n=2)
+    assert not (tmp_path / "c").exists()

@@ -260,7 +260,7 @@ def test_export_pairs_n_best_against_n_worst(tmp_path, capsys):
     assert [(r["caption"], r["jpg_0"], r["jpg_1"]) for r in one] == [("p", b"b", b"c"), ("q", b"x", b"z")]
     # every pair except the d-a tie
     assert len(pq.read_table(export_pairs(ranked, tmp_path / "all.parquet", "all")).to_pylist()) == 10 - 1 + 3
-    with pytest.raises(ValueError, match="valid choices: best_worst, all"):
+    with pytest.raises(ConfigError, match="valid choices: best_worst, all"):
         export_pairs(ranked, tmp_path / "x.parquet", "top")
-    with pytest.raises(ValueError, match="n=2"):
+    with pytest.raises(ConfigError, match="n=2"):
         export_pairs(ranked, tmp_path / "x.parquet", "all", 2)

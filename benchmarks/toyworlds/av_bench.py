@@ -165,10 +165,11 @@ def run_av_bench(name: str, out: str, objectives: Sequence[str] = ("diffusion_dp
         loss_curve,
         write_report,
     )
-    from ...synpic import SynPicConfig, export_pairs, run_synpic
+    from ...synpic import SynPicConfig, check_pairs_mode, export_pairs, run_synpic
     from ...train import train
 
     quiet_libraries()
+    check_pairs_mode(pairs_mode, pairs_n)  # before minutes of Syn-Pic
     from ...demo import asset
 
     w = world(name)
