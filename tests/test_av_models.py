@@ -310,3 +310,43 @@ def test_av_bench_runs_end_to_end_with_all_pairs(av_models, tmp_path):
         run_av_bench("audio", str(tmp_path / "c"), ["diffusion_dpo"], str(av_models["audioldm"]), f"clap={clap}",
                      pairs_mode="all", pairs_n=2)
     assert not (tmp_path / "c").exists()
+
+
+def test_summarize_seeds_table_and_counts():
+    from diffalign.benchmarks.toyworlds.av_bench import summarize_seeds
+
+    def run(base, gains):
+        return {"base": {"overall": base}, "gains": {o: dict(zip(("diff", "ci95_low", "ci95_high"), g)) for o, g in gains.items()}}
+
+    table, s = summarize_seeds({
+        2: run(0.183, {"dpo": (-0.025, -0.044, -0.006), "rank": (0.0, -0.015, 0.015)}),
+        0: run(0.2, {"dpo": (0.094, 0.062, 0.127), "rank": (0.025, 0.006, 0.044)}),
+        1: run(0.229, {"dpo": (-0.021, -0.05, 0.008), "rank": (0.006, -0.013, 0.025)}),
+    })
+    assert s["dpo"] == {"mean": pytest.approx(0.016), "min": -0.025, "max": 0.094, "above_zero": 1, "below_zero": 1, "runs": 3}
+    assert s["rank"]["above_zero"] == 1 and s["rank"]["below_zero"] == 0 and s["rank"]["mean"] == pytest.approx(0.031 / 3)
+    rows = table.splitlines()
+    assert rows[0] == "| seed | base | dpo gain [95% CI] | rank gain [95% CI] |"
+    assert [r.split(" | ")[0] for r in rows[2:5]] == ["| 0", "| 1", "| 2"]  # sorted by seed
+    assert rows[2] == "| 0 | 0.200 | +0.094 [+0.062, +0.127] | +0.025 [+0.006, +0.044] |"
+    assert rows[5] == "| **mean (range)** | – | +0.016 (-0.025 to +0.094) | +0.010 (+0.000 to +0.025) |"
+    assert rows[6] == "| CI above / below zero | – | 1 / 1 of 3 | 1 / 0 of 3 |"
+
+
+def test_av_bench_cli_several_seeds(av_models, tmp_path):
+    from diffalign.benchmarks.toyworlds.av_bench import main
+    from diffalign.rewards.clap import build_tiny_clap
+
+    clap = build_tiny_clap(tmp_path / "clap", sampling_rate=8000)
+    common = ["audio", "--base", str(av_models["audioldm"]), "--reward", f"clap={clap}", "--objectives", "diffusion_dpo",
+              "--n-train", "2", "--k", "2", "--steps", "1", "--batch-size", "1", "--n-eval", "3", "--per-prompt", "1",
+              "--sample-steps", "2"]
+    main([*common, "--out", str(tmp_path / "m"), "--seed", "3", "5"])
+    for sd in (3, 5):
+        r = json.loads((tmp_path / "m" / f"seed-{sd}" / "results.json").read_text())
+        assert r["settings"]["seed"] == sd
+    summary = json.loads((tmp_path / "m" / "seeds.json").read_text())
+    assert summary["diffusion_dpo"]["runs"] == 2
+    assert "| 3 |" in (tmp_path / "m" / "seeds.md").read_text() and "| 5 |" in (tmp_path / "m" / "seeds.md").read_text()
+    with pytest.raises(SystemExit):
+        main([*common, "--out", str(tmp_path / "d"), "--seed", "1", "1"])
