@@ -254,22 +254,25 @@ def summarize_seeds(per_seed: dict[int, dict[str, Any]]) -> tuple[str, dict[str,
 
 
 def main(argv: list[str] | None = None) -> None:
+    import inspect
+
+    default = {k: v.default for k, v in inspect.signature(run_av_bench).parameters.items()}  # one place for defaults
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("world", choices=["video", "audio"])
     ap.add_argument("--out", default=None)
     ap.add_argument("--base", default=None)
     ap.add_argument("--reward", default=None)
-    ap.add_argument("--objectives", nargs="+", default=["diffusion_dpo", "rankdpo"])
-    ap.add_argument("--pairs", default="best_worst", choices=["best_worst", "all"],
+    ap.add_argument("--objectives", nargs="+", default=list(default["objectives"]))
+    ap.add_argument("--pairs", default=default["pairs_mode"], choices=["best_worst", "all"],
                     help="DPO pairs per prompt: best vs worst of the k ranked samples, or every pair with different scores")
-    ap.add_argument("--pairs-n", type=int, default=1, help="best_worst: each of the n best against each of the n worst")
-    for flag, default in [("--n-train", 40), ("--k", 16), ("--steps", 100), ("--batch-size", 8), ("--n-eval", 60),
-                          ("--per-prompt", 8), ("--sample-steps", 15)]:
-        ap.add_argument(flag, type=int, default=default)
-    ap.add_argument("--seed", type=int, nargs="+", default=[0],
+    ap.add_argument("--pairs-n", type=int, default=default["pairs_n"],
+                    help="best_worst: each of the n best against each of the n worst")
+    for name in ("n_train", "k", "steps", "batch_size", "n_eval", "per_prompt", "sample_steps"):
+        ap.add_argument("--" + name.replace("_", "-"), type=int, default=default[name])
+    ap.add_argument("--seed", type=int, nargs="+", default=[default["seed"]],
                     help="several seeds: one full run each under OUT/seed-S, then a table over the runs (OUT/seeds.md)")
-    for flag, default in [("--beta", 2000.0), ("--lr", 1e-3), ("--guidance", 4.0)]:
-        ap.add_argument(flag, type=float, default=default)
+    for name in ("beta", "lr", "guidance"):
+        ap.add_argument("--" + name, type=float, default=default[name])
     a = ap.parse_args(argv)
     out = Path(a.out or f"runs/av-{a.world}")
     if len(set(a.seed)) != len(a.seed):
