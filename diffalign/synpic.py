@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -343,16 +343,19 @@ def _write_shard(path: Path, rows: dict[str, list], writer=None) -> None:
         raise ConfigError(f"writing {path.name} failed ({e.strerror or e}); nothing was left half-written") from None
 
 
+PairsMode = Literal["best_worst", "all"]
+PAIRS_MODES: tuple[str, ...] = get_args(PairsMode)
+
+
 def check_pairs_mode(mode: str, n: int) -> None:
     """Fail in one line on export-pairs settings that make no sense (before any work is done)."""
-    if mode not in ("best_worst", "all"):
-        raise ConfigError(f"pairs mode {mode!r}; valid choices: best_worst, all")
+    if mode not in PAIRS_MODES:
+        raise ConfigError(f"pairs mode {mode!r}; valid choices: {', '.join(PAIRS_MODES)}")
     if n < 1 or (mode == "all" and n != 1):
         raise ConfigError(f"n={n}: the n best vs the n worst needs n >= 1 and mode best_worst")
 
 
-def export_pairs(ranked: str | Path, out: str | Path, mode: Literal["best_worst", "all"] = "best_worst",
-                 n: int = 1) -> Path:
+def export_pairs(ranked: str | Path, out: str | Path, mode: PairsMode = "best_worst", n: int = 1) -> Path:
     """Ranked shards -> one Pick-a-Pic style parquet (caption, jpg_0, jpg_1, label_0, label_1, plus
     ``score_0.<reward>``/``score_1.<reward>`` for every reward, e.g. for SmPO's ``data.score_column``).
     ``best_worst``: each of the ``n`` best against each of the ``n`` worst per prompt (``n`` = 1: rank 1

@@ -24,9 +24,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ...synpic import PairsMode
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,10 @@ def evaluate_av(pipe: Any, w: World, split: str = "heldout", n_prompts: int = 60
     return {"summary": summary, "results": results, "media": np.stack(media)}
 
 
+def _gain_cell(g: dict[str, float]) -> str:
+    return f"{g['diff']:+.3f} [{g['ci95_low']:+.3f}, {g['ci95_high']:+.3f}]"
+
+
 def _table(names: Sequence[str], res: dict[str, dict[str, Any]], gains: dict[str, dict[str, float]]) -> str:
     tags = sorted(res[names[0]]["summary"]["per_tag"])
     lines = ["| tag | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
@@ -97,8 +104,7 @@ def _table(names: Sequence[str], res: dict[str, dict[str, Any]], gains: dict[str
     lines.append("| **overall** | " + " | ".join(
         f"{res[n]['summary']['overall']:.3f} [{res[n]['summary']['overall_ci95'][0]:.3f}, {res[n]['summary']['overall_ci95'][1]:.3f}]"
         for n in names) + " |")
-    lines.append("| gain vs base | – | " + " | ".join(
-        f"{gains[n]['diff']:+.3f} [{gains[n]['ci95_low']:+.3f}, {gains[n]['ci95_high']:+.3f}]" for n in names[1:]) + " |")
+    lines.append("| gain vs base | – | " + " | ".join(_gain_cell(gains[n]) for n in names[1:]) + " |")
     return "\n".join(lines)
 
 
@@ -158,7 +164,7 @@ def evaluate_and_report(w: World, models: dict[str, str], rep: Path, split: str 
 def run_av_bench(name: str, out: str, objectives: Sequence[str] = ("diffusion_dpo", "rankdpo"), base: str | None = None,
                  reward: str | None = None, n_train: int = 40, k: int = 16, steps: int = 100, beta: float = 2000.0,
                  lr: float = 1e-3, batch_size: int = 8, n_eval: int = 60, per_prompt: int = 8, sample_steps: int = 15,
-                 guidance: float = 4.0, seed: int = 0, pairs_mode: Literal["best_worst", "all"] = "best_worst",
+                 guidance: float = 4.0, seed: int = 0, pairs_mode: PairsMode = "best_worst",
                  pairs_n: int = 1) -> dict[str, Any]:
     from ..._quiet import quiet_libraries
     from ...config import load_config
@@ -238,8 +244,7 @@ def summarize_seeds(per_seed: dict[int, dict[str, Any]]) -> tuple[str, dict[str,
     lines = ["| seed | base | " + " | ".join(f"{o} gain [95% CI]" for o in objs) + " |", "|---" * (len(objs) + 2) + "|"]
     for sd in seeds:
         g = per_seed[sd]["gains"]
-        lines.append(f"| {sd} | {per_seed[sd]['base']['overall']:.3f} | " + " | ".join(
-            f"{g[o]['diff']:+.3f} [{g[o]['ci95_low']:+.3f}, {g[o]['ci95_high']:+.3f}]" for o in objs) + " |")
+        lines.append(f"| {sd} | {per_seed[sd]['base']['overall']:.3f} | " + " | ".join(_gain_cell(g[o]) for o in objs) + " |")
     summary: dict[str, Any] = {}
     for o in objs:
         d = np.array([per_seed[sd]["gains"][o]["diff"] for sd in seeds])
@@ -256,6 +261,8 @@ def summarize_seeds(per_seed: dict[int, dict[str, Any]]) -> tuple[str, dict[str,
 def main(argv: list[str] | None = None) -> None:
     import inspect
 
+    from ...synpic import PAIRS_MODES
+
     default = {k: v.default for k, v in inspect.signature(run_av_bench).parameters.items()}  # one place for defaults
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("world", choices=["video", "audio"])
@@ -263,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--base", default=None)
     ap.add_argument("--reward", default=None)
     ap.add_argument("--objectives", nargs="+", default=list(default["objectives"]))
-    ap.add_argument("--pairs", default=default["pairs_mode"], choices=["best_worst", "all"],
+    ap.add_argument("--pairs", default=default["pairs_mode"], choices=PAIRS_MODES,
                     help="DPO pairs per prompt: best vs worst of the k ranked samples, or every pair with different scores")
     ap.add_argument("--pairs-n", type=int, default=default["pairs_n"],
                     help="best_worst: each of the n best against each of the n worst")
