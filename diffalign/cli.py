@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--prompts", required=True, help=".txt (one per line) or .jsonl with a 'prompt' key")
     sp.add_argument("--generator", action="append", required=True, help="pipeline folder or hub id (repeatable)")
     sp.add_argument("--reward", action="append", required=True, help="NAME or NAME=PATH, e.g. pickscore=PATH (repeatable)")
+    sp.add_argument("--reward-weight", type=float, nargs="+", default=[],
+                    help="votes per win under each --reward, one per reward (default: 1 each)")
     sp.add_argument("--out", required=True)
     sp.add_argument("--images-per-generator", type=int, nargs="+", default=[2],
                     help="images per prompt from each generator: one number for all, or one per --generator")
@@ -159,7 +161,7 @@ def _run(args: argparse.Namespace) -> int:
         from .synpic import SynPicConfig, run_synpic
 
         out = run_synpic(SynPicConfig(
-            prompts=args.prompts, generators=args.generator, rewards=args.reward, out=args.out,
+            prompts=args.prompts, generators=args.generator, rewards=args.reward, reward_weights=args.reward_weight, out=args.out,
             images_per_generator=_one_or_each(args.images_per_generator), steps=args.steps,
             guidance=_one_or_each(args.guidance), seed=args.seed,
             shard_size=args.shard_size, batch_prompts=args.batch_prompts, image_format=args.format, dedup=args.dedup))

@@ -61,6 +61,7 @@ class SynPicConfig:
     dedup: bool = False
     """Drop repeated prompts (keeping the first) instead of refusing them."""
     reward_weights: list[float] = field(default_factory=list)
+    """Votes per win under each reward, one per reward (default: 1 each); see ``rewards.ensemble``."""
 
 
 def read_prompts(path: str, dedup: bool = False) -> list[str]:
@@ -216,7 +217,7 @@ def run_synpic(cfg: SynPicConfig, rank: int | None = None, world: int | None = N
     from .data.media import encode_media, to_reward_input
     from .models.generate import generate_media
     from .models.loading import load_pipeline
-    from .rewards.ensemble import ranks_from_phi, vote_phi
+    from .rewards.ensemble import check_vote_weights, ranks_from_phi, vote_phi
 
     quiet_libraries()
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
@@ -224,6 +225,10 @@ def run_synpic(cfg: SynPicConfig, rank: int | None = None, world: int | None = N
     prompts = read_prompts(cfg.prompts, cfg.dedup)
     if not cfg.generators or not cfg.rewards:
         raise ConfigError("synpic needs at least one generator and one reward")
+    try:
+        check_vote_weights(cfg.reward_weights, len(cfg.rewards))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     ks = per_generator_counts(cfg.images_per_generator, len(cfg.generators))
     gs = per_generator(cfg.guidance, len(cfg.generators), "guidance", "scale")
     out = Path(cfg.out)
@@ -278,7 +283,7 @@ def run_synpic(cfg: SynPicConfig, rank: int | None = None, world: int | None = N
         flat = to_reward_input([im for row in images for im in row], modality)
         flat_prompts = [prompts[p] for p in idx for _ in range(K)]
         scores = {name: score_media(r, flat, flat_prompts, sr).view(len(idx), K) for name, r in rewards.items()}
-        phi = vote_phi(scores)
+        phi = vote_phi(scores, cfg.reward_weights)
         ranks = ranks_from_phi(phi)
         rows: dict[str, list] = {"prompt": [prompts[p] for p in idx], "prompt_index": idx,
                                  "images": [[encode_media(im, modality, cfg.image_format, sr) for im in row] for row in images],

@@ -22,6 +22,21 @@ def test_vote_phi_hand_computed_with_ties():
     assert tied.tolist() == [[0.0, 0.0, 0.0]] and ranks_from_phi(tied).tolist() == [[1, 2, 3]]
 
 
+def test_vote_phi_weighted_hand_computed():
+    """Same scores as above, weights (3, 1): C = 3*[2,0,1] + 1*[0,0,2] = [6,0,5];
+    phi = C / (sum(w) (k-1)) = C / 8 = [0.75, 0, 0.625]: now image 0 ranks first (R1 outvotes R2)."""
+    scores = {"r1": torch.tensor([[3.0, 1, 2]]), "r2": torch.tensor([[1.0, 1, 5]])}
+    phi = vote_phi(scores, [3.0, 1.0])
+    assert phi.tolist() == [[0.75, 0.0, 0.625]]
+    assert ranks_from_phi(phi).tolist() == [[1, 3, 2]]
+    assert torch.equal(vote_phi(scores, [2.0, 2.0]), vote_phi(scores))  # equal weights = the paper's vote
+    assert torch.equal(vote_phi(scores, [1.0, 0.0]), vote_phi({"r1": scores["r1"]}))  # weight 0 drops a reward
+    with pytest.raises(ValueError, match="1 weight"):
+        vote_phi(scores, [1.0])
+    with pytest.raises(ValueError, match="must be >= 0"):
+        vote_phi(scores, [1.0, -1.0])
+
+
 def test_vote_phi_is_scale_invariant():
     s = torch.randn(5, 4)
     assert torch.equal(vote_phi({"a": s, "b": s * 100 + 7}), vote_phi({"a": s}))

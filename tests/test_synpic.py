@@ -9,6 +9,7 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from diffalign.config import ConfigError
 from diffalign.synpic import SynPicConfig, export_pairs, read_prompts, run_synpic
@@ -40,6 +41,11 @@ def test_synpic_ranked_shards_and_pairs(tmp_path, tiny_models, tiny_clip):
     assert all(0 <= p <= 1 for p in r["phi"]) and len(r["scores.pickscore"]) == 4
     assert r["generator"] == [str(tiny_models["sd"])] * 2 + [str(tiny_models["sd3"])] * 2
     assert (out / "manifest.json").exists()
+    # phi is the vote over the stored scores (equal weights unless reward_weights says otherwise)
+    from diffalign.rewards.ensemble import vote_phi
+
+    scores = {n: torch.tensor([x[f"scores.{n}"] for x in rows]) for n in ("pickscore", "clip_score")}
+    assert torch.allclose(torch.tensor([x["phi"] for x in rows]), vote_phi(scores))
     pairs = pq.read_table(export_pairs(out, tmp_path / "pairs.parquet")).to_pylist()
     assert 0 < len(pairs) <= len(PROMPTS) and all(p["label_0"] == 1.0 for p in pairs)
     # the pairs train directly: they follow the Pick-a-Pic schema
@@ -47,6 +53,18 @@ def test_synpic_ranked_shards_and_pairs(tmp_path, tiny_models, tiny_clip):
     from diffalign.data import PairDataset
 
     assert len(PairDataset(DataConfig(path=str(tmp_path / "pairs.parquet"), resolution=32))) == len(pairs)
+
+
+def test_synpic_reward_weights_reach_phi(tmp_path, tiny_models, tiny_clip):
+    """Weight 0 on clip_score: the stored phi and ranks follow pickscore alone."""
+    from diffalign.rewards.ensemble import ranks_from_phi, vote_phi
+
+    c = cfg_for(tmp_path, tiny_models, tiny_clip, reward_weights=[1.0, 0.0])
+    c.generators = c.generators[:1]
+    rows = table(run_synpic(c))
+    only = vote_phi({"pickscore": torch.tensor([x["scores.pickscore"] for x in rows])})
+    assert torch.allclose(torch.tensor([x["phi"] for x in rows]), only)
+    assert [x["rank"] for x in rows] == ranks_from_phi(only).tolist()
 
 
 def test_synpic_killed_three_times_equals_uninterrupted(tmp_path, tiny_models, tiny_clip):
@@ -77,6 +95,10 @@ def test_synpic_bad_input(tmp_path, tiny_models, tiny_clip):
     with pytest.raises(ConfigError, match=r"dup.txt line 3: duplicate prompt 'a red circle' \(first on line 1\)"):
         read_prompts(str(tmp_path / "dup.txt"))
     assert read_prompts(str(tmp_path / "dup.txt"), dedup=True) == ["a red circle", "a blue square"]
+    c = cfg_for(tmp_path, tiny_models, tiny_clip)
+    c.reward_weights = [1.0, 2.0, 1.0]  # three weights, two rewards: refused before any model loads
+    with pytest.raises(ConfigError, match=r"3 weight\(s\) for 2 reward"):
+        run_synpic(c)
     c = cfg_for(tmp_path, tiny_models, tiny_clip)
     c.generators = ["/no/such/pipeline"]
     with pytest.raises(ConfigError, match="does not exist"):
