@@ -648,7 +648,7 @@ def run_av_cli(args: argparse.Namespace) -> int:
     models = {"model": args.model} | ({"compare": args.compare} if args.compare else {})
     out = evaluate_and_report(w, models, Path(args.out), split, args.n_prompts or 60, args.per_prompt,
                               args.seed if args.prompt_seed is None else args.prompt_seed, args.steps or 15,
-                              args.guidance if args.guidance is not None else 4.0, device=args.device or "cpu")
+                              args.guidance if args.guidance is not None else 4.0, device=args.device)
     print(out["table"])
     print(f"report: {Path(args.out) / 'index.html'}")
     return 0

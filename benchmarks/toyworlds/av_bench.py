@@ -111,15 +111,20 @@ def _table(names: Sequence[str], res: dict[str, dict[str, Any]], gains: dict[str
 def evaluate_and_report(w: World, models: dict[str, str], rep: Path, split: str = "heldout", n_eval: int = 60,
                         per_prompt: int = 4, seed: int = 1000, steps: int = 15, guidance: float = 4.0,
                         extra_sections: Sequence[tuple[str, Any, str]] = (), write: bool = True,
-                        device: str = "cpu") -> dict[str, Any]:
+                        device: str | None = None) -> dict[str, Any]:
     """Judge every model (label -> pipeline folder, hub id or diffalign run) on the same prompts and
     seeds; the first label is the baseline of the paired differences. Media and plots go to ``rep``;
-    per-clip verdicts go to ``results.jsonl``; with ``write`` the report (markdown + HTML) too."""
+    per-clip verdicts go to ``results.jsonl``; with ``write`` the report (markdown + HTML) too.
+    ``device``: default CUDA when there is one (per-sample seeds are CPU generators either way)."""
     from ...data.media import encode_audio
     from ...report import save_gif, save_png, spectrogram_png, tag_bars, video_strips, write_report
     from ..geneval.harness import load_model
     from .evaluate import paired_difference
 
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     rep.mkdir(parents=True, exist_ok=True)
     res = {}
     for label, spec in models.items():
