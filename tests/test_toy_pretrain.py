@@ -133,3 +133,46 @@ def test_unusable_device_is_one_line(tmp_path):
         assert p.returncode != 0
         assert f"--device {device!r} is not usable here" in p.stderr and "Traceback" not in p.stderr, p.stderr[-1000:]
         assert not (tmp_path / "w").exists()  # refused before any work
+
+
+def test_clip_tokenizer_makes_every_word_one_token(tmp_path):
+    """BPE applies the lowest-ranked merge first: "right" merges r+i early, and a builder that merged
+    "triangle" from its letters left it at t / ri / an / g / l / e (6 tokens). Every listed word must
+    be one token, survive save/load, and unknown words still fall back to bytes."""
+    from transformers import CLIPTokenizer
+
+    from diffalign.benchmarks.toyworlds.pretrain import WORDS
+    from diffalign.benchmarks.toyworlds.pretrain_video import VIDEO_WORDS
+    from diffalign.models.tokenizer import build_clip_tokenizer
+
+    words = [*WORDS, *VIDEO_WORDS]
+    tok = build_clip_tokenizer(words, model_max_length=16)
+    tok.save_pretrained(str(tmp_path))
+    again = CLIPTokenizer.from_pretrained(str(tmp_path))
+    for w in words:
+        if len(w) > 1:
+            assert again.tokenize(w) == [f"{w}</w>"], w
+    caption = "a purple triangle moving up then a black triangle appearing"
+    assert len(again(caption).input_ids) == 12  # sot + 10 words + eot: fits the toy models' 16 tokens
+    assert again.tokenize("a zebra") == ["a</w>", "z", "e", "b", "r", "a</w>"]
+
+
+def test_extend_text_encoder_starts_a_merged_word_at_its_pieces(tmp_path):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from diffalign.benchmarks.toyworlds.pretrain_video import extend_text_encoder
+    from diffalign.models.tokenizer import build_clip_tokenizer
+
+    old = build_clip_tokenizer(["right", "a"])  # "triangle" is bytes and the "ri" merge here
+    new = build_clip_tokenizer(["right", "a", "triangle", "moving"])
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(old), hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=16))
+    ext = extend_text_encoder(te, old, new, known_words=["triangle"])
+    E_old, E_new = te.get_input_embeddings().weight.detach(), ext.get_input_embeddings().weight.detach()
+    nv = new.get_vocab()
+    pieces = old("triangle", add_special_tokens=False).input_ids
+    assert len(pieces) > 1 and old.convert_ids_to_tokens(pieces)[1] == "ri"
+    assert torch.allclose(E_new[nv["triangle</w>"]], E_old[pieces].mean(0))
+    assert torch.equal(E_new[nv["right</w>"]], E_old[old.get_vocab()["right</w>"]])  # copied by string
+    assert torch.allclose(E_new[nv["moving</w>"]], E_old.mean(0))  # not a known word: the mean of all rows
+    assert E_new.shape[0] == len(new)

@@ -2,7 +2,7 @@
 
 Real CLIP vocabularies are downloaded with checkpoints; tiny test pipelines and the toy worlds
 instead get a vocabulary made here: every byte symbol (alone and word-final), the two special
-tokens, plus left-to-right merges that turn each word of ``words`` into a single token. Any text
+tokens, plus merges that turn each word of ``words`` into a single token. Any text
 still tokenizes (unknown words fall back to bytes), through the standard ``CLIPTokenizer`` class,
 so pipelines save and reload it with ``save_pretrained``/``from_pretrained`` like a real one.
 """
@@ -29,26 +29,32 @@ def _byte_symbols() -> list[str]:
 
 
 def build_clip_tokenizer(words: Iterable[str] = (), model_max_length: int = 77) -> CLIPTokenizer:
+    """Each word of ``words`` (ASCII letters, 2+ characters) becomes one token.
+
+    Each word is first split by the merges made so far, then its pieces are merged left to right
+    with new, higher-ranked merges (as in :func:`build_roberta_tokenizer`). Merging every word from
+    its letters instead breaks words whose letters an earlier word already merged differently: BPE
+    applies the lowest-ranked merge first, so with "right" before it, "triangle" stopped at
+    ``t ri an g l e</w>`` (6 tokens), which pushed ShapesWorld-video captions past 16 tokens."""
     symbols = _byte_symbols()
     vocab: list[str] = symbols + [s + "</w>" for s in symbols]
-    merges: list[tuple[str, str]] = []
+    rank: dict[tuple[str, str], int] = {}
     known = set(vocab)
     for word in sorted({w.lower() for w in words}):
         if not word.isascii() or not word.isalpha() or len(word) < 2:
             continue
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        parts = _bpe_pieces(list(word[:-1]) + [word[-1] + "</w>"], rank)
         while len(parts) > 1:
-            a, b = parts[0], parts[1]
-            merged = a + b
-            if merged not in known:
-                merges.append((a, b))
-                vocab.append(merged)
-                known.add(merged)
-            parts = [merged] + parts[2:]
+            pair = (parts[0], parts[1])
+            if pair not in rank:
+                rank[pair] = len(rank)
+            if pair[0] + pair[1] not in known:
+                vocab.append(pair[0] + pair[1])
+                known.add(pair[0] + pair[1])
+            parts = _bpe_pieces([pair[0] + pair[1]] + parts[2:], rank)
     vocab += ["<|startoftext|>", "<|endoftext|>"]  # endoftext last: CLIP pools at argmax(input_ids)
-    tok = CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=model_max_length)
-    return tok
-
+    merges = sorted(rank, key=rank.get)
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=model_max_length)
 
 
 def _bpe_pieces(pieces: list[str], rank: dict[tuple[str, str], int]) -> list[str]:
