@@ -176,3 +176,66 @@ def test_extend_text_encoder_starts_a_merged_word_at_its_pieces(tmp_path):
     assert torch.equal(E_new[nv["right</w>"]], E_old[old.get_vocab()["right</w>"]])  # copied by string
     assert torch.allclose(E_new[nv["moving</w>"]], E_old.mean(0))  # not a known word: the mean of all rows
     assert E_new.shape[0] == len(new)
+
+
+def test_video_run_keeps_its_own_tokenizer(tmp_path):
+    """A video run saves its tokenizer when it starts and resumes/exports with that one; a work folder
+    from before (a checkpoint, no tokenizer) is refused in one line, not with a shape mismatch."""
+    import pytest
+
+    from diffalign.benchmarks.toyworlds.pretrain_video import run_tokenizer, video_tokenizer
+    from diffalign.config import ConfigError
+    from diffalign.models.tokenizer import build_clip_tokenizer
+
+    ckpt = tmp_path / "video"
+    with pytest.raises(ConfigError, match="no saved tokenizer"):
+        run_tokenizer(ckpt)  # export before any run
+    tok = run_tokenizer(ckpt, create=True)
+    assert (tmp_path / "video.tokenizer").is_dir() and tok.get_vocab() == video_tokenizer().get_vocab()
+    build_clip_tokenizer(["zzz"]).save_pretrained(str(tmp_path / "video.tokenizer"))
+    assert "zzz</w>" in run_tokenizer(ckpt).get_vocab()  # the saved one wins over the builder
+    legacy = tmp_path / "old" / "video"
+    legacy.mkdir(parents=True)
+    (legacy / "meta.json").write_text("{}")
+    with pytest.raises(ConfigError, match="start a new work folder"):
+        run_tokenizer(legacy, create=True)
+
+
+def test_pretraining_checkpoint_survives_a_crash_at_every_point_of_the_swap(tmp_path):
+    """_save_state writes ckpt.tmp, moves ckpt to ckpt.old, renames ckpt.tmp and drops ckpt.old. Killed
+    between any two of those steps, settle_checkpoint leaves exactly one complete checkpoint at ckpt
+    (the new one once ckpt.tmp is complete), and a half-written ckpt.tmp is never taken for one."""
+    import shutil
+
+    from diffalign.benchmarks.toyworlds.pretrain import _load_state, _save_state, settle_checkpoint
+
+    m = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(m.parameters())
+
+    def save(path, step):
+        _save_state(path, {"m": m}, {"m": m.state_dict()}, opt, {"steps": step})
+
+    def step_of(path):
+        return _load_state(path, {"m": m}, {}, opt)["steps"]
+
+    ck = tmp_path / "ck"
+    tmp, old = tmp_path / "ck.tmp", tmp_path / "ck.old"
+    assert not settle_checkpoint(ck)
+    save(ck, 1)
+    assert settle_checkpoint(ck) and step_of(ck) == 1 and not tmp.exists() and not old.exists()
+    save(ck, 2)
+    assert step_of(ck) == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    # killed after ck -> ck.old, before ck.tmp -> ck: the complete new checkpoint is taken
+    save(tmp_path / "new", 3)
+    ck.rename(old)
+    (tmp_path / "new").rename(tmp)
+    assert settle_checkpoint(ck) and step_of(ck) == 3 and not old.exists() and not tmp.exists()
+    # killed while writing ck.tmp (no meta.json yet): the old checkpoint stays, the scrap is ignored
+    tmp.mkdir()
+    shutil.copy(ck / "m.safetensors", tmp / "m.safetensors")
+    assert settle_checkpoint(ck) and step_of(ck) == 3
+    save(ck, 4)  # the next save clears the scrap first
+    assert step_of(ck) == 4 and not tmp.exists()
+    # killed after ck.tmp -> ck, before ck.old was dropped
+    shutil.copytree(ck, old)
+    assert settle_checkpoint(ck) and step_of(ck) == 4 and not old.exists()

@@ -88,20 +88,44 @@ class Stream:
 
 
 def _save_state(path: Path, modules: dict[str, torch.nn.Module], ema: dict[str, dict], opt, meta: dict) -> None:
+    """Write the checkpoint to ``path.tmp`` (``meta.json`` last), then swap it in: ``path`` -> ``path.old``,
+    ``path.tmp`` -> ``path``, drop ``path.old``. A crash at any point leaves one complete checkpoint,
+    which :func:`settle_checkpoint` puts back at ``path``."""
+    import shutil
+
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    if tmp.exists():  # a save interrupted before: its meta.json may be stale
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
     for name, m in modules.items():
         save_file({k: v.cpu().contiguous() for k, v in m.state_dict().items()}, tmp / f"{name}.safetensors")
         save_file({k: v.cpu().contiguous() for k, v in ema[name].items()}, tmp / f"{name}.ema.safetensors")
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
-    (tmp / "meta.json").write_text(json.dumps(meta))
+    (tmp / "meta.json").write_text(json.dumps(meta))  # the mark of a complete checkpoint
+    if old.exists():
+        shutil.rmtree(old)
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def settle_checkpoint(path: Path) -> bool:
+    """Finish a :func:`_save_state` that a crash interrupted; True when ``path`` holds a checkpoint."""
     import shutil
 
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    if not (path / "meta.json").exists():
+        src = tmp if (tmp / "meta.json").exists() else old if (old / "meta.json").exists() else None
+        if src is not None:
+            if path.exists():
+                shutil.rmtree(path)
+            src.rename(path)
+    if (path / "meta.json").exists():
+        shutil.rmtree(old, ignore_errors=True)
+    return (path / "meta.json").exists()
 
 
 def _load_state(path: Path, modules: dict[str, torch.nn.Module], ema: dict[str, dict], opt) -> dict:
@@ -190,7 +214,7 @@ def train_stage(kind: Kind, work: Path, minutes: float, batch: int = 64, lr: flo
     ema = {n: {k: v.detach().clone() for k, v in m.state_dict().items()} for n, m in modules.items()}
     ckpt = work / kind
     meta = {"images": 0, "steps": 0, "seconds": 0.0}
-    if (ckpt / "meta.json").exists():
+    if settle_checkpoint(ckpt):
         meta = _load_state(ckpt, modules, ema, opt)
         if restart_optimizer:
             for n, m in modules.items():

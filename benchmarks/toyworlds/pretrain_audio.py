@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ...config import ConfigError
 from ...models.audio import MelConfig, TextConditioning, log_mel
-from .pretrain import Bookkeeper, _load_state
+from .pretrain import Bookkeeper, _load_state, settle_checkpoint
 from .tones import N_SAMPLES, SR, make_dataset
 
 AudioStage = Literal["avae", "vocoder", "audio"]
@@ -168,7 +168,7 @@ def train_audio_stage(stage: AudioStage, work: Path, minutes: float, batch: int 
         modules["denoiser"] = build_audio_unet(text_conditioning)
         modules["text_encoder"] = build_audio_text(len(tok))
     ckpt = work / stage
-    resuming = (ckpt / "meta.json").exists()
+    resuming = settle_checkpoint(ckpt)
     if stage == "audio" and resuming:
         found = json.loads((ckpt / "meta.json").read_text()).get("text_conditioning", "pooled")
         if found != text_conditioning:

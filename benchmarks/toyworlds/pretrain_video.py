@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .pretrain import MAX_TOKENS, WORDS, Bookkeeper, _load_state
+from .pretrain import MAX_TOKENS, WORDS, Bookkeeper, _load_state, settle_checkpoint
 from .video import FRAMES, make_dataset
 
 VIDEO_WORDS = ("moving", "up", "down", "then", "appearing")
@@ -46,8 +47,12 @@ def motion_adapter():
                          motion_norm_num_groups=16, motion_max_seq_length=16, use_motion_mid_block=False)
 
 
-def extend_text_encoder(text_encoder: torch.nn.Module, old_tok: Any, new_tok: Any) -> torch.nn.Module:
-    """A copy of ``text_encoder`` for ``new_tok``: rows copied by token string, new tokens at the mean."""
+def extend_text_encoder(text_encoder: torch.nn.Module, old_tok: Any, new_tok: Any,
+                        known_words: Iterable[str] = ()) -> torch.nn.Module:
+    """A copy of ``text_encoder`` for ``new_tok``: rows copied by token string. A word of ``known_words``
+    (words the old model was trained on) that is one token in ``new_tok`` but several in ``old_tok``
+    (e.g. "triangle" before the tokenizer fix) starts at the mean of its old pieces' rows; any other
+    new token at the mean of all rows."""
     import copy
 
     te = copy.deepcopy(text_encoder)
@@ -58,6 +63,9 @@ def extend_text_encoder(text_encoder: torch.nn.Module, old_tok: Any, new_tok: An
     for s, i in new_vocab.items():
         if s in old_vocab:
             emb[i] = old_emb[old_vocab[s]]
+    for w in known_words:
+        if (s := f"{w.lower()}</w>") in new_vocab and s not in old_vocab:
+            emb[new_vocab[s]] = old_emb[old_tok(w.lower(), add_special_tokens=False).input_ids].mean(0)
     te.resize_token_embeddings(len(new_vocab))
     te.get_input_embeddings().weight.data.copy_(emb)
     te.config.eos_token_id = new_tok.eos_token_id
@@ -68,8 +76,28 @@ def extend_text_encoder(text_encoder: torch.nn.Module, old_tok: Any, new_tok: An
     return te
 
 
-def build_modules(base: str | Path) -> tuple[dict[str, torch.nn.Module], Any, Any]:
-    """(trainable modules, frozen VAE, tokenizer) initialised from the toy-sd folder ``base``."""
+def run_tokenizer(ckpt: Path, create: bool = False) -> Any:
+    """The tokenizer a video run in ``ckpt`` (``WORK/video``) trains with: saved next to it
+    (``WORK/video.tokenizer``; checkpoints replace the ``ckpt`` folder whole) when the run starts, so
+    a run resumes and exports with its own vocabulary whatever the builder does later."""
+    from transformers import CLIPTokenizer
+
+    from ...config import ConfigError
+
+    saved = ckpt.with_name(ckpt.name + ".tokenizer")
+    if saved.is_dir():
+        return CLIPTokenizer.from_pretrained(saved)
+    if (ckpt / "meta.json").exists() or not create:
+        raise ConfigError(f"{ckpt}: no saved tokenizer (a run from before runs saved theirs, whose vocabulary the "
+                          f"current builder no longer makes); start a new work folder")
+    tok = video_tokenizer()
+    tok.save_pretrained(str(saved))
+    return tok
+
+
+def build_modules(base: str | Path, tok: Any = None) -> tuple[dict[str, torch.nn.Module], Any, Any]:
+    """(trainable modules, frozen VAE, tokenizer) initialised from the toy-sd folder ``base``; the
+    text encoder is extended to ``tok`` (default: a fresh :func:`video_tokenizer`)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel, UNetMotionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -77,8 +105,9 @@ def build_modules(base: str | Path) -> tuple[dict[str, torch.nn.Module], Any, An
     unet2d = UNet2DConditionModel.from_pretrained(base / "unet", torch_dtype=torch.float32)
     unet = UNetMotionModel.from_unet2d(unet2d, motion_adapter())
     old_tok = CLIPTokenizer.from_pretrained(base / "tokenizer")
-    tok = video_tokenizer()
-    te = extend_text_encoder(CLIPTextModel.from_pretrained(base / "text_encoder", torch_dtype=torch.float32), old_tok, tok)
+    tok = tok if tok is not None else video_tokenizer()
+    te = extend_text_encoder(CLIPTextModel.from_pretrained(base / "text_encoder", torch_dtype=torch.float32), old_tok, tok,
+                             WORDS)
     vae = AutoencoderKL.from_pretrained(base / "vae", torch_dtype=torch.float32).requires_grad_(False).eval()
     return {"denoiser": unet, "text_encoder": te}, vae, tok
 
@@ -115,13 +144,14 @@ def train_video(work: Path, base: str | Path, minutes: float, batch: int = 16, l
     from ...config import ConfigError
 
     ckpt = work / "video"
-    resuming = (ckpt / "meta.json").exists()
+    resuming = settle_checkpoint(ckpt)
     if resuming:  # the optimiser's parameter groups differ between the two recipes
         found = json.loads((ckpt / "meta.json").read_text()).get("freeze_spatial", False)
         if found != freeze_spatial:
             raise ConfigError(f"{ckpt}: a run with freeze_spatial={found}; continue it the same way or start a new work folder")
+    tok = run_tokenizer(ckpt, create=True)
     torch.manual_seed(seed)
-    modules, vae, tok = build_modules(base)
+    modules, vae, tok = build_modules(base, tok)
     for m in (*modules.values(), vae):
         m.to(device)
     unet = modules["denoiser"]
@@ -169,7 +199,7 @@ def export_video_pipeline(work: Path, base: str | Path, out: Path, dtype: torch.
     import diffusers
     from safetensors.torch import load_file
 
-    modules, vae, tok = build_modules(base)
+    modules, vae, tok = build_modules(base, run_tokenizer(work / "video"))
     for name, m in modules.items():
         m.load_state_dict(load_file(work / "video" / f"{name}.ema.safetensors"))
     sched = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
