@@ -178,27 +178,27 @@ def test_extend_text_encoder_starts_a_merged_word_at_its_pieces(tmp_path):
     assert E_new.shape[0] == len(new)
 
 
-def test_video_run_keeps_its_own_tokenizer(tmp_path):
-    """A video run saves its tokenizer when it starts and resumes/exports with that one; a work folder
-    from before (a checkpoint, no tokenizer) is refused in one line, not with a shape mismatch."""
-    import pytest
-
-    from diffalign.benchmarks.toyworlds.pretrain_video import run_tokenizer, video_tokenizer
-    from diffalign.config import ConfigError
+def test_pretraining_run_keeps_its_own_tokenizer(tmp_path):
+    """A run saves its tokenizer when it starts and resumes/exports with that one, whatever the builder
+    does later; a run from before runs saved theirs (checkpoints, no tokenizer) gets the old
+    "letters" vocabulary its checkpoints were made with, not a shape mismatch deep in loading."""
+    from diffalign.benchmarks.toyworlds.pretrain import tokenizer, work_tokenizer
+    from diffalign.benchmarks.toyworlds.pretrain_video import video_tokenizer
     from diffalign.models.tokenizer import build_clip_tokenizer
 
-    ckpt = tmp_path / "video"
-    with pytest.raises(ConfigError, match="no saved tokenizer"):
-        run_tokenizer(ckpt)  # export before any run
-    tok = run_tokenizer(ckpt, create=True)
-    assert (tmp_path / "video.tokenizer").is_dir() and tok.get_vocab() == video_tokenizer().get_vocab()
-    build_clip_tokenizer(["zzz"]).save_pretrained(str(tmp_path / "video.tokenizer"))
-    assert "zzz</w>" in run_tokenizer(ckpt).get_vocab()  # the saved one wins over the builder
-    legacy = tmp_path / "old" / "video"
-    legacy.mkdir(parents=True)
-    (legacy / "meta.json").write_text("{}")
-    with pytest.raises(ConfigError, match="start a new work folder"):
-        run_tokenizer(legacy, create=True)
+    saved = tmp_path / "video.tokenizer"
+    tok = work_tokenizer(saved, video_tokenizer, started=False)
+    assert saved.is_dir() and tok.get_vocab() == video_tokenizer().get_vocab()
+    build_clip_tokenizer(["zzz"]).save_pretrained(str(saved))
+    assert "zzz</w>" in work_tokenizer(saved, video_tokenizer, started=True).get_vocab()  # the saved one wins
+    legacy = work_tokenizer(tmp_path / "tokenizer", tokenizer, started=True)
+    assert legacy.get_vocab() == tokenizer("letters").get_vocab() != tokenizer().get_vocab()
+    assert legacy.tokenize("a triangle") == ["a</w>", "t", "ri", "an", "g", "l", "e</w>"]  # what the shipped toy-sd saved
+    from transformers import CLIPTokenizer
+
+    from diffalign.demo import asset
+
+    assert CLIPTokenizer.from_pretrained(asset("toy-sd") + "/tokenizer").get_vocab() == legacy.get_vocab()
 
 
 def test_pretraining_checkpoint_survives_a_crash_at_every_point_of_the_swap(tmp_path):

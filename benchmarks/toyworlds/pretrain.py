@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,10 +33,23 @@ WORDS = ("a an photo of and left right above below red yellow green blue purple 
 MAX_TOKENS = 16
 
 
-def tokenizer():
+def tokenizer(merges_from: Literal["pieces", "letters"] = "pieces"):
     from ...models.tokenizer import build_clip_tokenizer
 
-    return build_clip_tokenizer(WORDS, model_max_length=MAX_TOKENS)
+    return build_clip_tokenizer(WORDS, model_max_length=MAX_TOKENS, merges_from=merges_from)
+
+
+def work_tokenizer(saved: Path, make: Callable[[Literal["pieces", "letters"]], Any], started: bool) -> Any:
+    """The tokenizer of a pretraining run, kept at ``saved`` so that a run resumes and exports with the
+    vocabulary it started with. A run that started before runs saved theirs (``started``: it has
+    checkpoints) was made with the old "letters" merge construction, which is rebuilt for it."""
+    from transformers import CLIPTokenizer
+
+    if saved.is_dir():
+        return CLIPTokenizer.from_pretrained(saved)
+    tok = make("letters" if started else "pieces")
+    tok.save_pretrained(str(saved))
+    return tok
 
 
 def build_vae():
@@ -192,7 +206,7 @@ def train_stage(kind: Kind, work: Path, minutes: float, batch: int = 64, lr: flo
     ``restart_optimizer``: continue from the checkpoint's EMA weights (live weights := EMA) with a
     fresh AdamW, as toy-sd v2 was made from v1."""
     torch.manual_seed(seed)
-    tok = tokenizer()
+    tok = work_tokenizer(work / "tokenizer", tokenizer, any([settle_checkpoint(work / k) for k in ("sd", "sd3")]))
     modules: dict[str, torch.nn.Module] = {}
     if kind == "vae":
         modules["vae"] = build_vae()
@@ -287,7 +301,7 @@ def export_pipeline(kind: Literal["sd", "sd3"], work: Path, out: Path, dtype: to
     import diffusers
     from safetensors.torch import load_file
 
-    tok = tokenizer()
+    tok = work_tokenizer(work / "tokenizer", tokenizer, started=True)
     vae = build_vae()
     vae.load_state_dict(load_file(work / "vae" / "vae.ema.safetensors"))
     vae.register_to_config(scaling_factor=latent_scale(work), shift_factor=0.0)
@@ -305,7 +319,7 @@ def export_pipeline(kind: Literal["sd", "sd3"], work: Path, out: Path, dtype: to
         te2.load_state_dict(load_file(work / kind / "text_encoder_2.ema.safetensors"))
         pipe = diffusers.StableDiffusion3Pipeline(
             transformer=den, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0), vae=vae, text_encoder=te,
-            tokenizer=tok, text_encoder_2=te2, tokenizer_2=tokenizer(), text_encoder_3=None, tokenizer_3=None)
+            tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok, text_encoder_3=None, tokenizer_3=None)
     pipe.to(dtype).save_pretrained(str(out), safe_serialization=True)
     if kind == "sd3":  # trained without T5 tokens: sample the same way
         (out / "diffalign.json").write_text(json.dumps({"call_defaults": {"max_sequence_length": 0}}))

@@ -22,22 +22,22 @@ import json
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .pretrain import MAX_TOKENS, WORDS, Bookkeeper, _load_state, settle_checkpoint
+from .pretrain import MAX_TOKENS, WORDS, Bookkeeper, _load_state, settle_checkpoint, work_tokenizer
 from .video import FRAMES, make_dataset
 
 VIDEO_WORDS = ("moving", "up", "down", "then", "appearing")
 
 
-def video_tokenizer():
+def video_tokenizer(merges_from: Literal["pieces", "letters"] = "pieces"):
     from ...models.tokenizer import build_clip_tokenizer
 
-    return build_clip_tokenizer(WORDS + list(VIDEO_WORDS), model_max_length=MAX_TOKENS)
+    return build_clip_tokenizer(WORDS + list(VIDEO_WORDS), model_max_length=MAX_TOKENS, merges_from=merges_from)
 
 
 def motion_adapter():
@@ -74,25 +74,6 @@ def extend_text_encoder(text_encoder: torch.nn.Module, old_tok: Any, new_tok: An
     if hasattr(te, "eos_token_id"):  # transformers 5 reads the pooling position from the module
         te.eos_token_id = new_tok.eos_token_id
     return te
-
-
-def run_tokenizer(ckpt: Path, create: bool = False) -> Any:
-    """The tokenizer a video run in ``ckpt`` (``WORK/video``) trains with: saved next to it
-    (``WORK/video.tokenizer``; checkpoints replace the ``ckpt`` folder whole) when the run starts, so
-    a run resumes and exports with its own vocabulary whatever the builder does later."""
-    from transformers import CLIPTokenizer
-
-    from ...config import ConfigError
-
-    saved = ckpt.with_name(ckpt.name + ".tokenizer")
-    if saved.is_dir():
-        return CLIPTokenizer.from_pretrained(saved)
-    if (ckpt / "meta.json").exists() or not create:
-        raise ConfigError(f"{ckpt}: no saved tokenizer (a run from before runs saved theirs, whose vocabulary the "
-                          f"current builder no longer makes); start a new work folder")
-    tok = video_tokenizer()
-    tok.save_pretrained(str(saved))
-    return tok
 
 
 def build_modules(base: str | Path, tok: Any = None) -> tuple[dict[str, torch.nn.Module], Any, Any]:
@@ -149,7 +130,7 @@ def train_video(work: Path, base: str | Path, minutes: float, batch: int = 16, l
         found = json.loads((ckpt / "meta.json").read_text()).get("freeze_spatial", False)
         if found != freeze_spatial:
             raise ConfigError(f"{ckpt}: a run with freeze_spatial={found}; continue it the same way or start a new work folder")
-    tok = run_tokenizer(ckpt, create=True)
+    tok = work_tokenizer(work / "video.tokenizer", video_tokenizer, resuming)
     torch.manual_seed(seed)
     modules, vae, tok = build_modules(base, tok)
     for m in (*modules.values(), vae):
@@ -199,7 +180,7 @@ def export_video_pipeline(work: Path, base: str | Path, out: Path, dtype: torch.
     import diffusers
     from safetensors.torch import load_file
 
-    modules, vae, tok = build_modules(base, run_tokenizer(work / "video"))
+    modules, vae, tok = build_modules(base, work_tokenizer(work / "video.tokenizer", video_tokenizer, started=True))
     for name, m in modules.items():
         m.load_state_dict(load_file(work / "video" / f"{name}.ema.safetensors"))
     sched = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,

@@ -10,6 +10,7 @@ so pipelines save and reload it with ``save_pretrained``/``from_pretrained`` lik
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Literal
 
 from transformers import CLIPTokenizer
 
@@ -28,14 +29,17 @@ def _byte_symbols() -> list[str]:
     return [chr(by_byte[b]) for b in range(256)]
 
 
-def build_clip_tokenizer(words: Iterable[str] = (), model_max_length: int = 77) -> CLIPTokenizer:
+def build_clip_tokenizer(words: Iterable[str] = (), model_max_length: int = 77,
+                         merges_from: Literal["pieces", "letters"] = "pieces") -> CLIPTokenizer:
     """Each word of ``words`` (ASCII letters, 2+ characters) becomes one token.
 
     Each word is first split by the merges made so far, then its pieces are merged left to right
     with new, higher-ranked merges (as in :func:`build_roberta_tokenizer`). Merging every word from
     its letters instead breaks words whose letters an earlier word already merged differently: BPE
     applies the lowest-ranked merge first, so with "right" before it, "triangle" stopped at
-    ``t ri an g l e</w>`` (6 tokens), which pushed ShapesWorld-video captions past 16 tokens."""
+    ``t ri an g l e</w>`` (6 tokens), which pushed ShapesWorld-video captions past 16 tokens.
+    ``merges_from="letters"`` is that old construction, kept only to rebuild the vocabulary of
+    models and checkpoints made with it (the shipped toy models save their own tokenizer files)."""
     symbols = _byte_symbols()
     vocab: list[str] = symbols + [s + "</w>" for s in symbols]
     rank: dict[tuple[str, str], int] = {}
@@ -43,7 +47,8 @@ def build_clip_tokenizer(words: Iterable[str] = (), model_max_length: int = 77) 
     for word in sorted({w.lower() for w in words}):
         if not word.isascii() or not word.isalpha() or len(word) < 2:
             continue
-        parts = _bpe_pieces(list(word[:-1]) + [word[-1] + "</w>"], rank)
+        letters = list(word[:-1]) + [word[-1] + "</w>"]
+        parts = _bpe_pieces(letters, rank) if merges_from == "pieces" else letters
         while len(parts) > 1:
             pair = (parts[0], parts[1])
             if pair not in rank:
@@ -51,7 +56,9 @@ def build_clip_tokenizer(words: Iterable[str] = (), model_max_length: int = 77) 
             if pair[0] + pair[1] not in known:
                 vocab.append(pair[0] + pair[1])
                 known.add(pair[0] + pair[1])
-            parts = _bpe_pieces([pair[0] + pair[1]] + parts[2:], rank)
+            parts = [pair[0] + pair[1]] + parts[2:]
+            if merges_from == "pieces":
+                parts = _bpe_pieces(parts, rank)
     vocab += ["<|startoftext|>", "<|endoftext|>"]  # endoftext last: CLIP pools at argmax(input_ids)
     merges = sorted(rank, key=rank.get)
     return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=model_max_length)
