@@ -47,21 +47,27 @@ def build_clip_tokenizer(words: Iterable[str] = (), model_max_length: int = 77,
     for word in sorted({w.lower() for w in words}):
         if not word.isascii() or not word.isalpha() or len(word) < 2:
             continue
-        letters = list(word[:-1]) + [word[-1] + "</w>"]
-        parts = _bpe_pieces(letters, rank) if merges_from == "pieces" else letters
-        while len(parts) > 1:
-            pair = (parts[0], parts[1])
-            if pair not in rank:
-                rank[pair] = len(rank)
-            if pair[0] + pair[1] not in known:
-                vocab.append(pair[0] + pair[1])
-                known.add(pair[0] + pair[1])
-            parts = [pair[0] + pair[1]] + parts[2:]
-            if merges_from == "pieces":
-                parts = _bpe_pieces(parts, rank)
+        _add_word(list(word[:-1]) + [word[-1] + "</w>"], rank, vocab, known, merges_from == "pieces")
     vocab += ["<|startoftext|>", "<|endoftext|>"]  # endoftext last: CLIP pools at argmax(input_ids)
     merges = sorted(rank, key=rank.get)
     return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=model_max_length)
+
+
+def _add_word(letters: list[str], rank: dict[tuple[str, str], int], vocab: list[str], known: set[str],
+              existing_first: bool = True) -> None:
+    """New merges (and tokens) that make ``letters`` one token: split by the merges made so far
+    (``existing_first``), then its first two pieces merged with a new, higher-ranked merge, repeatedly."""
+    parts = _bpe_pieces(letters, rank) if existing_first else list(letters)
+    while len(parts) > 1:
+        pair = (parts[0], parts[1])
+        if pair not in rank:
+            rank[pair] = len(rank)
+        if pair[0] + pair[1] not in known:
+            vocab.append(pair[0] + pair[1])
+            known.add(pair[0] + pair[1])
+        parts = [pair[0] + pair[1]] + parts[2:]
+        if existing_first:
+            parts = _bpe_pieces(parts, rank)
 
 
 def _bpe_pieces(pieces: list[str], rank: dict[tuple[str, str], int]) -> list[str]:
@@ -99,15 +105,7 @@ def build_roberta_tokenizer(words: Iterable[str] = (), model_max_length: int = 5
         if not word.isascii() or not word.isalpha():
             continue
         for start in (list(word), [space] + list(word)):
-            parts = _bpe_pieces(start, rank)
-            while len(parts) > 1:
-                pair = (parts[0], parts[1])
-                if pair not in rank:
-                    rank[pair] = len(rank)
-                if pair[0] + pair[1] not in known:
-                    vocab.append(pair[0] + pair[1])
-                    known.add(pair[0] + pair[1])
-                parts = _bpe_pieces([pair[0] + pair[1]] + parts[2:], rank)
+            _add_word(start, rank, vocab, known)
     vocab.append("<mask>")
     merges = sorted(rank, key=rank.get)
     return RobertaTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=model_max_length)
