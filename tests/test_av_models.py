@@ -350,3 +350,15 @@ def test_av_bench_cli_several_seeds(av_models, tmp_path):
     assert "| 3 |" in (tmp_path / "m" / "seeds.md").read_text() and "| 5 |" in (tmp_path / "m" / "seeds.md").read_text()
     with pytest.raises(SystemExit):
         main([*common, "--out", str(tmp_path / "d"), "--seed", "1", "1"])
+
+
+def test_av_table_has_a_gain_row_only_when_there_is_a_comparison():
+    from diffalign.benchmarks.toyworlds.av_bench import _table
+
+    summ = {"per_tag": {"order": 0.25, "counting": 0.5}, "overall": 0.375, "overall_ci95": [0.25, 0.5]}
+    res = {"base": {"summary": summ}, "dpo": {"summary": summ | {"overall": 0.5}}}
+    one = _table(["base"], res, {})
+    assert one.splitlines()[-1] == "| **overall** | 0.375 [0.250, 0.500] |"  # no dangling empty gain cell
+    two = _table(["base", "dpo"], res, {"dpo": {"diff": 0.125, "ci95_low": 0.0625, "ci95_high": 0.1875}})
+    assert two.splitlines()[-1] == "| gain vs base | – | +0.125 [+0.062, +0.188] |"
+    assert two.splitlines()[2] == "| counting | 0.500 | 0.500 |"  # tags sorted

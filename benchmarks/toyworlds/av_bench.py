@@ -104,7 +104,8 @@ def _table(names: Sequence[str], res: dict[str, dict[str, Any]], gains: dict[str
     lines.append("| **overall** | " + " | ".join(
         f"{res[n]['summary']['overall']:.3f} [{res[n]['summary']['overall_ci95'][0]:.3f}, {res[n]['summary']['overall_ci95'][1]:.3f}]"
         for n in names) + " |")
-    lines.append("| gain vs base | – | " + " | ".join(_gain_cell(gains[n]) for n in names[1:]) + " |")
+    if len(names) > 1:  # one model alone has nothing to compare with
+        lines.append("| gain vs base | – | " + " | ".join(_gain_cell(gains[n]) for n in names[1:]) + " |")
     return "\n".join(lines)
 
 
