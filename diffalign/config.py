@@ -83,6 +83,8 @@ class DataConfig:
     cache_dir: str | None = None
     """Folder written by ``diffalign cache``: latents and text embeddings, so VAE/text encoders stay unloaded."""
     num_workers: int = 0
+    """DataLoader worker processes decoding and augmenting upcoming batches while the model trains
+    (0: in the training process). The batches are identical either way."""
 
 
 @dataclass

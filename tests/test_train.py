@@ -102,6 +102,21 @@ def test_grad_accumulation_equivalence(tiny_models, pairs_parquet, tmp_path):
         torch.testing.assert_close(wa[n], wb[n], atol=1e-5, rtol=0)
 
 
+def test_dataloader_workers_give_the_same_run(tiny_models, pairs_parquet, tmp_path):
+    """data.num_workers decodes/augments batches in worker processes; random flips and caption dropout
+    are keyed by data position, so the run (reference pre-pass included) is the same as in-process."""
+    common = ["train.max_steps=3", "train.batch_size=2", "train.grad_accum=2", "train.lr=1e-3", "data.random_flip=true",
+              "data.caption_dropout=0.5", "train.precompute_reference=true"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    run(tiny_models["sd"], pairs_parquet, a, *common)
+    run(tiny_models["sd"], pairs_parquet, b, *common, "data.num_workers=2")
+    la = [json.loads(x)["loss"] for x in (a / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (b / "metrics.jsonl").read_text().splitlines()]
+    assert len(la) == 3 and lb == la
+    wa, wb = trainable(a), trainable(b)
+    assert all(torch.equal(wa[n], wb[n]) for n in wa)
+
+
 def test_resume_equals_uninterrupted(tiny_models, pairs_parquet, tmp_path):
     common = ["train.max_steps=5", "train.batch_size=2", "train.checkpoint_every=2", "train.warmup_steps=3",
               "train.ema_decay=0.9", "train.lr=1e-3"]

@@ -18,6 +18,7 @@ import json
 import math
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -94,9 +95,24 @@ def prepare_batch(adapter: Adapter, batch: dict[str, Any], k: int, device: torch
     return x0, cond, micro
 
 
+def batch_stream(dataset: Any, plan: StepPlan, first: int, last: int, rank: int, num_workers: int = 0) -> Iterator[dict]:
+    """This rank's collated micro-batches for steps ``[first, last)`` in loop order (step-major, then
+    micro-batch). ``num_workers`` > 0 decodes and augments them in DataLoader worker processes, ahead
+    of the loop; the batches are the same either way (every key carries its own seed)."""
+    if num_workers <= 0:
+        return (collate([dataset[key] for key in keys]) for keys in plan.batches(first, last, rank))
+    from torch.utils.data import DataLoader
+
+    # its own generator: starting workers draws a base seed, which from the global RNG would shift
+    # whatever is initialised from it afterwards (LoRA weights after the reference pre-pass)
+    return iter(DataLoader(dataset, batch_sampler=list(plan.batches(first, last, rank)), num_workers=num_workers,
+                           collate_fn=collate, prefetch_factor=2, generator=torch.Generator().manual_seed(0)))
+
+
 @torch.inference_mode()
 def precompute_reference_errors(adapter: Adapter, dataset: Any, plan: StepPlan, objective: Any, k: int, first: int,
-                                last: int, accum: int, rank: int, accelerator: Any, show: bool = True) -> dict[tuple[int, int], Tensor]:
+                                last: int, accum: int, rank: int, accelerator: Any, show: bool = True,
+                                num_workers: int = 0) -> dict[tuple[int, int], Tensor]:
     """Reference errors ``[B,k]`` for every (step, micro-batch) of this rank in ``[first, last)``:
     the same pairs, noise and t the training steps will draw (all derive from data positions), so
     the loss equals the one with a live reference model. CPU tensors, a few bytes per pair."""
@@ -107,9 +123,10 @@ def precompute_reference_errors(adapter: Adapter, dataset: Any, plan: StepPlan, 
                           "(inversion); its reference errors cannot be computed ahead")
     table = {}
     per_image = getattr(objective, "per_image_captions", False)
+    batches = batch_stream(dataset, plan, first, last, rank, num_workers)
     for step in tqdm(range(first, last), desc="reference pre-pass", unit="step", disable=not show):
         for micro_i in range(accum):
-            batch = collate([dataset[key] for key in plan.keys(step, micro_i, rank)])
+            batch = next(batches)
             x0, cond, micro = prepare_batch(adapter, batch, k, accelerator.device, per_image_captions=per_image)
             x_t, tt, target = noised_inputs(adapter, x0, batch["seed"])
             with accelerator.autocast():
@@ -312,7 +329,7 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         # before LoRA and before any checkpoint weights: the denoiser holds exactly the reference weights
         first = int(load_checkpoint(ckpt_path)["state"]["step"]) if ckpt_path is not None else 0
         ref_table = precompute_reference_errors(adapter, dataset, plan, objective, k, first, t.max_steps, t.grad_accum,
-                                                rank, accelerator, show=main)
+                                                rank, accelerator, show=main, num_workers=cfg.data.num_workers)
     use_lora = cfg.lora.rank > 0
     if use_lora:
         add_lora(denoiser, cfg)
@@ -371,11 +388,11 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     last: dict[str, float] = {}
     skipped_total = 0
     t0 = time.perf_counter()
+    batches = batch_stream(dataset, plan, start_step, t.max_steps, rank, cfg.data.num_workers)
     for step in range(start_step, t.max_steps):
         sums: dict[str, list[Tensor]] = defaultdict(list)
         for micro_i in range(t.grad_accum):
-            keys = plan.keys(step, micro_i, rank)
-            batch = collate([dataset[key] for key in keys])
+            batch = next(batches)
             skipped_total += sum(batch["skipped"])
             torch.manual_seed(batch["seed"][0])  # any global-RNG use (dropout) is tied to the data position
             sync = micro_i == t.grad_accum - 1
