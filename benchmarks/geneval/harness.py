@@ -390,7 +390,7 @@ def reward_key(spec: str, specs: Sequence[str]) -> str:
 
 
 def score_folder(folder: Path, rows: Sequence[Mapping[str, Any]], cfg: EvalConfig, spec: str, reward_fn,
-                 device: str, log=print) -> list[list[float]]:
+                 log=print) -> list[list[float]]:
     """Per-prompt lists of one reward's image scores; cached in ``rewards.jsonl`` by image hash."""
     import torch
 
@@ -527,7 +527,7 @@ def run_eval(cfg: EvalConfig, log=print) -> dict[str, Any]:
                 holder["r"] = next(iter(load_rewards([spec], device).values()))
             return holder["r"]
 
-        reward_scores[key] = {label: score_folder(root / label, rows, cfg, spec, reward_fn, device, log)
+        reward_scores[key] = {label: score_folder(root / label, rows, cfg, spec, reward_fn, log)
                               for label in models}
         from .winrate import score_summary
 

@@ -91,8 +91,7 @@ def _check_prediction_type(mcfg: ModelConfig, family: Family, scheduler: Any) ->
     return found
 
 
-def load_adapter(mcfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                 load_denoiser: bool = True) -> Adapter:
+def load_adapter(mcfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Adapter:
     """Load the pipeline named by ``mcfg`` and return its adapter on ``device``.
 
     Weights load as fp32 whatever their stored precision (fp16 files, like the shipped toy models,
