@@ -417,10 +417,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--minutes", type=float, required=True)
     ap.add_argument("--stats", default=None, help="JSON file to merge the stats into")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0, help="clap: initial weights, clip stream and negatives")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    train = train_toy_video_clip if a.world == "video" else train_toy_clap
-    stats = train(a.out, a.minutes)
+    if a.world == "video":
+        if a.seed != 0:
+            ap.error("--seed: only the clap reward takes a seed")
+        stats = train_toy_video_clip(a.out, a.minutes)
+    else:
+        stats = train_toy_clap(a.out, a.minutes, cfg={"seed": a.seed})
     if a.stats:
         record(a.stats, "toy-video-clip" if a.world == "video" else "toy-clap", stats)
     print(json.dumps(stats))
