@@ -80,12 +80,12 @@ def train_spm(cfg: SPMConfig) -> dict:
     from diffalign.config import DataConfig, ModelConfig
     from diffalign.data.pairs import PairDataset, collate
     from diffalign.errors import ConfigError
-    from diffalign.models.loading import load_adapter
+    from diffalign.models.loading import default_device, load_adapter
     from diffalign.rewards.step_aware import StepAwarePM
 
     quiet_libraries()
     torch.manual_seed(cfg.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     ds = PairDataset(DataConfig(path=cfg.data, resolution=cfg.resolution), verbose=True)
     if len(ds) <= cfg.heldout:
         raise ConfigError(f"train-spm: {cfg.data} has {len(ds)} pairs; need more than heldout={cfg.heldout}")

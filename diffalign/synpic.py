@@ -216,7 +216,7 @@ def run_synpic(cfg: SynPicConfig, rank: int | None = None, world: int | None = N
     from ._quiet import quiet_libraries
     from .data.media import encode_media, to_reward_input
     from .models.generate import generate_media
-    from .models.loading import load_pipeline
+    from .models.loading import default_device, load_pipeline
     from .rewards.ensemble import check_vote_weights, ranks_from_phi, vote_phi
 
     quiet_libraries()
@@ -253,7 +253,7 @@ def run_synpic(cfg: SynPicConfig, rank: int | None = None, world: int | None = N
     if not todo:
         merge_shards(out, require_complete=False)
         return out
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     loaded = {g: load_pipeline(g, device) for g in dict.fromkeys(cfg.generators)}  # a model listed twice loads once
     pipes = [loaded[g] for g in cfg.generators]
     modality, sr = check_modalities(cfg.generators, [p for p, _ in pipes])

@@ -450,6 +450,7 @@ def run_eval(cfg: EvalConfig, log=print) -> dict[str, Any]:
     """Run (or continue) an evaluation; returns the contents of ``DIR/summary.json`` (plus
     ``generated``: images made by this call per model)."""
     from ..._quiet import quiet_libraries
+    from ...models.loading import default_device
 
     quiet_libraries()
     t0 = time.time()
@@ -461,12 +462,7 @@ def run_eval(cfg: EvalConfig, log=print) -> dict[str, Any]:
     toy = cfg.toy is not None
     steps = cfg.steps if cfg.steps is not None else (20 if toy else 50)
     guidance = cfg.guidance if cfg.guidance is not None else (4.0 if toy else 9.0)
-    if cfg.device is None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    else:
-        device = cfg.device
+    device = default_device(cfg.device)
     detector_spec = cfg.detector or ("shapes" if toy else "mask2former")
     _check_names(cfg, detector_spec if judged else None)
     root = Path(cfg.out)

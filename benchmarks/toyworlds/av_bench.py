@@ -118,14 +118,12 @@ def evaluate_and_report(w: World, models: dict[str, str], rep: Path, split: str 
     per-clip verdicts go to ``results.jsonl``; with ``write`` the report (markdown + HTML) too.
     ``device``: default CUDA when there is one (per-sample seeds are CPU generators either way)."""
     from ...data.media import encode_audio
+    from ...models.loading import default_device
     from ...report import save_gif, save_png, spectrogram_png, tag_bars, video_strips, write_report
     from ..geneval.harness import load_model
     from .evaluate import paired_difference
 
-    if device is None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device(device)
     rep.mkdir(parents=True, exist_ok=True)
     res = {}
     for label, spec in models.items():

@@ -56,10 +56,11 @@ def run(args: argparse.Namespace) -> int:
     if args.toy_cmd == "pretrain":
         import torch
 
+        from ...models.loading import default_device
         from .pretrain import export_pipeline, train_stage
 
         work, out = Path(args.work), Path(args.out)
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = default_device(args.device)
         try:
             torch.empty(0, device=device)
         except (RuntimeError, AssertionError) as e:

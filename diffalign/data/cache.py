@@ -65,7 +65,7 @@ def build_cache(cfg: Config, shard_size: int = 256) -> Path:
     from tqdm.auto import tqdm
 
     from .._quiet import quiet_libraries
-    from ..models.loading import load_adapter
+    from ..models.loading import default_device, load_adapter
 
     quiet_libraries()
     if not cfg.data.cache_dir:
@@ -76,7 +76,7 @@ def build_cache(cfg: Config, shard_size: int = 256) -> Path:
     dcfg = replace(cfg.data, caption_dropout=0.0, cache_dir=None)
     ds = _source(dcfg)
     ranked = _kind(cfg.data) == "ranked"
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     adapter = load_adapter(cfg.model, device)
     index = {"num_rows": len(ds), "format": _kind(cfg.data), "k": ds.k,
              "shard_size": shard_size, "model_path": cfg.model.path, "family": adapter.family,

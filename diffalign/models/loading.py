@@ -41,6 +41,11 @@ class ModelLoadError(ConfigError):
     """The model path cannot be resolved or loaded."""
 
 
+
+def default_device(device: str | None = None) -> str:
+    """``device`` when given, else CUDA when there is one, else the CPU."""
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
 def read_model_index(path: str, revision: str | None = None) -> dict[str, Any]:
     """``model_index.json`` of a local folder or a hub repo (honours ``HF_HUB_OFFLINE``)."""
     p = Path(path).expanduser()
