@@ -31,8 +31,13 @@ def _parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train with a YAML config and key=value overrides")
     tr.add_argument("config")
     tr.add_argument("overrides", nargs="*", help="e.g. train.lr=1e-5 objective.beta=2500")
-    tr.add_argument("--resume", nargs="?", const="latest", default=None,
-                    help="resume from the newest checkpoint of train.output_dir (or the given checkpoint folder)")
+    tr.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        help="resume from the newest checkpoint of train.output_dir (or the given checkpoint folder)",
+    )
 
     va = sub.add_parser("validate", help="check a config (keys, names, data columns) without loading models")
     va.add_argument("config")
@@ -47,50 +52,102 @@ def _parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("synpic", help="generate, score and rank a synthetic preference dataset (resumable)")
     sp.add_argument("--prompts", required=True, help=".txt (one per line) or .jsonl with a 'prompt' key")
-    sp.add_argument("--generator", action="append", required=True, help="pipeline folder or hub id (repeatable)")
-    sp.add_argument("--reward", action="append", required=True, help="NAME or NAME=PATH, e.g. pickscore=PATH (repeatable)")
-    sp.add_argument("--reward-weight", type=float, nargs="+", default=[],
-                    help="votes per win under each --reward, one per reward (default: 1 each)")
+    sp.add_argument(
+        "--generator", action="append", required=True, help="pipeline folder or hub id (repeatable)"
+    )
+    sp.add_argument(
+        "--reward", action="append", required=True, help="NAME or NAME=PATH, e.g. pickscore=PATH (repeatable)"
+    )
+    sp.add_argument(
+        "--reward-weight",
+        type=float,
+        nargs="+",
+        default=[],
+        help="votes per win under each --reward, one per reward (default: 1 each)",
+    )
     sp.add_argument("--out", required=True)
-    sp.add_argument("--images-per-generator", type=int, nargs="+", default=[2],
-                    help="images per prompt from each generator: one number for all, or one per --generator")
+    sp.add_argument(
+        "--images-per-generator",
+        type=int,
+        nargs="+",
+        default=[2],
+        help="images per prompt from each generator: one number for all, or one per --generator",
+    )
     sp.add_argument("--steps", type=int, default=20)
-    sp.add_argument("--guidance", type=float, nargs="+", default=[5.0],
-                    help="guidance scale: one for all generators, or one per --generator")
+    sp.add_argument(
+        "--guidance",
+        type=float,
+        nargs="+",
+        default=[5.0],
+        help="guidance scale: one for all generators, or one per --generator",
+    )
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--shard-size", type=int, default=64)
     sp.add_argument("--batch-prompts", type=int, default=16)
     sp.add_argument("--format", default="png", choices=["png", "jpeg"])
     sp.add_argument("--dedup", action="store_true", help="drop repeated prompts instead of refusing them")
 
-    lb = sub.add_parser("label", help="score a pair parquet with rewards; write scores and an AI-feedback label as columns")
+    lb = sub.add_parser(
+        "label", help="score a pair parquet with rewards; write scores and an AI-feedback label as columns"
+    )
     lb.add_argument("data")
     lb.add_argument("out")
     lb.add_argument("--reward", action="append", required=True, help="NAME or NAME=PATH (repeatable)")
-    lb.add_argument("--resize", type=int, default=None, help="resize images to this square size before scoring")
+    lb.add_argument(
+        "--resize", type=int, default=None, help="resize images to this square size before scoring"
+    )
 
     ep = sub.add_parser("export-pairs", help="turn a ranked Syn-Pic folder into Pick-a-Pic style pairs")
     ep.add_argument("ranked")
     ep.add_argument("out")
     ep.add_argument("--mode", default="best_worst", choices=["best_worst", "all"])
-    ep.add_argument("--n", type=int, default=1, help="best_worst: each of the n best against each of the n worst")
+    ep.add_argument(
+        "--n", type=int, default=1, help="best_worst: each of the n best against each of the n worst"
+    )
 
-    de = sub.add_parser("demo", help="Syn-Pic + RankDPO + judged eval on the shipped ShapesWorld toy models (CPU, minutes)")
+    de = sub.add_parser(
+        "demo", help="Syn-Pic + RankDPO + judged eval on the shipped ShapesWorld toy models (CPU, minutes)"
+    )
     de.add_argument("--out", default="runs/demo")
     de.add_argument("--model", default=None, help="policy pipeline (default: shipped toy-sd)")
-    de.add_argument("--generator", action="append", default=None, help="Syn-Pic generators (default: toy-sd, toy-sd3 and the policy unguided)")
-    de.add_argument("--reward", action="append", default=None, help="NAME=PATH rewards (default: the two toy CLIPs)")
-    de.add_argument("--objective", default="rankdpo",
-                    help="rankdpo (default), diffusion_dpo, kto, sft, or online_dpo (no Syn-Pic: the policy samples its own groups)")
+    de.add_argument(
+        "--generator",
+        action="append",
+        default=None,
+        help="Syn-Pic generators (default: toy-sd, toy-sd3 and the policy unguided)",
+    )
+    de.add_argument(
+        "--reward", action="append", default=None, help="NAME=PATH rewards (default: the two toy CLIPs)"
+    )
+    de.add_argument(
+        "--objective",
+        default="rankdpo",
+        help="rankdpo (default), diffusion_dpo, kto, sft, or online_dpo (no Syn-Pic: the policy samples its own groups)",
+    )
     de.add_argument("--beta", type=float, default=2000.0)
-    de.add_argument("--steps", type=int, default=800, help="training steps of 8 (the budget knob; 800 take ~4 min on 2 cores)")
+    de.add_argument(
+        "--steps",
+        type=int,
+        default=800,
+        help="training steps of 8 (the budget knob; 800 take ~4 min on 2 cores)",
+    )
     de.add_argument("--lr", type=float, default=1e-3)
     de.add_argument("--train-prompts", type=int, default=100)
-    de.add_argument("--images-per-generator", type=int, nargs="+", default=None,
-                    help="Syn-Pic images per prompt from each generator: one number for all, or one per generator "
-                         "(default 2 2 1 for toy-sd, toy-sd3 and the policy unguided)")
-    de.add_argument("--synpic-guidance", type=float, nargs="+", default=None,
-                    help="Syn-Pic guidance per generator (default 4 4 1 for the default generators)")
+    de.add_argument(
+        "--images-per-generator",
+        type=int,
+        nargs="+",
+        default=None,
+        help="Syn-Pic images per prompt from each generator: one number for all, or one per generator "
+        "(default 2 2 1 for toy-sd, toy-sd3 and the policy unguided)",
+    )
+    de.add_argument(
+        "--synpic-guidance",
+        type=float,
+        nargs="+",
+        default=None,
+        help="Syn-Pic guidance per generator (default 4 4 1 for the default generators)",
+    )
     de.add_argument("--eval-prompts", type=int, default=60)
     de.add_argument("--per-prompt", type=int, default=4)
     de.add_argument("--seed", type=int, default=0)
@@ -106,8 +163,12 @@ def _parser() -> argparse.ArgumentParser:
 
     sm = sub.add_parser("train-spm", help="train SPO's step-aware preference model on preference pairs")
     sm.add_argument("--data", required=True, help="pairs (parquet/JSONL/folder/hub id), winner by label")
-    sm.add_argument("--model", required=True, help="the diffusion pipeline whose noisy x0 predictions are judged")
-    sm.add_argument("--clip", required=True, help="initial CLIPModel (PickScore in the paper) or an SPM folder")
+    sm.add_argument(
+        "--model", required=True, help="the diffusion pipeline whose noisy x0 predictions are judged"
+    )
+    sm.add_argument(
+        "--clip", required=True, help="initial CLIPModel (PickScore in the paper) or an SPM folder"
+    )
     sm.add_argument("--out", required=True)
     sm.add_argument("--steps", type=int, default=200)
     sm.add_argument("--batch-size", type=int, default=8)
@@ -115,7 +176,9 @@ def _parser() -> argparse.ArgumentParser:
     sm.add_argument("--guidance", type=float, default=5.0)
     sm.add_argument("--resolution", type=int, default=512)
     sm.add_argument("--heldout", type=int, default=64)
-    sm.add_argument("--train-clip", action="store_true", help="fine-tune the whole CLIP too (the reference does)")
+    sm.add_argument(
+        "--train-clip", action="store_true", help="fine-tune the whole CLIP too (the reference does)"
+    )
 
     ti = sub.add_parser("tiny", help="build a tiny random-weight pipeline (for tests and dry runs)")
     ti.add_argument("family", choices=["sd", "sdxl", "sd3"])
@@ -160,11 +223,23 @@ def _run(args: argparse.Namespace) -> int:
     if args.cmd == "synpic":
         from .synpic import SynPicConfig, run_synpic
 
-        out = run_synpic(SynPicConfig(
-            prompts=args.prompts, generators=args.generator, rewards=args.reward, reward_weights=args.reward_weight, out=args.out,
-            images_per_generator=_one_or_each(args.images_per_generator), steps=args.steps,
-            guidance=_one_or_each(args.guidance), seed=args.seed,
-            shard_size=args.shard_size, batch_prompts=args.batch_prompts, image_format=args.format, dedup=args.dedup))
+        out = run_synpic(
+            SynPicConfig(
+                prompts=args.prompts,
+                generators=args.generator,
+                rewards=args.reward,
+                reward_weights=args.reward_weight,
+                out=args.out,
+                images_per_generator=_one_or_each(args.images_per_generator),
+                steps=args.steps,
+                guidance=_one_or_each(args.guidance),
+                seed=args.seed,
+                shard_size=args.shard_size,
+                batch_prompts=args.batch_prompts,
+                image_format=args.format,
+                dedup=args.dedup,
+            )
+        )
         print(f"ranked dataset: {out}")
         return 0
     if args.cmd == "label":
@@ -180,11 +255,23 @@ def _run(args: argparse.Namespace) -> int:
     if args.cmd == "demo":
         from .demo import run_demo
 
-        run_demo(args.out, args.model, args.generator, args.reward, args.objective, args.beta, args.steps, args.lr,
-                 n_train=args.train_prompts, n_eval=args.eval_prompts, per_prompt=args.per_prompt, seed=args.seed,
-                 overwrite=args.overwrite,
-                 images_per_generator=args.images_per_generator and _one_or_each(args.images_per_generator),
-                 synpic_guidance=args.synpic_guidance and _one_or_each(args.synpic_guidance))
+        run_demo(
+            args.out,
+            args.model,
+            args.generator,
+            args.reward,
+            args.objective,
+            args.beta,
+            args.steps,
+            args.lr,
+            n_train=args.train_prompts,
+            n_eval=args.eval_prompts,
+            per_prompt=args.per_prompt,
+            seed=args.seed,
+            overwrite=args.overwrite,
+            images_per_generator=args.images_per_generator and _one_or_each(args.images_per_generator),
+            synpic_guidance=args.synpic_guidance and _one_or_each(args.synpic_guidance),
+        )
         return 0
     if args.cmd == "toy":
         from .benchmarks.toyworlds import cli as toy_cli
@@ -197,9 +284,21 @@ def _run(args: argparse.Namespace) -> int:
     if args.cmd == "train-spm":
         from .spm import SPMConfig, train_spm
 
-        train_spm(SPMConfig(data=args.data, model=args.model, clip=args.clip, out=args.out, steps=args.steps,
-                            batch_size=args.batch_size, lr=args.lr, guidance_scale=args.guidance,
-                            resolution=args.resolution, heldout=args.heldout, train_clip=args.train_clip))
+        train_spm(
+            SPMConfig(
+                data=args.data,
+                model=args.model,
+                clip=args.clip,
+                out=args.out,
+                steps=args.steps,
+                batch_size=args.batch_size,
+                lr=args.lr,
+                guidance_scale=args.guidance,
+                resolution=args.resolution,
+                heldout=args.heldout,
+                train_clip=args.train_clip,
+            )
+        )
         return 0
     if args.cmd == "tiny":
         from ._quiet import quiet_libraries

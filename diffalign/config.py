@@ -161,7 +161,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise ConfigError(f"{key}: {value!r} is not a valid choice; valid choices: {', '.join(map(str, choices))}")
+            raise ConfigError(
+                f"{key}: {value!r} is not a valid choice; valid choices: {', '.join(map(str, choices))}"
+            )
         return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -315,7 +317,9 @@ def validate(cfg: Config, *, check_data: bool = True) -> None:
         if value < lo:
             raise ConfigError(f"{key}: must be >= {lo}, got {value}")
     if cfg.data.resolution % 8:
-        raise ConfigError(f"data.resolution: must be a multiple of 8 (VAE downsampling), got {cfg.data.resolution}")
+        raise ConfigError(
+            f"data.resolution: must be a multiple of 8 (VAE downsampling), got {cfg.data.resolution}"
+        )
     if not 0.0 <= cfg.data.caption_dropout < 1.0:
         raise ConfigError(f"data.caption_dropout: must be in [0, 1), got {cfg.data.caption_dropout}")
     if t.auto_beta_target and not 0.0 < t.auto_beta_target < 0.5:
@@ -325,14 +329,20 @@ def validate(cfg: Config, *, check_data: bool = True) -> None:
     if not 0.0 <= t.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay: must be in [0, 1), got {t.ema_decay}")
     if t.reference == "lora_off" and cfg.lora.rank == 0:
-        raise ConfigError("train.reference: 'lora_off' needs LoRA (lora.rank > 0); use 'copy' for full fine-tuning")
+        raise ConfigError(
+            "train.reference: 'lora_off' needs LoRA (lora.rank > 0); use 'copy' for full fine-tuning"
+        )
     if cfg.data.cache_dir and cfg.data.random_flip:
-        raise ConfigError("data.random_flip: cannot flip cached latents; set data.random_flip=false or drop data.cache_dir")
+        raise ConfigError(
+            "data.random_flip: cannot flip cached latents; set data.random_flip=false or drop data.cache_dir"
+        )
     if t.attention == "xformers":
         import importlib.util
 
         if importlib.util.find_spec("xformers") is None:
-            raise ConfigError("train.attention: 'xformers' is not installed (pip install 'diffalign[xformers]'); use 'sdpa'")
+            raise ConfigError(
+                "train.attention: 'xformers' is not installed (pip install 'diffalign[xformers]'); use 'sdpa'"
+            )
     if t.optimizer == "adamw8bit":
         import importlib.util
 

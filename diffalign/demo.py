@@ -28,7 +28,9 @@ ASSETS = Path(str(resources.files("diffalign"))) / "assets"
 def asset(name: str) -> str:
     p = ASSETS / name
     if not (p / "model_index.json").exists() and not (p / "config.json").exists():
-        raise ConfigError(f"shipped toy asset {name!r} is missing at {p}; run `diffalign toy pretrain` and pass paths explicitly")
+        raise ConfigError(
+            f"shipped toy asset {name!r} is missing at {p}; run `diffalign toy pretrain` and pass paths explicitly"
+        )
     return str(p)
 
 
@@ -49,11 +51,26 @@ def train_prompts(n: int, seed: int) -> list[str]:
     return list(seen)
 
 
-def run_demo(out: str = "runs/demo", model: str | None = None, generators: list[str] | None = None,
-             rewards: list[str] | None = None, objective: str = "rankdpo", beta: float = 2000.0, steps: int = 800,
-             lr: float = 1e-3, batch_size: int = 8, n_train: int = 100, images_per_generator: int | list[int] | None = None,
-             n_eval: int = 60, per_prompt: int = 4, sample_steps: int = 15, guidance: float = 4.0, seed: int = 0,
-             overwrite: bool = False, synpic_guidance: float | list[float] | None = None) -> dict[str, Any]:
+def run_demo(
+    out: str = "runs/demo",
+    model: str | None = None,
+    generators: list[str] | None = None,
+    rewards: list[str] | None = None,
+    objective: str = "rankdpo",
+    beta: float = 2000.0,
+    steps: int = 800,
+    lr: float = 1e-3,
+    batch_size: int = 8,
+    n_train: int = 100,
+    images_per_generator: int | list[int] | None = None,
+    n_eval: int = 60,
+    per_prompt: int = 4,
+    sample_steps: int = 15,
+    guidance: float = 4.0,
+    seed: int = 0,
+    overwrite: bool = False,
+    synpic_guidance: float | list[float] | None = None,
+) -> dict[str, Any]:
     """``images_per_generator`` and ``synpic_guidance`` (Syn-Pic's guidance per generator; ``guidance``
     is the evaluation's) default to [2, 2, 1] and [guidance, guidance, 1] for the default generators
     (toy-sd, toy-sd3, the policy unguided), and to 2 and ``guidance`` for generators you pass."""
@@ -68,8 +85,10 @@ def run_demo(out: str = "runs/demo", model: str | None = None, generators: list[
     if objective not in DEMO_OBJECTIVES:  # before any work
         from .registry import suggest
 
-        raise ConfigError(f"demo --objective {objective!r}: not one the demo wires up.{suggest(objective, list(DEMO_OBJECTIVES))} "
-                          "Every objective runs in `python -m diffalign.benchmarks.toyworlds.objective_bench`.")
+        raise ConfigError(
+            f"demo --objective {objective!r}: not one the demo wires up.{suggest(objective, list(DEMO_OBJECTIVES))} "
+            "Every objective runs in `python -m diffalign.benchmarks.toyworlds.objective_bench`."
+        )
     quiet_libraries()
     t_start = time.time()
     root = Path(out)
@@ -89,19 +108,42 @@ def run_demo(out: str = "runs/demo", model: str | None = None, generators: list[
     ranked = root / "synpic"
     if online:
         data_ovs = [f"data.path={root / 'prompts.txt'}"]
-        obj_ovs = [f"objective.rewards={','.join(rewards)}", "objective.group_size=4", f"objective.sample_steps={sample_steps}",
-                   f"objective.guidance_scale={guidance}", "objective.ref_refresh_every=50"]
+        obj_ovs = [
+            f"objective.rewards={','.join(rewards)}",
+            "objective.group_size=4",
+            f"objective.sample_steps={sample_steps}",
+            f"objective.guidance_scale={guidance}",
+            "objective.ref_refresh_every=50",
+        ]
     elif objective == "rankdpo":
         data_ovs, obj_ovs = [f"data.path={ranked}", "data.format=ranked"], []
     else:  # pair objectives train on best-vs-worst pairs
         data_ovs, obj_ovs = [f"data.path={root / 'pairs.parquet'}"], []
     if not online:  # the VAE and text encoder run once per image, not once per step (~1/7 of a step on CPU)
         data_ovs.append(f"data.cache_dir={root / 'cache'}")
-    obj_ovs = [f"objective.name={objective}", *([f"objective.beta={beta}"] if objective != "sft" else []), *obj_ovs]
-    cfg = load_config(None, [f"model.path={model}", *data_ovs, "data.resolution=32", f"train.output_dir={run_dir}",
-                             f"train.max_steps={steps}", f"train.batch_size={batch_size}", f"train.lr={lr}", *obj_ovs,
-                             "lora.rank=8", f"train.seed={seed}", f"train.checkpoint_every={steps}", "train.warmup_steps=0",
-                             "train.lr_scheduler=constant"])
+    obj_ovs = [
+        f"objective.name={objective}",
+        *([f"objective.beta={beta}"] if objective != "sft" else []),
+        *obj_ovs,
+    ]
+    cfg = load_config(
+        None,
+        [
+            f"model.path={model}",
+            *data_ovs,
+            "data.resolution=32",
+            f"train.output_dir={run_dir}",
+            f"train.max_steps={steps}",
+            f"train.batch_size={batch_size}",
+            f"train.lr={lr}",
+            *obj_ovs,
+            "lora.rank=8",
+            f"train.seed={seed}",
+            f"train.checkpoint_every={steps}",
+            "train.warmup_steps=0",
+            "train.lr_scheduler=constant",
+        ],
+    )
     validate(cfg, check_data=False)  # keys and hyperparameters, before any file or minute of generation
     if not online:
         from .synpic import per_generator, per_generator_counts
@@ -110,8 +152,10 @@ def run_demo(out: str = "runs/demo", model: str | None = None, generators: list[
         gs = per_generator(synpic_guidance, len(generators), "demo synpic_guidance", "scale")
     previous = [root / n for n in DEMO_OUTPUTS if (root / n).exists()]
     if previous and not overwrite:  # a rerun would reuse Syn-Pic images made by possibly other weights
-        raise ConfigError(f"{root} holds a previous demo ({', '.join(p.name for p in previous)}); "
-                          "pass --out to another folder, or --overwrite to replace it")
+        raise ConfigError(
+            f"{root} holds a previous demo ({', '.join(p.name for p in previous)}); "
+            "pass --out to another folder, or --overwrite to replace it"
+        )
     for p in previous:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     root.mkdir(parents=True, exist_ok=True)
@@ -121,11 +165,21 @@ def run_demo(out: str = "runs/demo", model: str | None = None, generators: list[
         print(f"[1/4] Syn-Pic: skipped ({objective} samples {n_train} prompts with the policy as it trains)")
     else:
         parts = ", ".join(f"{k} from {Path(g).name} (guidance {s:g})" for g, k, s in zip(generators, ks, gs))
-        print(f"[1/4] Syn-Pic: {n_train} prompts x ({parts}), "
-              f"{len(rewards)} rewards")
-        run_synpic(SynPicConfig(prompts=str(root / "prompts.txt"), generators=generators, rewards=rewards, out=str(ranked),
-                                images_per_generator=images_per_generator, steps=sample_steps, guidance=synpic_guidance, seed=seed,
-                                shard_size=64, batch_prompts=32))
+        print(f"[1/4] Syn-Pic: {n_train} prompts x ({parts}), {len(rewards)} rewards")
+        run_synpic(
+            SynPicConfig(
+                prompts=str(root / "prompts.txt"),
+                generators=generators,
+                rewards=rewards,
+                out=str(ranked),
+                images_per_generator=images_per_generator,
+                steps=sample_steps,
+                guidance=synpic_guidance,
+                seed=seed,
+                shard_size=64,
+                batch_prompts=32,
+            )
+        )
         if objective != "rankdpo":
             from .synpic import export_pairs
 
@@ -141,11 +195,21 @@ def run_demo(out: str = "runs/demo", model: str | None = None, generators: list[
 
     print(f"[3/4] judged evaluation on {n_eval} held-out prompts x {per_prompt} images, base vs aligned")
     base, call_kw = load_pipeline(model)
-    res_base = evaluate_pipeline(base, "heldout", n_eval, per_prompt, seed + 1000, sample_steps, guidance, **call_kw)
+    res_base = evaluate_pipeline(
+        base, "heldout", n_eval, per_prompt, seed + 1000, sample_steps, guidance, **call_kw
+    )
     aligned = load_trained_pipeline(run_dir)
     aligned.set_progress_bar_config(disable=True)
-    res_al = evaluate_pipeline(aligned, "heldout", n_eval, per_prompt, seed + 1000, sample_steps, guidance,
-                               **pipeline_call_defaults(model))
+    res_al = evaluate_pipeline(
+        aligned,
+        "heldout",
+        n_eval,
+        per_prompt,
+        seed + 1000,
+        sample_steps,
+        guidance,
+        **pipeline_call_defaults(model),
+    )
     diff = paired_difference(res_base["results"], res_al["results"])
     t_eval = time.time()
 
@@ -153,10 +217,15 @@ def run_demo(out: str = "runs/demo", model: str | None = None, generators: list[
     sb, sa = res_base["summary"], res_al["summary"]
     tags = sorted(sb["per_tag"])
     lines = ["| tag | base | aligned | n |", "|---|---|---|---|"]
-    lines += [f"| {t} | {sb['per_tag'][t]:.3f} | {sa['per_tag'][t]:.3f} | {sb['n_per_tag'][t]} |" for t in tags]
-    lines += [f"| **overall** | {sb['overall']:.3f} [{sb['overall_ci95'][0]:.3f}, {sb['overall_ci95'][1]:.3f}] | "
-              f"{sa['overall']:.3f} [{sa['overall_ci95'][0]:.3f}, {sa['overall_ci95'][1]:.3f}] | {len(res_base['results'])} |",
-              "", f"gain: {diff['diff']:+.3f} (95% paired bootstrap CI [{diff['ci95_low']:+.3f}, {diff['ci95_high']:+.3f}])"]
+    lines += [
+        f"| {t} | {sb['per_tag'][t]:.3f} | {sa['per_tag'][t]:.3f} | {sb['n_per_tag'][t]} |" for t in tags
+    ]
+    lines += [
+        f"| **overall** | {sb['overall']:.3f} [{sb['overall_ci95'][0]:.3f}, {sb['overall_ci95'][1]:.3f}] | "
+        f"{sa['overall']:.3f} [{sa['overall_ci95'][0]:.3f}, {sa['overall_ci95'][1]:.3f}] | {len(res_base['results'])} |",
+        "",
+        f"gain: {diff['diff']:+.3f} (95% paired bootstrap CI [{diff['ci95_low']:+.3f}, {diff['ci95_high']:+.3f}])",
+    ]
     table = "\n".join(lines)
     rep = root / "report"
     rep.mkdir(exist_ok=True)
@@ -166,24 +235,61 @@ def run_demo(out: str = "runs/demo", model: str | None = None, generators: list[
     prompts_shown = "; ".join(f"{i + 1}: {res_base['results'][j]['prompt']}" for i, j in enumerate(pick))
     curve = loss_curve(run_dir / "metrics.jsonl", rep / "training.png")
     bars = tag_bars({"base": sb["per_tag"], "aligned": sa["per_tag"]}, rep / "per_tag.png")
-    timing = {"synpic_s": t_data - t_start, "train_s": t_train - t_data, "eval_s": t_eval - t_train, "total_s": time.time() - t_start}
-    metrics = {"base": sb, "aligned": sa, "gain": diff, "timing": timing,
-               "settings": {"model": model, "generators": generators, "rewards": rewards, "objective": objective, "beta": beta,
-                            "steps": steps, "lr": lr, "n_train": n_train, "n_eval": n_eval, "per_prompt": per_prompt,
-                            "sample_steps": sample_steps, "guidance": guidance, "seed": seed,
-                            "images_per_generator": images_per_generator, "synpic_guidance": synpic_guidance}}
-    write_report(rep, "diffalign demo: ShapesWorld alignment", table, [
-        ("Base model samples", grid_b, f"first image of the first 16 held-out prompts ({prompts_shown})"),
-        ("Aligned model samples", grid_a, "same prompts and seeds after alignment"),
-        ("Per-tag accuracy", bars, "judged by the exact ShapesWorld detector with GenEval's rules"),
-        ("Training curves", curve, f"{objective}, beta {beta}, lr {lr}, {steps} steps"),
-    ], metrics)
+    timing = {
+        "synpic_s": t_data - t_start,
+        "train_s": t_train - t_data,
+        "eval_s": t_eval - t_train,
+        "total_s": time.time() - t_start,
+    }
+    metrics = {
+        "base": sb,
+        "aligned": sa,
+        "gain": diff,
+        "timing": timing,
+        "settings": {
+            "model": model,
+            "generators": generators,
+            "rewards": rewards,
+            "objective": objective,
+            "beta": beta,
+            "steps": steps,
+            "lr": lr,
+            "n_train": n_train,
+            "n_eval": n_eval,
+            "per_prompt": per_prompt,
+            "sample_steps": sample_steps,
+            "guidance": guidance,
+            "seed": seed,
+            "images_per_generator": images_per_generator,
+            "synpic_guidance": synpic_guidance,
+        },
+    }
+    write_report(
+        rep,
+        "diffalign demo: ShapesWorld alignment",
+        table,
+        [
+            ("Base model samples", grid_b, f"first image of the first 16 held-out prompts ({prompts_shown})"),
+            ("Aligned model samples", grid_a, "same prompts and seeds after alignment"),
+            ("Per-tag accuracy", bars, "judged by the exact ShapesWorld detector with GenEval's rules"),
+            ("Training curves", curve, f"{objective}, beta {beta}, lr {lr}, {steps} steps"),
+        ],
+        metrics,
+    )
     with (root / "results.jsonl").open("w") as f:
         for rb, ra in zip(res_base["results"], res_al["results"], strict=True):
-            f.write(json.dumps({"prompt": rb["prompt"], "tag": rb["tag"], "seed": rb["seed"], "base": rb["correct"],
-                                "aligned": ra["correct"]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": rb["prompt"],
+                        "tag": rb["tag"],
+                        "seed": rb["seed"],
+                        "base": rb["correct"],
+                        "aligned": ra["correct"],
+                    }
+                )
+                + "\n"
+            )
     print("\n" + table)
     print(f"\nreport: {rep / 'index.html'}  ({timing['total_s'] / 60:.1f} min)")
     return metrics
-
-

@@ -60,7 +60,9 @@ def label_pairs(data: str, rewards: list[str], out: str, resize: int | None = No
                 tbl = tbl.append_column(f"score_0.{name}", pa.array(s0.astype(np.float64)))
                 tbl = tbl.append_column(f"score_1.{name}", pa.array(s1.astype(np.float64)))
                 votes += np.sign(s0 - s1)
-            tbl = tbl.append_column("ai_label_0", pa.array(np.where(votes > 0, 1.0, np.where(votes < 0, 0.0, 0.5))))
+            tbl = tbl.append_column(
+                "ai_label_0", pa.array(np.where(votes > 0, 1.0, np.where(votes < 0, 0.0, 0.5)))
+            )
             if writer is None:
                 writer = pq.ParquetWriter(tmp, tbl.schema)
             writer.write_table(tbl)

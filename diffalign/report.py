@@ -19,7 +19,9 @@ def image_grid(images: np.ndarray, cols: int, pad: int = 2, scale: int = 2) -> n
     grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
     for i, im in enumerate(images):
         r, c = divmod(i, cols)
-        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = im
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = (
+            im
+        )
     return grid.repeat(scale, 0).repeat(scale, 1)
 
 
@@ -123,8 +125,13 @@ def _img_tag(path: Path, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:{mime};base64,{data}">'
 
 
-def write_report(folder: Path, title: str, table_md: str, sections: list[tuple[str, Path | list[Path] | None, str]],
-                 metrics: dict[str, Any]) -> Path:
+def write_report(
+    folder: Path,
+    title: str,
+    table_md: str,
+    sections: list[tuple[str, Path | list[Path] | None, str]],
+    metrics: dict[str, Any],
+) -> Path:
     """``sections``: (heading, media path(s) or None, text); PNG/GIF images and WAV audio are inlined
     in the HTML (audio as playable players). Writes report.md, index.html, metrics.json."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -135,11 +142,18 @@ def write_report(folder: Path, title: str, table_md: str, sections: list[tuple[s
         md += [f"## {heading}", "", text, ""]
         body += [f"<h2>{html.escape(heading)}</h2>", f"<p>{html.escape(text)}</p>"]
         for media in [png] if isinstance(png, Path) else png or []:
-            md += [f"[{media.name}]({media.name})" if media.suffix == ".wav" else f"![{heading}]({media.name})", ""]
+            md += [
+                f"[{media.name}]({media.name})" if media.suffix == ".wav" else f"![{heading}]({media.name})",
+                "",
+            ]
             body.append(_img_tag(media, media.stem if media.suffix == ".wav" else heading))
     (folder / "report.md").write_text("\n".join(md))
-    page = ("<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title>"
-            "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}img{image-rendering:pixelated;"
-            "max-width:100%}pre{background:#f4f4f4;padding:1em}</style></head><body>" + "\n".join(body) + "</body></html>")
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title>"
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}img{image-rendering:pixelated;"
+        "max-width:100%}pre{background:#f4f4f4;padding:1em}</style></head><body>"
+        + "\n".join(body)
+        + "</body></html>"
+    )
     (folder / "index.html").write_text(page)
     return folder / "index.html"

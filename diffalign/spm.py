@@ -43,8 +43,9 @@ class SPMConfig:
     seed: int = 0
 
 
-def _x0_images(adapter, pixels: torch.Tensor, captions: list[str], t: torch.Tensor, gen: torch.Generator,
-               guidance: float) -> torch.Tensor:
+def _x0_images(
+    adapter, pixels: torch.Tensor, captions: list[str], t: torch.Tensor, gen: torch.Generator, guidance: float
+) -> torch.Tensor:
     """pixels ``[B,2,3,R,R]`` -> decoded CFG x0 predictions ``[2B,3,R,R]`` (winners then losers) at t ``[B]``."""
     from diffalign.samplers.base import guided
     from diffalign.samplers.ddim import NoiseSchedule
@@ -62,7 +63,9 @@ def _x0_images(adapter, pixels: torch.Tensor, captions: list[str], t: torch.Tens
     x_t = adapter.add_noise(x, n, tt)
 
     def fn(xx, ti, c):
-        return adapter.predict(xx, ti, {k: v for k, v in c.items() if k != "__m"}, c["__m"], model=adapter.denoiser).float()
+        return adapter.predict(
+            xx, ti, {k: v for k, v in c.items() if k != "__m"}, c["__m"], model=adapter.denoiser
+        ).float()
 
     pred = guided(fn, x_t, tt, ({**uncond, "__m": micro}, {**cond, "__m": micro}), guidance)
     a = adapter.noise_scheduler.alphas_cumprod.to(x_t.device)[tt].view(-1, 1, 1, 1).float()
@@ -122,12 +125,16 @@ def train_spm(cfg: SPMConfig) -> dict:
     bar = tqdm(range(cfg.steps), desc="train-spm", unit="step")
     for step in bar:
         keys = [train_idx[int(i)] for i in torch.randint(0, len(train_idx), (cfg.batch_size,), generator=gen)]
-        batch = collate([ds[(i, cfg.seed * 1_000_003 + step * cfg.batch_size + j)] for j, i in enumerate(keys)])
+        batch = collate(
+            [ds[(i, cfg.seed * 1_000_003 + step * cfg.batch_size + j)] for j, i in enumerate(keys)]
+        )
         t = torch.randint(0, T, (len(keys),), generator=gen)
         with torch.no_grad():
             imgs = _x0_images(adapter, batch["pixels"], batch["caption"], t, gen, cfg.guidance_scale)
         lg = spm.logits(imgs, batch["caption"] * 2, torch.cat([t, t]).float()).view(2, -1).T  # [B, 2]
-        loss = F.cross_entropy(lg, torch.zeros(len(keys), dtype=torch.long, device=lg.device))  # winner is index 0
+        loss = F.cross_entropy(
+            lg, torch.zeros(len(keys), dtype=torch.long, device=lg.device)
+        )  # winner is index 0
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

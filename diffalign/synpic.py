@@ -83,7 +83,9 @@ def read_prompts(path: str, dedup: bool = False) -> list[str]:
         if text in seen:
             if dedup:
                 continue
-            raise ConfigError(f"{path} line {ln}: duplicate prompt {text[:60]!r} (first on line {seen[text]}); pass --dedup to drop repeats")
+            raise ConfigError(
+                f"{path} line {ln}: duplicate prompt {text[:60]!r} (first on line {seen[text]}); pass --dedup to drop repeats"
+            )
         seen[text] = ln
         out.append(text)
     if not out:
@@ -92,10 +94,14 @@ def read_prompts(path: str, dedup: bool = False) -> list[str]:
 
 
 def image_seed(seed: int, prompt_index: int, generator_index: int, image_index: int) -> int:
-    return int(np.random.SeedSequence([seed, prompt_index, generator_index, image_index]).generate_state(1)[0])
+    return int(
+        np.random.SeedSequence([seed, prompt_index, generator_index, image_index]).generate_state(1)[0]
+    )
 
 
-def load_rewards(specs: list[str], device: str | torch.device = "cpu", modality: str | None = None) -> dict[str, Any]:
+def load_rewards(
+    specs: list[str], device: str | torch.device = "cpu", modality: str | None = None
+) -> dict[str, Any]:
     """Reward models from ``name[=path]`` specs; with ``modality`` given, each must score that kind
     of media (one-line error otherwise, before anything is generated)."""
     from .rewards import REWARDS
@@ -106,8 +112,10 @@ def load_rewards(specs: list[str], device: str | torch.device = "cpu", modality:
         cls = REWARDS.get(name)
         kind = getattr(cls, "modality", "image")
         if modality is not None and kind != modality:
-            raise ConfigError(f"reward {name!r} scores {kind}, but the generators make {modality}; "
-                              f"choose a {modality} reward ({', '.join(n for n in REWARDS.names() if getattr(REWARDS.get(n), 'modality', 'image') == modality)})")
+            raise ConfigError(
+                f"reward {name!r} scores {kind}, but the generators make {modality}; "
+                f"choose a {modality} reward ({', '.join(n for n in REWARDS.names() if getattr(REWARDS.get(n), 'modality', 'image') == modality)})"
+            )
         key = name if name not in out else f"{name}:{len(out)}"
         out[key] = cls(path, device=device) if path else cls(device=device)
     return out
@@ -119,7 +127,9 @@ def check_modalities(names: list[str], pipes: list[Any]) -> tuple[str, int | Non
 
     kinds = {(pipeline_modality(p), sample_rate(p)) for p in pipes}
     if len(kinds) > 1:
-        raise ConfigError(f"generators {names} make different media {sorted(kinds, key=str)}; one ranked set holds one kind")
+        raise ConfigError(
+            f"generators {names} make different media {sorted(kinds, key=str)}; one ranked set holds one kind"
+        )
     return kinds.pop()
 
 
@@ -146,15 +156,26 @@ def manifest_for(cfg: SynPicConfig, prompts: list[str]) -> dict[str, Any]:
 
     import diffalign
 
-    return {"config": asdict(cfg), "num_prompts": len(prompts), "num_shards": (len(prompts) + cfg.shard_size - 1) // cfg.shard_size,
-            "prompts_sha": _sha(prompts), "generator_weights": [weights_fingerprint(g) for g in cfg.generators],
-            "versions": {"diffalign": diffalign.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-                         "transformers": transformers.__version__}}
+    return {
+        "config": asdict(cfg),
+        "num_prompts": len(prompts),
+        "num_shards": (len(prompts) + cfg.shard_size - 1) // cfg.shard_size,
+        "prompts_sha": _sha(prompts),
+        "generator_weights": [weights_fingerprint(g) for g in cfg.generators],
+        "versions": {
+            "diffalign": diffalign.__version__,
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__,
+        },
+    }
 
 
 def _resumable(manifest: dict[str, Any]) -> dict[str, Any]:
-    return {"config": {k: v for k, v in manifest["config"].items() if k not in ("prompts", "out")},
-            "prompts_sha": manifest["prompts_sha"]}
+    return {
+        "config": {k: v for k, v in manifest["config"].items() if k not in ("prompts", "out")},
+        "prompts_sha": manifest["prompts_sha"],
+    }
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
@@ -169,7 +190,11 @@ def weights_fingerprint(path: str | Path, chunks: int = 16, chunk_bytes: int = 1
     root = Path(path)
     if not root.exists():
         return ""
-    files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
+    files = (
+        [root]
+        if root.is_file()
+        else sorted(f for f in root.rglob("*") if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
+    )
     h = hashlib.sha256()
     for f in files:
         size = f.stat().st_size
@@ -202,14 +227,17 @@ def per_generator_counts(images_per_generator: int | list[int], n_generators: in
     """Images per prompt for each generator; at least 1 each and 2 in all (a ranking needs two)."""
     ks = per_generator(images_per_generator, n_generators, "images_per_generator", "number")
     if min(ks) < 1:
-        raise ConfigError(f"images_per_generator {images_per_generator}: every generator needs at least 1 image per prompt")
+        raise ConfigError(
+            f"images_per_generator {images_per_generator}: every generator needs at least 1 image per prompt"
+        )
     if sum(ks) < 2:
-        raise ConfigError("synpic needs at least 2 images per prompt to rank (generators x images_per_generator)")
+        raise ConfigError(
+            "synpic needs at least 2 images per prompt to rank (generators x images_per_generator)"
+        )
     return ks
 
 
-def run_synpic(cfg: SynPicConfig, rank: int | None = None, world: int | None = None,
-               writer=None) -> Path:
+def run_synpic(cfg: SynPicConfig, rank: int | None = None, world: int | None = None, writer=None) -> Path:
     """Build (or continue) the ranked dataset; returns the output folder."""
     from tqdm.auto import tqdm
 
@@ -240,21 +268,33 @@ def run_synpic(cfg: SynPicConfig, rank: int | None = None, world: int | None = N
         # where the prompt file and the run folder live does not matter (a moved or copied folder resumes);
         # the prompts' content (prompts_sha) and every other setting do
         if _resumable(old) != _resumable(manifest):
-            raise ConfigError(f"{out} holds a Syn-Pic run with other settings or prompts; choose another --out")
-        for g, was, now in zip(cfg.generators, old.get("generator_weights", []), manifest["generator_weights"]):
+            raise ConfigError(
+                f"{out} holds a Syn-Pic run with other settings or prompts; choose another --out"
+            )
+        for g, was, now in zip(
+            cfg.generators, old.get("generator_weights", []), manifest["generator_weights"]
+        ):
             if was != now:
-                raise ConfigError(f"{out}: generator {g!r} has other weights than when this Syn-Pic run started "
-                                  f"(fingerprint {was} -> {now}); its images on disk would mix two models; choose another --out")
+                raise ConfigError(
+                    f"{out}: generator {g!r} has other weights than when this Syn-Pic run started "
+                    f"(fingerprint {was} -> {now}); its images on disk would mix two models; choose another --out"
+                )
     elif rank == 0:
         tmp = mf.with_name("manifest.json.tmp")
         tmp.write_text(json.dumps(manifest, indent=2))
         os.replace(tmp, mf)
-    todo = [s for s in range(manifest["num_shards"]) if s % world == rank and not (out / f"shard-{s:05d}.parquet").exists()]
+    todo = [
+        s
+        for s in range(manifest["num_shards"])
+        if s % world == rank and not (out / f"shard-{s:05d}.parquet").exists()
+    ]
     if not todo:
         merge_shards(out, require_complete=False)
         return out
     device = default_device()
-    loaded = {g: load_pipeline(g, device) for g in dict.fromkeys(cfg.generators)}  # a model listed twice loads once
+    loaded = {
+        g: load_pipeline(g, device) for g in dict.fromkeys(cfg.generators)
+    }  # a model listed twice loads once
     pipes = [loaded[g] for g in cfg.generators]
     modality, sr = check_modalities(cfg.generators, [p for p, _ in pipes])
     rewards = load_rewards(cfg.rewards, device, modality)
@@ -273,7 +313,9 @@ def run_synpic(cfg: SynPicConfig, rank: int | None = None, world: int | None = N
             for b in range(0, len(idx), cfg.batch_prompts):
                 chunk = idx[b : b + cfg.batch_prompts]
                 gseeds = [image_seed(cfg.seed, p, gi, j) for p in chunk for j in range(k)]
-                outs = generate_media(pipe, [prompts[p] for p in chunk], k, gseeds, cfg.steps, gs[gi], **call_kw)
+                outs = generate_media(
+                    pipe, [prompts[p] for p in chunk], k, gseeds, cfg.steps, gs[gi], **call_kw
+                )
                 for ci in range(len(chunk)):
                     for j in range(k):
                         images[b + ci][first[gi] + j] = outs[ci * k + j]
@@ -282,13 +324,20 @@ def run_synpic(cfg: SynPicConfig, rank: int | None = None, world: int | None = N
                 bar.set_postfix(img_per_s=f"{bar.n / (time.time() - t0):.1f}")
         flat = to_reward_input([im for row in images for im in row], modality)
         flat_prompts = [prompts[p] for p in idx for _ in range(K)]
-        scores = {name: score_media(r, flat, flat_prompts, sr).view(len(idx), K) for name, r in rewards.items()}
+        scores = {
+            name: score_media(r, flat, flat_prompts, sr).view(len(idx), K) for name, r in rewards.items()
+        }
         phi = vote_phi(scores, cfg.reward_weights)
         ranks = ranks_from_phi(phi)
-        rows: dict[str, list] = {"prompt": [prompts[p] for p in idx], "prompt_index": idx,
-                                 "images": [[encode_media(im, modality, cfg.image_format, sr) for im in row] for row in images],
-                                 "generator": [[cfg.generators[owner[j]] for j in range(K)] for _ in idx],
-                                 "seed": seeds, "phi": phi.tolist(), "rank": ranks.tolist()}
+        rows: dict[str, list] = {
+            "prompt": [prompts[p] for p in idx],
+            "prompt_index": idx,
+            "images": [[encode_media(im, modality, cfg.image_format, sr) for im in row] for row in images],
+            "generator": [[cfg.generators[owner[j]] for j in range(K)] for _ in idx],
+            "seed": seeds,
+            "phi": phi.tolist(),
+            "rank": ranks.tolist(),
+        }
         for name, sc in scores.items():
             rows[f"scores.{name}"] = sc.tolist()
         _write_shard(out / f"shard-{s:05d}.parquet", rows, writer)
@@ -314,13 +363,20 @@ def merge_shards(out: str | Path, require_complete: bool = True) -> Path | None:
     missing = [x for x in names if not (out / x).exists()]
     if missing:
         if require_complete:
-            raise ConfigError(f"{out}: {len(missing)} of {n} shards missing (first: {missing[0]}); rerun synpic to finish")
+            raise ConfigError(
+                f"{out}: {len(missing)} of {n} shards missing (first: {missing[0]}); rerun synpic to finish"
+            )
         return None
     shards = []
     for x in names:
         data = (out / x).read_bytes()
-        shards.append({"file": x, "rows": pq.ParquetFile(io.BytesIO(data)).metadata.num_rows,
-                       "sha256": hashlib.sha256(data).hexdigest()})
+        shards.append(
+            {
+                "file": x,
+                "rows": pq.ParquetFile(io.BytesIO(data)).metadata.num_rows,
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+        )
     index = {"num_rows": sum(s["rows"] for s in shards), "shards": shards}
     tmp = out / f"index.json.{os.getpid()}.tmp"  # per-process name: two ranks may finish together
     tmp.write_text(json.dumps(index, indent=2))
@@ -345,7 +401,9 @@ def _write_shard(path: Path, rows: dict[str, list], writer=None) -> None:
         os.replace(tmp, path)  # the commit point: a shard named *.parquet is complete
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise ConfigError(f"writing {path.name} failed ({e.strerror or e}); nothing was left half-written") from None
+        raise ConfigError(
+            f"writing {path.name} failed ({e.strerror or e}); nothing was left half-written"
+        ) from None
 
 
 PairsMode = Literal["best_worst", "all"]
@@ -384,8 +442,11 @@ def export_pairs(ranked: str | Path, out: str | Path, mode: PairsMode = "best_wo
             if mode == "best_worst" and 2 * n > len(order):
                 short += 1  # counted and reported below; n = 1 with one sample was always a tie
                 continue
-            pairs = [(a, b) for a in order[:n] for b in order[len(order) - n:]] if mode == "best_worst" else [
-                (order[i], order[j]) for i in range(len(order)) for j in range(i + 1, len(order))]
+            pairs = (
+                [(a, b) for a in order[:n] for b in order[len(order) - n :]]
+                if mode == "best_worst"
+                else [(order[i], order[j]) for i in range(len(order)) for j in range(i + 1, len(order))]
+            )
             for a, b in pairs:
                 if r["phi"][a] == r["phi"][b]:
                     continue  # a tie carries no preference
@@ -398,8 +459,10 @@ def export_pairs(ranked: str | Path, out: str | Path, mode: PairsMode = "best_wo
                     rows[f"score_0.{c[7:]}"].append(r[c][a])
                     rows[f"score_1.{c[7:]}"].append(r[c][b])
     if short:
-        print(f"export-pairs: skipped {short} prompt(s) with fewer than {2 * n} ranked samples ({n} best vs {n} worst)",
-              file=sys.stderr)
+        print(
+            f"export-pairs: skipped {short} prompt(s) with fewer than {2 * n} ranked samples ({n} best vs {n} worst)",
+            file=sys.stderr,
+        )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table(rows), out)

@@ -42,7 +42,9 @@ class Objective(Protocol):
     # Optional: ``per_image_captions: ClassVar[bool] = True`` conditions each image on its own
     # caption (DCPO); objectives without it get one caption per group.
 
-    def __call__(self, policy_err: Tensor, ref_err: Tensor | None, batch: dict[str, Any]) -> ObjectiveOutput: ...
+    def __call__(
+        self, policy_err: Tensor, ref_err: Tensor | None, batch: dict[str, Any]
+    ) -> ObjectiveOutput: ...
 
 
 def build_objective(ocfg: Any) -> Objective:

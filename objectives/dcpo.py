@@ -42,6 +42,7 @@ class DCPO:
 
     def __call__(self, policy_err: Tensor, ref_err: Tensor | None, batch: dict[str, Any]) -> ObjectiveOutput:
         assert ref_err is not None
-        loss, inside = diffusion_dpo_loss(policy_err[:, 0], policy_err[:, 1], ref_err[:, 0], ref_err[:, 1], self.beta,
-                                          self.loss_type)
+        loss, inside = diffusion_dpo_loss(
+            policy_err[:, 0], policy_err[:, 1], ref_err[:, 0], ref_err[:, 1], self.beta, self.loss_type
+        )
         return ObjectiveOutput(loss, preference_metrics(policy_err, ref_err, inside, self.beta))

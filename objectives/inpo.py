@@ -33,8 +33,17 @@ from .base import OBJECTIVES, ObjectiveOutput
 from .diffusion_dpo import diffusion_dpo_loss, preference_metrics
 
 
-def inversion_inputs(adapter: Any, model: torch.nn.Module, x0: Tensor, cond: dict[str, Tensor], micro: Tensor | None,
-                     seeds: list[int], steps: int, renoise_steps: int = 0, eta: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+def inversion_inputs(
+    adapter: Any,
+    model: torch.nn.Module,
+    x0: Tensor,
+    cond: dict[str, Tensor],
+    micro: Tensor | None,
+    seeds: list[int],
+    steps: int,
+    renoise_steps: int = 0,
+    eta: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
     """InPO/SmPO's replacement for random noising: x0 ``[B,k,C,h,w]`` -> (x_inv, t, eps*), each
     ``[B*k,...]``. t is drawn per group from the group's generator (as in ordinary noising) and
     shared by its k images; each image gets its own inverted latent and implied noise."""
@@ -43,21 +52,38 @@ def inversion_inputs(adapter: Any, model: torch.nn.Module, x0: Tensor, cond: dic
     from diffalign.samplers.inversion import inversion_grid, invert_per_sample
 
     if adapter.prediction_type != "epsilon":
-        raise ConfigError(f"inversion objectives (inpo, smpo) need an epsilon-prediction model; this one predicts "
-                          f"{adapter.prediction_type}")
+        raise ConfigError(
+            f"inversion objectives (inpo, smpo) need an epsilon-prediction model; this one predicts "
+            f"{adapter.prediction_type}"
+        )
     B, k = x0.shape[:2]
     ts = torch.stack([adapter.sample_timestep(torch.Generator().manual_seed(s)) for s in seeds])
     t = ts.to(x0.device).repeat_interleave(k)  # [B*k]
     sched = NoiseSchedule.from_scheduler(adapter.noise_scheduler)
-    grid = inversion_grid(adapter.num_train_timesteps, steps, int(getattr(adapter.noise_scheduler.config, "steps_offset", 0)))
-    gens = [torch.Generator().manual_seed(sample_seed(s, j, domain=2)) for s in seeds for j in range(k)] if eta > 0 else None
+    grid = inversion_grid(
+        adapter.num_train_timesteps, steps, int(getattr(adapter.noise_scheduler.config, "steps_offset", 0))
+    )
+    gens = (
+        [torch.Generator().manual_seed(sample_seed(s, j, domain=2)) for s in seeds for j in range(k)]
+        if eta > 0
+        else None
+    )
 
     def model_fn(x: Tensor, tt: Tensor, c: Any) -> Tensor:
         return adapter.predict(x, tt, c[0], c[1], model=model).float()
 
     with torch.no_grad():
-        x_inv, eps = invert_per_sample(model_fn, x0.flatten(0, 1).float(), t, grid, (cond, micro), sched,
-                                       renoise_steps=renoise_steps, eta=eta, generators=gens)
+        x_inv, eps = invert_per_sample(
+            model_fn,
+            x0.flatten(0, 1).float(),
+            t,
+            grid,
+            (cond, micro),
+            sched,
+            renoise_steps=renoise_steps,
+            eta=eta,
+            generators=gens,
+        )
     return x_inv.to(x0.dtype), t, eps.to(x0.dtype)
 
 
@@ -84,12 +110,30 @@ class InPO:
         if self.beta <= 0 or self.inversion_steps < 1 or self.inversion_eta < 0:
             raise ValueError("need beta > 0, inversion_steps >= 1, inversion_eta >= 0")
 
-    def noised_inputs(self, adapter: Any, model: torch.nn.Module, x0: Tensor, cond: dict[str, Tensor],
-                      micro: Tensor | None, seeds: list[int]) -> tuple[Tensor, Tensor, Tensor]:
-        return inversion_inputs(adapter, model, x0, cond, micro, seeds, self.inversion_steps, self.renoise_steps,
-                                self.inversion_eta)
+    def noised_inputs(
+        self,
+        adapter: Any,
+        model: torch.nn.Module,
+        x0: Tensor,
+        cond: dict[str, Tensor],
+        micro: Tensor | None,
+        seeds: list[int],
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return inversion_inputs(
+            adapter,
+            model,
+            x0,
+            cond,
+            micro,
+            seeds,
+            self.inversion_steps,
+            self.renoise_steps,
+            self.inversion_eta,
+        )
 
     def __call__(self, policy_err: Tensor, ref_err: Tensor | None, batch: dict[str, Any]) -> ObjectiveOutput:
         assert ref_err is not None, "inpo needs reference errors"
-        loss, inside = diffusion_dpo_loss(policy_err[:, 0], policy_err[:, 1], ref_err[:, 0], ref_err[:, 1], self.beta)
+        loss, inside = diffusion_dpo_loss(
+            policy_err[:, 0], policy_err[:, 1], ref_err[:, 0], ref_err[:, 1], self.beta
+        )
         return ObjectiveOutput(loss, preference_metrics(policy_err, ref_err, inside, self.beta))

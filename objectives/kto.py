@@ -24,8 +24,14 @@ from torch import Tensor
 from .base import OBJECTIVES, ObjectiveOutput
 
 
-def kto_loss(policy_err: Tensor, ref_err: Tensor, labels: Tensor, beta: float,
-             lambda_d: float = 1.0, lambda_u: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+def kto_loss(
+    policy_err: Tensor,
+    ref_err: Tensor,
+    labels: Tensor,
+    beta: float,
+    lambda_d: float = 1.0,
+    lambda_u: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Per-image loss, implicit reward g and reference point z for errors/labels of any shape."""
     g = ref_err - policy_err
     z = g.detach().mean().clamp(min=0)
@@ -56,7 +62,16 @@ class DiffusionKTO:
             labels = torch.zeros(B, k, device=policy_err.device)
             labels[:, 0] = 1.0
         labels = torch.as_tensor(labels, dtype=policy_err.dtype, device=policy_err.device).view(B, k)
-        loss, g, z = kto_loss(policy_err, ref_err, labels, self.beta, self.lambda_desirable, self.lambda_undesirable)
+        loss, g, z = kto_loss(
+            policy_err, ref_err, labels, self.beta, self.lambda_desirable, self.lambda_undesirable
+        )
         acc = ((g[:, 0] > g[:, 1:].max(1).values).float() if k > 1 else (g[:, 0] > z).float()).detach()
-        return ObjectiveOutput(loss.mean(1), {"implicit_acc": acc, "kto/z": z.detach().expand(B),
-                                              "err/policy_w": policy_err[:, 0].detach(), "err/ref_w": ref_err[:, 0].detach()})
+        return ObjectiveOutput(
+            loss.mean(1),
+            {
+                "implicit_acc": acc,
+                "kto/z": z.detach().expand(B),
+                "err/policy_w": policy_err[:, 0].detach(),
+                "err/ref_w": ref_err[:, 0].detach(),
+            },
+        )

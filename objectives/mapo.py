@@ -34,7 +34,9 @@ def mapo_margin(e: Tensor, gamma: float) -> Tensor:
     return x / torch.expm1(x)
 
 
-def mapo_loss(policy_w: Tensor, policy_l: Tensor, beta: float = 0.1, gamma: float = 0.5, T: float = 1000.0) -> tuple[Tensor, Tensor]:
+def mapo_loss(
+    policy_w: Tensor, policy_l: Tensor, beta: float = 0.1, gamma: float = 0.5, T: float = 1000.0
+) -> tuple[Tensor, Tensor]:
     log_odds = mapo_margin(policy_w, gamma) - mapo_margin(policy_l, gamma)
     ratio = F.logsigmoid(T * log_odds)
     return policy_w - beta * ratio, log_odds
@@ -59,6 +61,15 @@ class MaPO:
             raise ValueError(f"gamma must be > 0, got {self.gamma}")
 
     def __call__(self, policy_err: Tensor, ref_err: Tensor | None, batch: dict[str, Any]) -> ObjectiveOutput:
-        loss, log_odds = mapo_loss(policy_err[:, 0], policy_err[:, 1], self.beta, self.gamma, self.num_train_timesteps)
-        return ObjectiveOutput(loss, {"implicit_acc": (log_odds > 0).float().detach(), "margin": log_odds.detach(),
-                                      "err/policy_w": policy_err[:, 0].detach(), "err/policy_l": policy_err[:, 1].detach()})
+        loss, log_odds = mapo_loss(
+            policy_err[:, 0], policy_err[:, 1], self.beta, self.gamma, self.num_train_timesteps
+        )
+        return ObjectiveOutput(
+            loss,
+            {
+                "implicit_acc": (log_odds > 0).float().detach(),
+                "margin": log_odds.detach(),
+                "err/policy_w": policy_err[:, 0].detach(),
+                "err/policy_l": policy_err[:, 1].detach(),
+            },
+        )

@@ -47,11 +47,21 @@ class OnlineDPO:
     winner_only: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        if (self.beta <= 0 or self.group_size < 2 or self.sample_steps < 1 or self.noise_level < 0
-                or not 0 <= self.eta <= 1 or self.ref_refresh_every < 0):
-            raise ValueError("need beta > 0, group_size >= 2, sample_steps >= 1, noise_level >= 0, 0 <= eta <= 1, ref_refresh_every >= 0")
+        if (
+            self.beta <= 0
+            or self.group_size < 2
+            or self.sample_steps < 1
+            or self.noise_level < 0
+            or not 0 <= self.eta <= 1
+            or self.ref_refresh_every < 0
+        ):
+            raise ValueError(
+                "need beta > 0, group_size >= 2, sample_steps >= 1, noise_level >= 0, 0 <= eta <= 1, ref_refresh_every >= 0"
+            )
 
     def __call__(self, policy_err: Tensor, ref_err: Tensor | None, batch: dict[str, Any]) -> ObjectiveOutput:
         assert ref_err is not None, "online_dpo needs reference errors"
-        loss, inside = diffusion_dpo_loss(policy_err[:, 0], policy_err[:, 1], ref_err[:, 0], ref_err[:, 1], self.beta)
+        loss, inside = diffusion_dpo_loss(
+            policy_err[:, 0], policy_err[:, 1], ref_err[:, 0], ref_err[:, 1], self.beta
+        )
         return ObjectiveOutput(loss, preference_metrics(policy_err, ref_err, inside, self.beta))

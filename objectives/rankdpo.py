@@ -28,11 +28,12 @@ from torch import Tensor
 from .base import OBJECTIVES, ObjectiveOutput
 
 
-def rank_dpo_loss(policy_err: Tensor, ref_err: Tensor, phi: Tensor, rank: Tensor, beta: float,
-                  use_gain: bool = True) -> tuple[Tensor, Tensor]:
+def rank_dpo_loss(
+    policy_err: Tensor, ref_err: Tensor, phi: Tensor, rank: Tensor, beta: float, use_gain: bool = True
+) -> tuple[Tensor, Tensor]:
     """Per-prompt loss ``[B]`` and the weighted pairwise accuracy ``[B]`` for ``[B, k]`` inputs."""
     s = policy_err - ref_err  # [B,k]; lower is better for the policy
-    gain = (2.0 ** phi) - 1.0 if use_gain else torch.ones_like(phi)
+    gain = (2.0**phi) - 1.0 if use_gain else torch.ones_like(phi)
     inv_d = 1.0 / torch.log1p(rank.to(s.dtype))  # 1 / log(1 + rank)
     above = rank[:, :, None] < rank[:, None, :]  # [B,k,k]: i ranked above j
     dgap = (inv_d[:, :, None] - inv_d[:, None, :]).abs()
@@ -72,8 +73,9 @@ class RankDPO:
             phi = torch.tensor([[1.0] + [0.0] * (k - 1)], device=policy_err.device).expand(B, k)
             rank = torch.arange(1, k + 1, device=policy_err.device).expand(B, k)
         loss, acc = rank_dpo_loss(policy_err, ref_err, phi, rank, self.beta, self.use_gain)
-        metrics = {"implicit_acc": acc.detach(), "err/policy_w": policy_err[:, 0].detach(), "err/ref_w": ref_err[:, 0].detach()}
+        metrics = {
+            "implicit_acc": acc.detach(),
+            "err/policy_w": policy_err[:, 0].detach(),
+            "err/ref_w": ref_err[:, 0].detach(),
+        }
         return ObjectiveOutput(loss, metrics)
-
-
-

@@ -40,17 +40,29 @@ from .inpo import inversion_inputs
 SCORE_RANGE = 0.28201571106910706 - 0.11543526500463486
 
 
-def smoothed_weight(score_w: Tensor, score_l: Tensor, score_range: float = SCORE_RANGE, smooth_scale: float = 10.0) -> Tensor:
+def smoothed_weight(
+    score_w: Tensor, score_l: Tensor, score_range: float = SCORE_RANGE, smooth_scale: float = 10.0
+) -> Tensor:
     """``smooth_scale * (2p - 1)`` with ``p = sigmoid((s_w - s_l) / score_range)``, shape [B]."""
     p = torch.sigmoid((score_w.double() - score_l.double()) / score_range)
     return (smooth_scale * (2 * p - 1)).float()
 
 
-def smpo_loss(policy_w: Tensor, policy_l: Tensor, ref_w: Tensor, ref_l: Tensor, score_w: Tensor, score_l: Tensor,
-              beta: float, score_range: float = SCORE_RANGE, smooth_scale: float = 10.0) -> tuple[Tensor, Tensor]:
+def smpo_loss(
+    policy_w: Tensor,
+    policy_l: Tensor,
+    ref_w: Tensor,
+    ref_l: Tensor,
+    score_w: Tensor,
+    score_l: Tensor,
+    beta: float,
+    score_range: float = SCORE_RANGE,
+    smooth_scale: float = 10.0,
+) -> tuple[Tensor, Tensor]:
     """Per-sample SmPO loss [B] and its logit: ``-logsigmoid(w * inside_DPO)``."""
     inside = smoothed_weight(score_w, score_l, score_range, smooth_scale).to(policy_w) * dpo_inside(
-        policy_w, policy_l, ref_w, ref_l, beta)
+        policy_w, policy_l, ref_w, ref_l, beta
+    )
     return -F.logsigmoid(inside), inside
 
 
@@ -77,9 +89,18 @@ class SmPO:
         if self.beta <= 0 or self.score_range <= 0 or self.inversion_steps < 1 or self.renoise_steps < 0:
             raise ValueError("need beta > 0, score_range > 0, inversion_steps >= 1, renoise_steps >= 0")
 
-    def noised_inputs(self, adapter: Any, model: torch.nn.Module, x0: Tensor, cond: dict[str, Tensor],
-                      micro: Tensor | None, seeds: list[int]) -> tuple[Tensor, Tensor, Tensor]:
-        return inversion_inputs(adapter, model, x0, cond, micro, seeds, self.inversion_steps, self.renoise_steps, 0.0)
+    def noised_inputs(
+        self,
+        adapter: Any,
+        model: torch.nn.Module,
+        x0: Tensor,
+        cond: dict[str, Tensor],
+        micro: Tensor | None,
+        seeds: list[int],
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return inversion_inputs(
+            adapter, model, x0, cond, micro, seeds, self.inversion_steps, self.renoise_steps, 0.0
+        )
 
     def __call__(self, policy_err: Tensor, ref_err: Tensor | None, batch: dict[str, Any]) -> ObjectiveOutput:
         assert ref_err is not None, "smpo needs reference errors"
@@ -87,10 +108,23 @@ class SmPO:
         if self.score_range == SCORE_RANGE and float(scores.abs().max()) > 1.5:
             from diffalign.errors import ConfigError
 
-            raise ConfigError("smpo: the scores look like logit_scale * cos (|s| > 1.5) but objective.score_range is the "
-                              "raw-cosine default 0.1666; set objective.score_range (16.658 for PickScore x100)")
-        loss, inside = smpo_loss(policy_err[:, 0], policy_err[:, 1], ref_err[:, 0], ref_err[:, 1], scores[:, 0],
-                                 scores[:, 1], self.beta, self.score_range, self.smooth_scale)
+            raise ConfigError(
+                "smpo: the scores look like logit_scale * cos (|s| > 1.5) but objective.score_range is the "
+                "raw-cosine default 0.1666; set objective.score_range (16.658 for PickScore x100)"
+            )
+        loss, inside = smpo_loss(
+            policy_err[:, 0],
+            policy_err[:, 1],
+            ref_err[:, 0],
+            ref_err[:, 1],
+            scores[:, 0],
+            scores[:, 1],
+            self.beta,
+            self.score_range,
+            self.smooth_scale,
+        )
         m = preference_metrics(policy_err, ref_err, inside, self.beta)
-        m["smooth_weight"] = smoothed_weight(scores[:, 0], scores[:, 1], self.score_range, self.smooth_scale).detach()
+        m["smooth_weight"] = smoothed_weight(
+            scores[:, 0], scores[:, 1], self.score_range, self.smooth_scale
+        ).detach()
         return ObjectiveOutput(loss, m)

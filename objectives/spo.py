@@ -34,8 +34,9 @@ from torch import Tensor
 from .base import OBJECTIVES, ObjectiveOutput
 
 
-def spo_loss(logp_w: Tensor, logp_l: Tensor, ref_w: Tensor, ref_l: Tensor, beta: float,
-             clip_eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def spo_loss(
+    logp_w: Tensor, logp_l: Tensor, ref_w: Tensor, ref_l: Tensor, beta: float, clip_eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
     """Per-sample SPO loss [B] and the clipped ratios (r_w, r_l)."""
     r_w = torch.clamp(torch.exp(logp_w - ref_w), 1 - clip_eps, 1 + clip_eps)
     r_l = torch.clamp(torch.exp(logp_l - ref_l), 1 - clip_eps, 1 + clip_eps)
@@ -71,7 +72,15 @@ class SPO:
 
     def __call__(self, policy_err: Tensor, ref_err: Tensor | None, batch: dict[str, Any]) -> ObjectiveOutput:
         assert ref_err is not None, "spo needs reference log-probs"
-        loss, r_w, r_l = spo_loss(policy_err[:, 0], policy_err[:, 1], ref_err[:, 0], ref_err[:, 1], self.beta, self.clip_eps)
-        return ObjectiveOutput(loss, {"ratio_win": r_w.detach(), "ratio_lose": r_l.detach(),
-                                      "implicit_acc": (r_w > r_l).float().detach(),
-                                      "margin": (self.beta * (torch.log(r_w) - torch.log(r_l))).detach()})
+        loss, r_w, r_l = spo_loss(
+            policy_err[:, 0], policy_err[:, 1], ref_err[:, 0], ref_err[:, 1], self.beta, self.clip_eps
+        )
+        return ObjectiveOutput(
+            loss,
+            {
+                "ratio_win": r_w.detach(),
+                "ratio_lose": r_l.detach(),
+                "implicit_acc": (r_w > r_l).float().detach(),
+                "margin": (self.beta * (torch.log(r_w) - torch.log(r_l))).detach(),
+            },
+        )

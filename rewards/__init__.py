@@ -13,4 +13,22 @@ from .image_reward import ImageReward
 from .step_aware import StepAwarePM
 from .video import VideoCLIPScore, check_video_inputs
 
-__all__ = ["AestheticV2", "HPSv2", "pad_preprocess", "REWARDS", "RewardOutput", "check_inputs", "check_audio_inputs", "CLAPScore", "load_clap", "CLIPScore", "PickScore", "clip_preprocess", "load_clip", "ImageReward", "StepAwarePM", "VideoCLIPScore", "check_video_inputs"]
+__all__ = [
+    "AestheticV2",
+    "HPSv2",
+    "pad_preprocess",
+    "REWARDS",
+    "RewardOutput",
+    "check_inputs",
+    "check_audio_inputs",
+    "CLAPScore",
+    "load_clap",
+    "CLIPScore",
+    "PickScore",
+    "clip_preprocess",
+    "load_clip",
+    "ImageReward",
+    "StepAwarePM",
+    "VideoCLIPScore",
+    "check_video_inputs",
+]

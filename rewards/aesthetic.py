@@ -26,8 +26,16 @@ from .clip_family import _ClipReward, load_clip
 
 
 def aesthetic_mlp(dim: int = 768) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
-                         nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
+    return nn.Sequential(
+        nn.Linear(dim, 1024),
+        nn.Dropout(0.2),
+        nn.Linear(1024, 128),
+        nn.Dropout(0.2),
+        nn.Linear(128, 64),
+        nn.Dropout(0.1),
+        nn.Linear(64, 16),
+        nn.Linear(16, 1),
+    )
 
 
 @REWARDS.register("aesthetic")
@@ -35,9 +43,14 @@ class AestheticV2(_ClipReward):
     """``path``: the CLIP ViT-L/14 (hub id or folder); ``head``: the MLP weights, a local file or
     ``repo_id:filename`` on the hub (``.pth`` read with ``weights_only=True``, or safetensors)."""
 
-    def __init__(self, path: str = "openai/clip-vit-large-patch14",
-                 head: str = "trl-lib/ddpo-aesthetic-predictor:aesthetic-model.pth",
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, batch_size: int = 32) -> None:
+    def __init__(
+        self,
+        path: str = "openai/clip-vit-large-patch14",
+        head: str = "trl-lib/ddpo-aesthetic-predictor:aesthetic-model.pth",
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        batch_size: int = 32,
+    ) -> None:
         from .open_clip import read_state_dict
 
         self.model, self.tokenizer, self.pre = load_clip(path, device, dtype)
@@ -45,7 +58,9 @@ class AestheticV2(_ClipReward):
         if hp.is_file():
             file = hp
         elif is_local(head) or ":" not in head:
-            raise ConfigError(f"aesthetic: head weights {head!r} not found (a local .pth/.safetensors file or 'repo_id:filename')")
+            raise ConfigError(
+                f"aesthetic: head weights {head!r} not found (a local .pth/.safetensors file or 'repo_id:filename')"
+            )
         else:
             repo, _, name = head.partition(":")
             file = hub_file(repo, name)
@@ -56,8 +71,10 @@ class AestheticV2(_ClipReward):
         try:
             self.head.load_state_dict(sd)
         except RuntimeError as e:
-            raise ConfigError(f"aesthetic: {file} does not fit the 768-1024-128-64-16-1 head on a {dim}-d CLIP: "
-                              f"{str(e).splitlines()[0]}") from None
+            raise ConfigError(
+                f"aesthetic: {file} does not fit the 768-1024-128-64-16-1 head on a {dim}-d CLIP: "
+                f"{str(e).splitlines()[0]}"
+            ) from None
         self.head = self.head.to(device=device).eval()
         self.device, self.dtype, self.batch_size = torch.device(device), dtype, batch_size
 

@@ -43,21 +43,30 @@ def check_inputs(images: Tensor, prompts: list[str] | tuple[str, ...]) -> None:
         raise ConfigError("reward input: the image batch is empty")
     lo, hi = float(images.min()), float(images.max())
     if lo < -1e-3 or hi > 1 + 1e-3:
-        raise ConfigError(f"reward input: images must be in [0,1], got values in [{lo:.3f}, {hi:.3f}] (convert from [-1,1] with x/2+0.5)")
+        raise ConfigError(
+            f"reward input: images must be in [0,1], got values in [{lo:.3f}, {hi:.3f}] (convert from [-1,1] with x/2+0.5)"
+        )
     if len(prompts) != images.shape[0]:
         raise ConfigError(f"reward input: {images.shape[0]} images but {len(prompts)} prompts")
-
 
 
 def check_audio_inputs(audio: Tensor, prompts: list[str] | tuple[str, ...], sample_rate: int) -> None:
     """One-line errors for audio rewards: ``audio`` is ``[B,S]`` mono float in [-1,1] at ``sample_rate`` Hz."""
     if not isinstance(audio, Tensor) or audio.ndim != 2:
         shape = tuple(audio.shape) if isinstance(audio, Tensor) else type(audio).__name__
-        raise ConfigError(f"reward input: audio must be a [B,S] mono waveform tensor, got {shape} (mix or pick channels first)")
+        raise ConfigError(
+            f"reward input: audio must be a [B,S] mono waveform tensor, got {shape} (mix or pick channels first)"
+        )
     if not audio.is_floating_point():
-        raise ConfigError(f"reward input: audio must be float in [-1,1], got dtype {audio.dtype} (int16 PCM: divide by 32768)")
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Real) or sample_rate <= 0 \
-            or not float(sample_rate).is_integer():
+        raise ConfigError(
+            f"reward input: audio must be float in [-1,1], got dtype {audio.dtype} (int16 PCM: divide by 32768)"
+        )
+    if (
+        isinstance(sample_rate, bool)
+        or not isinstance(sample_rate, numbers.Real)
+        or sample_rate <= 0
+        or not float(sample_rate).is_integer()
+    ):
         raise ConfigError(f"reward input: sample_rate must be a positive integer (Hz), got {sample_rate!r}")
     if len(prompts) == 0:
         raise ConfigError("reward input: the prompt list is empty")
@@ -69,12 +78,18 @@ def check_audio_inputs(audio: Tensor, prompts: list[str] | tuple[str, ...], samp
         raise ConfigError("reward input: audio holds NaN or inf values")
     lo, hi = float(audio.min()), float(audio.max())
     if lo < -1 - 1e-3 or hi > 1 + 1e-3:
-        raise ConfigError(f"reward input: audio must be in [-1,1], got values in [{lo:.3f}, {hi:.3f}] (int16 PCM: divide by 32768)")
+        raise ConfigError(
+            f"reward input: audio must be in [-1,1], got values in [{lo:.3f}, {hi:.3f}] (int16 PCM: divide by 32768)"
+        )
     if len(prompts) != audio.shape[0]:
         raise ConfigError(f"reward input: {audio.shape[0]} waveforms but {len(prompts)} prompts")
 
+
 def batched(fn, images: Tensor, prompts: list[str], batch_size: int) -> Tensor:
-    out = [fn(images[i : i + batch_size], list(prompts[i : i + batch_size])) for i in range(0, images.shape[0], batch_size)]
+    out = [
+        fn(images[i : i + batch_size], list(prompts[i : i + batch_size]))
+        for i in range(0, images.shape[0], batch_size)
+    ]
     return torch.cat(out).float().cpu()
 
 
@@ -86,8 +101,10 @@ def hub_file(repo: str, filename: str) -> Path:
     try:
         return Path(hf_hub_download(repo, filename))
     except Exception as e:  # noqa: BLE001  (offline, missing repo, missing file: one message)
-        raise ConfigError(f"cannot get {filename!r} from hub repo {repo!r} ({type(e).__name__}); "
-                          f"download it elsewhere and pass the local path") from None
+        raise ConfigError(
+            f"cannot get {filename!r} from hub repo {repo!r} ({type(e).__name__}); "
+            f"download it elsewhere and pass the local path"
+        ) from None
 
 
 def is_local(path: str) -> bool:

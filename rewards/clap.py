@@ -85,9 +85,13 @@ def load_clap(path: str, device: str | torch.device = "cpu", dtype: torch.dtype 
     p = Path(path).expanduser()
     local = is_local(path)
     if local and not p.is_dir():
-        raise ConfigError(f"reward model path {path!r} does not exist (expected a ClapModel folder or a hub id)")
+        raise ConfigError(
+            f"reward model path {path!r} does not exist (expected a ClapModel folder or a hub id)"
+        )
     if local and not (p / "config.json").exists():
-        raise ConfigError(f"reward model path {path!r} has no config.json (expected a transformers ClapModel folder)")
+        raise ConfigError(
+            f"reward model path {path!r} has no config.json (expected a transformers ClapModel folder)"
+        )
     src = str(p) if local else path
     try:
         model = ClapModel.from_pretrained(src, use_safetensors=True)
@@ -99,8 +103,10 @@ def load_clap(path: str, device: str | torch.device = "cpu", dtype: torch.dtype 
         from huggingface_hub import constants
 
         offline = " with HF_HUB_OFFLINE set" if constants.HF_HUB_OFFLINE else ""
-        raise ConfigError(f"cannot get CLAP model {path!r} from the hub{offline} ({type(e).__name__}); "
-                          f"download it elsewhere and pass the local path") from None
+        raise ConfigError(
+            f"cannot get CLAP model {path!r} from the hub{offline} ({type(e).__name__}); "
+            f"download it elsewhere and pass the local path"
+        ) from None
     if getattr(model.config, "model_type", None) != "clap":
         raise ConfigError(f"reward model {path!r} is a {model.config.model_type!r} model, not CLAP")
     return model.to(device=device, dtype=dtype).eval(), processor
@@ -120,8 +126,15 @@ class CLAPScore:
 
     modality = "audio"
 
-    def __init__(self, path: str = DEFAULT_CLAP, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 batch_size: int = 32, max_text_tokens: int | None = LAION_TEXT_TOKENS, crop_seed: int = 0) -> None:
+    def __init__(
+        self,
+        path: str = DEFAULT_CLAP,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        batch_size: int = 32,
+        max_text_tokens: int | None = LAION_TEXT_TOKENS,
+        crop_seed: int = 0,
+    ) -> None:
         self.model, self.processor = load_clap(path, device, dtype)
         self.feature_extractor, self.tokenizer = self.processor.feature_extractor, self.processor.tokenizer
         self.device, self.dtype, self.batch_size = torch.device(device), dtype, batch_size
@@ -155,9 +168,14 @@ class CLAPScore:
         return F.normalize(emb.float(), dim=-1)
 
     def text_embeds(self, prompts: list[str]) -> Tensor:
-        tok = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=self.text_tokens, return_tensors="pt")
-        emb = _pooled(self.model.get_text_features(input_ids=tok.input_ids.to(self.device),
-                                                   attention_mask=tok.attention_mask.to(self.device)))
+        tok = self.tokenizer(
+            list(prompts), padding=True, truncation=True, max_length=self.text_tokens, return_tensors="pt"
+        )
+        emb = _pooled(
+            self.model.get_text_features(
+                input_ids=tok.input_ids.to(self.device), attention_mask=tok.attention_mask.to(self.device)
+            )
+        )
         return F.normalize(emb.float(), dim=-1)
 
     def cosine(self, audio: Tensor, prompts: list[str], sample_rate: int) -> Tensor:
@@ -175,9 +193,16 @@ class CLAPScore:
 # ----------------------------------------------------------------------------- tiny test model
 
 
-def build_tiny_clap(out_dir: str | Path, sampling_rate: int = 8000, seed: int = 0, words: list[str] | None = None,
-                    num_mel_bins: int = 16, hop_length: int = 32, fft_window_size: int = 256,
-                    max_length_s: int = 1) -> Path:
+def build_tiny_clap(
+    out_dir: str | Path,
+    sampling_rate: int = 8000,
+    seed: int = 0,
+    words: list[str] | None = None,
+    num_mel_bins: int = 16,
+    hop_length: int = 32,
+    fft_window_size: int = 256,
+    max_length_s: int = 1,
+) -> Path:
     """A random-weight ``ClapModel`` of the real (unfused HTSAT + RoBERTa) architecture, shrunk, with
     a ``ClapProcessor`` for ``sampling_rate``, saved like a hub checkpoint (safetensors).
 
@@ -197,15 +222,34 @@ def build_tiny_clap(out_dir: str | Path, sampling_rate: int = 8000, seed: int = 
     if frames > spec_size * (spec_size // num_mel_bins):
         raise ValueError(f"tiny CLAP: {frames} frames do not fit spec_size {spec_size}; raise hop_length")
     tok = build_roberta_tokenizer(list(words or WORDS) + "sound of dog barking rain car engine".split())
-    text = ClapTextConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                          intermediate_size=32, max_position_embeddings=82, pad_token_id=tok.pad_token_id,
-                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    audio = ClapAudioConfig(spec_size=spec_size, num_mel_bins=num_mel_bins, window_size=4, patch_size=patch,
-                            patch_stride=(patch, patch), patch_embeds_hidden_size=stem, depths=list(depths),
-                            num_attention_heads=[2, 4], hidden_size=stem * 2 ** (len(depths) - 1), enable_fusion=False,
-                            num_hidden_layers=len(depths))
+    text = ClapTextConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=82,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    audio = ClapAudioConfig(
+        spec_size=spec_size,
+        num_mel_bins=num_mel_bins,
+        window_size=4,
+        patch_size=patch,
+        patch_stride=(patch, patch),
+        patch_embeds_hidden_size=stem,
+        depths=list(depths),
+        num_attention_heads=[2, 4],
+        hidden_size=stem * 2 ** (len(depths) - 1),
+        enable_fusion=False,
+        num_hidden_layers=len(depths),
+    )
     torch.manual_seed(seed)
-    model = ClapModel(ClapConfig(text_config=text.to_dict(), audio_config=audio.to_dict(), projection_dim=8)).eval()
+    model = ClapModel(
+        ClapConfig(text_config=text.to_dict(), audio_config=audio.to_dict(), projection_dim=8)
+    ).eval()
     with torch.no_grad():
         # the stock init (std 0.02) leaves a tiny text tower's first-token pooling blind to the prompt;
         # unit-scale weights make every token matter, as in a trained model
@@ -218,11 +262,21 @@ def build_tiny_clap(out_dir: str | Path, sampling_rate: int = 8000, seed: int = 
         bn = model.audio_model.audio_encoder.batch_norm  # running statistics of a log-mel (dB) input
         bn.running_mean.normal_(-10.0, 3.0)
         bn.running_var.uniform_(20.0, 60.0)
-    fe = ClapFeatureExtractor(feature_size=num_mel_bins, sampling_rate=sampling_rate, hop_length=hop_length,
-                              max_length_s=max_length_s, fft_window_size=fft_window_size, frequency_min=50,
-                              frequency_max=0.45 * sampling_rate, truncation="rand_trunc", padding="repeatpad")
+    fe = ClapFeatureExtractor(
+        feature_size=num_mel_bins,
+        sampling_rate=sampling_rate,
+        hop_length=hop_length,
+        max_length_s=max_length_s,
+        fft_window_size=fft_window_size,
+        frequency_min=50,
+        frequency_max=0.45 * sampling_rate,
+        truncation="rand_trunc",
+        padding="repeatpad",
+    )
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
-    fe.save_pretrained(str(out))  # the hub layout of the LAION checkpoints: preprocessor_config.json + tokenizer files
+    fe.save_pretrained(
+        str(out)
+    )  # the hub layout of the LAION checkpoints: preprocessor_config.json + tokenizer files
     tok.save_pretrained(str(out))
     return out

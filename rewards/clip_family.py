@@ -41,19 +41,28 @@ def load_clip(path: str, device: str | torch.device = "cpu", dtype: torch.dtype 
     p = Path(path).expanduser()
     pre = {"size": 224, "crop": 224, "mean": OPENAI_MEAN, "std": OPENAI_STD}
     if is_local(path) and not p.is_dir():
-        raise ConfigError(f"reward model path {path!r} does not exist (expected a CLIPModel folder or a hub id)")
+        raise ConfigError(
+            f"reward model path {path!r} does not exist (expected a CLIPModel folder or a hub id)"
+        )
     if is_local(path) and not (p / "config.json").exists():
         from .open_clip import clip_model_from_open_clip, load_open_clip_folder, read_state_dict
 
         cfg, weights = load_open_clip_folder(p)
         if cfg is None or weights is None:
-            raise ConfigError(f"reward model path {path!r} has neither config.json (transformers CLIPModel) nor "
-                              "open_clip_config.json + open_clip_model.safetensors (OpenCLIP)")
+            raise ConfigError(
+                f"reward model path {path!r} has neither config.json (transformers CLIPModel) nor "
+                "open_clip_config.json + open_clip_model.safetensors (OpenCLIP)"
+            )
         tok = CLIPTokenizer.from_pretrained(str(p))
         model = clip_model_from_open_clip(read_state_dict(weights), cfg, tok.eos_token_id, tok.bos_token_id)
         size = cfg.get("model_cfg", cfg)["vision_cfg"]["image_size"]
         pc = cfg.get("preprocess_cfg", {})
-        pre |= {"size": size, "crop": size, "mean": pc.get("mean", OPENAI_MEAN), "std": pc.get("std", OPENAI_STD)}
+        pre |= {
+            "size": size,
+            "crop": size,
+            "mean": pc.get("mean", OPENAI_MEAN),
+            "std": pc.get("std", OPENAI_STD),
+        }
         return model.to(device=device, dtype=dtype), tok, pre
     model = CLIPModel.from_pretrained(path, use_safetensors=True).to(device=device, dtype=dtype).eval()
     tok = CLIPTokenizer.from_pretrained(path)
@@ -87,8 +96,13 @@ def clip_preprocess(images: Tensor, size: int, crop: int, mean: list[float], std
 
 
 class _ClipReward:
-    def __init__(self, path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 batch_size: int = 32) -> None:
+    def __init__(
+        self,
+        path: str,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        batch_size: int = 32,
+    ) -> None:
         self.model, self.tokenizer, self.pre = load_clip(path, device, dtype)
         self.device, self.dtype, self.batch_size = torch.device(device), dtype, batch_size
 
@@ -106,7 +120,9 @@ class _ClipReward:
         ctx = min(self.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings)
         tok = self.tokenizer(prompts, padding=True, truncation=True, max_length=ctx, return_tensors="pt")
         img = self.image_features(px)
-        txt = self.model.get_text_features(input_ids=tok.input_ids.to(self.device), attention_mask=tok.attention_mask.to(self.device))
+        txt = self.model.get_text_features(
+            input_ids=tok.input_ids.to(self.device), attention_mask=tok.attention_mask.to(self.device)
+        )
         txt = getattr(txt, "pooler_output", txt)
         return F.cosine_similarity(img, txt.float(), dim=-1)
 

@@ -23,7 +23,9 @@ def check_vote_weights(weights: Sequence[float] | None, n_rewards: int) -> list[
     if not weights:
         return [1.0] * n_rewards
     if len(weights) != n_rewards:
-        raise ValueError(f"reward_weights: {len(weights)} weight(s) for {n_rewards} reward(s); give one per reward")
+        raise ValueError(
+            f"reward_weights: {len(weights)} weight(s) for {n_rewards} reward(s); give one per reward"
+        )
     if any(w < 0 for w in weights) or sum(weights) <= 0:
         raise ValueError(f"reward_weights {list(weights)}: weights must be >= 0 and not all zero")
     return [float(w) for w in weights]
@@ -64,8 +66,11 @@ def normalise(scores: Tensor, mode: Literal["none", "global", "group"]) -> Tenso
     return ((s - s.mean(-1, keepdim=True)) / s.std(-1, keepdim=True).clamp_min(1e-12)).float()
 
 
-def weighted_sum(scores: Mapping[str, Tensor], weights: Mapping[str, float] | None = None,
-                 mode: Literal["none", "global", "group"] = "group") -> Tensor:
+def weighted_sum(
+    scores: Mapping[str, Tensor],
+    weights: Mapping[str, float] | None = None,
+    mode: Literal["none", "global", "group"] = "group",
+) -> Tensor:
     names: Sequence[str] = list(scores)
     w = {n: 1.0 for n in names} if weights is None else weights
     missing = [n for n in names if n not in w]

@@ -61,7 +61,11 @@ def _tokenizer(source: str | None, folder: Path | None):
 
     if source is not None and source.endswith(".gz"):
         return clip_tokenizer_from_bpe(source)
-    if source is None and folder is not None and any((folder / f).exists() for f in ("tokenizer.json", "vocab.json")):
+    if (
+        source is None
+        and folder is not None
+        and any((folder / f).exists() for f in ("tokenizer.json", "vocab.json"))
+    ):
         source = str(folder)
     if source is None:
         bpe = open_clip_bpe_file()
@@ -71,8 +75,10 @@ def _tokenizer(source: str | None, folder: Path | None):
     try:
         return CLIPTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"hpsv2: cannot load the CLIP tokenizer from {source!r} ({type(e).__name__}); pass "
-                          "tokenizer=<folder or bpe_simple_vocab_16e6.txt.gz> or install open_clip_torch") from None
+        raise ConfigError(
+            f"hpsv2: cannot load the CLIP tokenizer from {source!r} ({type(e).__name__}); pass "
+            "tokenizer=<folder or bpe_simple_vocab_16e6.txt.gz> or install open_clip_torch"
+        ) from None
 
 
 @REWARDS.register("hpsv2")
@@ -85,9 +91,16 @@ class HPSv2(_ClipReward):
     ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``'s.
     """
 
-    def __init__(self, path: str = "xswu/HPSv2", version: Literal["v2.0", "v2.1"] = "v2.1",
-                 scale: Literal["x100", "cosine"] = "x100", tokenizer: str | None = None,
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, batch_size: int = 32) -> None:
+    def __init__(
+        self,
+        path: str = "xswu/HPSv2",
+        version: Literal["v2.0", "v2.1"] = "v2.1",
+        scale: Literal["x100", "cosine"] = "x100",
+        tokenizer: str | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        batch_size: int = 32,
+    ) -> None:
         from .open_clip import VIT_H_14, clip_model_from_open_clip, read_state_dict
 
         if version not in CHECKPOINTS:
@@ -112,7 +125,9 @@ class HPSv2(_ClipReward):
         cfg_file = folder / "open_clip_config.json" if folder else None
         cfg = json.loads(cfg_file.read_text()) if cfg_file and cfg_file.exists() else VIT_H_14
         self.tokenizer = _tokenizer(tokenizer, folder)
-        model = clip_model_from_open_clip(read_state_dict(weights), cfg, self.tokenizer.eos_token_id, self.tokenizer.bos_token_id)
+        model = clip_model_from_open_clip(
+            read_state_dict(weights), cfg, self.tokenizer.eos_token_id, self.tokenizer.bos_token_id
+        )
         self.model = model.to(device=device, dtype=dtype)
         size = cfg.get("model_cfg", cfg)["vision_cfg"]["image_size"]
         self.pre = {"size": size, "crop": size, "mean": OPENAI_MEAN, "std": OPENAI_STD}

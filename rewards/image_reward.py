@@ -94,12 +94,28 @@ OVERRIDE_FILE = "diffalign_image_reward.json"
 HEAD_WIDTHS = (1024, 128, 64, 16)
 HEAD_DROPOUTS = (0.2, 0.2, 0.1)
 
-VISION_DEFAULTS = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "patch_size": 16,
-                   "image_size": 224, "hidden_act": "gelu", "layer_norm_eps": 1e-6, "attention_dropout": 0.0}
+VISION_DEFAULTS = {
+    "hidden_size": 1024,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "patch_size": 16,
+    "image_size": 224,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-6,
+    "attention_dropout": 0.0,
+}
 """BLIP ``create_vit('large', 224)``: ViT-L/16, mlp ratio 4, LayerNorm eps 1e-6."""
-TEXT_DEFAULTS = {"vocab_size": 30524, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
-                 "intermediate_size": 3072, "max_position_embeddings": 512, "hidden_act": "gelu",
-                 "layer_norm_eps": 1e-12, "pad_token_id": 0}
+TEXT_DEFAULTS = {
+    "vocab_size": 30524,
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "max_position_embeddings": 512,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-12,
+    "pad_token_id": 0,
+}
 """``med_config.json`` of ImageReward: bert-base plus [DEC] and [ENC] (30522 + 2 tokens)."""
 _TEXT_KEYS = (*TEXT_DEFAULTS, "position_embedding_type")
 
@@ -146,26 +162,28 @@ def convert_imagereward_state_dict(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     for key, value in sd.items():
         if key.startswith("blip.visual_encoder."):
-            new = _apply(_VISION_RULES, key[len("blip.visual_encoder."):])
+            new = _apply(_VISION_RULES, key[len("blip.visual_encoder.") :])
             if new is not None:
                 out["vision." + new] = value
         elif key.startswith("blip.text_encoder."):
-            rest = key[len("blip.text_encoder."):]
+            rest = key[len("blip.text_encoder.") :]
             if not rest.endswith("position_ids") and not rest.startswith("pooler."):
                 out["text." + rest] = value
         elif key.startswith("mlp.layers."):
-            out["mlp." + key[len("mlp.layers."):]] = value
+            out["mlp." + key[len("mlp.layers.") :]] = value
     return out
 
 
 def official_name(name: str) -> str:
     """Inverse of :func:`convert_imagereward_state_dict` for one key (used in error messages)."""
     if name.startswith("vision."):
-        return "blip.visual_encoder." + (_apply(_VISION_RULES_BACK, name[len("vision."):]) or name[len("vision."):])
+        return "blip.visual_encoder." + (
+            _apply(_VISION_RULES_BACK, name[len("vision.") :]) or name[len("vision.") :]
+        )
     if name.startswith("text."):
-        return "blip.text_encoder." + name[len("text."):]
+        return "blip.text_encoder." + name[len("text.") :]
     if name.startswith("mlp."):
-        return "mlp.layers." + name[len("mlp."):]
+        return "mlp.layers." + name[len("mlp.") :]
     return name
 
 
@@ -176,7 +194,9 @@ def imagereward_preprocess(images: Tensor, size: int = 224) -> Tensor:
     new_short, new_long = size, int(size * long / short)
     new_w, new_h = (new_short, new_long) if W <= H else (new_long, new_short)
     if (new_h, new_w) != (H, W):
-        images = F.interpolate(images, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
+        images = F.interpolate(
+            images, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True
+        )
         images = images.clamp(0.0, 1.0)
     top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
     images = images[..., top : top + size, left : left + size]
@@ -193,8 +213,14 @@ class ImageRewardNet(nn.Module):
         from transformers import BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
 
         vcfg = BlipVisionConfig(**vision_config)
-        tcfg = BlipTextConfig(**text_config, encoder_hidden_size=vcfg.hidden_size, is_decoder=True, use_cache=False,
-                              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        tcfg = BlipTextConfig(
+            **text_config,
+            encoder_hidden_size=vcfg.hidden_size,
+            is_decoder=True,
+            use_cache=False,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
         vcfg._attn_implementation = tcfg._attn_implementation = "eager"
         self.vision = BlipVisionModel(vcfg)
         self.text = BlipTextModel(tcfg, add_pooling_layer=False)
@@ -210,8 +236,14 @@ class ImageRewardNet(nn.Module):
     def forward(self, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         image_embeds = self.vision(pixel_values=pixel_values).last_hidden_state
         image_mask = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=image_embeds.device)
-        hidden = self.text(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
-                           encoder_attention_mask=image_mask, is_decoder=False, return_dict=True).last_hidden_state
+        hidden = self.text(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=image_mask,
+            is_decoder=False,
+            return_dict=True,
+        ).last_hidden_state
         raw = self.mlp(hidden[:, 0, :].float()).squeeze(-1)
         return (raw - REWARD_MEAN) / REWARD_STD
 
@@ -219,19 +251,25 @@ class ImageRewardNet(nn.Module):
 def _resolve(path: str) -> tuple[Path, Path | None, Path | None]:
     """(checkpoint file, folder for optional files or None for the hub, med_config file or None)."""
 
-    expected = f"{CHECKPOINT} (or a .safetensors state dict) and optionally {MED_CONFIG}, vocab.txt, {OVERRIDE_FILE}"
+    expected = (
+        f"{CHECKPOINT} (or a .safetensors state dict) and optionally {MED_CONFIG}, vocab.txt, {OVERRIDE_FILE}"
+    )
     if is_local(path):
         p = Path(path).expanduser()
         if p.is_file() and p.suffix in (".pt", ".pth", ".safetensors"):
             ckpt, p = p, p.parent
         elif not p.is_dir():
-            raise ConfigError(f"image_reward: path {path!r} does not exist (expected a folder with {expected}, or a hub id)")
+            raise ConfigError(
+                f"image_reward: path {path!r} does not exist (expected a folder with {expected}, or a hub id)"
+            )
         else:
             ckpt = p / CHECKPOINT
             if not ckpt.is_file():
                 st = sorted(p.glob("*.safetensors"))
                 if not st:
-                    raise ConfigError(f"image_reward: folder {path!r} has no checkpoint (expected {expected})")
+                    raise ConfigError(
+                        f"image_reward: folder {path!r} has no checkpoint (expected {expected})"
+                    )
                 ckpt = p / "ImageReward.safetensors" if (p / "ImageReward.safetensors").is_file() else st[0]
         med = p / MED_CONFIG
         return ckpt, p, med if med.is_file() else None
@@ -244,12 +282,12 @@ def _resolve(path: str) -> tuple[Path, Path | None, Path | None]:
     return ckpt, None, med
 
 
-def load_image_reward(path: str = "THUDM/ImageReward", vision_config: dict | None = None,
-                      text_config: dict | None = None):
+def load_image_reward(
+    path: str = "THUDM/ImageReward", vision_config: dict | None = None, text_config: dict | None = None
+):
     """(:class:`ImageRewardNet` in eval mode on the CPU in float32, tokenizer, vision image size)."""
     from transformers import BertTokenizer
     from transformers.initialization import no_init_weights
-
 
     ckpt, folder, med = _resolve(path)
     vcfg, tcfg = dict(VISION_DEFAULTS), dict(TEXT_DEFAULTS)
@@ -263,20 +301,26 @@ def load_image_reward(path: str = "THUDM/ImageReward", vision_config: dict | Non
     tcfg.update(text_config or {})
     vcfg.setdefault("intermediate_size", 4 * vcfg["hidden_size"])
     if tcfg.pop("position_embedding_type", "absolute") != "absolute":
-        raise ConfigError(f"image_reward: {med} asks for relative position embeddings; only 'absolute' is supported")
+        raise ConfigError(
+            f"image_reward: {med} asks for relative position embeddings; only 'absolute' is supported"
+        )
 
     source = str(folder) if folder is not None and (folder / "vocab.txt").is_file() else "bert-base-uncased"
     try:
         tok = BertTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"image_reward: cannot load the BERT tokenizer from {source!r} ({type(e).__name__}); put "
-                          f"bert-base-uncased's vocab.txt next to {CHECKPOINT}") from None
+        raise ConfigError(
+            f"image_reward: cannot load the BERT tokenizer from {source!r} ({type(e).__name__}); put "
+            f"bert-base-uncased's vocab.txt next to {CHECKPOINT}"
+        ) from None
     tok.add_special_tokens({"bos_token": "[DEC]"})
     tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
     tok.enc_token_id = tok.convert_tokens_to_ids("[ENC]")
     if len(tok) > tcfg["vocab_size"]:
-        raise ConfigError(f"image_reward: the tokenizer has {len(tok)} tokens but the text encoder only "
-                          f"{tcfg['vocab_size']} embeddings (vocab_size)")
+        raise ConfigError(
+            f"image_reward: the tokenizer has {len(tok)} tokens but the text encoder only "
+            f"{tcfg['vocab_size']} embeddings (vocab_size)"
+        )
     # cosmetic for an encoder (generation is never run); keeps the config consistent with the vocabulary
     tcfg.update(bos_token_id=tok.bos_token_id, sep_token_id=tok.sep_token_id, eos_token_id=tok.sep_token_id)
 
@@ -286,13 +330,17 @@ def load_image_reward(path: str = "THUDM/ImageReward", vision_config: dict | Non
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     if missing:
-        names = ", ".join(official_name(k) for k in missing[:6]) + (f", ... ({len(missing)} in all)" if len(missing) > 6 else "")
+        names = ", ".join(official_name(k) for k in missing[:6]) + (
+            f", ... ({len(missing)} in all)" if len(missing) > 6 else ""
+        )
         raise ConfigError(f"image_reward: checkpoint {str(ckpt)!r} lacks keys the reward needs: {names}")
     bad = [(k, tuple(sd[k].shape), tuple(v.shape)) for k, v in own.items() if sd[k].shape != v.shape]
     if bad:
         k, got, want = bad[0]
-        raise ConfigError(f"image_reward: checkpoint {str(ckpt)!r} key {official_name(k)} has shape {got}, the "
-                          f"configured architecture wants {want} ({len(bad)} mismatches; check med_config.json/{OVERRIDE_FILE})")
+        raise ConfigError(
+            f"image_reward: checkpoint {str(ckpt)!r} key {official_name(k)} has shape {got}, the "
+            f"configured architecture wants {want} ({len(bad)} mismatches; check med_config.json/{OVERRIDE_FILE})"
+        )
     model.load_state_dict({k: sd[k] for k in own}, strict=True)
     return model.eval(), tok, int(vcfg["image_size"])
 
@@ -304,9 +352,15 @@ class ImageReward:
     ``vision_config`` / ``text_config`` override the architecture (see the module docstring).
     """
 
-    def __init__(self, path: str = "THUDM/ImageReward", device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, batch_size: int = 32, vision_config: dict | None = None,
-                 text_config: dict | None = None) -> None:
+    def __init__(
+        self,
+        path: str = "THUDM/ImageReward",
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        batch_size: int = 32,
+        vision_config: dict | None = None,
+        text_config: dict | None = None,
+    ) -> None:
         model, self.tokenizer, self.image_size = load_image_reward(path, vision_config, text_config)
         self.device, self.dtype, self.batch_size = torch.device(device), dtype, batch_size
         model.to(device=self.device, dtype=dtype)
@@ -315,7 +369,9 @@ class ImageReward:
 
     def score(self, images: Tensor, prompts: list[str]) -> Tensor:
         px = imagereward_preprocess(images.to(self.device, torch.float32), self.image_size).to(self.dtype)
-        tok = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
+        tok = self.tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=MAX_LENGTH, return_tensors="pt"
+        )
         return self.model(px, tok.input_ids.to(self.device), tok.attention_mask.to(self.device))
 
     @torch.inference_mode()

@@ -61,25 +61,53 @@ def clip_config_from_open_clip(cfg: dict[str, Any], eos_token_id: int = 49407, b
 
     cfg = cfg.get("model_cfg", cfg)
     v, t = cfg["vision_cfg"], cfg["text_cfg"]
-    for bad in ("timm_model_name", "hf_model_name", "ls_init_value", "attentional_pool", "no_ln_pre", "no_causal_mask",
-                "final_ln_after_pool", "output_tokens"):
+    for bad in (
+        "timm_model_name",
+        "hf_model_name",
+        "ls_init_value",
+        "attentional_pool",
+        "no_ln_pre",
+        "no_causal_mask",
+        "final_ln_after_pool",
+        "output_tokens",
+    ):
         if v.get(bad) or t.get(bad):
-            raise ConfigError(f"OpenCLIP config uses {bad}; only the plain ViT + text transformer CLIP maps onto CLIPModel")
+            raise ConfigError(
+                f"OpenCLIP config uses {bad}; only the plain ViT + text transformer CLIP maps onto CLIPModel"
+            )
     for key, ok in (("pool_type", ("tok", "argmax", None)),):
         if v.get(key) not in ok[:1] + (None,) or t.get(key) not in ok[1:]:
-            raise ConfigError(f"OpenCLIP config sets {key}={v.get(key) or t.get(key)!r}; CLIPModel pools the class token "
-                              f"(vision) and the end-of-text token (text)")
+            raise ConfigError(
+                f"OpenCLIP config sets {key}={v.get(key) or t.get(key)!r}; CLIPModel pools the class token "
+                f"(vision) and the end-of-text token (text)"
+            )
     act = "quick_gelu" if cfg.get("quick_gelu") else "gelu"
     vw, tw = v["width"], t["width"]
     return CLIPConfig(
         projection_dim=cfg["embed_dim"],
-        vision_config={"image_size": v["image_size"], "patch_size": v["patch_size"], "hidden_size": vw,
-                       "intermediate_size": int(vw * v.get("mlp_ratio", 4.0)), "num_hidden_layers": v["layers"],
-                       "num_attention_heads": vw // v.get("head_width", 64), "hidden_act": act, "layer_norm_eps": 1e-5},
-        text_config={"vocab_size": t["vocab_size"], "hidden_size": tw, "intermediate_size": int(tw * t.get("mlp_ratio", 4.0)),
-                     "num_hidden_layers": t["layers"], "num_attention_heads": t["heads"],
-                     "max_position_embeddings": t["context_length"], "hidden_act": act, "layer_norm_eps": 1e-5,
-                     "eos_token_id": eos_token_id, "bos_token_id": bos_token_id, "pad_token_id": 0},
+        vision_config={
+            "image_size": v["image_size"],
+            "patch_size": v["patch_size"],
+            "hidden_size": vw,
+            "intermediate_size": int(vw * v.get("mlp_ratio", 4.0)),
+            "num_hidden_layers": v["layers"],
+            "num_attention_heads": vw // v.get("head_width", 64),
+            "hidden_act": act,
+            "layer_norm_eps": 1e-5,
+        },
+        text_config={
+            "vocab_size": t["vocab_size"],
+            "hidden_size": tw,
+            "intermediate_size": int(tw * t.get("mlp_ratio", 4.0)),
+            "num_hidden_layers": t["layers"],
+            "num_attention_heads": t["heads"],
+            "max_position_embeddings": t["context_length"],
+            "hidden_act": act,
+            "layer_norm_eps": 1e-5,
+            "eos_token_id": eos_token_id,
+            "bos_token_id": bos_token_id,
+            "pad_token_id": 0,
+        },
     )
 
 
@@ -89,33 +117,59 @@ def _blocks(sd: dict[str, Tensor], src: str, dst: str, layers: int) -> dict[str,
         s, d = f"{src}.{i}.", f"{dst}.{i}."
         q, k, v = sd[s + "attn.in_proj_weight"].chunk(3, dim=0)
         qb, kb, vb = sd[s + "attn.in_proj_bias"].chunk(3, dim=0)
-        out |= {d + "self_attn.q_proj.weight": q, d + "self_attn.k_proj.weight": k, d + "self_attn.v_proj.weight": v,
-                d + "self_attn.q_proj.bias": qb, d + "self_attn.k_proj.bias": kb, d + "self_attn.v_proj.bias": vb}
-        for a, b in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"),
-                     ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
+        out |= {
+            d + "self_attn.q_proj.weight": q,
+            d + "self_attn.k_proj.weight": k,
+            d + "self_attn.v_proj.weight": v,
+            d + "self_attn.q_proj.bias": qb,
+            d + "self_attn.k_proj.bias": kb,
+            d + "self_attn.v_proj.bias": vb,
+        }
+        for a, b in (
+            ("attn.out_proj", "self_attn.out_proj"),
+            ("ln_1", "layer_norm1"),
+            ("ln_2", "layer_norm2"),
+            ("mlp.c_fc", "mlp.fc1"),
+            ("mlp.c_proj", "mlp.fc2"),
+        ):
             out[d + b + ".weight"], out[d + b + ".bias"] = sd[s + a + ".weight"], sd[s + a + ".bias"]
     return out
 
 
-def convert_open_clip_state_dict(sd: dict[str, Tensor], vision_layers: int, text_layers: int) -> dict[str, Tensor]:
+def convert_open_clip_state_dict(
+    sd: dict[str, Tensor], vision_layers: int, text_layers: int
+) -> dict[str, Tensor]:
     """OpenCLIP state dict -> ``CLIPModel`` state dict (see the module docstring for the map)."""
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
-    need = ["visual.conv1.weight", "visual.class_embedding", "visual.positional_embedding", "visual.proj",
-            "token_embedding.weight", "positional_embedding", "text_projection", "ln_final.weight", "logit_scale"]
+    need = [
+        "visual.conv1.weight",
+        "visual.class_embedding",
+        "visual.positional_embedding",
+        "visual.proj",
+        "token_embedding.weight",
+        "positional_embedding",
+        "text_projection",
+        "ln_final.weight",
+        "logit_scale",
+    ]
     missing = [k for k in need if k not in sd]
     if missing:
-        raise ConfigError(f"not an OpenCLIP ViT checkpoint: missing {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+        raise ConfigError(
+            f"not an OpenCLIP ViT checkpoint: missing {missing[:3]}{' ...' if len(missing) > 3 else ''}"
+        )
     out = {
         "vision_model.embeddings.patch_embedding.weight": sd["visual.conv1.weight"],
         "vision_model.embeddings.class_embedding": sd["visual.class_embedding"],
         "vision_model.embeddings.position_embedding.weight": sd["visual.positional_embedding"],
-        "vision_model.pre_layrnorm.weight": sd["visual.ln_pre.weight"], "vision_model.pre_layrnorm.bias": sd["visual.ln_pre.bias"],
+        "vision_model.pre_layrnorm.weight": sd["visual.ln_pre.weight"],
+        "vision_model.pre_layrnorm.bias": sd["visual.ln_pre.bias"],
         "vision_model.post_layernorm.weight": sd["visual.ln_post.weight"],
         "vision_model.post_layernorm.bias": sd["visual.ln_post.bias"],
         "visual_projection.weight": sd["visual.proj"].t().contiguous(),
         "text_model.embeddings.token_embedding.weight": sd["token_embedding.weight"],
         "text_model.embeddings.position_embedding.weight": sd["positional_embedding"],
-        "text_model.final_layer_norm.weight": sd["ln_final.weight"], "text_model.final_layer_norm.bias": sd["ln_final.bias"],
+        "text_model.final_layer_norm.weight": sd["ln_final.weight"],
+        "text_model.final_layer_norm.bias": sd["ln_final.bias"],
         "text_projection.weight": sd["text_projection"].t().contiguous(),
         "logit_scale": sd["logit_scale"].reshape(()),
     }
@@ -123,16 +177,28 @@ def convert_open_clip_state_dict(sd: dict[str, Tensor], vision_layers: int, text
     out |= _blocks(sd, "transformer.resblocks", "text_model.encoder.layers", text_layers)
     # every source tensor must have been used: layer scale (ls_1/ls_2), attention pooling, extra
     # layers... would otherwise load without error and score wrongly
-    used = set(need) | {"visual.ln_pre.weight", "visual.ln_pre.bias", "visual.ln_post.weight", "visual.ln_post.bias",
-                        "ln_final.bias", "attn_mask", "position_ids"}
+    used = set(need) | {
+        "visual.ln_pre.weight",
+        "visual.ln_pre.bias",
+        "visual.ln_post.weight",
+        "visual.ln_post.bias",
+        "ln_final.bias",
+        "attn_mask",
+        "position_ids",
+    }
     for tower, n in (("visual.transformer.resblocks", vision_layers), ("transformer.resblocks", text_layers)):
         for i in range(n):
-            used |= {f"{tower}.{i}.{a}.{w}" for a in ("ln_1", "ln_2", "mlp.c_fc", "mlp.c_proj", "attn.out_proj")
-                     for w in ("weight", "bias")} | {f"{tower}.{i}.attn.in_proj_weight", f"{tower}.{i}.attn.in_proj_bias"}
+            used |= {
+                f"{tower}.{i}.{a}.{w}"
+                for a in ("ln_1", "ln_2", "mlp.c_fc", "mlp.c_proj", "attn.out_proj")
+                for w in ("weight", "bias")
+            } | {f"{tower}.{i}.attn.in_proj_weight", f"{tower}.{i}.attn.in_proj_bias"}
     left = sorted(k for k in sd if k not in used)
     if left:
-        raise ConfigError(f"OpenCLIP checkpoint has tensors this CLIPModel mapping does not cover (e.g. {left[:3]}); "
-                          f"only plain ViT + text transformer CLIPs (HPSv2, ViT-B/L/H) are supported")
+        raise ConfigError(
+            f"OpenCLIP checkpoint has tensors this CLIPModel mapping does not cover (e.g. {left[:3]}); "
+            f"only plain ViT + text transformer CLIPs (HPSv2, ViT-B/L/H) are supported"
+        )
     return out
 
 
@@ -145,7 +211,9 @@ def read_state_dict(file: Path) -> dict[str, Tensor]:
     try:
         obj = torch.load(str(file), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (pickles with code objects are refused on purpose)
-        raise ConfigError(f"{file}: cannot be read as weights only ({type(e).__name__}); convert it to safetensors") from None
+        raise ConfigError(
+            f"{file}: cannot be read as weights only ({type(e).__name__}); convert it to safetensors"
+        ) from None
     if isinstance(obj, dict) and "state_dict" in obj:
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -153,18 +221,23 @@ def read_state_dict(file: Path) -> dict[str, Tensor]:
     return obj
 
 
-def clip_model_from_open_clip(sd: dict[str, Tensor], cfg: dict[str, Any], eos_token_id: int = 49407,
-                              bos_token_id: int = 49406):
+def clip_model_from_open_clip(
+    sd: dict[str, Tensor], cfg: dict[str, Any], eos_token_id: int = 49407, bos_token_id: int = 49406
+):
     """Build a ``CLIPModel`` with the OpenCLIP config and load the converted weights strictly."""
     from transformers import CLIPModel
 
     config = clip_config_from_open_clip(cfg, eos_token_id, bos_token_id)
     model = CLIPModel(config)
-    conv = convert_open_clip_state_dict(sd, config.vision_config.num_hidden_layers, config.text_config.num_hidden_layers)
+    conv = convert_open_clip_state_dict(
+        sd, config.vision_config.num_hidden_layers, config.text_config.num_hidden_layers
+    )
     missing, unexpected = model.load_state_dict(conv, strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
-        raise ConfigError(f"OpenCLIP checkpoint does not fit the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise ConfigError(
+            f"OpenCLIP checkpoint does not fit the config: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     return model.eval()
 
 
@@ -195,14 +268,27 @@ def clip_tokenizer_from_bpe(bpe_file: str | Path, context_length: int = 77):
     # bytes_to_unicode lists printable bytes first, then the others as chr(256 + n): ordering the
     # 256 symbols by code point gives CLIP's vocabulary order, not byte order
     symbols = sorted(_byte_symbols(), key=ord)
-    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=[(a, b) for a, b in merges],
-                         model_max_length=context_length, pad_token="<|endoftext|>")
+    vocab = (
+        symbols
+        + [s + "</w>" for s in symbols]
+        + ["".join(m) for m in merges]
+        + ["<|startoftext|>", "<|endoftext|>"]
+    )
+    return CLIPTokenizer(
+        vocab={t: i for i, t in enumerate(vocab)},
+        merges=[(a, b) for a, b in merges],
+        model_max_length=context_length,
+        pad_token="<|endoftext|>",
+    )
 
 
 def load_open_clip_folder(path: Path) -> tuple[dict[str, Any] | None, Path | None]:
     """(model config, weights file) from a folder in the hub layout of OpenCLIP models."""
-    cfg = json.loads((path / "open_clip_config.json").read_text()) if (path / "open_clip_config.json").exists() else None
+    cfg = (
+        json.loads((path / "open_clip_config.json").read_text())
+        if (path / "open_clip_config.json").exists()
+        else None
+    )
     for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
         if (path / name).exists():
             return cfg, path / name

@@ -84,16 +84,19 @@ class TimeConditioning(nn.Module):
     def attach(self, clip: nn.Module) -> None:
         vision = clip.vision_model
         for i, layer in enumerate(vision.encoder.layers):
+
             def mod(which: int, i: int = i):
                 def hook(_m, _inp, out):
                     shift, scale = self._mods[i][3 * which], self._mods[i][3 * which + 1]
                     return out * (1 + scale[:, None]) + shift[:, None]
+
                 return hook
 
             def gate(which: int, i: int = i):
                 def hook(_m, _inp, out):
                     g = self._mods[i][3 * which + 2][:, None]
                     return (out[0] * g, *out[1:]) if isinstance(out, tuple) else out * g
+
                 return hook
 
             layer.layer_norm1.register_forward_hook(mod(0))
@@ -114,8 +117,13 @@ class StepAwarePM(_ClipReward):
     i.e. exactly that CLIP until ``diffalign train-spm`` trains them). ``t`` is a call argument
     (default 0: clean images)."""
 
-    def __init__(self, path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 batch_size: int = 32) -> None:
+    def __init__(
+        self,
+        path: str,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        batch_size: int = 32,
+    ) -> None:
         self.model, self.tokenizer, self.pre = load_clip(path, device, dtype)
         vc = self.model.config.vision_config
         self.time = TimeConditioning(vc.hidden_size, vc.num_hidden_layers)
@@ -125,7 +133,9 @@ class StepAwarePM(_ClipReward):
 
             missing, unexpected = self.time.load_state_dict(load_file(str(f)), strict=False)
             if missing or unexpected:
-                raise ConfigError(f"{f}: does not fit this CLIP (missing {missing[:2]}, unexpected {unexpected[:2]})")
+                raise ConfigError(
+                    f"{f}: does not fit this CLIP (missing {missing[:2]}, unexpected {unexpected[:2]})"
+                )
         self.time.to(device=device, dtype=dtype)
         self.time.attach(self.model)
         self.device, self.dtype, self.batch_size = torch.device(device), dtype, batch_size
@@ -144,7 +154,9 @@ class StepAwarePM(_ClipReward):
         if tt.numel() == 1:
             return tt.expand(B).clone()
         if tt.numel() != B:
-            raise ConfigError(f"step_aware: {tt.numel()} timesteps for {B} images (give one, or one per image)")
+            raise ConfigError(
+                f"step_aware: {tt.numel()} timesteps for {B} images (give one, or one per image)"
+            )
         return tt
 
     def score(self, images: Tensor, prompts: list[str], t: Tensor | None = None) -> Tensor:
@@ -156,8 +168,14 @@ class StepAwarePM(_ClipReward):
         check_inputs(images, prompts)
         B = images.shape[0]
         tt = self._times(t, B)
-        out = [self.score(images[i : i + self.batch_size], list(prompts[i : i + self.batch_size]), tt[i : i + self.batch_size])
-               for i in range(0, B, self.batch_size)]
+        out = [
+            self.score(
+                images[i : i + self.batch_size],
+                list(prompts[i : i + self.batch_size]),
+                tt[i : i + self.batch_size],
+            )
+            for i in range(0, B, self.batch_size)
+        ]
         return RewardOutput(torch.cat(out).float().cpu())
 
     def save(self, folder: str | Path) -> Path:
@@ -166,10 +184,26 @@ class StepAwarePM(_ClipReward):
         folder = Path(folder)
         self.model.save_pretrained(str(folder), safe_serialization=True)
         self.tokenizer.save_pretrained(str(folder))
-        (folder / "preprocessor_config.json").write_text(json.dumps({
-            "image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": self.pre["size"]},
-            "crop_size": {"height": self.pre["crop"], "width": self.pre["crop"]}, "image_mean": self.pre["mean"],
-            "image_std": self.pre["std"], "do_resize": True, "do_center_crop": True, "do_normalize": True, "resample": 3}))
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.time.state_dict().items()}, str(folder / TIME_FILE))
-        (folder / META_FILE).write_text(json.dumps({"kind": "step_aware_preference_model", "base": "CLIPModel"}))
+        (folder / "preprocessor_config.json").write_text(
+            json.dumps(
+                {
+                    "image_processor_type": "CLIPImageProcessor",
+                    "size": {"shortest_edge": self.pre["size"]},
+                    "crop_size": {"height": self.pre["crop"], "width": self.pre["crop"]},
+                    "image_mean": self.pre["mean"],
+                    "image_std": self.pre["std"],
+                    "do_resize": True,
+                    "do_center_crop": True,
+                    "do_normalize": True,
+                    "resample": 3,
+                }
+            )
+        )
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in self.time.state_dict().items()},
+            str(folder / TIME_FILE),
+        )
+        (folder / META_FILE).write_text(
+            json.dumps({"kind": "step_aware_preference_model", "base": "CLIPModel"})
+        )
         return folder

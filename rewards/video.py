@@ -49,7 +49,9 @@ def check_video_inputs(videos: Tensor, prompts: list[str] | tuple[str, ...]) -> 
             hint = " (a single clip or an image batch? add the batch or frame axis)"
         raise ConfigError(f"reward input: videos must be a [B,F,3,H,W] tensor, got {shape}{hint}")
     if not videos.is_floating_point():
-        raise ConfigError(f"reward input: videos must be float in [0,1], got dtype {videos.dtype} (uint8 frames: divide by 255)")
+        raise ConfigError(
+            f"reward input: videos must be float in [0,1], got dtype {videos.dtype} (uint8 frames: divide by 255)"
+        )
     if len(prompts) == 0:
         raise ConfigError("reward input: the prompt list is empty")
     if videos.shape[0] == 0:
@@ -62,7 +64,9 @@ def check_video_inputs(videos: Tensor, prompts: list[str] | tuple[str, ...]) -> 
         raise ConfigError("reward input: videos hold NaN or inf values")
     lo, hi = float(videos.min()), float(videos.max())
     if lo < -1e-3 or hi > 1 + 1e-3:
-        raise ConfigError(f"reward input: videos must be in [0,1], got values in [{lo:.3f}, {hi:.3f}] (convert from [-1,1] with x/2+0.5)")
+        raise ConfigError(
+            f"reward input: videos must be in [0,1], got values in [{lo:.3f}, {hi:.3f}] (convert from [-1,1] with x/2+0.5)"
+        )
     if len(prompts) != videos.shape[0]:
         raise ConfigError(f"reward input: {videos.shape[0]} videos but {len(prompts)} prompts")
 
@@ -74,14 +78,22 @@ class VideoCLIPScore(_ClipReward):
 
     modality = "video"
 
-    def __init__(self, path: str = DEFAULT_VIDEO_CLIP, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 batch_size: int = 16, temporal_weight: float = 1.0) -> None:
+    def __init__(
+        self,
+        path: str = DEFAULT_VIDEO_CLIP,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        batch_size: int = 16,
+        temporal_weight: float = 1.0,
+    ) -> None:
         super().__init__(path, device=device, dtype=dtype, batch_size=batch_size)
         self.temporal_weight = float(temporal_weight)
         channels = int(self.model.config.vision_config.num_channels)
         if channels < 3 or channels % 3:
-            raise ConfigError(f"video_clip: the vision tower of {path!r} takes {channels} channels; "
-                              "expected 3 (image CLIP, scored per frame) or 3 * frames (early-fusion video CLIP)")
+            raise ConfigError(
+                f"video_clip: the vision tower of {path!r} takes {channels} channels; "
+                "expected 3 (image CLIP, scored per frame) or 3 * frames (early-fusion video CLIP)"
+            )
         self.fusion_frames = channels // 3 if channels > 3 else None
         """Frames an early-fusion checkpoint stacks along channels; ``None`` for an image CLIP."""
 
@@ -92,8 +104,12 @@ class VideoCLIPScore(_ClipReward):
     def text_features(self, prompts: list[str]) -> Tensor:
         """Normalised text embeddings ``[B,D]`` (truncated to the text tower's context)."""
         ctx = min(self.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings)
-        tok = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=ctx, return_tensors="pt")
-        txt = self.model.get_text_features(input_ids=tok.input_ids.to(self.device), attention_mask=tok.attention_mask.to(self.device))
+        tok = self.tokenizer(
+            list(prompts), padding=True, truncation=True, max_length=ctx, return_tensors="pt"
+        )
+        txt = self.model.get_text_features(
+            input_ids=tok.input_ids.to(self.device), attention_mask=tok.attention_mask.to(self.device)
+        )
         return F.normalize(getattr(txt, "pooler_output", txt).float(), dim=-1)
 
     def frame_pixels(self, videos: Tensor) -> Tensor:
@@ -125,11 +141,15 @@ class VideoCLIPScore(_ClipReward):
     def __call__(self, videos: Tensor, prompts: list[str]) -> RewardOutput:
         check_video_inputs(videos, prompts)
         if self.fusion_frames is not None and videos.shape[1] != self.fusion_frames:
-            raise ConfigError(f"reward input: this early-fusion video CLIP takes clips of {self.fusion_frames} frames, "
-                              f"got {videos.shape[1]}")
+            raise ConfigError(
+                f"reward input: this early-fusion video CLIP takes clips of {self.fusion_frames} frames, "
+                f"got {videos.shape[1]}"
+            )
         prompts = list(prompts)
-        parts = [self.clip_scores(videos[i : i + self.batch_size], prompts[i : i + self.batch_size])
-                 for i in range(0, videos.shape[0], self.batch_size)]
+        parts = [
+            self.clip_scores(videos[i : i + self.batch_size], prompts[i : i + self.batch_size])
+            for i in range(0, videos.shape[0], self.batch_size)
+        ]
         out = {k: torch.cat([p[k] for p in parts]).float().cpu() for k in parts[0]}
         scores = out.pop("scores")
         return RewardOutput(scores, out)

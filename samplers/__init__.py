@@ -17,6 +17,18 @@ SAMPLERS.register("ddpm")(ddpm_sample)
 SAMPLERS.register("flow_euler")(flow_sample)
 
 __all__ = [
-    "SAMPLERS", "SampleOutput", "gaussian_log_prob", "guided", "NoiseSchedule", "ddim_sample", "ddim_step", "ddpm_sample",
-    "flow_sample", "flow_sde_step", "InversionOutput", "ddim_invert", "StepwiseOutput", "stepwise_resample",
+    "SAMPLERS",
+    "SampleOutput",
+    "gaussian_log_prob",
+    "guided",
+    "NoiseSchedule",
+    "ddim_sample",
+    "ddim_step",
+    "ddpm_sample",
+    "flow_sample",
+    "flow_sde_step",
+    "InversionOutput",
+    "ddim_invert",
+    "StepwiseOutput",
+    "stepwise_resample",
 ]

@@ -56,8 +56,15 @@ def ddim_timesteps(scheduler_config: Any, num_steps: int) -> list[int]:
     return [int(t) for t in ddim.timesteps]
 
 
-def ddim_step(pred: Tensor, x: Tensor, t: int, t_prev: int, sched: NoiseSchedule, eta: float = 0.0,
-              noise: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+def ddim_step(
+    pred: Tensor,
+    x: Tensor,
+    t: int,
+    t_prev: int,
+    sched: NoiseSchedule,
+    eta: float = 0.0,
+    noise: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor]:
     """One DDIM step. Returns ``(x_prev, log_prob [B] or None, mean)``."""
     a, a_prev = sched.abar(t), sched.abar(t_prev)
     eps, x0 = sched.eps_x0(pred, x, a)
@@ -71,8 +78,9 @@ def ddim_step(pred: Tensor, x: Tensor, t: int, t_prev: int, sched: NoiseSchedule
     return x_prev, gaussian_log_prob(x_prev, mean, sigma), mean
 
 
-def ddim_transition_log_prob(pred: Tensor, x_t: Tensor, x_prev: Tensor, t: int, t_prev: int, sched: NoiseSchedule,
-                             eta: float = 1.0) -> Tensor:
+def ddim_transition_log_prob(
+    pred: Tensor, x_t: Tensor, x_prev: Tensor, t: int, t_prev: int, sched: NoiseSchedule, eta: float = 1.0
+) -> Tensor:
     """log p_theta(x_prev | x_t) of a given stochastic DDIM transition (the step's Gaussian), ``[B]``,
     averaged over non-batch dims; differentiable in ``pred`` (SPO/D3PO's ``ddim_step_with_logprob``
     with ``prev_sample`` given)."""
@@ -86,9 +94,18 @@ def ddim_transition_log_prob(pred: Tensor, x_t: Tensor, x_prev: Tensor, t: int, 
     return gaussian_log_prob(x_prev, mean, sigma)
 
 
-def ddim_sample(model_fn: ModelFn, x_T: Tensor, timesteps: list[int] | Tensor, cond: Any, sched: NoiseSchedule,
-                guidance_scale: float = 1.0, eta: float = 0.0, generator: torch.Generator | list[torch.Generator] | None = None,
-                return_trajectory: bool = False, return_log_probs: bool = False) -> SampleOutput:
+def ddim_sample(
+    model_fn: ModelFn,
+    x_T: Tensor,
+    timesteps: list[int] | Tensor,
+    cond: Any,
+    sched: NoiseSchedule,
+    guidance_scale: float = 1.0,
+    eta: float = 0.0,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    return_trajectory: bool = False,
+    return_log_probs: bool = False,
+) -> SampleOutput:
     """Sample from ``x_T`` over descending ``timesteps``; the step after the last goes to the final alpha."""
     ts = [int(t) for t in timesteps]
     x = x_T
@@ -108,8 +125,27 @@ def ddim_sample(model_fn: ModelFn, x_T: Tensor, timesteps: list[int] | Tensor, c
     return out
 
 
-def ddpm_sample(model_fn: ModelFn, x_T: Tensor, timesteps: list[int] | Tensor, cond: Any, sched: NoiseSchedule,
-                guidance_scale: float = 1.0, generator: torch.Generator | list[torch.Generator] | None = None,
-                return_trajectory: bool = False, return_log_probs: bool = False) -> SampleOutput:
+def ddpm_sample(
+    model_fn: ModelFn,
+    x_T: Tensor,
+    timesteps: list[int] | Tensor,
+    cond: Any,
+    sched: NoiseSchedule,
+    guidance_scale: float = 1.0,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    return_trajectory: bool = False,
+    return_log_probs: bool = False,
+) -> SampleOutput:
     """Ancestral DDPM sampling: DDIM with eta = 1 (the posterior variance ``beta~_t``)."""
-    return ddim_sample(model_fn, x_T, timesteps, cond, sched, guidance_scale, 1.0, generator, return_trajectory, return_log_probs)
+    return ddim_sample(
+        model_fn,
+        x_T,
+        timesteps,
+        cond,
+        sched,
+        guidance_scale,
+        1.0,
+        generator,
+        return_trajectory,
+        return_log_probs,
+    )

@@ -26,8 +26,15 @@ from torch import Tensor
 from .base import ModelFn, SampleOutput, gaussian_log_prob, guided, randn_like
 
 
-def flow_sde_step(v: Tensor, x: Tensor, sigma: float, sigma_next: float, noise: Tensor | None,
-                  noise_level: float = 0.7, sigma_max: float | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+def flow_sde_step(
+    v: Tensor,
+    x: Tensor,
+    sigma: float,
+    sigma_next: float,
+    noise: Tensor | None,
+    noise_level: float = 0.7,
+    sigma_max: float | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor]:
     """One Flow-GRPO SDE step from ``sigma`` to ``sigma_next``. ``sigma_max``: the grid's second sigma,
     used in the std's denominator when ``sigma == 1`` (default ``sigma_next``, which it is for the
     first step of a grid starting at 1)."""
@@ -47,9 +54,18 @@ def flow_sde_step(v: Tensor, x: Tensor, sigma: float, sigma_next: float, noise: 
     return x_next, gaussian_log_prob(x_next, mean, scale), mean
 
 
-def flow_sample(model_fn: ModelFn, x_T: Tensor, sigmas: list[float] | Tensor, cond: Any, guidance_scale: float = 1.0,
-                eta: float = 0.0, generator: torch.Generator | list[torch.Generator] | None = None,
-                return_trajectory: bool = False, return_log_probs: bool = False, num_train_timesteps: int = 1000) -> SampleOutput:
+def flow_sample(
+    model_fn: ModelFn,
+    x_T: Tensor,
+    sigmas: list[float] | Tensor,
+    cond: Any,
+    guidance_scale: float = 1.0,
+    eta: float = 0.0,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    return_trajectory: bool = False,
+    return_log_probs: bool = False,
+    num_train_timesteps: int = 1000,
+) -> SampleOutput:
     """``eta = 0``: Euler ODE over ``sigmas`` (including the final 0). ``eta > 0``: Flow-GRPO SDE with
     ``noise_level = eta`` (the last step, into sigma = 0, stays deterministic)."""
     sig = [float(s) for s in sigmas]

@@ -36,8 +36,15 @@ def _up(x: Tensor, eps: Tensor, a: float, a_next: float) -> Tensor:
     return a_next**0.5 * x0 + (1 - a_next) ** 0.5 * eps
 
 
-def ddim_invert(model_fn: ModelFn, x0: Tensor, timesteps: list[int] | Tensor, cond: Any, sched: NoiseSchedule,
-                guidance_scale: float = 1.0, renoise_steps: int = 0) -> InversionOutput:
+def ddim_invert(
+    model_fn: ModelFn,
+    x0: Tensor,
+    timesteps: list[int] | Tensor,
+    cond: Any,
+    sched: NoiseSchedule,
+    guidance_scale: float = 1.0,
+    renoise_steps: int = 0,
+) -> InversionOutput:
     """Invert ``x0`` up the *ascending* ``timesteps`` grid (e.g. ``reversed(scheduler.timesteps)``).
 
     Step i goes from ``timesteps[i-1]`` (the clean latent for i = 0, at abar = final alpha) to
@@ -82,9 +89,17 @@ def _take(cond: Any, idx: Tensor) -> Any:
     return cond
 
 
-def invert_per_sample(model_fn: ModelFn, x0: Tensor, t: Tensor, grid: list[int], cond: Any, sched: NoiseSchedule,
-                      renoise_steps: int = 0, eta: float = 0.0,
-                      generators: list[torch.Generator] | None = None) -> tuple[Tensor, Tensor]:
+def invert_per_sample(
+    model_fn: ModelFn,
+    x0: Tensor,
+    t: Tensor,
+    grid: list[int],
+    cond: Any,
+    sched: NoiseSchedule,
+    renoise_steps: int = 0,
+    eta: float = 0.0,
+    generators: list[torch.Generator] | None = None,
+) -> tuple[Tensor, Tensor]:
     """Invert each latent up the ascending ``grid`` to just below its *own* timestep ``t[i]``.
 
     InPO/SmPO (``train.py:990-1024``) invert the batch over the grid points ``< t``, then use
@@ -128,7 +143,9 @@ def invert_per_sample(model_fn: ModelFn, x0: Tensor, t: Tensor, grid: list[int],
             hi = min(g + r, T - 1)
             a_hi = sched.abar(hi)
             sigma = ((1 - a_next) / (1 - a_hi) * (1 - a_hi / a_next)) ** 0.5
-            noise = torch.stack([torch.randn(x0.shape[1:], generator=generators[int(i)]) for i in idx]).to(x.device, x.dtype)
+            noise = torch.stack([torch.randn(x0.shape[1:], generator=generators[int(i)]) for i in idx]).to(
+                x.device, x.dtype
+            )
             xa = xa + eta * sigma * noise
         x = x.index_copy(0, idx, xa.to(x.dtype))
         prev = g

@@ -36,12 +36,24 @@ class StepwiseOutput:
     """Index of that candidate per sample ``[B]``."""
 
 
-def stepwise_resample(model_fn: ModelFn, x_t: Tensor, t: int, t_prev: int, cond: Any, sched: NoiseSchedule, k: int,
-                      scorer: Callable[[Tensor, int], Tensor], guidance_scale: float = 1.0, eta: float = 1.0,
-                      generator: torch.Generator | None = None) -> StepwiseOutput:
+def stepwise_resample(
+    model_fn: ModelFn,
+    x_t: Tensor,
+    t: int,
+    t_prev: int,
+    cond: Any,
+    sched: NoiseSchedule,
+    k: int,
+    scorer: Callable[[Tensor, int], Tensor],
+    guidance_scale: float = 1.0,
+    eta: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> StepwiseOutput:
     """``scorer(candidates [k*B,...], t_prev) -> scores [k*B]`` (higher is better)."""
     B = x_t.shape[0]
-    pred = guided(model_fn, x_t, torch.tensor(t, device=x_t.device), cond, guidance_scale)  # shared by all candidates
+    pred = guided(
+        model_fn, x_t, torch.tensor(t, device=x_t.device), cond, guidance_scale
+    )  # shared by all candidates
     cands, lps = [], []
     for _ in range(k):
         x_prev, lp, _ = ddim_step(pred, x_t, t, t_prev, sched, eta, randn_like(x_t, generator))

@@ -19,8 +19,16 @@ def _png(rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def make_pairs_parquet(path: Path, n: int = 8, size: int = 32, seed: int = 0, labels: list | None = None,
-                       captions: list | None = None, corrupt_rows: tuple[int, ...] = (), drop_columns: tuple[str, ...] = ()) -> Path:
+def make_pairs_parquet(
+    path: Path,
+    n: int = 8,
+    size: int = 32,
+    seed: int = 0,
+    labels: list | None = None,
+    captions: list | None = None,
+    corrupt_rows: tuple[int, ...] = (),
+    drop_columns: tuple[str, ...] = (),
+) -> Path:
     """A small Pick-a-Pic v2 style parquet: caption, jpg_0, jpg_1, label_0, label_1."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -30,7 +38,9 @@ def make_pairs_parquet(path: Path, n: int = 8, size: int = 32, seed: int = 0, la
     words = ["a red circle", "a blue square", "a photo of a dog", "two green triangles"]
     for i in range(n):
         a = (rng.random((size, size, 3)) * 255).astype(np.uint8)
-        b = (rng.random((size + 8 * (i % 2), size, 3)) * 255).astype(np.uint8)  # loser of another size sometimes
+        b = (rng.random((size + 8 * (i % 2), size, 3)) * 255).astype(
+            np.uint8
+        )  # loser of another size sometimes
         lab = labels[i] if labels is not None else float(i % 2)
         rows["caption"].append(captions[i] if captions is not None else words[i % len(words)])
         rows["jpg_0"].append(b"not an image" if i in corrupt_rows else _png(a))
@@ -79,20 +89,46 @@ def build_tiny_clip(out: Path, seed: int = 0) -> Path:
     tok = build_clip_tokenizer(WORDS)
     torch.manual_seed(seed)
     cfg = CLIPConfig(
-        text_config={"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                     "num_attention_heads": 2, "max_position_embeddings": 77, "eos_token_id": tok.eos_token_id,
-                     "bos_token_id": tok.bos_token_id, "pad_token_id": tok.eos_token_id},
-        vision_config={"image_size": 30, "patch_size": 6, "hidden_size": 32, "intermediate_size": 64,
-                       "num_hidden_layers": 2, "num_attention_heads": 2},
+        text_config={
+            "vocab_size": len(tok),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 77,
+            "eos_token_id": tok.eos_token_id,
+            "bos_token_id": tok.bos_token_id,
+            "pad_token_id": tok.eos_token_id,
+        },
+        vision_config={
+            "image_size": 30,
+            "patch_size": 6,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+        },
         projection_dim=16,
     )
     CLIPModel(cfg).save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
-    (out / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 30}, "crop_size": {"height": 30, "width": 30},
-        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "do_resize": True, "do_center_crop": True, "do_normalize": True, "resample": 3, "do_rescale": True,
-        "rescale_factor": 1 / 255}))
+    (out / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_processor_type": "CLIPImageProcessor",
+                "size": {"shortest_edge": 30},
+                "crop_size": {"height": 30, "width": 30},
+                "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                "image_std": [0.26862954, 0.26130258, 0.27577711],
+                "do_resize": True,
+                "do_center_crop": True,
+                "do_normalize": True,
+                "resample": 3,
+                "do_rescale": True,
+                "rescale_factor": 1 / 255,
+            }
+        )
+    )
     return out
 
 

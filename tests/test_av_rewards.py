@@ -16,8 +16,12 @@ import torch.nn.functional as F
 from diffalign.errors import ConfigError
 from diffalign.rewards import REWARDS
 
-PROMPTS = ["a red circle moving left", "a blue square moving up then a green triangle appearing",
-           "two yellow circles", "a photo of a purple square"]
+PROMPTS = [
+    "a red circle moving left",
+    "a blue square moving up then a green triangle appearing",
+    "two yellow circles",
+    "a photo of a purple square",
+]
 FUSION_FRAMES = 4
 OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -38,19 +42,47 @@ def build_tiny_fusion_clip(out: Path, frames: int = FUSION_FRAMES, seed: int = 1
     tok = build_clip_tokenizer(list(WORDS) + ["moving", "up", "down", "then", "appearing"])
     torch.manual_seed(seed)
     cfg = CLIPConfig(
-        text_config={"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                     "num_attention_heads": 2, "max_position_embeddings": 77, "eos_token_id": tok.eos_token_id,
-                     "bos_token_id": tok.bos_token_id, "pad_token_id": tok.eos_token_id},
-        vision_config={"image_size": 16, "patch_size": 4, "num_channels": 3 * frames, "hidden_size": 32,
-                       "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2},
+        text_config={
+            "vocab_size": len(tok),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 77,
+            "eos_token_id": tok.eos_token_id,
+            "bos_token_id": tok.bos_token_id,
+            "pad_token_id": tok.eos_token_id,
+        },
+        vision_config={
+            "image_size": 16,
+            "patch_size": 4,
+            "num_channels": 3 * frames,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+        },
         projection_dim=16,
     )
     CLIPModel(cfg).save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
-    (out / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 16}, "crop_size": {"height": 16, "width": 16},
-        "image_mean": OPENAI_MEAN, "image_std": OPENAI_STD, "do_resize": True, "do_center_crop": True, "do_normalize": True,
-        "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255}))
+    (out / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_processor_type": "CLIPImageProcessor",
+                "size": {"shortest_edge": 16},
+                "crop_size": {"height": 16, "width": 16},
+                "image_mean": OPENAI_MEAN,
+                "image_std": OPENAI_STD,
+                "do_resize": True,
+                "do_center_crop": True,
+                "do_normalize": True,
+                "resample": 3,
+                "do_rescale": True,
+                "rescale_factor": 1 / 255,
+            }
+        )
+    )
     return out
 
 
@@ -63,7 +95,9 @@ def fusion_clip(tmp_path_factory) -> Path:
 def reward(request, tiny_clip, fusion_clip):
     from diffalign.rewards import VideoCLIPScore
 
-    r = VideoCLIPScore(str(tiny_clip if request.param == "frames" else fusion_clip), batch_size=4, temporal_weight=0.5)
+    r = VideoCLIPScore(
+        str(tiny_clip if request.param == "frames" else fusion_clip), batch_size=4, temporal_weight=0.5
+    )
     assert r.mode == request.param
     return r
 
@@ -114,15 +148,18 @@ def test_frame_count(reward):
             reward(videos(2, 5, 16, 16), PROMPTS[:2])
 
 
-@pytest.mark.parametrize("bad, match", [
-    (lambda v: v * 2 - 1, r"must be in \[0,1\]"),
-    (lambda v: (v * 255).to(torch.uint8), "must be float"),
-    (lambda v: v.permute(0, 2, 1, 3, 4), r"\[B,F,3,H,W\].*channels before frames"),
-    (lambda v: v.permute(0, 1, 3, 4, 2), r"\[B,F,3,H,W\].*channels last"),
-    (lambda v: v[0], r"\[B,F,3,H,W\]"),
-    (lambda v: v[:, :0], "no frames"),
-    (lambda v: v.clone().fill_(float("nan")), "NaN"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (lambda v: v * 2 - 1, r"must be in \[0,1\]"),
+        (lambda v: (v * 255).to(torch.uint8), "must be float"),
+        (lambda v: v.permute(0, 2, 1, 3, 4), r"\[B,F,3,H,W\].*channels before frames"),
+        (lambda v: v.permute(0, 1, 3, 4, 2), r"\[B,F,3,H,W\].*channels last"),
+        (lambda v: v[0], r"\[B,F,3,H,W\]"),
+        (lambda v: v[:, :0], "no frames"),
+        (lambda v: v.clone().fill_(float("nan")), "NaN"),
+    ],
+)
 def test_bad_videos(reward, bad, match):
     with pytest.raises(ConfigError, match=match) as e:
         reward(bad(videos(2, frames_of(reward), 16, 16)), PROMPTS[:2])
@@ -198,7 +235,9 @@ def test_frame_mode_frames_term_is_mean_pickscore(tiny_clip):
     want = torch.stack([ps(v[:, f], PROMPTS).scores for f in range(3)]).mean(0)
     torch.testing.assert_close(out.sub["frames"], want, atol=1e-5, rtol=1e-5)
     still = v[:, :1].expand(-1, 3, -1, -1, -1)
-    torch.testing.assert_close(VideoCLIPScore(str(tiny_clip))(still, PROMPTS).sub["temporal"], torch.ones(4), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        VideoCLIPScore(str(tiny_clip))(still, PROMPTS).sub["temporal"], torch.ones(4), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_fusion_mode_stacks_frames_frame_major_by_hand(fusion_clip):
@@ -273,8 +312,10 @@ def test_toy_video_clip_sees_motion_direction_on_heldout_clips():
         m = md["objects"][0]
         return video.build_metadata(md["tag"], (m["color"], m["class"], d), other)["prompt"]
 
-    wrong = [with_direction(md, str(rng.choice([d for d in video.DIRECTIONS if d != md["objects"][0]["motion"]])))
-             for _, _, md in items]
+    wrong = [
+        with_direction(md, str(rng.choice([d for d in video.DIRECTIONS if d != md["objects"][0]["motion"]])))
+        for _, _, md in items
+    ]
     good = r(x, [i[1] for i in items]).scores
     bad = r(x, wrong).scores
     assert (good > bad).float().mean() > 0.6
@@ -283,7 +324,9 @@ def test_toy_video_clip_sees_motion_direction_on_heldout_clips():
     motion = [k for k, (_, _, md) in enumerate(items) if md["tag"] == "motion"]
     back = x[motion].flip(1)  # the same frames played backwards: the shape moves the other way
     true_dir = r(back, [items[k][1] for k in motion]).scores
-    opp_dir = r(back, [with_direction(items[k][2], opposite[items[k][2]["objects"][0]["motion"]]) for k in motion]).scores
+    opp_dir = r(
+        back, [with_direction(items[k][2], opposite[items[k][2]["objects"][0]["motion"]]) for k in motion]
+    ).scores
     assert (opp_dir > true_dir).float().mean() > 0.6
 
 
@@ -301,7 +344,12 @@ def test_toy_clap_hears_event_order_on_unseen_clips():
     from diffalign.rewards import CLAPScore
 
     r = CLAPScore(str(_asset("toy-clap")))
-    want = {("high", "noise"): 15, ("noise", "high"): 15, ("high", "low", "noise"): 15, ("noise", "low", "high"): 15}
+    want = {
+        ("high", "noise"): 15,
+        ("noise", "high"): 15,
+        ("high", "low", "noise"): 15,
+        ("noise", "low", "high"): 15,
+    }
     items = []
     for item in tones.make_dataset(10**6, 77, "train"):
         key = tuple(item[2]["events"])

@@ -45,7 +45,9 @@ def clap(tiny_clap):
 # ----------------------------------------------------------------------------- resampling
 
 
-@pytest.mark.parametrize("sr_in, sr_out, up, down", [(16000, 8000, 1, 2), (44100, 48000, 160, 147), (8000, 8000, 1, 1)])
+@pytest.mark.parametrize(
+    "sr_in, sr_out, up, down", [(16000, 8000, 1, 2), (44100, 48000, 160, 147), (8000, 8000, 1, 1)]
+)
 def test_resample_is_resample_poly_at_the_reduced_ratio(sr_in, sr_out, up, down):
     from scipy.signal import resample_poly
 
@@ -63,7 +65,10 @@ def test_resample_is_band_limited():
     from diffalign.rewards.clap import resample
 
     t = np.arange(16000) / 16000
-    rms = [float(np.sqrt(np.mean(resample(np.sin(2 * np.pi * f * t), 16000, 8000)[200:-200] ** 2))) for f in (1000, 6000)]
+    rms = [
+        float(np.sqrt(np.mean(resample(np.sin(2 * np.pi * f * t), 16000, 8000)[200:-200] ** 2)))
+        for f in (1000, 6000)
+    ]
     assert abs(rms[0] - 0.5**0.5) < 0.01 and rms[1] < 0.01
 
 
@@ -98,7 +103,9 @@ def by_hand(clip_dir: Path, audio16k: torch.Tensor, prompts: list[str], seeded: 
     return (a * t).sum(-1), full.logits_per_audio.diag(), tok
 
 
-@pytest.mark.parametrize("samples, seeded", [(6000, False), (20000, True)], ids=["short-repeatpad", "long-crop"])
+@pytest.mark.parametrize(
+    "samples, seeded", [(6000, False), (20000, True)], ids=["short-repeatpad", "long-crop"]
+)
 def test_clap_score_parity_with_processor_and_model(clap, tiny_clap, samples, seeded):
     """16 kHz input into the 8 kHz extractor: 6000 samples -> 3000 (repeat-padded to the 1 s
     window), 20000 -> 10000 (cropped to it). Scores are the cosine, ``logit`` the diagonal of
@@ -137,7 +144,9 @@ def test_crops_are_deterministic_batch_invariant_and_leave_numpy_alone(clap):
     finally:
         clap.batch_size = 4
     torch.testing.assert_close(one, a, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(clap(audio[2:3], PROMPTS[2:3], sample_rate=16000).scores, a[2:3], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        clap(audio[2:3], PROMPTS[2:3], sample_rate=16000).scores, a[2:3], atol=1e-5, rtol=1e-5
+    )
 
 
 def test_integral_sample_rate_types_are_accepted(clap):
@@ -162,11 +171,22 @@ def test_is_longer_matches_the_extractor_without_its_forcing():
 
     from diffalign.rewards.clap import is_longer
 
-    fe = ClapFeatureExtractor(feature_size=64, sampling_rate=SR, hop_length=32, max_length_s=1, fft_window_size=256,
-                              frequency_max=3600, truncation="fusion")
+    fe = ClapFeatureExtractor(
+        feature_size=64,
+        sampling_rate=SR,
+        hop_length=32,
+        max_length_s=1,
+        fft_window_size=256,
+        frequency_max=3600,
+        truncation="fusion",
+    )
     lengths = [5000, 8000, 8010, 8040]
     np.random.seed(0)
-    got = fe([np.zeros(n) + 0.1 for n in lengths], sampling_rate=SR, return_tensors="np").is_longer[:, 0].tolist()
+    got = (
+        fe([np.zeros(n) + 0.1 for n in lengths], sampling_rate=SR, return_tensors="np")
+        .is_longer[:, 0]
+        .tolist()
+    )
     assert got == [is_longer(n, 8000, 32) for n in lengths] == [False, False, False, True]
 
 
@@ -206,18 +226,26 @@ def test_audio_contract(audio_reward):
     assert out.scores.unique().numel() > 1
 
 
-@pytest.mark.parametrize("bad, prompts, sr, match", [
-    (lambda x: x[None], PROMPTS[:2], 16000, r"\[B,S\] mono waveform tensor, got \(1, 2, 800\)"),
-    (lambda x: (x * 32767).to(torch.int16), PROMPTS[:2], 16000, "must be float in .* got dtype torch.int16"),
-    (lambda x: x * 4, PROMPTS[:2], 16000, r"must be in \[-1,1\], got values in"),
-    (lambda x: x.clone().fill_(float("nan")), PROMPTS[:2], 16000, "NaN or inf"),
-    (lambda x: x, PROMPTS[:3], 16000, "2 waveforms but 3 prompts"),
-    (lambda x: x, [], 16000, "prompt list is empty"),
-    (lambda x: x[:, :0], PROMPTS[:2], 16000, "0 samples"),
-    (lambda x: x, PROMPTS[:2], 0, "sample_rate must be a positive integer"),
-    (lambda x: x, PROMPTS[:2], -8000, "sample_rate must be a positive integer"),
-    (lambda x: x, PROMPTS[:2], 16000.5, "sample_rate must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "bad, prompts, sr, match",
+    [
+        (lambda x: x[None], PROMPTS[:2], 16000, r"\[B,S\] mono waveform tensor, got \(1, 2, 800\)"),
+        (
+            lambda x: (x * 32767).to(torch.int16),
+            PROMPTS[:2],
+            16000,
+            "must be float in .* got dtype torch.int16",
+        ),
+        (lambda x: x * 4, PROMPTS[:2], 16000, r"must be in \[-1,1\], got values in"),
+        (lambda x: x.clone().fill_(float("nan")), PROMPTS[:2], 16000, "NaN or inf"),
+        (lambda x: x, PROMPTS[:3], 16000, "2 waveforms but 3 prompts"),
+        (lambda x: x, [], 16000, "prompt list is empty"),
+        (lambda x: x[:, :0], PROMPTS[:2], 16000, "0 samples"),
+        (lambda x: x, PROMPTS[:2], 0, "sample_rate must be a positive integer"),
+        (lambda x: x, PROMPTS[:2], -8000, "sample_rate must be a positive integer"),
+        (lambda x: x, PROMPTS[:2], 16000.5, "sample_rate must be a positive integer"),
+    ],
+)
 def test_bad_audio_is_one_line_config_error(clap, bad, prompts, sr, match):
     with pytest.raises(ConfigError, match=match) as e:
         clap(bad(waves(2, 800)), prompts, sample_rate=sr)
@@ -256,7 +284,10 @@ def test_offline_hub_id_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-    with pytest.raises(ConfigError, match="cannot get CLAP model 'laion/clap-htsat-unfused' from the hub with HF_HUB_OFFLINE set") as e:
+    with pytest.raises(
+        ConfigError,
+        match="cannot get CLAP model 'laion/clap-htsat-unfused' from the hub with HF_HUB_OFFLINE set",
+    ) as e:
         CLAPScore()
     assert "\n" not in str(e.value)
 
@@ -283,7 +314,9 @@ def test_roberta_tokenizer_roundtrip(tmp_path):
     ids = again(text).input_ids
     assert ids == tok(text).input_ids
     toks = again.convert_ids_to_tokens(ids)
-    assert toks[:3] == ["<s>", "a", "Ġ"] and "z" in toks and again.unk_token_id not in ids  # bytes, never <unk>
+    assert (
+        toks[:3] == ["<s>", "a", "Ġ"] and "z" in toks and again.unk_token_id not in ids
+    )  # bytes, never <unk>
     assert again.decode(ids, skip_special_tokens=True) == text
     batch = again(["a cat", "a dog barking in the rain"], padding=True)
     assert batch.input_ids[0][-1] == again.pad_token_id and batch.attention_mask[0][-1] == 0

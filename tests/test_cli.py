@@ -7,7 +7,9 @@ from conftest import make_pairs_parquet
 
 
 def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "diffalign.cli", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "diffalign.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_ls_objectives():
@@ -19,9 +21,15 @@ def test_user_errors_are_one_line(tmp_path, pairs_parquet):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"model:\n  path: /no/such/model\ndata:\n  path: {pairs_parquet}\n  resolution: 32\n")
     cases = [
-        (["validate", str(cfg), "objective.name=difusion_dpo"], "unknown objective 'difusion_dpo'. Did you mean 'diffusion_dpo'"),
+        (
+            ["validate", str(cfg), "objective.name=difusion_dpo"],
+            "unknown objective 'difusion_dpo'. Did you mean 'diffusion_dpo'",
+        ),
         (["validate", str(cfg), "train.optimizr=adamw"], "unknown config key 'train.optimizr'"),
-        (["train", str(cfg), f"train.output_dir={tmp_path / 'r'}"], "model.path '/no/such/model' does not exist"),
+        (
+            ["train", str(cfg), f"train.output_dir={tmp_path / 'r'}"],
+            "model.path '/no/such/model' does not exist",
+        ),
         (["validate", str(tmp_path / "missing.yaml")], "config file"),
     ]
     for args, message in cases:
@@ -35,15 +43,31 @@ def test_user_errors_are_one_line(tmp_path, pairs_parquet):
 def test_bad_data_via_cli(tmp_path, tiny_models):
     bad = make_pairs_parquet(tmp_path / "bad.parquet", n=3, labels=[1.0, 2.0, 0.0])
     (tmp_path / "e.yaml").write_text("")
-    out = cli("train", str(tmp_path / "e.yaml"), f"model.path={tiny_models['sd']}", f"data.path={bad}", "data.resolution=32",
-              f"train.output_dir={tmp_path / 'r'}")
+    out = cli(
+        "train",
+        str(tmp_path / "e.yaml"),
+        f"model.path={tiny_models['sd']}",
+        f"data.path={bad}",
+        "data.resolution=32",
+        f"train.output_dir={tmp_path / 'r'}",
+    )
     assert out.returncode == 2 and "bad.parquet row 1: label_0=2.0 is not one of 0, 0.5, 1" in out.stderr
 
 
 def test_tiny_then_train_through_the_console(tmp_path, pairs_parquet):
     assert cli("tiny", "sd3", str(tmp_path / "m")).returncode == 0
     (tmp_path / "e.yaml").write_text("")
-    out = cli("train", str(tmp_path / "e.yaml"), f"model.path={tmp_path / 'm'}", f"data.path={pairs_parquet}", "data.resolution=32",
-              f"train.output_dir={tmp_path / 'r'}", "train.max_steps=2", "objective.beta=100")
+    out = cli(
+        "train",
+        str(tmp_path / "e.yaml"),
+        f"model.path={tmp_path / 'm'}",
+        f"data.path={pairs_parquet}",
+        "data.resolution=32",
+        f"train.output_dir={tmp_path / 'r'}",
+        "train.max_steps=2",
+        "objective.beta=100",
+    )
     assert out.returncode == 0, out.stderr[-2000:]
-    assert (tmp_path / "r" / "checkpoints" / "step-000002" / "export" / "pytorch_lora_weights.safetensors").exists()
+    assert (
+        tmp_path / "r" / "checkpoints" / "step-000002" / "export" / "pytorch_lora_weights.safetensors"
+    ).exists()

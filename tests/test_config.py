@@ -11,8 +11,12 @@ CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml")
 
 def test_defaults_and_overrides(tmp_path):
     f = tmp_path / "c.yaml"
-    f.write_text("model:\n  path: org/model\nobjective:\n  name: diffusion_dpo\n  beta: 2500\ntrain:\n  lr: 1e-5\n")
-    cfg = load_config(f, ["train.batch_size=4", "objective.loss_type=hinge", "train.lr=2e-6", "data.random_flip=true"])
+    f.write_text(
+        "model:\n  path: org/model\nobjective:\n  name: diffusion_dpo\n  beta: 2500\ntrain:\n  lr: 1e-5\n"
+    )
+    cfg = load_config(
+        f, ["train.batch_size=4", "objective.loss_type=hinge", "train.lr=2e-6", "data.random_flip=true"]
+    )
     assert isinstance(cfg, Config)
     assert cfg.train.batch_size == 4 and cfg.train.lr == 2e-6 and cfg.data.random_flip is True
     assert cfg.objective.params == {"beta": 2500, "loss_type": "hinge"}
@@ -30,7 +34,10 @@ def test_yaml_scientific_notation_is_a_number(tmp_path):
     [
         ("train.lrr=1", r"unknown config key 'train.lrr'. Did you mean 'lr'"),
         ("trian.lr=1", r"unknown config key 'trian'. Did you mean 'train'"),
-        ("train.mixed_precision=fp8", r"train.mixed_precision: 'fp8' is not a valid choice; valid choices: no, fp16, bf16"),
+        (
+            "train.mixed_precision=fp8",
+            r"train.mixed_precision: 'fp8' is not a valid choice; valid choices: no, fp16, bf16",
+        ),
         ("train.batch_size=two", r"train.batch_size: expected an integer"),
         ("model.family=flux", r"model.family: 'flux' is not a valid choice"),
         ("train.lr", r"must look like key=value"),
@@ -60,7 +67,9 @@ def test_validate_semantics(pairs_parquet):
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_shipped_configs_validate(path):
     text = path.read_text()
-    assert text.startswith("#") and "diffalign train" in text.split("\n\n")[0], "configs start with a how-to-run header"
+    assert text.startswith("#") and "diffalign train" in text.split("\n\n")[0], (
+        "configs start with a how-to-run header"
+    )
     cfg = load_config(path)
     validate(cfg, check_data=False)  # hub datasets are not reachable in tests
 

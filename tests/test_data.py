@@ -47,7 +47,9 @@ def test_joint_transform_resizes_loser_to_winner_and_flips_both():
     g = torch.Generator().manual_seed(0)
     flipped = None
     for s in range(20):
-        x, micro = joint_transform([win, lose], 32, center_crop=False, flip=True, gen=torch.Generator().manual_seed(s))
+        x, micro = joint_transform(
+            [win, lose], 32, center_crop=False, flip=True, gen=torch.Generator().manual_seed(s)
+        )
         assert micro[:2].tolist() == [48, 64]
         # the same horizontal gradient in both: flip/crop were applied jointly
         d0 = (x[0, 0, 0, -1] - x[0, 0, 0, 0]).sign()
@@ -81,7 +83,9 @@ def test_corrupt_image_is_counted_skip(tmp_path, capsys):
     p = make_pairs_parquet(tmp_path / "p.parquet", n=4, labels=[1.0] * 4, corrupt_rows=(1,))
     ds = PairDataset(dcfg(p))
     item = ds[(1, 0)]
-    assert item["skipped"] == 1 and item["caption"] == ds.rows[2].caption  # replaced by the next readable pair
+    assert (
+        item["skipped"] == 1 and item["caption"] == ds.rows[2].caption
+    )  # replaced by the next readable pair
     assert "skipping pair" in capsys.readouterr().out
     assert ds[(0, 0)]["skipped"] == 0
 
@@ -91,12 +95,18 @@ def test_jsonl_and_folder_formats(tmp_path):
     for i in range(3):
         for side in ("chosen", "rejected"):
             (tmp_path / "f" / side).mkdir(parents=True, exist_ok=True)
-            (tmp_path / "f" / side / f"{i}.png").write_bytes(_png((rng.random((32, 32, 3)) * 255).astype(np.uint8)))
+            (tmp_path / "f" / side / f"{i}.png").write_bytes(
+                _png((rng.random((32, 32, 3)) * 255).astype(np.uint8))
+            )
         (tmp_path / "f" / "chosen" / f"{i}.txt").write_text(f"prompt {i}")
     ds = PairDataset(dcfg(tmp_path / "f"))
     assert ds.format == "folder" and len(ds) == 3 and ds[(2, 0)]["caption"] == "prompt 2"
-    lines = [json.dumps({"caption": "x", "chosen": "f/chosen/0.png", "rejected": "f/rejected/0.png"}),
-             json.dumps({"caption": "y", "image_0": "f/chosen/1.png", "image_1": "f/rejected/1.png", "label_0": 0})]
+    lines = [
+        json.dumps({"caption": "x", "chosen": "f/chosen/0.png", "rejected": "f/rejected/0.png"}),
+        json.dumps(
+            {"caption": "y", "image_0": "f/chosen/1.png", "image_1": "f/rejected/1.png", "label_0": 0}
+        ),
+    ]
     (tmp_path / "pairs.jsonl").write_text("\n".join(lines))
     ds = PairDataset(dcfg(tmp_path / "pairs.jsonl"))
     assert ds.format == "jsonl" and [r.swap for r in ds.rows] == [False, True]
@@ -107,6 +117,7 @@ def test_jsonl_and_folder_formats(tmp_path):
 
 def test_step_plan_is_split_invariant():
     """The same global batch (pairs and per-sample seeds) whatever the batch/accum/world split."""
+
     def global_keys(B, A, W, step):
         plan = StepPlan(10, seed=3, batch_size=B, grad_accum=A, world_size=W)
         return sorted(k for m in range(A) for r in range(W) for k in plan.keys(step, m, r))

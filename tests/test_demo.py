@@ -11,11 +11,28 @@ from diffalign.errors import ConfigError
 
 
 def test_demo_plumbing_and_report(tmp_path, tiny_models, tiny_clip):
-    m = run_demo(out=str(tmp_path / "demo"), model=str(tiny_models["sd"]), generators=[str(tiny_models["sd"])],
-                 rewards=[f"pickscore={tiny_clip}", f"clip_score={tiny_clip}"], steps=2, n_train=4, n_eval=5,
-                 per_prompt=2, sample_steps=2, batch_size=2)
+    m = run_demo(
+        out=str(tmp_path / "demo"),
+        model=str(tiny_models["sd"]),
+        generators=[str(tiny_models["sd"])],
+        rewards=[f"pickscore={tiny_clip}", f"clip_score={tiny_clip}"],
+        steps=2,
+        n_train=4,
+        n_eval=5,
+        per_prompt=2,
+        sample_steps=2,
+        batch_size=2,
+    )
     rep = tmp_path / "demo" / "report"
-    for name in ("index.html", "report.md", "metrics.json", "base.png", "aligned.png", "training.png", "per_tag.png"):
+    for name in (
+        "index.html",
+        "report.md",
+        "metrics.json",
+        "base.png",
+        "aligned.png",
+        "training.png",
+        "per_tag.png",
+    ):
         assert (rep / name).exists(), name
     assert {"base", "aligned", "gain", "timing"} <= set(json.loads((rep / "metrics.json").read_text()))
     assert 0.0 <= m["base"]["overall"] <= 1.0 and len(m["base"]["per_tag"]) == 5  # held-out split: five tags
@@ -26,14 +43,36 @@ def test_demo_plumbing_and_report(tmp_path, tiny_models, tiny_clip):
     # training read latents the VAE encoded once (the cache), not once per step
     assert json.loads((tmp_path / "demo" / "cache" / "index.json").read_text())["format"] == "ranked"
     # same seed, same numbers
-    again = run_demo(out=str(tmp_path / "again"), model=str(tiny_models["sd"]), generators=[str(tiny_models["sd"])],
-                     rewards=[f"pickscore={tiny_clip}", f"clip_score={tiny_clip}"], steps=2, n_train=4, n_eval=5,
-                     per_prompt=2, sample_steps=2, batch_size=2)
-    assert {k: again[k] for k in ("base", "aligned", "gain")} == {k: m[k] for k in ("base", "aligned", "gain")}
-    assert (tmp_path / "again" / "results.jsonl").read_text() == (tmp_path / "demo" / "results.jsonl").read_text()
+    again = run_demo(
+        out=str(tmp_path / "again"),
+        model=str(tiny_models["sd"]),
+        generators=[str(tiny_models["sd"])],
+        rewards=[f"pickscore={tiny_clip}", f"clip_score={tiny_clip}"],
+        steps=2,
+        n_train=4,
+        n_eval=5,
+        per_prompt=2,
+        sample_steps=2,
+        batch_size=2,
+    )
+    assert {k: again[k] for k in ("base", "aligned", "gain")} == {
+        k: m[k] for k in ("base", "aligned", "gain")
+    }
+    assert (tmp_path / "again" / "results.jsonl").read_text() == (
+        tmp_path / "demo" / "results.jsonl"
+    ).read_text()
     # a rerun into the same folder is refused (it would reuse the old Syn-Pic images), unless asked to overwrite
-    kw = dict(model=str(tiny_models["sd"]), generators=[str(tiny_models["sd"])], rewards=[f"pickscore={tiny_clip}"], steps=1,
-              n_train=4, n_eval=5, per_prompt=2, sample_steps=2, batch_size=2)
+    kw = dict(
+        model=str(tiny_models["sd"]),
+        generators=[str(tiny_models["sd"])],
+        rewards=[f"pickscore={tiny_clip}"],
+        steps=1,
+        n_train=4,
+        n_eval=5,
+        per_prompt=2,
+        sample_steps=2,
+        batch_size=2,
+    )
     with pytest.raises(ConfigError, match="holds a previous demo .*--overwrite"):
         run_demo(out=str(tmp_path / "demo"), **kw)
     stamp = (tmp_path / "demo" / "results.jsonl").stat().st_mtime_ns
@@ -46,18 +85,32 @@ def test_demo_refuses_objectives_it_does_not_wire_before_any_work(tmp_path):
         run_demo(out=str(tmp_path / "x"), objective="rankdp")
     with pytest.raises(ConfigError, match="mapo"):
         run_demo(out=str(tmp_path / "x"), objective="mapo")
-    with pytest.raises(ConfigError, match="max_steps"):  # bad hyperparameters: refused before any file is written
+    with pytest.raises(
+        ConfigError, match="max_steps"
+    ):  # bad hyperparameters: refused before any file is written
         run_demo(out=str(tmp_path / "x"), steps=0)
     with pytest.raises(ConfigError, match=r"one per generator \(3\)"):  # toy-sd, toy-sd3, the policy unguided
         run_demo(out=str(tmp_path / "x"), images_per_generator=[3, 1, 1, 1])
-    with pytest.raises(ConfigError, match=r"synpic_guidance \[4.0, 1.0\]: give one scale, or one per generator \(3\)"):
+    with pytest.raises(
+        ConfigError, match=r"synpic_guidance \[4.0, 1.0\]: give one scale, or one per generator \(3\)"
+    ):
         run_demo(out=str(tmp_path / "x"), synpic_guidance=[4.0, 1.0])
     assert not (tmp_path / "x").exists()
 
 
 def test_demo_online_dpo_skips_synpic_and_reports(tmp_path, tiny_models, tiny_clip):
-    m = run_demo(out=str(tmp_path / "on"), model=str(tiny_models["sd"]), rewards=[f"pickscore={tiny_clip}"],
-                 objective="online_dpo", steps=1, n_train=4, n_eval=5, per_prompt=2, sample_steps=2, batch_size=2)
+    m = run_demo(
+        out=str(tmp_path / "on"),
+        model=str(tiny_models["sd"]),
+        rewards=[f"pickscore={tiny_clip}"],
+        objective="online_dpo",
+        steps=1,
+        n_train=4,
+        n_eval=5,
+        per_prompt=2,
+        sample_steps=2,
+        batch_size=2,
+    )
     assert not (tmp_path / "on" / "synpic").exists() and (tmp_path / "on" / "report" / "index.html").exists()
     assert m["settings"]["objective"] == "online_dpo" and m["settings"]["generators"] == []
     assert len(m["aligned"]["per_tag"]) == 5

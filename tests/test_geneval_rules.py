@@ -13,7 +13,11 @@ def det(cls: str, x: float, y: float, size: float = 10.0, *, color: str | None =
     return Detection(cls=cls, score=score, box=(x - h, y - h, x + h, y + h), color=color)
 
 
-SINGLE = {"tag": "single_object", "include": [{"class": "circle", "count": 1}], "prompt": "a photo of a circle"}
+SINGLE = {
+    "tag": "single_object",
+    "include": [{"class": "circle", "count": 1}],
+    "prompt": "a photo of a circle",
+}
 TWO = {
     "tag": "two_object",
     "include": [{"class": "circle", "count": 1}, {"class": "square", "count": 1}],
@@ -25,7 +29,11 @@ COUNT2 = {
     "exclude": [{"class": "square", "count": 3}],
     "prompt": "a photo of two squares",
 }
-RED = {"tag": "colors", "include": [{"class": "circle", "count": 1, "color": "red"}], "prompt": "a photo of a red circle"}
+RED = {
+    "tag": "colors",
+    "include": [{"class": "circle", "count": 1, "color": "red"}],
+    "prompt": "a photo of a red circle",
+}
 LEFT = {
     "tag": "position",
     "include": [{"class": "square", "count": 1}, {"class": "circle", "count": 1, "position": ["left of", 0]}],
@@ -89,7 +97,10 @@ def test_position_clear_cases():
     ok, reason = judge([det("square", 8, 16), det("circle", 24, 16)], LEFT)
     assert not ok and reason == "expected circle left of target, found right of target"
     ok, reason = judge([det("circle", 8, 16)], LEFT)  # reference missing
-    assert not ok and reason.splitlines() == ["expected square>=1, found 0", "no target for circle to be left of"]
+    assert not ok and reason.splitlines() == [
+        "expected square>=1, found 0",
+        "no target for circle to be left of",
+    ]
 
 
 def test_position_margin():
@@ -124,7 +135,10 @@ def test_color_attr_binding():
 
 def test_summarize_averages_over_tags():
     results = [{"tag": "colors", "correct": c} for c in (True, True, True, False)]
-    results += [{"tag": "position", "correct": False, "prompt": "p"}, {"tag": "position", "correct": True, "prompt": "p"}]
+    results += [
+        {"tag": "position", "correct": False, "prompt": "p"},
+        {"tag": "position", "correct": True, "prompt": "p"},
+    ]
     out = summarize(results)
     assert out["per_tag"] == {"colors": 0.75, "position": 0.5}
     assert out["overall"] == pytest.approx(0.625)  # not the image mean 4/6

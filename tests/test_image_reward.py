@@ -18,7 +18,22 @@ import torch.nn.functional as F
 from diffalign.errors import ConfigError
 from diffalign.rewards import REWARDS, ImageReward
 
-WORDS = ["a", "red", "blue", "green", "circle", "square", "triangle", "on", "in", "field", "two", "photo", "of", "dog"]
+WORDS = [
+    "a",
+    "red",
+    "blue",
+    "green",
+    "circle",
+    "square",
+    "triangle",
+    "on",
+    "in",
+    "field",
+    "two",
+    "photo",
+    "of",
+    "dog",
+]
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
 VD, VL, VH, PATCH, IMG = 32, 2, 2, 16, 224  # vision width, layers, heads
 TD, TL, TH, TI, TPOS = 32, 2, 2, 37, 64  # text width, layers, heads, intermediate, positions
@@ -42,23 +57,46 @@ def official_state_dict(seed: int = 0, residual: float = 1.0) -> dict[str, torch
 
     n = (IMG // PATCH) ** 2 + 1
     v = "blip.visual_encoder."
-    sd = {v + "cls_token": r(1, 1, VD, s=0.5 * residual), v + "pos_embed": r(1, n, VD, s=0.5 * residual),
-          v + "patch_embed.proj.weight": r(VD, 3, PATCH, PATCH, s=0.05 * residual), v + "patch_embed.proj.bias": r(VD, s=0.1 * residual)}
+    sd = {
+        v + "cls_token": r(1, 1, VD, s=0.5 * residual),
+        v + "pos_embed": r(1, n, VD, s=0.5 * residual),
+        v + "patch_embed.proj.weight": r(VD, 3, PATCH, PATCH, s=0.05 * residual),
+        v + "patch_embed.proj.bias": r(VD, s=0.1 * residual),
+    }
     for i in range(VL):
         b = f"{v}blocks.{i}."
-        sd |= ln(b + "norm1.", VD) | lin(b + "attn.qkv.", VD, 3 * VD, 0.3) | lin(b + "attn.proj.", VD, VD, 0.1 * residual)
-        sd |= ln(b + "norm2.", VD) | lin(b + "mlp.fc1.", VD, 4 * VD) | lin(b + "mlp.fc2.", 4 * VD, VD, 0.1 * residual)
+        sd |= (
+            ln(b + "norm1.", VD)
+            | lin(b + "attn.qkv.", VD, 3 * VD, 0.3)
+            | lin(b + "attn.proj.", VD, VD, 0.1 * residual)
+        )
+        sd |= (
+            ln(b + "norm2.", VD)
+            | lin(b + "mlp.fc1.", VD, 4 * VD)
+            | lin(b + "mlp.fc2.", 4 * VD, VD, 0.1 * residual)
+        )
     sd |= ln(v + "norm.", VD)
     t = "blip.text_encoder."
-    sd |= {t + "embeddings.word_embeddings.weight": r(TV, TD, s=1.0), t + "embeddings.position_embeddings.weight": r(TPOS, TD, s=0.5),
-           t + "embeddings.position_ids": torch.arange(TPOS)[None]}
+    sd |= {
+        t + "embeddings.word_embeddings.weight": r(TV, TD, s=1.0),
+        t + "embeddings.position_embeddings.weight": r(TPOS, TD, s=0.5),
+        t + "embeddings.position_ids": torch.arange(TPOS)[None],
+    }
     sd |= ln(t + "embeddings.LayerNorm.", TD)
     for i in range(TL):
         b = f"{t}encoder.layer.{i}."
         for att, kv in (("attention.", TD), ("crossattention.", VD)):
             sd |= lin(b + att + "self.query.", TD, TD, 0.3) | lin(b + att + "self.key.", kv, TD, 0.3)
-            sd |= lin(b + att + "self.value.", kv, TD) | lin(b + att + "output.dense.", TD, TD) | ln(b + att + "output.LayerNorm.", TD)
-        sd |= lin(b + "intermediate.dense.", TD, TI) | lin(b + "output.dense.", TI, TD) | ln(b + "output.LayerNorm.", TD)
+            sd |= (
+                lin(b + att + "self.value.", kv, TD)
+                | lin(b + att + "output.dense.", TD, TD)
+                | ln(b + att + "output.LayerNorm.", TD)
+            )
+        sd |= (
+            lin(b + "intermediate.dense.", TD, TI)
+            | lin(b + "output.dense.", TI, TD)
+            | ln(b + "output.LayerNorm.", TD)
+        )
     widths = [TD, 1024, 128, 64, 16, 1]
     for idx, (i, o) in zip((0, 2, 4, 6, 7), zip(widths[:-1], widths[1:], strict=True), strict=True):
         sd |= lin(f"mlp.layers.{idx}.", i, o, s=1 / math.sqrt(i))
@@ -71,13 +109,32 @@ def write_folder(folder, sd):
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(sd, folder / "ImageReward.pt")
     (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-    med = {"architectures": ["BertModel"], "hidden_act": "gelu", "hidden_size": TD, "intermediate_size": TI,
-           "layer_norm_eps": 1e-12, "max_position_embeddings": TPOS, "model_type": "bert", "num_attention_heads": TH,
-           "num_hidden_layers": TL, "pad_token_id": 0, "type_vocab_size": 2, "vocab_size": TV, "encoder_width": VD,
-           "add_cross_attention": True}
+    med = {
+        "architectures": ["BertModel"],
+        "hidden_act": "gelu",
+        "hidden_size": TD,
+        "intermediate_size": TI,
+        "layer_norm_eps": 1e-12,
+        "max_position_embeddings": TPOS,
+        "model_type": "bert",
+        "num_attention_heads": TH,
+        "num_hidden_layers": TL,
+        "pad_token_id": 0,
+        "type_vocab_size": 2,
+        "vocab_size": TV,
+        "encoder_width": VD,
+        "add_cross_attention": True,
+    }
     (folder / "med_config.json").write_text(json.dumps(med))
-    over = {"vision_config": {"hidden_size": VD, "num_hidden_layers": VL, "num_attention_heads": VH,
-                              "patch_size": PATCH, "image_size": IMG}}
+    over = {
+        "vision_config": {
+            "hidden_size": VD,
+            "num_hidden_layers": VL,
+            "num_attention_heads": VH,
+            "patch_size": PATCH,
+            "image_size": IMG,
+        }
+    }
     (folder / "diffalign_image_reward.json").write_text(json.dumps(over))
     return folder
 
@@ -89,6 +146,7 @@ def ckpt(tmp_path_factory):
 
 
 # ---------------- the independent re-statement ----------------
+
 
 def ref_tokens(prompts):
     ids, mask = [], []
@@ -119,16 +177,29 @@ def ref_vit(sd, x):
     p = "blip.visual_encoder."
     B = x.shape[0]
     x = F.conv2d(x, sd[p + "patch_embed.proj.weight"], sd[p + "patch_embed.proj.bias"], stride=PATCH)
-    x = torch.cat([sd[p + "cls_token"].expand(B, 1, VD), x.flatten(2).transpose(1, 2)], dim=1) + sd[p + "pos_embed"]
+    x = (
+        torch.cat([sd[p + "cls_token"].expand(B, 1, VD), x.flatten(2).transpose(1, 2)], dim=1)
+        + sd[p + "pos_embed"]
+    )
     N, dh = x.shape[1], VD // VH
     for i in range(VL):
         b = f"{p}blocks.{i}."
         h = F.layer_norm(x, (VD,), sd[b + "norm1.weight"], sd[b + "norm1.bias"], eps=1e-6)
-        q, k, v = F.linear(h, sd[b + "attn.qkv.weight"], sd[b + "attn.qkv.bias"]).reshape(B, N, 3, VH, dh).permute(2, 0, 3, 1, 4)
+        q, k, v = (
+            F.linear(h, sd[b + "attn.qkv.weight"], sd[b + "attn.qkv.bias"])
+            .reshape(B, N, 3, VH, dh)
+            .permute(2, 0, 3, 1, 4)
+        )
         a = (q @ k.transpose(-2, -1) * dh**-0.5).softmax(-1)
-        x = x + F.linear((a @ v).transpose(1, 2).reshape(B, N, VD), sd[b + "attn.proj.weight"], sd[b + "attn.proj.bias"])
+        x = x + F.linear(
+            (a @ v).transpose(1, 2).reshape(B, N, VD), sd[b + "attn.proj.weight"], sd[b + "attn.proj.bias"]
+        )
         h = F.layer_norm(x, (VD,), sd[b + "norm2.weight"], sd[b + "norm2.bias"], eps=1e-6)
-        x = x + F.linear(F.gelu(F.linear(h, sd[b + "mlp.fc1.weight"], sd[b + "mlp.fc1.bias"])), sd[b + "mlp.fc2.weight"], sd[b + "mlp.fc2.bias"])
+        x = x + F.linear(
+            F.gelu(F.linear(h, sd[b + "mlp.fc1.weight"], sd[b + "mlp.fc1.bias"])),
+            sd[b + "mlp.fc2.weight"],
+            sd[b + "mlp.fc2.bias"],
+        )
     return F.layer_norm(x, (VD,), sd[p + "norm.weight"], sd[p + "norm.bias"], eps=1e-6)
 
 
@@ -145,7 +216,11 @@ def ref_bert(sd, ids, mask, enc):
         return x.view(x.shape[0], x.shape[1], TH, TD // TH).transpose(1, 2)
 
     def attention(pre, x, kv, bias):
-        q, k, v = heads(lin(x, pre + "self.query")), heads(lin(kv, pre + "self.key")), heads(lin(kv, pre + "self.value"))
+        q, k, v = (
+            heads(lin(x, pre + "self.query")),
+            heads(lin(kv, pre + "self.key")),
+            heads(lin(kv, pre + "self.value")),
+        )
         a = (q @ k.transpose(-1, -2) / math.sqrt(TD // TH) + bias).softmax(-1)
         ctx = (a @ v).transpose(1, 2).reshape(x.shape)
         return norm(lin(ctx, pre + "output.dense") + x, pre + "output.LayerNorm")
@@ -158,7 +233,9 @@ def ref_bert(sd, ids, mask, enc):
         b = f"{p}encoder.layer.{i}."
         x = attention(b + "attention.", x, x, self_bias)
         x = attention(b + "crossattention.", x, enc, 0.0)  # all-ones image mask
-        x = norm(lin(F.gelu(lin(x, b + "intermediate.dense")), b + "output.dense") + x, b + "output.LayerNorm")
+        x = norm(
+            lin(F.gelu(lin(x, b + "intermediate.dense")), b + "output.dense") + x, b + "output.LayerNorm"
+        )
     return x
 
 
@@ -172,7 +249,13 @@ def ref_scores(sd, images, prompts):
 
 # ---------------- tests ----------------
 
-PROMPTS = ["A red circle", "two blue squares on a green field", "a dog in a field " * 9, "zebra on a Photo", "circle"]
+PROMPTS = [
+    "A red circle",
+    "two blue squares on a green field",
+    "a dog in a field " * 9,
+    "zebra on a Photo",
+    "circle",
+]
 
 
 @pytest.mark.parametrize("hw", [(40, 56), (56, 40), (224, 224)])

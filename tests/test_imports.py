@@ -12,8 +12,12 @@ import tomllib
 import diffalign
 
 ROOT = Path(__file__).resolve().parent.parent
-SIBLINGS = {"objectives": "diffalign.objectives", "samplers": "diffalign.samplers", "rewards": "diffalign.rewards",
-            "benchmarks": "diffalign.benchmarks"}
+SIBLINGS = {
+    "objectives": "diffalign.objectives",
+    "samplers": "diffalign.samplers",
+    "rewards": "diffalign.rewards",
+    "benchmarks": "diffalign.benchmarks",
+}
 
 
 def _packages_on_disk() -> set[str]:

@@ -16,8 +16,15 @@ from diffalign.objectives import InPO, SmPO, smoothed_weight, smpo_loss
 from diffalign.samplers.ddim import NoiseSchedule
 from diffalign.samplers.inversion import ddim_invert, inversion_grid, invert_per_sample
 
-SCHED_KW = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                steps_offset=1, set_alpha_to_one=False, clip_sample=False)
+SCHED_KW = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    steps_offset=1,
+    set_alpha_to_one=False,
+    clip_sample=False,
+)
 
 
 def toy_model(x, t, c):
@@ -57,7 +64,11 @@ def official_inversion(x0, t0, c, steps, renoise, eta, noises=None):
 
 def test_grid_matches_ddim_inverse_scheduler():
     inv, _, _ = schedules()
-    assert inversion_grid(1000, 10, 1) == inv.timesteps.tolist() == [1, 101, 201, 301, 401, 501, 601, 701, 801, 901]
+    assert (
+        inversion_grid(1000, 10, 1)
+        == inv.timesteps.tolist()
+        == [1, 101, 201, 301, 401, 501, 601, 701, 801, 901]
+    )
 
 
 @pytest.mark.parametrize("renoise", [0, 1])
@@ -68,7 +79,9 @@ def test_per_sample_inversion_matches_official_loop_at_any_batch_size(renoise):
     t = torch.tensor([350, 999, 40])
     c = torch.tensor([0.5, -1.0, 2.0])
     steps = 5 if renoise else 10
-    x, eps = invert_per_sample(toy_model, x0, t, inversion_grid(1000, steps, 1), c, sched, renoise_steps=renoise)
+    x, eps = invert_per_sample(
+        toy_model, x0, t, inversion_grid(1000, steps, 1), c, sched, renoise_steps=renoise
+    )
     for i in range(3):  # each sample equals the official batch-size-1 computation at its own t
         xr, er = official_inversion(x0[i : i + 1], int(t[i]), c[i : i + 1], steps, renoise, 0.0)
         torch.testing.assert_close(x[i : i + 1], xr.float(), atol=1e-5, rtol=1e-5)
@@ -84,7 +97,9 @@ def test_inversion_eta_noise_matches_official_variance():
     x0 = torch.randn(1, 4, 5, 5, generator=torch.Generator().manual_seed(1))
     t0, c = 960, torch.tensor([0.3])  # t > 901: the official index t + 100 would overrun; clamped
     gen = [torch.Generator().manual_seed(7)]
-    x, _ = invert_per_sample(toy_model, x0, torch.tensor([t0]), inversion_grid(1000, 10, 1), c, sched, eta=0.1, generators=gen)
+    x, _ = invert_per_sample(
+        toy_model, x0, torch.tensor([t0]), inversion_grid(1000, 10, 1), c, sched, eta=0.1, generators=gen
+    )
     g = torch.Generator().manual_seed(7)
     noises = [torch.randn(4, 5, 5, generator=g)[None] for _ in range(10)]
     xr, _ = official_inversion(x0, t0, c, 10, 0, 0.1, noises)
@@ -96,8 +111,15 @@ def test_smoothed_weight_hand_derived():
     w = smoothed_weight(torch.tensor([0.25, 0.20, 0.2]), torch.tensor([0.20, 0.25, 0.2]))
     torch.testing.assert_close(w, torch.tensor([1.48962, -1.48962, 0.0]), atol=2e-5, rtol=0)
     # errors giving a DPO logit of exactly 2.0 at beta 2000: inside = 1.48962 * 2 = 2.97924
-    loss, inside = smpo_loss(torch.tensor([0.100]), torch.tensor([0.102]), torch.tensor([0.101]), torch.tensor([0.101]),
-                             torch.tensor([0.25]), torch.tensor([0.20]), beta=2000.0)
+    loss, inside = smpo_loss(
+        torch.tensor([0.100]),
+        torch.tensor([0.102]),
+        torch.tensor([0.101]),
+        torch.tensor([0.101]),
+        torch.tensor([0.25]),
+        torch.tensor([0.20]),
+        beta=2000.0,
+    )
     torch.testing.assert_close(inside, torch.tensor([2.97924]), atol=1e-4, rtol=0)
     torch.testing.assert_close(loss, torch.tensor([math.log1p(math.exp(-2.97924))]), atol=1e-5, rtol=0)
 
@@ -105,7 +127,10 @@ def test_smoothed_weight_hand_derived():
 def official_smpo(model_losses, ref_losses, score_w, score_l, beta):
     """SmPO train.py:738-747 and :1061, one pair (the PickScore winner first)."""
     max_val, min_val = 0.28201571106910706, 0.11543526500463486
-    n0, n1 = (torch.tensor(score_w) - min_val) / (max_val - min_val), (torch.tensor(score_l) - min_val) / (max_val - min_val)
+    n0, n1 = (
+        (torch.tensor(score_w) - min_val) / (max_val - min_val),
+        (torch.tensor(score_l) - min_val) / (max_val - min_val),
+    )
     probs = torch.exp(n0) / (torch.exp(n0) + torch.exp(n1))
     model_diff = model_losses[0] - model_losses[1]
     ref_diff = ref_losses[0] - ref_losses[1]
@@ -130,7 +155,10 @@ def test_inpo_loss_is_dpo_on_given_errors():
     from diffalign.objectives import diffusion_dpo_loss
 
     pol, ref = torch.tensor([[0.10, 0.12]]), torch.tensor([[0.11, 0.11]])
-    torch.testing.assert_close(InPO(beta=2000.0)(pol, ref, {}).loss, diffusion_dpo_loss(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], 2000.0)[0])
+    torch.testing.assert_close(
+        InPO(beta=2000.0)(pol, ref, {}).loss,
+        diffusion_dpo_loss(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1], 2000.0)[0],
+    )
 
 
 def scored_pairs(path, n=8):
@@ -152,11 +180,21 @@ def test_train_inversion_objectives_end_to_end(tiny_models, tmp_path, name, monk
 
     calls = []
     real = inv.invert_per_sample
-    monkeypatch.setattr(inv, "invert_per_sample", lambda *a, **k: calls.append(k.get("renoise_steps")) or real(*a, **k))
+    monkeypatch.setattr(
+        inv, "invert_per_sample", lambda *a, **k: calls.append(k.get("renoise_steps")) or real(*a, **k)
+    )
     data = scored_pairs(tmp_path / "scored.parquet")
     extra = ["data.score_column=pickscore"] if name == "smpo" else []
-    metrics = run(tiny_models["sd"], data, tmp_path / "run", f"objective.name={name}", "train.max_steps=2",
-                  "train.batch_size=2", "objective.inversion_steps=3", *extra)
+    metrics = run(
+        tiny_models["sd"],
+        data,
+        tmp_path / "run",
+        f"objective.name={name}",
+        "train.max_steps=2",
+        "train.batch_size=2",
+        "objective.inversion_steps=3",
+        *extra,
+    )
     assert all(math.isfinite(v) for v in metrics.values()) and "implicit_acc" in metrics
     assert calls == [1 if name == "smpo" else 0] * 2  # the loop's inputs came from inversion, each step
     w = trainable(tmp_path / "run")
@@ -173,7 +211,14 @@ def test_smpo_without_scores_fails_before_loading(tiny_models, pairs_parquet, tm
     with pytest.raises(ConfigError, match="needs per-image reward scores: set data.score_column"):
         run(tiny_models["sd"], pairs_parquet, tmp_path / "r", "objective.name=smpo", "train.max_steps=1")
     with pytest.raises(ConfigError, match="score_column='hps' needs columns hps_0/hps_1"):
-        run(tiny_models["sd"], pairs_parquet, tmp_path / "r", "objective.name=smpo", "train.max_steps=1", "data.score_column=hps")
+        run(
+            tiny_models["sd"],
+            pairs_parquet,
+            tmp_path / "r",
+            "objective.name=smpo",
+            "train.max_steps=1",
+            "data.score_column=hps",
+        )
 
 
 def test_inversion_objectives_refuse_flow_models(tiny_models, tmp_path):
@@ -182,4 +227,10 @@ def test_inversion_objectives_refuse_flow_models(tiny_models, tmp_path):
     from diffalign.config import ConfigError
 
     with pytest.raises(ConfigError, match="need an epsilon-prediction model"):
-        run(tiny_models["sd3"], scored_pairs(tmp_path / "s.parquet"), tmp_path / "r", "objective.name=inpo", "train.max_steps=1")
+        run(
+            tiny_models["sd3"],
+            scored_pairs(tmp_path / "s.parquet"),
+            tmp_path / "r",
+            "objective.name=inpo",
+            "train.max_steps=1",
+        )

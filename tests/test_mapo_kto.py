@@ -27,7 +27,8 @@ def test_mapo_hand_derived():
 def _mapo_reference(model_losses_w, model_losses_l, snr_value=0.5, T=1000, beta_mapo=0.1):
     """mapo-t2i/mapo@374b3d3 utils.py compute_loss, restated."""
     log_odds = (snr_value * model_losses_w) / (torch.exp(snr_value * model_losses_w) - 1) - (
-        snr_value * model_losses_l) / (torch.exp(snr_value * model_losses_l) - 1)
+        snr_value * model_losses_l
+    ) / (torch.exp(snr_value * model_losses_l) - 1)
     ratio = F.logsigmoid(log_odds * T)
     return model_losses_w.mean() - (beta_mapo * ratio).mean()
 
@@ -43,14 +44,18 @@ def test_kto_hand_derived():
     """policy [[0.1, 0.3]], ref [[0.2, 0.2]]: g = [0.1, -0.1], z = clamp(mean 0, 0) = 0;
     beta 10: winner h = sigmoid(10*0.1) = sigmoid(1) = 0.7310586 -> loss 0.2689414;
     loser h = sigmoid(-10*(-0.1)) = sigmoid(1) -> loss 0.2689414"""
-    loss, g, z = kto_loss(torch.tensor([[0.1, 0.3]]), torch.tensor([[0.2, 0.2]]), torch.tensor([[1.0, 0.0]]), beta=10.0)
+    loss, g, z = kto_loss(
+        torch.tensor([[0.1, 0.3]]), torch.tensor([[0.2, 0.2]]), torch.tensor([[1.0, 0.0]]), beta=10.0
+    )
     assert z.item() == 0.0
     assert torch.allclose(loss, torch.full((1, 2), 1 - 1 / (1 + math.exp(-1))))
 
 
 def test_kto_reference_point_is_clamped_positive_mean():
     """g = [0.3, 0.1] -> z = 0.2; desirable winner: h = sigmoid(beta*(0.3-0.2))."""
-    loss, g, z = kto_loss(torch.tensor([[0.0, 0.1]]), torch.tensor([[0.3, 0.2]]), torch.tensor([[1.0, 0.0]]), beta=10.0)
+    loss, g, z = kto_loss(
+        torch.tensor([[0.0, 0.1]]), torch.tensor([[0.3, 0.2]]), torch.tensor([[1.0, 0.0]]), beta=10.0
+    )
     assert z.item() == pytest.approx(0.2)
     assert loss[0, 0].item() == pytest.approx(1 - 1 / (1 + math.exp(-1.0)), abs=1e-6)
     assert loss[0, 1].item() == pytest.approx(1 - 1 / (1 + math.exp(-1.0)), abs=1e-6)  # -(0.1-0.2)*10 = 1

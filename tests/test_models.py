@@ -19,7 +19,9 @@ def test_families_and_prediction_types(adapters):
     assert adapters["sd"].prediction_type == "epsilon"
     assert adapters["sd-v"].prediction_type == "v_prediction"  # read from the scheduler config
     assert adapters["sd3"].prediction_type == "flow_matching"
-    assert adapters["sd3"].timestep_sampling == "logit_normal" and adapters["sd"].timestep_sampling == "uniform"
+    assert (
+        adapters["sd3"].timestep_sampling == "logit_normal" and adapters["sd"].timestep_sampling == "uniform"
+    )
 
 
 @pytest.mark.parametrize("fam", ["sd", "sdxl", "sd3", "sd-v"])
@@ -69,7 +71,9 @@ def test_sdxl_micro_conditioning_changes_prediction(adapters):
 
 
 def test_wrong_prediction_type_is_one_line_error(tiny_models):
-    with pytest.raises(ModelLoadError, match="model.prediction_type: 'epsilon' but .* is trained for 'v_prediction'"):
+    with pytest.raises(
+        ModelLoadError, match="model.prediction_type: 'epsilon' but .* is trained for 'v_prediction'"
+    ):
         load_adapter(ModelConfig(path=str(tiny_models["sd-v"]), prediction_type="epsilon"))
     with pytest.raises(ModelLoadError, match="trained for 'flow_matching'"):
         load_adapter(ModelConfig(path=str(tiny_models["sd3"]), prediction_type="epsilon"))

@@ -31,8 +31,10 @@ def test_recipes_name_registered_objectives_and_valid_keys():
 def _result(path, objective, seeds, base, aligned, tags):
     import json
 
-    per = [{"prompt": f"p{s}", "tag": t, "seed": s, "base": b, "aligned": a}
-           for s, b, a, t in zip(seeds, base, aligned, tags, strict=True)]
+    per = [
+        {"prompt": f"p{s}", "tag": t, "seed": s, "base": b, "aligned": a}
+        for s, b, a, t in zip(seeds, base, aligned, tags, strict=True)
+    ]
     path.write_text(json.dumps({"objective": objective, "model": "toy-sd", "per_image": per}))
     return path
 

@@ -17,7 +17,9 @@ def losses(out) -> list[float]:
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_precomputed_reference_equals_live_reference(tiny_models, pairs_parquet, tmp_path, mode):
-    extra = ["train.max_steps=3", "train.batch_size=2", "train.grad_accum=2"] + (["lora.rank=0", "train.lr=1e-3"] if mode == "full" else [])
+    extra = ["train.max_steps=3", "train.batch_size=2", "train.grad_accum=2"] + (
+        ["lora.rank=0", "train.lr=1e-3"] if mode == "full" else []
+    )
     run(tiny_models["sd"], pairs_parquet, tmp_path / "live", *extra)
     run(tiny_models["sd"], pairs_parquet, tmp_path / "pre", *extra, "train.precompute_reference=true")
     assert losses(tmp_path / "live") == losses(tmp_path / "pre")  # bit-identical
@@ -32,11 +34,20 @@ def test_precomputed_reference_survives_resume(tiny_models, pairs_parquet, tmp_p
     from diffalign.config import load_config
     from diffalign.train import train
 
-    extra = ["train.max_steps=3", "train.batch_size=2", "lora.rank=0", "train.lr=1e-3", "train.precompute_reference=true",
-             "train.checkpoint_every=1"]
+    extra = [
+        "train.max_steps=3",
+        "train.batch_size=2",
+        "lora.rank=0",
+        "train.lr=1e-3",
+        "train.precompute_reference=true",
+        "train.checkpoint_every=1",
+    ]
     run(tiny_models["sd"], pairs_parquet, tmp_path / "full", *extra)
     run(tiny_models["sd"], pairs_parquet, tmp_path / "cut", *extra, "train.halt_after_step=1")
-    train(load_config(None, overrides(tiny_models["sd"], pairs_parquet, tmp_path / "cut", *extra)), resume="latest")
+    train(
+        load_config(None, overrides(tiny_models["sd"], pairs_parquet, tmp_path / "cut", *extra)),
+        resume="latest",
+    )
     a, b = trainable(tmp_path / "full"), trainable(tmp_path / "cut")
     for n in a:
         torch.testing.assert_close(a[n], b[n], atol=1e-6, rtol=0)
@@ -44,7 +55,14 @@ def test_precomputed_reference_survives_resume(tiny_models, pairs_parquet, tmp_p
 
 def test_channels_last_trains_the_same(tiny_models, pairs_parquet, tmp_path):
     run(tiny_models["sd"], pairs_parquet, tmp_path / "a", "train.max_steps=2", "train.batch_size=2")
-    run(tiny_models["sd"], pairs_parquet, tmp_path / "b", "train.max_steps=2", "train.batch_size=2", "train.channels_last=true")
+    run(
+        tiny_models["sd"],
+        pairs_parquet,
+        tmp_path / "b",
+        "train.max_steps=2",
+        "train.batch_size=2",
+        "train.channels_last=true",
+    )
     la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert la == pytest.approx(lb, rel=1e-4, abs=1e-6)
 

@@ -30,7 +30,9 @@ def test_vote_phi_weighted_hand_computed():
     assert phi.tolist() == [[0.75, 0.0, 0.625]]
     assert ranks_from_phi(phi).tolist() == [[1, 3, 2]]
     assert torch.equal(vote_phi(scores, [2.0, 2.0]), vote_phi(scores))  # equal weights = the paper's vote
-    assert torch.equal(vote_phi(scores, [1.0, 0.0]), vote_phi({"r1": scores["r1"]}))  # weight 0 drops a reward
+    assert torch.equal(
+        vote_phi(scores, [1.0, 0.0]), vote_phi({"r1": scores["r1"]})
+    )  # weight 0 drops a reward
     with pytest.raises(ValueError, match="1 weight"):
         vote_phi(scores, [1.0])
     with pytest.raises(ValueError, match="must be >= 0"):

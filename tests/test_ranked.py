@@ -18,7 +18,9 @@ def _png(seed: int, size: int = 32) -> bytes:
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray((np.random.default_rng(seed).random((size, size, 3)) * 255).astype(np.uint8)).save(buf, format="PNG")
+    Image.fromarray((np.random.default_rng(seed).random((size, size, 3)) * 255).astype(np.uint8)).save(
+        buf, format="PNG"
+    )
     return buf.getvalue()
 
 
@@ -44,7 +46,9 @@ def test_ranked_items_are_best_first(tmp_path):
     assert ds.k == 3 and len(ds) == 6
     item = ds[(0, 1)]
     assert item["pixels"].shape == (3, 3, 32, 32)
-    assert item["rank"].tolist() == [1, 2, 3] and item["phi"].tolist() == sorted(item["phi"].tolist(), reverse=True)
+    assert item["rank"].tolist() == [1, 2, 3] and item["phi"].tolist() == sorted(
+        item["phi"].tolist(), reverse=True
+    )
 
 
 def test_bad_rank_names_row(tmp_path):
@@ -55,8 +59,16 @@ def test_bad_rank_names_row(tmp_path):
 
 def test_rankdpo_trains_and_pair_objective_refuses_k3(tiny_models, tmp_path):
     p = make_ranked(tmp_path / "r.parquet")
-    base = [f"model.path={tiny_models['sd']}", f"data.path={p}", "data.format=ranked", "data.resolution=32",
-            "train.max_steps=2", "train.batch_size=2", "train.lr=1e-2", "objective.beta=100"]
+    base = [
+        f"model.path={tiny_models['sd']}",
+        f"data.path={p}",
+        "data.format=ranked",
+        "data.resolution=32",
+        "train.max_steps=2",
+        "train.batch_size=2",
+        "train.lr=1e-2",
+        "objective.beta=100",
+    ]
     m = train(load_config(None, [*base, "objective.name=rankdpo", f"train.output_dir={tmp_path / 'a'}"]))
     assert np.isfinite(m["loss"]) and 0 <= m["implicit_acc"] <= 1
     from diffalign.config import ConfigError
@@ -73,17 +85,35 @@ def test_cached_ranked_latents_give_the_same_loss(tiny_models, tmp_path):
 
     p = make_ranked(tmp_path / "r.parquet", n=5, k=3)
     cache = tmp_path / "cache"
-    base = [f"model.path={tiny_models['sd']}", f"data.path={p}", "data.format=ranked", "data.resolution=32",
-            "train.max_steps=2", "train.batch_size=2", "train.lr=1e-2", "objective.beta=100", "objective.name=rankdpo",
-            "data.caption_dropout=0.3"]
+    base = [
+        f"model.path={tiny_models['sd']}",
+        f"data.path={p}",
+        "data.format=ranked",
+        "data.resolution=32",
+        "train.max_steps=2",
+        "train.batch_size=2",
+        "train.lr=1e-2",
+        "objective.beta=100",
+        "objective.name=rankdpo",
+        "data.caption_dropout=0.3",
+    ]
     cfg = load_config(None, [*base, f"train.output_dir={tmp_path / 'x'}", f"data.cache_dir={cache}"])
     build_cache(cfg, shard_size=2)
     assert len(list(cache.glob("shard-*.safetensors"))) == 3
-    ds, src = CachedPairs(cfg.data, cfg.model), RankedDataset(DataConfig(path=str(p), resolution=32, format="ranked"))
+    ds, src = (
+        CachedPairs(cfg.data, cfg.model),
+        RankedDataset(DataConfig(path=str(p), resolution=32, format="ranked")),
+    )
     assert ds.k == 3 and len(ds) == 5
     item, ref = ds[(4, 0)], src[(4, 0)]
-    assert item["latents"].shape[0] == 3 and item["rank"].tolist() == [1, 2, 3] and torch.equal(item["phi"], ref["phi"])
-    cached = train(load_config(None, [*base, f"train.output_dir={tmp_path / 'c'}", f"data.cache_dir={cache}"]))
+    assert (
+        item["latents"].shape[0] == 3
+        and item["rank"].tolist() == [1, 2, 3]
+        and torch.equal(item["phi"], ref["phi"])
+    )
+    cached = train(
+        load_config(None, [*base, f"train.output_dir={tmp_path / 'c'}", f"data.cache_dir={cache}"])
+    )
     plain = train(load_config(None, [*base, f"train.output_dir={tmp_path / 'p'}"]))
     # the reference errors see the same latents (fp32 rounding of the VAE at another batch size, ~1e-7);
     # after one lr-1e-2 step the policy carries that rounding times beta, so its numbers agree to ~1e-4

@@ -14,10 +14,20 @@ from diffalign.report import image_grid, save_png, tag_bars, write_report
 
 def _report(tmp_path):
     rng = np.random.default_rng(0)
-    grid = save_png(image_grid((rng.random((16, 32, 32, 3)) * 255).astype(np.uint8), 8, scale=3), tmp_path / "grid.png")
-    bars = tag_bars({"base": {"colors": 0.4, "position": 0.1}, "aligned": {"colors": 0.6, "position": 0.2}}, tmp_path / "bars.png")
-    return write_report(tmp_path, "test report", "| tag | base |\n|---|---|\n| colors | 0.4 |",
-                        [("Samples", grid, "a grid"), ("Per tag", bars, "bars")], {"overall": 0.25})
+    grid = save_png(
+        image_grid((rng.random((16, 32, 32, 3)) * 255).astype(np.uint8), 8, scale=3), tmp_path / "grid.png"
+    )
+    bars = tag_bars(
+        {"base": {"colors": 0.4, "position": 0.1}, "aligned": {"colors": 0.6, "position": 0.2}},
+        tmp_path / "bars.png",
+    )
+    return write_report(
+        tmp_path,
+        "test report",
+        "| tag | base |\n|---|---|\n| colors | 0.4 |",
+        [("Samples", grid, "a grid"), ("Per tag", bars, "bars")],
+        {"overall": 0.25},
+    )
 
 
 def test_report_files(tmp_path):
@@ -27,16 +37,30 @@ def test_report_files(tmp_path):
     assert (tmp_path / "report.md").read_text().count("![") == 2
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium not installed (.ci/run installs it)")
+@pytest.mark.skipif(
+    shutil.which("chromium") is None, reason="Debian chromium not installed (.ci/run installs it)"
+)
 def test_report_renders_in_headless_chromium(tmp_path):
     from PIL import Image
 
     page = _report(tmp_path)
     shot = tmp_path / "shot.png"
-    cmd = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tempfile.mkdtemp()}", f"--screenshot={shot}", "--window-size=1100,1400",
-           "--enable-logging=stderr", f"file://{page}"]
+    cmd = [
+        "chromium",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tempfile.mkdtemp()}",
+        f"--screenshot={shot}",
+        "--window-size=1100,1400",
+        "--enable-logging=stderr",
+        f"file://{page}",
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert "Page load failed" not in p.stderr and ":CONSOLE(" not in p.stderr, p.stderr[-2000:]
     img = np.asarray(Image.open(shot).convert("RGB"))

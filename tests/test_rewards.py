@@ -38,28 +38,50 @@ def build_tiny_open_clip(out: Path, seed: int = 0) -> Path:
     from diffalign.models.tokenizer import build_clip_tokenizer
 
     tok = build_clip_tokenizer(WORDS)
-    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 28, "layers": 2, "width": 32, "head_width": 16, "patch_size": 14},
-           "text_cfg": {"context_length": 77, "vocab_size": len(tok), "width": 32, "heads": 2, "layers": 2}}
+    cfg = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 28, "layers": 2, "width": 32, "head_width": 16, "patch_size": 14},
+        "text_cfg": {"context_length": 77, "vocab_size": len(tok), "width": 32, "heads": 2, "layers": 2},
+    }
     g = torch.Generator().manual_seed(seed)
 
     def r(*shape, s=0.2):
         return torch.randn(*shape, generator=g) * s
 
-    sd = {"visual.conv1.weight": r(32, 3, 14, 14, s=0.05), "visual.class_embedding": r(32),
-          "visual.positional_embedding": r(5, 32), "visual.ln_pre.weight": 1 + r(32), "visual.ln_pre.bias": r(32),
-          "visual.ln_post.weight": 1 + r(32), "visual.ln_post.bias": r(32), "visual.proj": r(32, 16),
-          "token_embedding.weight": r(len(tok), 32), "positional_embedding": r(77, 32),
-          "ln_final.weight": 1 + r(32), "ln_final.bias": r(32), "text_projection": r(32, 16),
-          "logit_scale": torch.tensor(np.log(1 / 0.07), dtype=torch.float32),
-          "attn_mask": torch.full((77, 77), float("-inf")).triu(1)}  # old open_clip saved this buffer
+    sd = {
+        "visual.conv1.weight": r(32, 3, 14, 14, s=0.05),
+        "visual.class_embedding": r(32),
+        "visual.positional_embedding": r(5, 32),
+        "visual.ln_pre.weight": 1 + r(32),
+        "visual.ln_pre.bias": r(32),
+        "visual.ln_post.weight": 1 + r(32),
+        "visual.ln_post.bias": r(32),
+        "visual.proj": r(32, 16),
+        "token_embedding.weight": r(len(tok), 32),
+        "positional_embedding": r(77, 32),
+        "ln_final.weight": 1 + r(32),
+        "ln_final.bias": r(32),
+        "text_projection": r(32, 16),
+        "logit_scale": torch.tensor(np.log(1 / 0.07), dtype=torch.float32),
+        "attn_mask": torch.full((77, 77), float("-inf")).triu(1),
+    }  # old open_clip saved this buffer
     for tower in ("visual.transformer", "transformer"):
         for i in range(2):
             p = f"{tower}.resblocks.{i}."
-            sd |= {p + "ln_1.weight": 1 + r(32), p + "ln_1.bias": r(32), p + "ln_2.weight": 1 + r(32), p + "ln_2.bias": r(32),
-                   p + "attn.in_proj_weight": r(96, 32), p + "attn.in_proj_bias": r(96),
-                   p + "attn.out_proj.weight": r(32, 32), p + "attn.out_proj.bias": r(32),
-                   p + "mlp.c_fc.weight": r(128, 32), p + "mlp.c_fc.bias": r(128),
-                   p + "mlp.c_proj.weight": r(32, 128), p + "mlp.c_proj.bias": r(32)}
+            sd |= {
+                p + "ln_1.weight": 1 + r(32),
+                p + "ln_1.bias": r(32),
+                p + "ln_2.weight": 1 + r(32),
+                p + "ln_2.bias": r(32),
+                p + "attn.in_proj_weight": r(96, 32),
+                p + "attn.in_proj_bias": r(96),
+                p + "attn.out_proj.weight": r(32, 32),
+                p + "attn.out_proj.bias": r(32),
+                p + "mlp.c_fc.weight": r(128, 32),
+                p + "mlp.c_fc.bias": r(128),
+                p + "mlp.c_proj.weight": r(32, 128),
+                p + "mlp.c_proj.bias": r(32),
+            }
     out.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": sd, "epoch": 1}, out / "HPS_v2.1_compressed.pt")
     (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
@@ -123,12 +145,20 @@ def test_pickscore_and_clip_score_parity_with_processor_and_formula(tiny_clip):
     ie, te = getattr(ie, "pooler_output", ie), getattr(te, "pooler_output", te)
     ie, te = ie / ie.norm(dim=-1, keepdim=True), te / te.norm(dim=-1, keepdim=True)
     cos = (ie * te).sum(-1)
-    torch.testing.assert_close(PickScore(str(tiny_clip))(imgs, PROMPTS).scores, model.logit_scale.exp().detach() * cos,
-                               atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(CLIPScore(str(tiny_clip))(imgs, PROMPTS).scores, 100 * cos.clamp(min=0), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(
+        PickScore(str(tiny_clip))(imgs, PROMPTS).scores,
+        model.logit_scale.exp().detach() * cos,
+        atol=1e-5,
+        rtol=1e-5,
+    )
+    torch.testing.assert_close(
+        CLIPScore(str(tiny_clip))(imgs, PROMPTS).scores, 100 * cos.clamp(min=0), atol=1e-4, rtol=1e-5
+    )
 
 
-def open_clip_forward(sd: dict, cfg: dict, px: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def open_clip_forward(
+    sd: dict, cfg: dict, px: torch.Tensor, ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """OpenCLIP's ViT and text transformer restated from the raw state dict (open_clip model.py)."""
     v, t = cfg["vision_cfg"], cfg["text_cfg"]
 
@@ -148,11 +178,17 @@ def open_clip_forward(sd: dict, cfg: dict, px: torch.Tensor, ids: torch.Tensor) 
 
     w = v["width"]
     x = F.conv2d(px, sd["visual.conv1.weight"], stride=v["patch_size"]).flatten(2).transpose(1, 2)
-    x = torch.cat([sd["visual.class_embedding"].expand(x.shape[0], 1, w), x], dim=1) + sd["visual.positional_embedding"]
+    x = (
+        torch.cat([sd["visual.class_embedding"].expand(x.shape[0], 1, w), x], dim=1)
+        + sd["visual.positional_embedding"]
+    )
     x = F.layer_norm(x, (w,), sd["visual.ln_pre.weight"], sd["visual.ln_pre.bias"])
     for i in range(v["layers"]):
         x = block(x, f"visual.transformer.resblocks.{i}.", w // v["head_width"], None)
-    img = F.layer_norm(x[:, 0], (w,), sd["visual.ln_post.weight"], sd["visual.ln_post.bias"]) @ sd["visual.proj"]
+    img = (
+        F.layer_norm(x[:, 0], (w,), sd["visual.ln_post.weight"], sd["visual.ln_post.bias"])
+        @ sd["visual.proj"]
+    )
     tw = t["width"]
     x = sd["token_embedding.weight"][ids] + sd["positional_embedding"]
     causal = torch.full((ids.shape[1], ids.shape[1]), float("-inf")).triu(1)
@@ -204,8 +240,12 @@ def test_hpsv2_parity_with_open_clip_formula(tiny_open_clip, hw):
     assert ids[2, -1] == tok.eos_token_id and (ids[2] != 0).all()  # LONG is cut, ends in eot
     img, txt = open_clip_forward(sd, cfg, px, ids)
     cos = (F.normalize(img, dim=-1) * F.normalize(txt, dim=-1)).sum(-1)
-    torch.testing.assert_close(HPSv2(str(tiny_open_clip), scale="cosine")(imgs, PROMPTS).scores, cos, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(HPSv2(str(tiny_open_clip))(imgs, PROMPTS).scores, 100 * cos, atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(
+        HPSv2(str(tiny_open_clip), scale="cosine")(imgs, PROMPTS).scores, cos, atol=1e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(
+        HPSv2(str(tiny_open_clip))(imgs, PROMPTS).scores, 100 * cos, atol=1e-3, rtol=1e-5
+    )
 
 
 def test_pad_preprocess_pads_black_symmetrically():
@@ -233,7 +273,9 @@ def test_open_clip_folder_serves_clip_score(tmp_path, tiny_open_clip):
     (d / "HPS_v2.1_compressed.pt").unlink()
     imgs = images(2, 28, 28)
     cos = HPSv2(str(d), scale="cosine")(imgs, PROMPTS[:2]).scores  # 28x28 needs no resize: pad and crop agree
-    torch.testing.assert_close(CLIPScore(str(d))(imgs, PROMPTS[:2]).scores, 100 * cos.clamp(min=0), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(
+        CLIPScore(str(d))(imgs, PROMPTS[:2]).scores, 100 * cos.clamp(min=0), atol=1e-4, rtol=1e-5
+    )
 
 
 def test_aesthetic_parity_with_formula(tiny_clip, tiny_head):
@@ -279,9 +321,17 @@ BUILDERS: dict[str, Callable] = {
     "clip_score": lambda d, clip: REWARDS.get("clip_score")(str(clip)),
     "hpsv2": lambda d, clip: REWARDS.get("hpsv2")(str(build_tiny_open_clip(d / "hps"))),
     "aesthetic": lambda d, clip: REWARDS.get("aesthetic")(
-        str(clip), head=str(build_tiny_aesthetic_head(d / "h.pth", json.loads((clip / "config.json").read_text())["projection_dim"]))),
+        str(clip),
+        head=str(
+            build_tiny_aesthetic_head(
+                d / "h.pth", json.loads((clip / "config.json").read_text())["projection_dim"]
+            )
+        ),
+    ),
     "step_aware": lambda d, clip: REWARDS.get("step_aware")(str(clip)),
-    "image_reward": lambda d, clip: REWARDS.get("image_reward")(str(_ir.write_folder(d / "ir", _ir.official_state_dict()))),
+    "image_reward": lambda d, clip: REWARDS.get("image_reward")(
+        str(_ir.write_folder(d / "ir", _ir.official_state_dict()))
+    ),
 }
 
 
@@ -318,11 +368,14 @@ def test_contract(reward):
     assert varied.unique().numel() > 1
 
 
-@pytest.mark.parametrize("bad, match", [
-    (lambda x: x * 2 - 1, r"must be in \[0,1\]"),
-    (lambda x: (x * 255).to(torch.uint8), "must be float"),
-    (lambda x: x.permute(0, 2, 3, 1), r"\[B,3,H,W\]"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (lambda x: x * 2 - 1, r"must be in \[0,1\]"),
+        (lambda x: (x * 255).to(torch.uint8), "must be float"),
+        (lambda x: x.permute(0, 2, 3, 1), r"\[B,3,H,W\]"),
+    ],
+)
 def test_bad_images(reward, bad, match):
     _, r = reward
     with pytest.raises(ConfigError, match=match):
@@ -354,7 +407,9 @@ def test_missing_weights_path(name, tmp_path, offline):
 def test_offline_hub_id_is_one_clear_error(offline):
     from diffalign.rewards import HPSv2
 
-    with pytest.raises(ConfigError, match="cannot get 'HPS_v2.1_compressed.pt' from hub repo 'no-such-user/no-such-hps'"):
+    with pytest.raises(
+        ConfigError, match="cannot get 'HPS_v2.1_compressed.pt' from hub repo 'no-such-user/no-such-hps'"
+    ):
         HPSv2("no-such-user/no-such-hps")
 
 

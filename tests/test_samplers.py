@@ -20,8 +20,15 @@ from diffalign.samplers import (
 def _sched(pred="epsilon"):
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=1, prediction_type=pred)
+    return DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=pred,
+    )
 
 
 @pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
@@ -55,15 +62,25 @@ def _unet_fn(unet):
 def test_ddim_sample_matches_pipeline(tiny_models):
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_models["sd"], safety_checker=None, feature_extractor=None,
-                                                   requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        tiny_models["sd"], safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
     pipe.set_progress_bar_config(disable=True)
     x_T = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(1))
-    ref = pipe("a red circle", num_inference_steps=6, guidance_scale=3.0, latents=x_T.clone(), output_type="latent").images
+    ref = pipe(
+        "a red circle", num_inference_steps=6, guidance_scale=3.0, latents=x_T.clone(), output_type="latent"
+    ).images
     cond, uncond = pipe.encode_prompt("a red circle", "cpu", 1, True)
     pipe.scheduler.set_timesteps(6)
-    out = ddim_sample(_unet_fn(pipe.unet), x_T * pipe.scheduler.init_noise_sigma, pipe.scheduler.timesteps, (uncond, cond),
-                      NoiseSchedule.from_scheduler(pipe.scheduler), guidance_scale=3.0, return_trajectory=True)
+    out = ddim_sample(
+        _unet_fn(pipe.unet),
+        x_T * pipe.scheduler.init_noise_sigma,
+        pipe.scheduler.timesteps,
+        (uncond, cond),
+        NoiseSchedule.from_scheduler(pipe.scheduler),
+        guidance_scale=3.0,
+        return_trajectory=True,
+    )
     torch.testing.assert_close(out.sample, ref, atol=1e-5, rtol=1e-5)
     assert len(out.trajectory) == 7
 
@@ -75,16 +92,27 @@ def test_flow_euler_matches_sd3_pipeline(tiny_models):
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_models["sd3"], text_encoder_3=None, tokenizer_3=None)
     pipe.set_progress_bar_config(disable=True)
     x_T = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(2))
-    ref = pipe("a red circle", num_inference_steps=5, guidance_scale=3.0, latents=x_T.clone(), output_type="latent",
-               max_sequence_length=8).images
-    pe, npe, pooled, npooled = pipe.encode_prompt("a red circle", "a red circle", "a red circle", device="cpu",
-                                                  max_sequence_length=8)
+    ref = pipe(
+        "a red circle",
+        num_inference_steps=5,
+        guidance_scale=3.0,
+        latents=x_T.clone(),
+        output_type="latent",
+        max_sequence_length=8,
+    ).images
+    pe, npe, pooled, npooled = pipe.encode_prompt(
+        "a red circle", "a red circle", "a red circle", device="cpu", max_sequence_length=8
+    )
     pipe.scheduler.set_timesteps(5)
 
     def fn(x, t, c):
-        return pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=c["e"], pooled_projections=c["p"]).sample
+        return pipe.transformer(
+            hidden_states=x, timestep=t, encoder_hidden_states=c["e"], pooled_projections=c["p"]
+        ).sample
 
-    out = flow_sample(fn, x_T, pipe.scheduler.sigmas, ({"e": npe, "p": npooled}, {"e": pe, "p": pooled}), guidance_scale=3.0)
+    out = flow_sample(
+        fn, x_T, pipe.scheduler.sigmas, ({"e": npe, "p": npooled}, {"e": pe, "p": pooled}), guidance_scale=3.0
+    )
     torch.testing.assert_close(out.sample, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -109,7 +137,9 @@ def test_flow_sde_first_step_uses_the_grids_second_sigma():
     st2, dt = 0.7**2 * 1.0 / (1 - 0.9), -0.1
     torch.testing.assert_close(mean, x * (1 + st2 / 2 * dt) + v * dt)
     torch.testing.assert_close(x_next, mean + st2**0.5 * 0.1**0.5 * z)
-    torch.testing.assert_close(flow_sde_step(v, x, 1.0, 0.9, z, noise_level=0.7)[0], x_next)  # default: sigma_next
+    torch.testing.assert_close(
+        flow_sde_step(v, x, 1.0, 0.9, z, noise_level=0.7)[0], x_next
+    )  # default: sigma_next
     with pytest.raises(ValueError, match="sigma_max"):
         flow_sde_step(v, x, 1.0, 0.9, z, sigma_max=1.0)
 
@@ -156,7 +186,9 @@ def test_ddim_inversion_round_trip():
     inv = ddim_invert(fn, x0, list(reversed(sch.timesteps.tolist())), None, ns)
     back = ddim_sample(fn, inv.latent, sch.timesteps, None, ns).sample
     err = (back - x0).abs().max().item()
-    assert err < 0.05, err  # stated tolerance: 50 steps, data std 0.71 (first-order ODE mismatch, ~0.03 measured)
+    assert err < 0.05, (
+        err
+    )  # stated tolerance: 50 steps, data std 0.71 (first-order ODE mismatch, ~0.03 measured)
     assert (inv.latent - x0).abs().max() > 0.5  # it really went to noise and back
     aT = ns.abar(int(sch.timesteps[0]))
     torch.testing.assert_close(inv.noise, (inv.latent - aT**0.5 * x0) / (1 - aT) ** 0.5)
@@ -174,8 +206,17 @@ def test_stepwise_resampler():
     def fn(x, t, c):
         return 0.1 * x
 
-    out = stepwise_resample(fn, x_t, 501, 451, None, ns, k=4, scorer=lambda c, t: c.mean((1, 2, 3)),
-                            generator=torch.Generator().manual_seed(6))
+    out = stepwise_resample(
+        fn,
+        x_t,
+        501,
+        451,
+        None,
+        ns,
+        k=4,
+        scorer=lambda c, t: c.mean((1, 2, 3)),
+        generator=torch.Generator().manual_seed(6),
+    )
     assert out.scores.shape == (4, 3)
     assert torch.allclose(out.best.mean((1, 2, 3)), out.scores.max(0).values)
     assert torch.allclose(out.worst.mean((1, 2, 3)), out.scores.min(0).values)
@@ -187,9 +228,16 @@ def test_samplers_keep_gradients():
     w = torch.tensor(0.1, requires_grad=True)
     sch = _sched()
     sch.set_timesteps(4)
-    out = ddim_sample(lambda x, t, c: w * x, torch.randn(2, 4, 4, 4), sch.timesteps, None,
-                      NoiseSchedule.from_scheduler(sch), eta=1.0, generator=torch.Generator().manual_seed(0),
-                      return_log_probs=True)
+    out = ddim_sample(
+        lambda x, t, c: w * x,
+        torch.randn(2, 4, 4, 4),
+        sch.timesteps,
+        None,
+        NoiseSchedule.from_scheduler(sch),
+        eta=1.0,
+        generator=torch.Generator().manual_seed(0),
+        return_log_probs=True,
+    )
     assert len(out.log_probs) == 4
     torch.stack(out.log_probs).sum().backward()
     assert w.grad is not None and w.grad != 0

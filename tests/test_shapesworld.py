@@ -99,7 +99,11 @@ def test_metadata_has_geneval_structure():
     pos = mds["position"]
     assert pos["include"][0].keys() == {"class", "count"}
     assert pos["include"][1]["position"][1] == 0
-    ref, subject, rel = pos["include"][0]["class"], pos["include"][1]["class"], pos["include"][1]["position"][0]
+    ref, subject, rel = (
+        pos["include"][0]["class"],
+        pos["include"][1]["class"],
+        pos["include"][1]["position"][0],
+    )
     assert pos["prompt"] == f"a photo of a {subject} {rel} a {ref}"
     count = mds["counting"]
     n = count["include"][0]["count"]

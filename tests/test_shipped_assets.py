@@ -17,13 +17,26 @@ def test_toy_pipelines_load_and_sample():
 
     from diffalign.models import load_pipeline
 
-    for name, cls in (("toy-sd", diffusers.StableDiffusionPipeline), ("toy-sd3", diffusers.StableDiffusion3Pipeline)):
+    for name, cls in (
+        ("toy-sd", diffusers.StableDiffusionPipeline),
+        ("toy-sd3", diffusers.StableDiffusion3Pipeline),
+    ):
         pipe, kw = load_pipeline(ASSETS / name)
         assert isinstance(pipe, cls)
-        img = pipe(["a photo of a red circle"], num_inference_steps=4, output_type="pt",
-                   generator=torch.Generator().manual_seed(0), **kw).images
+        img = pipe(
+            ["a photo of a red circle"],
+            num_inference_steps=4,
+            output_type="pt",
+            generator=torch.Generator().manual_seed(0),
+            **kw,
+        ).images
         assert img.shape == (1, 3, 32, 32) and torch.isfinite(img).all()
-    assert diffusers.StableDiffusionPipeline.from_pretrained(ASSETS / "toy-sd", safety_checker=None).unet.config.sample_size == 16
+    assert (
+        diffusers.StableDiffusionPipeline.from_pretrained(
+            ASSETS / "toy-sd", safety_checker=None
+        ).unet.config.sample_size
+        == 16
+    )
 
 
 def test_toy_rewards_load_through_pickscore():
@@ -55,7 +68,9 @@ def test_toy_audio_base_loads_token_conditioned_and_follows_train_captions():
     assert type(pipe).__name__ == "TokenAudioLDMPipeline"
     mds = [m for m in tones.prompts("train", 40, 0) if m["tag"] == "single"][:6]
     gens = [torch.Generator().manual_seed(i) for i in range(len(mds))]
-    audio = pipe([m["prompt"] for m in mds], num_inference_steps=15, guidance_scale=4.0, generator=gens, **kw).audios
+    audio = pipe(
+        [m["prompt"] for m in mds], num_inference_steps=15, guidance_scale=4.0, generator=gens, **kw
+    ).audios
     assert audio.shape == (len(mds), tones.N_SAMPLES) and np.isfinite(audio).all()
     correct = [tones.judge_audio(a, m)[0] for a, m in zip(audio, mds, strict=True)]
     assert sum(correct) >= 4, [tones.judge_audio(a, m)[1] for a, m in zip(audio, mds, strict=True)]

@@ -45,7 +45,13 @@ def test_cap_margins():
 
 
 def logs(dw, dl, acc):
-    return {"err/policy_w": 0.1 + dw, "err/ref_w": 0.1, "err/policy_l": 0.1 + dl, "err/ref_l": 0.1, "implicit_acc": acc}
+    return {
+        "err/policy_w": 0.1 + dw,
+        "err/ref_w": 0.1,
+        "err/policy_l": 0.1 + dl,
+        "err/ref_l": 0.1,
+        "implicit_acc": acc,
+    }
 
 
 def test_divergence_monitor():
@@ -55,7 +61,9 @@ def test_divergence_monitor():
     m = DivergenceMonitor(window=10)
     assert not any(m.update(logs(0.001 * i, 0.002 * i, 0.6)) for i in range(20))  # accuracy not ~1
     m = DivergenceMonitor(window=10)
-    assert not any(m.update(logs(-0.001 * i, 0.002 * i, 1.0)) for i in range(20))  # winner error falls: healthy DPO
+    assert not any(
+        m.update(logs(-0.001 * i, 0.002 * i, 1.0)) for i in range(20)
+    )  # winner error falls: healthy DPO
 
 
 def test_auto_beta_in_loop_resumes_exactly(tiny_models, pairs_parquet, tmp_path):
@@ -63,18 +71,36 @@ def test_auto_beta_in_loop_resumes_exactly(tiny_models, pairs_parquet, tmp_path)
 
     from test_train import final_ckpt, run, trainable
 
-    extra = ["train.max_steps=4", "train.batch_size=2", "train.auto_beta_target=0.3", "train.auto_beta_rate=0.5",
-             "train.margin_cap=50", "objective.beta=5000"]
+    extra = [
+        "train.max_steps=4",
+        "train.batch_size=2",
+        "train.auto_beta_target=0.3",
+        "train.auto_beta_rate=0.5",
+        "train.margin_cap=50",
+        "objective.beta=5000",
+    ]
     full = run(tiny_models["sd"], pairs_parquet, tmp_path / "full", *extra)
     assert full["stability/beta"] != 5000.0 and 0 < full["stability/grad_factor"] < 1
-    run(tiny_models["sd"], pairs_parquet, tmp_path / "cut", *extra, "train.halt_after_step=2", "train.checkpoint_every=2")
+    run(
+        tiny_models["sd"],
+        pairs_parquet,
+        tmp_path / "cut",
+        *extra,
+        "train.halt_after_step=2",
+        "train.checkpoint_every=2",
+    )
     from test_train import overrides
 
     from diffalign.config import load_config
     from diffalign.train import train
 
-    resumed = train(load_config(None, overrides(tiny_models["sd"], pairs_parquet, tmp_path / "cut", *extra,
-                                                "train.checkpoint_every=2")), resume="latest")
+    resumed = train(
+        load_config(
+            None,
+            overrides(tiny_models["sd"], pairs_parquet, tmp_path / "cut", *extra, "train.checkpoint_every=2"),
+        ),
+        resume="latest",
+    )
     assert resumed["stability/beta"] == pytest.approx(full["stability/beta"], rel=1e-9)
     a, b = trainable(tmp_path / "full"), trainable(tmp_path / "cut")
     for n in a:
@@ -90,18 +116,35 @@ def test_auto_beta_refuses_objective_without_beta(tiny_models, tmp_path):
     from conftest import make_pairs_parquet
 
     data = make_pairs_parquet(tmp_path / "p.parquet", n=4)
-    cfg = load_config(None, [f"model.path={tiny_models['sd']}", f"data.path={data}", f"train.output_dir={tmp_path / 'r'}",
-                             "data.resolution=32", "objective.name=sft", "train.auto_beta_target=0.3", "train.max_steps=1"])
+    cfg = load_config(
+        None,
+        [
+            f"model.path={tiny_models['sd']}",
+            f"data.path={data}",
+            f"train.output_dir={tmp_path / 'r'}",
+            "data.resolution=32",
+            "objective.name=sft",
+            "train.auto_beta_target=0.3",
+            "train.max_steps=1",
+        ],
+    )
     with pytest.raises(ConfigError, match="objective 'sft' has no beta to adapt"):
         train(cfg)
 
 
-@pytest.mark.parametrize("name, extra, match", [
-    ("mapo", ["train.auto_beta_target=0.3"], "objective 'mapo' has no logistic loss on a beta-scaled margin"),
-    ("diffusion_dpo", ["train.auto_beta_target=0.3", "objective.loss_type=hinge"], "no logistic loss"),
-    ("rankdpo", ["train.margin_cap=5"], "objective 'rankdpo' reports no per-pair margin"),
-    ("kto", ["train.margin_cap=5"], "objective 'kto' reports no per-pair margin"),
-])
+@pytest.mark.parametrize(
+    "name, extra, match",
+    [
+        (
+            "mapo",
+            ["train.auto_beta_target=0.3"],
+            "objective 'mapo' has no logistic loss on a beta-scaled margin",
+        ),
+        ("diffusion_dpo", ["train.auto_beta_target=0.3", "objective.loss_type=hinge"], "no logistic loss"),
+        ("rankdpo", ["train.margin_cap=5"], "objective 'rankdpo' reports no per-pair margin"),
+        ("kto", ["train.margin_cap=5"], "objective 'kto' reports no per-pair margin"),
+    ],
+)
 def test_stability_options_checked_before_loading(name, extra, match):
     from diffalign.config import load_config, validate
 

@@ -14,15 +14,28 @@ import torch
 from diffalign.config import ConfigError
 from diffalign.synpic import SynPicConfig, export_pairs, read_prompts, run_synpic
 
-PROMPTS = [f"a photo of {n} {c} {s}" for n in ("two", "three") for c in ("red", "blue") for s in ("circles", "squares")]
+PROMPTS = [
+    f"a photo of {n} {c} {s}"
+    for n in ("two", "three")
+    for c in ("red", "blue")
+    for s in ("circles", "squares")
+]
 
 
 def cfg_for(tmp_path, tiny_models, tiny_clip, out="out", **kw) -> SynPicConfig:
     pf = tmp_path / "prompts.txt"
     pf.write_text("\n".join(PROMPTS))
-    return SynPicConfig(prompts=str(pf), generators=[str(tiny_models["sd"]), str(tiny_models["sd3"])],
-                        rewards=[f"pickscore={tiny_clip}", f"clip_score={tiny_clip}"], out=str(tmp_path / out),
-                        images_per_generator=2, steps=2, shard_size=3, batch_prompts=2, **kw)
+    return SynPicConfig(
+        prompts=str(pf),
+        generators=[str(tiny_models["sd"]), str(tiny_models["sd3"])],
+        rewards=[f"pickscore={tiny_clip}", f"clip_score={tiny_clip}"],
+        out=str(tmp_path / out),
+        images_per_generator=2,
+        steps=2,
+        shard_size=3,
+        batch_prompts=2,
+        **kw,
+    )
 
 
 def table(out) -> list[dict]:
@@ -76,7 +89,9 @@ def test_synpic_killed_three_times_equals_uninterrupted(tmp_path, tiny_models, t
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         have = len(list(out.glob("shard-*.parquet")))
         deadline = time.time() + 120
-        while time.time() < deadline and len(list(out.glob("shard-*.parquet"))) <= have and proc.poll() is None:
+        while (
+            time.time() < deadline and len(list(out.glob("shard-*.parquet"))) <= have and proc.poll() is None
+        ):
             time.sleep(0.05)
         time.sleep(0.1 * kill)  # land somewhere inside the next shard
         proc.send_signal(signal.SIGKILL)
@@ -92,7 +107,9 @@ def test_synpic_bad_input(tmp_path, tiny_models, tiny_clip):
     with pytest.raises(ConfigError, match="is empty"):
         read_prompts(str(tmp_path / "empty.txt"))
     (tmp_path / "dup.txt").write_text("a red circle\na blue square\na red circle\n")
-    with pytest.raises(ConfigError, match=r"dup.txt line 3: duplicate prompt 'a red circle' \(first on line 1\)"):
+    with pytest.raises(
+        ConfigError, match=r"dup.txt line 3: duplicate prompt 'a red circle' \(first on line 1\)"
+    ):
         read_prompts(str(tmp_path / "dup.txt"))
     assert read_prompts(str(tmp_path / "dup.txt"), dedup=True) == ["a red circle", "a blue square"]
     c = cfg_for(tmp_path, tiny_models, tiny_clip)
@@ -104,7 +121,9 @@ def test_synpic_bad_input(tmp_path, tiny_models, tiny_clip):
     with pytest.raises(ConfigError, match="does not exist"):
         run_synpic(c)
     (tmp_path / "a-file").write_text("")
-    c = cfg_for(tmp_path, tiny_models, tiny_clip, out="a-file/out")  # a folder under a file: unwritable even for root
+    c = cfg_for(
+        tmp_path, tiny_models, tiny_clip, out="a-file/out"
+    )  # a folder under a file: unwritable even for root
     with pytest.raises(ConfigError, match="is not writable"):
         run_synpic(c)
 
@@ -131,9 +150,17 @@ def test_label_writes_scores_and_ai_label(tmp_path, tiny_clip):
     src = make_pairs_parquet(tmp_path / "p.parquet", n=6)
     out = label_pairs(str(src), [f"pickscore={tiny_clip}"], str(tmp_path / "labelled.parquet"), resize=32)
     t = pq.read_table(out)
-    assert t.num_rows == 6 and {"score_0.pickscore", "score_1.pickscore", "ai_label_0", "jpg_0", "label_0"} <= set(t.column_names)
+    assert t.num_rows == 6 and {
+        "score_0.pickscore",
+        "score_1.pickscore",
+        "ai_label_0",
+        "jpg_0",
+        "label_0",
+    } <= set(t.column_names)
     rows = t.to_pylist()
-    assert all(r["ai_label_0"] == (1.0 if r["score_0.pickscore"] > r["score_1.pickscore"] else 0.0) for r in rows)
+    assert all(
+        r["ai_label_0"] == (1.0 if r["score_0.pickscore"] > r["score_1.pickscore"] else 0.0) for r in rows
+    )
     # the scores are the reward's own
     import io
 
@@ -142,13 +169,28 @@ def test_label_writes_scores_and_ai_label(tmp_path, tiny_clip):
     from PIL import Image
 
     im = np.array(Image.open(io.BytesIO(rows[0]["jpg_0"])).convert("RGB").resize((32, 32), Image.BICUBIC))
-    s = PickScore(str(tiny_clip))(torch.from_numpy(im[None]).permute(0, 3, 1, 2).float() / 255, [rows[0]["caption"]]).scores
+    s = PickScore(str(tiny_clip))(
+        torch.from_numpy(im[None]).permute(0, 3, 1, 2).float() / 255, [rows[0]["caption"]]
+    ).scores
     assert s.item() == pytest.approx(rows[0]["score_0.pickscore"], rel=1e-5)
 
 
 def synpic_args(c: SynPicConfig) -> list[str]:
-    args = ["-m", "diffalign.cli", "synpic", "--prompts", c.prompts, "--out", c.out, "--steps", "2", "--shard-size", "3",
-            "--batch-prompts", "2"]
+    args = [
+        "-m",
+        "diffalign.cli",
+        "synpic",
+        "--prompts",
+        c.prompts,
+        "--out",
+        c.out,
+        "--steps",
+        "2",
+        "--shard-size",
+        "3",
+        "--batch-prompts",
+        "2",
+    ]
     for g in c.generators:
         args += ["--generator", g]
     for r in c.rewards:
@@ -169,11 +211,19 @@ def test_synpic_two_processes_equal_one(tmp_path, tiny_models, tiny_clip):
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = cfg_for(tmp_path, tiny_models, tiny_clip, out="one")
-    proc = subprocess.run([sys.executable, *synpic_args(one)], capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(
+        [sys.executable, *synpic_args(one)], capture_output=True, text=True, timeout=600, env=env
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     c = cfg_for(tmp_path, tiny_models, tiny_clip, out="two")
     repo = Path(__file__).resolve().parents[1]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(repo / "configs/accelerate/cpu2.yaml")]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(repo / "configs/accelerate/cpu2.yaml"),
+    ]
     proc = subprocess.run(launch + synpic_args(c), capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "two"
@@ -232,7 +282,9 @@ def test_synpic_refuses_to_continue_with_retrained_generator(tmp_path, tiny_mode
     data = bytearray(w.read_bytes())
     data[-1] ^= 1
     w.write_bytes(bytes(data))
-    with pytest.raises(ConfigError, match=r"generator '.*gen' has other weights than when this Syn-Pic run started"):
+    with pytest.raises(
+        ConfigError, match=r"generator '.*gen' has other weights than when this Syn-Pic run started"
+    ):
         run_synpic(c)
 
 
@@ -241,7 +293,9 @@ def test_synpic_images_per_generator_can_differ(tmp_path, tiny_models, tiny_clip
     c.images_per_generator = [3, 1]
     rows = table(run_synpic(c))
     sd, sd3 = str(tiny_models["sd"]), str(tiny_models["sd3"])
-    assert all(r["generator"] == [sd] * 3 + [sd3] for r in rows) and all(sorted(r["rank"]) == [1, 2, 3, 4] for r in rows)
+    assert all(r["generator"] == [sd] * 3 + [sd3] for r in rows) and all(
+        sorted(r["rank"]) == [1, 2, 3, 4] for r in rows
+    )
     # the sd images equal those of an even run's first three (same per-(prompt, generator, index) seeds)
     even = cfg_for(tmp_path, tiny_models, tiny_clip, out="even")
     even.images_per_generator = 3
@@ -268,9 +322,13 @@ def test_export_pairs_n_best_against_n_worst(tmp_path, capsys):
 
     # hand-made ranked shard: prompt "p" has 5 samples ranked b, d, a, e, c (phi: higher is better,
     # a tie between d and a); prompt "q" has 3 samples, too few for the 2 best vs the 2 worst
-    rows = {"prompt": ["p", "q"], "images": [[b"a", b"b", b"c", b"d", b"e"], [b"x", b"y", b"z"]],
-            "phi": [[0.5, 1.0, 0.0, 0.5, 0.25], [1.0, 0.5, 0.0]], "rank": [[3, 1, 5, 2, 4], [1, 2, 3]],
-            "scores.r": [[0.3, 0.9, 0.1, 0.4, 0.2], [3.0, 2.0, 1.0]]}
+    rows = {
+        "prompt": ["p", "q"],
+        "images": [[b"a", b"b", b"c", b"d", b"e"], [b"x", b"y", b"z"]],
+        "phi": [[0.5, 1.0, 0.0, 0.5, 0.25], [1.0, 0.5, 0.0]],
+        "rank": [[3, 1, 5, 2, 4], [1, 2, 3]],
+        "scores.r": [[0.3, 0.9, 0.1, 0.4, 0.2], [3.0, 2.0, 1.0]],
+    }
     ranked = tmp_path / "ranked"
     ranked.mkdir()
     pq.write_table(pa.table(rows), ranked / "shard-00000.parquet")

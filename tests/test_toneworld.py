@@ -124,22 +124,40 @@ def test_captions_and_metadata():
             assert set(md["events"]) <= set(KINDS)
             assert ("silence_after" in md) == (md["tag"] == "silence")
     assert build_metadata("order", ("high", "noise")) == {
-        "tag": "order", "prompt": "a high beep followed by a noise burst", "events": ["high", "noise"]}
+        "tag": "order",
+        "prompt": "a high beep followed by a noise burst",
+        "events": ["high", "noise"],
+    }
     assert build_metadata("counting", ("low", 3))["events"] == ["low"] * 3
     assert build_metadata("counting", ("high", 2))["prompt"] == "two high beeps"
     assert build_metadata("counting", ("high", 3, "noise")) == {
-        "tag": "counting", "prompt": "three high beeps followed by a noise burst",
-        "events": ["high", "high", "high", "noise"]}
+        "tag": "counting",
+        "prompt": "three high beeps followed by a noise burst",
+        "events": ["high", "high", "high", "noise"],
+    }
     assert build_metadata("order", ("low", "noise", "low"))["prompt"] == (
-        "a low beep followed by a noise burst followed by a low beep")
-    assert build_metadata("silence", ("low", "high"))["prompt"] == "a low beep followed by a high beep then silence"
-    for tag, bad in (("order", ("low", "low")), ("order", ("low",)), ("silence", ("low", "high", "low")),
-                     ("counting", ("high", 2, "high")), ("counting", ("noise", 2)), ("single", ("hum",))):
+        "a low beep followed by a noise burst followed by a low beep"
+    )
+    assert (
+        build_metadata("silence", ("low", "high"))["prompt"]
+        == "a low beep followed by a high beep then silence"
+    )
+    for tag, bad in (
+        ("order", ("low", "low")),
+        ("order", ("low",)),
+        ("silence", ("low", "high", "low")),
+        ("counting", ("high", 2, "high")),
+        ("counting", ("noise", 2)),
+        ("single", ("hum",)),
+    ):
         with pytest.raises(ValueError):
             build_metadata(tag, bad)
     assert build_metadata("silence", ("noise",)) == {
-        "tag": "silence", "prompt": "a noise burst then silence", "events": ["noise"],
-        "silence_after": SILENCE_AFTER}
+        "tag": "silence",
+        "prompt": "a noise burst then silence",
+        "events": ["noise"],
+        "silence_after": SILENCE_AFTER,
+    }
 
 
 def test_prompts_are_balanced():
@@ -182,11 +200,14 @@ def test_perturb_metadata():
         bad = perturb_metadata(md, rng, split="train")
         assert bad["tag"] == md["tag"] and bad["events"] != md["events"]
         assert not heldout_combinations(bad)
-    edits = {tuple(perturb_metadata(build_metadata("order", ("high", "noise")), rng)["events"])
-             for _ in range(200)}
+    edits = {
+        tuple(perturb_metadata(build_metadata("order", ("high", "noise")), rng)["events"]) for _ in range(200)
+    }
     assert ("noise", "high") in edits and ("high", "noise", "low") in edits  # swapped, one event added
     assert all(len(e) in (2, 3) and e != ("high", "noise") for e in edits)
-    counts = {tuple(perturb_metadata(build_metadata("counting", ("high", 3)), rng)["events"]) for _ in range(100)}
+    counts = {
+        tuple(perturb_metadata(build_metadata("counting", ("high", 3)), rng)["events"]) for _ in range(100)
+    }
     assert counts == {("low",) * 3, ("high",) * 2, ("high",) * 3 + ("low",), ("high",) * 3 + ("noise",)}
 
 
@@ -229,8 +250,8 @@ def test_noisy_tone_is_still_a_tone(kind):
     rng = np.random.default_rng(2)
     freq = 400.0 if kind == "low" else 1600.0
     wave = render_events([Event(kind, 0.2, 0.32, freq)], rng).astype(np.float64)
-    tone_rms = np.sqrt(np.mean(wave[round(0.21 * SR):round(0.31 * SR)] ** 2))
-    wave[round(0.2 * SR):round(0.32 * SR)] += rng.normal(0, tone_rms * 10 ** (-25 / 20), round(0.12 * SR))
+    tone_rms = np.sqrt(np.mean(wave[round(0.21 * SR) : round(0.31 * SR)] ** 2))
+    wave[round(0.2 * SR) : round(0.32 * SR)] += rng.normal(0, tone_rms * 10 ** (-25 / 20), round(0.12 * SR))
     assert [e.kind for e in detect_events(wave)] == [kind]
 
 
@@ -238,7 +259,7 @@ def test_smeared_onsets_and_dropouts_do_not_split_events():
     rng = np.random.default_rng(3)
     truth = [Event("high", 0.1, 0.25, 1600.0), Event("low", 0.4, 0.55, 400.0)]
     wave = render_events(truth, rng).astype(np.float64)
-    wave[round(0.17 * SR):round(0.18 * SR)] *= 0.05  # 10 ms dropout inside the first beep
+    wave[round(0.17 * SR) : round(0.18 * SR)] *= 0.05  # 10 ms dropout inside the first beep
     # Smear with a short reverb: direct sound plus a 30 ms noise tail decaying by 60 dB.
     n = round(0.03 * SR)
     ir = rng.normal(0, 1, n) * 10 ** (-3 * np.arange(n) / n)

@@ -12,8 +12,20 @@ import torch
 
 def test_quick_pretrain_exports_loadable_pipelines(tmp_path):
     work, out = tmp_path / "work", tmp_path / "models"
-    cmd = [sys.executable, "-m", "diffalign.cli", "toy", "pretrain", "--quick", "--work", str(work), "--out", str(out),
-           "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "diffalign.cli",
+        "toy",
+        "pretrain",
+        "--quick",
+        "--work",
+        str(work),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     first = json.loads((work / "sd3" / "meta.json").read_text())
@@ -30,7 +42,9 @@ def test_quick_pretrain_exports_loadable_pipelines(tmp_path):
     # from the EMA weights, so its count covers only the new steps
     before = json.loads((work / "sd" / "meta.json").read_text())["steps"]
     assert adam_steps("sd") == before
-    p = subprocess.run(cmd + ["--stages", "sd", "--restart-optimizer"], capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        cmd + ["--stages", "sd", "--restart-optimizer"], capture_output=True, text=True, timeout=600
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     after = json.loads((work / "sd" / "meta.json").read_text())["steps"]
     assert after > before and adam_steps("sd") == after - before
@@ -39,16 +53,38 @@ def test_quick_pretrain_exports_loadable_pipelines(tmp_path):
 
     for name in ("toy-sd", "toy-sd3"):
         pipe, kw = load_pipeline(out / name)
-        img = pipe(["a photo of a red circle"], num_inference_steps=2, output_type="pt",
-                   generator=torch.Generator().manual_seed(0), **kw).images
+        img = pipe(
+            ["a photo of a red circle"],
+            num_inference_steps=2,
+            output_type="pt",
+            generator=torch.Generator().manual_seed(0),
+            **kw,
+        ).images
         assert img.shape == (1, 3, 32, 32) and torch.isfinite(img).all()
-    assert json.loads((out / "toy-sd3" / "diffalign.json").read_text())["call_defaults"] == {"max_sequence_length": 0}
+    assert json.loads((out / "toy-sd3" / "diffalign.json").read_text())["call_defaults"] == {
+        "max_sequence_length": 0
+    }
 
 
 def test_quick_av_pretrain_exports_loadable_video_and_audio_pipelines(tmp_path):
     work, out = tmp_path / "work", tmp_path / "models"
-    cmd = [sys.executable, "-m", "diffalign.cli", "toy", "pretrain", "--quick", "--work", str(work), "--out", str(out),
-           "--stages", "avae", "vocoder", "audio", "video"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "diffalign.cli",
+        "toy",
+        "pretrain",
+        "--quick",
+        "--work",
+        str(work),
+        "--out",
+        str(out),
+        "--stages",
+        "avae",
+        "vocoder",
+        "audio",
+        "video",
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-2000:]
     from diffalign.benchmarks.toyworlds.tones import N_SAMPLES
@@ -57,12 +93,19 @@ def test_quick_av_pretrain_exports_loadable_video_and_audio_pipelines(tmp_path):
 
     pipe, kw = load_pipeline(out / "toy-audio")
     assert type(pipe).__name__ == "AudioLDMPipeline" and kw["audio_length_in_s"] == N_SAMPLES / 8000
-    audio = pipe(["a high beep"], num_inference_steps=2, generator=torch.Generator().manual_seed(0), **kw).audios
+    audio = pipe(
+        ["a high beep"], num_inference_steps=2, generator=torch.Generator().manual_seed(0), **kw
+    ).audios
     assert audio.shape == (1, N_SAMPLES)
     pipe, kw = load_pipeline(out / "toy-video")
     assert type(pipe).__name__ == "AnimateDiffPipeline" and kw["num_frames"] == FRAMES
-    frames = pipe(["a red circle moving left"], num_inference_steps=2, output_type="np",
-                  generator=torch.Generator().manual_seed(0), **kw).frames
+    frames = pipe(
+        ["a red circle moving left"],
+        num_inference_steps=2,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+        **kw,
+    ).frames
     assert frames.shape == (1, FRAMES, 32, 32, 3)
 
 
@@ -75,23 +118,42 @@ def test_token_audio_run_starts_from_a_pooled_one_and_stays_tokens(tmp_path):
 
     base = [sys.executable, "-m", "diffalign.cli", "toy", "pretrain", "--quick", "--device", "cpu"]
     pooled = tmp_path / "pooled"
-    p = subprocess.run(base + ["--work", str(pooled), "--out", str(tmp_path / "m0"), "--stages", "avae", "vocoder", "audio"],
-                       capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        base + ["--work", str(pooled), "--out", str(tmp_path / "m0"), "--stages", "avae", "vocoder", "audio"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     work, out = tmp_path / "tokens", tmp_path / "m1"
     for stage in ("avae", "vocoder"):
         shutil.copytree(pooled / stage, work / stage)
-    cmd = base + ["--work", str(work), "--out", str(out), "--stages", "audio", "--audio-conditioning", "tokens"]
-    p = subprocess.run(cmd + ["--audio-init", str(pooled / "audio")], capture_output=True, text=True, timeout=600)
+    cmd = base + [
+        "--work",
+        str(work),
+        "--out",
+        str(out),
+        "--stages",
+        "audio",
+        "--audio-conditioning",
+        "tokens",
+    ]
+    p = subprocess.run(
+        cmd + ["--audio-init", str(pooled / "audio")], capture_output=True, text=True, timeout=600
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     counts = {m: (int(a), int(b)) for m, a, b in re.findall(r"(\w+): (\d+)/(\d+) tensors from", p.stdout)}
     assert counts["text_encoder"][0] == counts["text_encoder"][1]
-    assert 0 < counts["denoiser"][0] < counts["denoiser"][1]  # the class embedding and cross-attention k/v differ
+    assert (
+        0 < counts["denoiser"][0] < counts["denoiser"][1]
+    )  # the class embedding and cross-attention k/v differ
     from diffalign.models import load_pipeline
 
     pipe, _ = load_pipeline(out / "toy-audio")
     assert type(pipe).__name__ == "TokenAudioLDMPipeline"
-    p = subprocess.run(cmd[:-2] + ["--audio-conditioning", "pooled"], capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        cmd[:-2] + ["--audio-conditioning", "pooled"], capture_output=True, text=True, timeout=600
+    )
     assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert "a 'tokens'-conditioned run; continue it with text_conditioning='tokens'" in p.stderr
 
@@ -104,8 +166,22 @@ def test_video_with_frozen_spatial_layers_trains_only_motion_and_text(tmp_path):
     from diffalign.demo import asset
 
     work = tmp_path / "w"
-    cmd = [sys.executable, "-m", "diffalign.cli", "toy", "pretrain", "--quick", "--device", "cpu", "--work", str(work),
-           "--out", str(tmp_path / "m"), "--stages", "video"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "diffalign.cli",
+        "toy",
+        "pretrain",
+        "--quick",
+        "--device",
+        "cpu",
+        "--work",
+        str(work),
+        "--out",
+        str(tmp_path / "m"),
+        "--stages",
+        "video",
+    ]
     p = subprocess.run(cmd + ["--video-freeze-spatial"], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     assert json.loads((work / "video" / "meta.json").read_text())["freeze_spatial"] is True
@@ -127,11 +203,23 @@ def test_video_with_frozen_spatial_layers_trains_only_motion_and_text(tmp_path):
 
 def test_unusable_device_is_one_line(tmp_path):
     for device in ["bogus", *([] if torch.cuda.is_available() else ["cuda"])]:
-        cmd = [sys.executable, "-m", "diffalign.cli", "toy", "pretrain", "--quick", "--work", str(tmp_path / "w"),
-               "--device", device]
+        cmd = [
+            sys.executable,
+            "-m",
+            "diffalign.cli",
+            "toy",
+            "pretrain",
+            "--quick",
+            "--work",
+            str(tmp_path / "w"),
+            "--device",
+            device,
+        ]
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert p.returncode != 0
-        assert f"--device {device!r} is not usable here" in p.stderr and "Traceback" not in p.stderr, p.stderr[-1000:]
+        assert f"--device {device!r} is not usable here" in p.stderr and "Traceback" not in p.stderr, (
+            p.stderr[-1000:]
+        )
         assert not (tmp_path / "w").exists()  # refused before any work
 
 
@@ -165,8 +253,16 @@ def test_extend_text_encoder_starts_a_merged_word_at_its_pieces(tmp_path):
 
     old = build_clip_tokenizer(["right", "a"])  # "triangle" is bytes and the "ri" merge here
     new = build_clip_tokenizer(["right", "a", "triangle", "moving"])
-    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(old), hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                                      num_attention_heads=2, max_position_embeddings=16))
+    te = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(old),
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+        )
+    )
     ext = extend_text_encoder(te, old, new, known_words=["triangle"])
     E_old, E_new = te.get_input_embeddings().weight.detach(), ext.get_input_embeddings().weight.detach()
     nv = new.get_vocab()
@@ -193,7 +289,15 @@ def test_pretraining_run_keeps_its_own_tokenizer(tmp_path):
     assert "zzz</w>" in work_tokenizer(saved, video_tokenizer, started=True).get_vocab()  # the saved one wins
     legacy = work_tokenizer(tmp_path / "tokenizer", tokenizer, started=True)
     assert legacy.get_vocab() == tokenizer("letters").get_vocab() != tokenizer().get_vocab()
-    assert legacy.tokenize("a triangle") == ["a</w>", "t", "ri", "an", "g", "l", "e</w>"]  # what the shipped toy-sd saved
+    assert legacy.tokenize("a triangle") == [
+        "a</w>",
+        "t",
+        "ri",
+        "an",
+        "g",
+        "l",
+        "e</w>",
+    ]  # what the shipped toy-sd saved
     from transformers import CLIPTokenizer
 
     from diffalign.demo import asset

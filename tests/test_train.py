@@ -20,8 +20,16 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def overrides(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return [f"model.path={model}", f"data.path={data}", f"train.output_dir={out}", "data.resolution=32",
-            "train.lr=1e-2", "objective.beta=100", "train.checkpoint_every=100", *extra]
+    return [
+        f"model.path={model}",
+        f"data.path={data}",
+        f"train.output_dir={out}",
+        "data.resolution=32",
+        "train.lr=1e-2",
+        "objective.beta=100",
+        "train.checkpoint_every=100",
+        *extra,
+    ]
 
 
 def run(model, data, out, *extra) -> dict:
@@ -59,14 +67,18 @@ def test_train_family_end_to_end(tiny_models, pairs_parquet, tmp_path, fam, mode
     assert not unchanged, f"{len(unchanged)} trainable tensors did not change, e.g. {unchanged[:3]}"
 
     state = json.loads((final_ckpt(out) / "state.json").read_text())
-    assert state["reference_unchanged"] and state["reference_mode"] == ("copy" if mode == "full" else "lora_off")
+    assert state["reference_unchanged"] and state["reference_mode"] == (
+        "copy" if mode == "full" else "lora_off"
+    )
     assert (out / "config.yaml").exists() and (out / "metrics.jsonl").read_text().count("\n") == 3
     assert list((out / "tb").rglob("events.out.tfevents*")), "TensorBoard events written"
 
     # the checkpoint loads back into a diffusers pipeline that samples an image
     pipe = load_trained_pipeline(out)
     gen = torch.Generator().manual_seed(0)
-    img = pipe(["a red circle"], num_inference_steps=2, height=32, width=32, output_type="pt", generator=gen).images
+    img = pipe(
+        ["a red circle"], num_inference_steps=2, height=32, width=32, output_type="pt", generator=gen
+    ).images
     assert img.shape == (1, 3, 32, 32) and torch.isfinite(img).all()
     if mode == "lora":
         # with the adapters off the network is exactly the base model: training never touched it
@@ -85,8 +97,13 @@ def test_train_family_end_to_end(tiny_models, pairs_parquet, tmp_path, fam, mode
 
 
 def test_sft_trains_without_reference(tiny_models, pairs_parquet, tmp_path):
-    ovs = [o for o in overrides(tiny_models["sd"], pairs_parquet, tmp_path, "train.max_steps=2", "objective.name=sft")
-           if not o.startswith("objective.beta")]
+    ovs = [
+        o
+        for o in overrides(
+            tiny_models["sd"], pairs_parquet, tmp_path, "train.max_steps=2", "objective.name=sft"
+        )
+        if not o.startswith("objective.beta")
+    ]
     m = train(load_config(None, ovs))
     assert "implicit_acc" not in m and m["loss"] > 0
     assert json.loads((final_ckpt(tmp_path) / "state.json").read_text())["reference_mode"] == "none"
@@ -95,8 +112,24 @@ def test_sft_trains_without_reference(tiny_models, pairs_parquet, tmp_path):
 def test_grad_accumulation_equivalence(tiny_models, pairs_parquet, tmp_path):
     """batch 4 x accum 1 == batch 1 x accum 4 after one optimizer step (fp32)."""
     a, b = tmp_path / "a", tmp_path / "b"
-    run(tiny_models["sd"], pairs_parquet, a, "train.max_steps=2", "train.batch_size=4", "train.grad_accum=1", "train.lr=1e-3")
-    run(tiny_models["sd"], pairs_parquet, b, "train.max_steps=2", "train.batch_size=1", "train.grad_accum=4", "train.lr=1e-3")
+    run(
+        tiny_models["sd"],
+        pairs_parquet,
+        a,
+        "train.max_steps=2",
+        "train.batch_size=4",
+        "train.grad_accum=1",
+        "train.lr=1e-3",
+    )
+    run(
+        tiny_models["sd"],
+        pairs_parquet,
+        b,
+        "train.max_steps=2",
+        "train.batch_size=1",
+        "train.grad_accum=4",
+        "train.lr=1e-3",
+    )
     wa, wb = trainable(a), trainable(b)
     for n in wa:
         torch.testing.assert_close(wa[n], wb[n], atol=1e-5, rtol=0)
@@ -105,8 +138,15 @@ def test_grad_accumulation_equivalence(tiny_models, pairs_parquet, tmp_path):
 def test_dataloader_workers_give_the_same_run(tiny_models, pairs_parquet, tmp_path):
     """data.num_workers decodes/augments batches in worker processes; random flips and caption dropout
     are keyed by data position, so the run (reference pre-pass included) is the same as in-process."""
-    common = ["train.max_steps=3", "train.batch_size=2", "train.grad_accum=2", "train.lr=1e-3", "data.random_flip=true",
-              "data.caption_dropout=0.5", "train.precompute_reference=true"]
+    common = [
+        "train.max_steps=3",
+        "train.batch_size=2",
+        "train.grad_accum=2",
+        "train.lr=1e-3",
+        "data.random_flip=true",
+        "data.caption_dropout=0.5",
+        "train.precompute_reference=true",
+    ]
     a, b = tmp_path / "a", tmp_path / "b"
     run(tiny_models["sd"], pairs_parquet, a, *common)
     run(tiny_models["sd"], pairs_parquet, b, *common, "data.num_workers=2")
@@ -118,8 +158,14 @@ def test_dataloader_workers_give_the_same_run(tiny_models, pairs_parquet, tmp_pa
 
 
 def test_resume_equals_uninterrupted(tiny_models, pairs_parquet, tmp_path):
-    common = ["train.max_steps=5", "train.batch_size=2", "train.checkpoint_every=2", "train.warmup_steps=3",
-              "train.ema_decay=0.9", "train.lr=1e-3"]
+    common = [
+        "train.max_steps=5",
+        "train.batch_size=2",
+        "train.checkpoint_every=2",
+        "train.warmup_steps=3",
+        "train.ema_decay=0.9",
+        "train.lr=1e-3",
+    ]
     full, cut = tmp_path / "full", tmp_path / "cut"
     run(tiny_models["sd"], pairs_parquet, full, *common)
     halted = run(tiny_models["sd"], pairs_parquet, cut, *common, "train.halt_after_step=3")
@@ -145,13 +191,28 @@ def test_cached_latents_give_the_same_loss(tiny_models, pairs_parquet, tmp_path)
     from diffalign.data.cache import build_cache
 
     cache = tmp_path / "cache"
-    cfg = load_config(None, overrides(tiny_models["sd"], pairs_parquet, tmp_path / "x", f"data.cache_dir={cache}"))
+    cfg = load_config(
+        None, overrides(tiny_models["sd"], pairs_parquet, tmp_path / "x", f"data.cache_dir={cache}")
+    )
     build_cache(cfg, shard_size=3)
     assert len(list(cache.glob("shard-*.safetensors"))) == 3
-    m_cached = run(tiny_models["sd"], pairs_parquet, tmp_path / "c", "train.max_steps=2", "train.batch_size=2",
-                   f"data.cache_dir={cache}", "data.caption_dropout=0.3")
-    m_plain = run(tiny_models["sd"], pairs_parquet, tmp_path / "p", "train.max_steps=2", "train.batch_size=2",
-                  "data.caption_dropout=0.3")
+    m_cached = run(
+        tiny_models["sd"],
+        pairs_parquet,
+        tmp_path / "c",
+        "train.max_steps=2",
+        "train.batch_size=2",
+        f"data.cache_dir={cache}",
+        "data.caption_dropout=0.3",
+    )
+    m_plain = run(
+        tiny_models["sd"],
+        pairs_parquet,
+        tmp_path / "p",
+        "train.max_steps=2",
+        "train.batch_size=2",
+        "data.caption_dropout=0.3",
+    )
     for k in ("loss", "err/policy_w", "err/ref_l"):
         assert m_cached[k] == pytest.approx(m_plain[k], rel=1e-5, abs=1e-7), k
     # the margin is beta/2 (= 50) times a difference of errors, so fp32 rounding (VAE run at another
@@ -171,13 +232,37 @@ def test_cached_latents_give_the_same_loss(tiny_models, pairs_parquet, tmp_path)
 def test_two_processes_stay_in_sync_and_match_one(tiny_models, pairs_parquet, tmp_path):
     """accelerate launch --num_processes 2 (CPU, gloo) equals one process at the same global batch."""
     one, two = tmp_path / "one", tmp_path / "two"
-    run(tiny_models["sd"], pairs_parquet, one, "train.max_steps=2", "train.batch_size=1", "train.grad_accum=4", "train.lr=1e-3")
+    run(
+        tiny_models["sd"],
+        pairs_parquet,
+        one,
+        "train.max_steps=2",
+        "train.batch_size=1",
+        "train.grad_accum=4",
+        "train.lr=1e-3",
+    )
     cfg = tmp_path / "c.yaml"
     cfg.write_text("")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/cpu2.yaml"),
-           "-m", "diffalign.cli", "train", str(cfg),
-           *overrides(tiny_models["sd"], pairs_parquet, two, "train.max_steps=2", "train.batch_size=1", "train.grad_accum=2",
-                      "train.lr=1e-3")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "configs/accelerate/cpu2.yaml"),
+        "-m",
+        "diffalign.cli",
+        "train",
+        str(cfg),
+        *overrides(
+            tiny_models["sd"],
+            pairs_parquet,
+            two,
+            "train.max_steps=2",
+            "train.batch_size=1",
+            "train.grad_accum=2",
+            "train.lr=1e-3",
+        ),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -192,8 +277,15 @@ def test_bf16_gradient_checkpointing_and_ema_export(tiny_models, pairs_parquet, 
     """bf16 autocast with an fp32 LoRA on a bf16 base, checkpointed activations, EMA export."""
     from diffalign.models import load_trained_pipeline
 
-    m = run(tiny_models["sdxl"], pairs_parquet, tmp_path, "train.max_steps=2", "train.mixed_precision=bf16",
-            "train.gradient_checkpointing=true", "train.ema_decay=0.5")
+    m = run(
+        tiny_models["sdxl"],
+        pairs_parquet,
+        tmp_path,
+        "train.max_steps=2",
+        "train.mixed_precision=bf16",
+        "train.gradient_checkpointing=true",
+        "train.ema_decay=0.5",
+    )
     assert torch.isfinite(torch.tensor(m["loss"]))
     ck = final_ckpt(tmp_path)
     live, ema = load_file(ck / "trainable.safetensors"), load_file(ck / "ema.safetensors")
@@ -203,7 +295,8 @@ def test_bf16_gradient_checkpointing_and_ema_export(tiny_models, pairs_parquet, 
     lora_b = {n: p for n, p in pipe.unet.named_parameters() if "lora_B" in n}
     ema_b = {n: v for n, v in ema.items() if "lora_B" in n}
     assert sorted(float(v.detach().abs().sum()) for v in lora_b.values()) == pytest.approx(
-        sorted(float(v.abs().sum()) for v in ema_b.values()), rel=1e-5)
+        sorted(float(v.abs().sum()) for v in ema_b.values()), rel=1e-5
+    )
 
 
 def test_dcpo_uses_per_image_captions(tiny_models, tmp_path):
@@ -215,7 +308,9 @@ def test_dcpo_uses_per_image_captions(tiny_models, tmp_path):
 
     p = make_pairs_parquet(tmp_path / "p.parquet", n=4, labels=[1.0, 0.0, 1.0, 0.0])
     t = pq.read_table(p)
-    t = t.append_column("caption_0", pa.array(["a red circle"] * 4)).append_column("caption_1", pa.array(["a blue dog"] * 4))
+    t = t.append_column("caption_0", pa.array(["a red circle"] * 4)).append_column(
+        "caption_1", pa.array(["a blue dog"] * 4)
+    )
     pq.write_table(t, p)
     from diffalign.config import DataConfig
     from diffalign.data import PairDataset

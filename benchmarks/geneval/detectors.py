@@ -49,15 +49,29 @@ from .rules import (
 
 DEFAULT_MASK2FORMER = "facebook/mask2former-swin-small-coco-instance"
 DEFAULT_COLOR_CLIP = "openai/clip-vit-large-patch14"
-COLOR_TEMPLATES: tuple[str, ...] = ("a photo of a {c} {cls}", "a photo of a {c}-colored {cls}", "a photo of a {c} object")
+COLOR_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {c} {cls}",
+    "a photo of a {c}-colored {cls}",
+    "a photo of a {c} object",
+)
 BACKGROUND_GREY = (153, 153, 153)  # GenEval's bgcolor "#999"
 
 # Label spellings of COCO checkpoints -> GenEval's object_names.txt.
 LABEL_ALIASES: dict[str, str] = {
-    "mouse": "computer mouse", "remote": "tv remote", "keyboard": "computer keyboard",
-    "motorbike": "motorcycle", "aeroplane": "airplane", "sofa": "couch", "tvmonitor": "tv", "tv monitor": "tv",
-    "diningtable": "dining table", "pottedplant": "potted plant", "hair dryer": "hair drier",
-    "cellphone": "cell phone", "doughnut": "donut", "teddybear": "teddy bear",
+    "mouse": "computer mouse",
+    "remote": "tv remote",
+    "keyboard": "computer keyboard",
+    "motorbike": "motorcycle",
+    "aeroplane": "airplane",
+    "sofa": "couch",
+    "tvmonitor": "tv",
+    "tv monitor": "tv",
+    "diningtable": "dining table",
+    "pottedplant": "potted plant",
+    "hair dryer": "hair drier",
+    "cellphone": "cell phone",
+    "doughnut": "donut",
+    "teddybear": "teddy bear",
 }
 
 
@@ -74,8 +88,12 @@ class Thresholds:
 
     def rules_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`.rules.judge` / :func:`.rules.select_detections`."""
-        return {"score_threshold": self.score, "counting_threshold": self.counting,
-                "max_objects": self.max_objects, "nms_iou": self.nms_iou}
+        return {
+            "score_threshold": self.score,
+            "counting_threshold": self.counting,
+            "max_objects": self.max_objects,
+            "nms_iou": self.nms_iou,
+        }
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,8 +109,7 @@ class Detector(Protocol):
 
 
 class ColorClassifier(Protocol):
-    def classify(self, image: np.ndarray, detections: Sequence[Detection], classname: str) -> list[str]:
-        ...
+    def classify(self, image: np.ndarray, detections: Sequence[Detection], classname: str) -> list[str]: ...
 
 
 def geneval_name(label: str) -> str:
@@ -127,8 +144,13 @@ def _as_metadata(metadata: Any, n: int) -> list[Mapping[str, Any] | None]:
     return metadata
 
 
-def assign_colors(image: np.ndarray, detections: list[Detection], metadata: Mapping[str, Any],
-                  classifier: ColorClassifier, thresholds: Thresholds = Thresholds()) -> None:
+def assign_colors(
+    image: np.ndarray,
+    detections: list[Detection],
+    metadata: Mapping[str, Any],
+    classifier: ColorClassifier,
+    thresholds: Thresholds = Thresholds(),
+) -> None:
     """Fill ``Detection.color`` for the objects whose colour the rules will check.
 
     For each include clause with a colour these are the clause's class's ``count`` most confident
@@ -169,8 +191,13 @@ class ShapesDetector:
 # --------------------------------------------------------------------------- colour (CLIP)
 
 
-def masked_crop(image: np.ndarray, box: Sequence[float], mask: np.ndarray | None,
-                background: tuple[int, int, int] = BACKGROUND_GREY, crop: bool = True) -> np.ndarray:
+def masked_crop(
+    image: np.ndarray,
+    box: Sequence[float],
+    mask: np.ndarray | None,
+    background: tuple[int, int, int] = BACKGROUND_GREY,
+    crop: bool = True,
+) -> np.ndarray:
     """GenEval's colour crop: the object over a flat background through its mask, cut to its box.
 
     ``box`` (x1, y1, x2, y2) is rounded to whole pixels (as PIL's ``crop`` does) and kept inside
@@ -193,9 +220,16 @@ def masked_crop(image: np.ndarray, box: Sequence[float], mask: np.ndarray | None
 class CLIPColorClassifier:
     """Zero-shot colour of masked object crops with a CLIP model (see the module docstring)."""
 
-    def __init__(self, path: str = DEFAULT_COLOR_CLIP, device: str = "cpu", colors: Sequence[str] = GENEVAL_COLORS,
-                 templates: Sequence[str] = COLOR_TEMPLATES, background: tuple[int, int, int] = BACKGROUND_GREY,
-                 crop: bool = True, batch_size: int = 16) -> None:
+    def __init__(
+        self,
+        path: str = DEFAULT_COLOR_CLIP,
+        device: str = "cpu",
+        colors: Sequence[str] = GENEVAL_COLORS,
+        templates: Sequence[str] = COLOR_TEMPLATES,
+        background: tuple[int, int, int] = BACKGROUND_GREY,
+        crop: bool = True,
+        batch_size: int = 16,
+    ) -> None:
         import torch
 
         from ...rewards.clip_family import load_clip
@@ -217,8 +251,9 @@ class CLIPColorClassifier:
             ctx = min(self.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings)
             tok = self.tokenizer(texts, padding=True, truncation=True, max_length=ctx, return_tensors="pt")
             with torch.inference_mode():
-                emb = self.model.get_text_features(input_ids=tok.input_ids.to(self.device),
-                                                   attention_mask=tok.attention_mask.to(self.device))
+                emb = self.model.get_text_features(
+                    input_ids=tok.input_ids.to(self.device), attention_mask=tok.attention_mask.to(self.device)
+                )
             emb = F.normalize(getattr(emb, "pooler_output", emb).float(), dim=-1)
             emb = emb.view(len(self.colors), len(self.templates), -1).mean(1)
             self._text[classname] = F.normalize(emb, dim=-1)
@@ -231,12 +266,22 @@ class CLIPColorClassifier:
 
         from ...rewards.clip_family import clip_preprocess
 
-        px = [clip_preprocess(torch.from_numpy(np.ascontiguousarray(c)).permute(2, 0, 1)[None].float() / 255.0,
-                              self.pre["size"], self.pre["crop"], self.pre["mean"], self.pre["std"]) for c in crops]
+        px = [
+            clip_preprocess(
+                torch.from_numpy(np.ascontiguousarray(c)).permute(2, 0, 1)[None].float() / 255.0,
+                self.pre["size"],
+                self.pre["crop"],
+                self.pre["mean"],
+                self.pre["std"],
+            )
+            for c in crops
+        ]
         out = []
         with torch.inference_mode():
             for i in range(0, len(px), self.batch_size):
-                batch = torch.cat(px[i:i + self.batch_size]).to(self.device, next(self.model.parameters()).dtype)
+                batch = torch.cat(px[i : i + self.batch_size]).to(
+                    self.device, next(self.model.parameters()).dtype
+                )
                 emb = self.model.get_image_features(pixel_values=batch)
                 out.append(getattr(emb, "pooler_output", emb).float())
         return F.normalize(torch.cat(out), dim=-1)
@@ -264,8 +309,10 @@ class LazyColorClassifier:
             try:
                 self._clf = CLIPColorClassifier(self.path, self.device, **self.kw)
             except OSError as e:
-                raise ConfigError(f"cannot load the colour classifier CLIP {self.path!r} ({type(e).__name__}); "
-                                  "pass a local CLIP folder with --color-clip") from None
+                raise ConfigError(
+                    f"cannot load the colour classifier CLIP {self.path!r} ({type(e).__name__}); "
+                    "pass a local CLIP folder with --color-clip"
+                ) from None
         return self._clf
 
     def classify(self, image: np.ndarray, detections: Sequence[Detection], classname: str) -> list[str]:
@@ -293,9 +340,15 @@ class Mask2FormerDetector:
     clauses need when ``detect`` gets metadata.
     """
 
-    def __init__(self, path: str = DEFAULT_MASK2FORMER, device: str = "cpu", thresholds: Thresholds = Thresholds(),
-                 color_classifier: ColorClassifier | None = None, class_names: Sequence[str] | None = None,
-                 batch_size: int = 4) -> None:
+    def __init__(
+        self,
+        path: str = DEFAULT_MASK2FORMER,
+        device: str = "cpu",
+        thresholds: Thresholds = Thresholds(),
+        color_classifier: ColorClassifier | None = None,
+        class_names: Sequence[str] | None = None,
+        batch_size: int = 4,
+    ) -> None:
         import torch
         from transformers import Mask2FormerForUniversalSegmentation
 
@@ -304,17 +357,23 @@ class Mask2FormerDetector:
 
         quiet_libraries()
         if is_local(path) and not (Path(path).expanduser() / "config.json").is_file():
-            raise ConfigError(f"Mask2Former path {path!r} is not a transformers checkpoint folder (no config.json)")
+            raise ConfigError(
+                f"Mask2Former path {path!r} is not a transformers checkpoint folder (no config.json)"
+            )
         try:
             self.model = Mask2FormerForUniversalSegmentation.from_pretrained(path).to(device).eval()
             self.processor = self._load_processor(path)
         except OSError as e:
-            raise ConfigError(f"cannot load Mask2Former from {path!r} ({type(e).__name__}); "
-                              "download it elsewhere and pass the local folder") from None
+            raise ConfigError(
+                f"cannot load Mask2Former from {path!r} ({type(e).__name__}); "
+                "download it elsewhere and pass the local folder"
+            ) from None
         id2label = self.model.config.id2label
         if class_names is not None:
             if len(class_names) != len(id2label):
-                raise ConfigError(f"class_names has {len(class_names)} names but the model has {len(id2label)} classes")
+                raise ConfigError(
+                    f"class_names has {len(class_names)} names but the model has {len(id2label)} classes"
+                )
             self.names = list(class_names)
         else:
             self.names = [geneval_name(id2label[i]) for i in range(len(id2label))]
@@ -328,7 +387,10 @@ class Mask2FormerDetector:
         try:
             return transformers.AutoImageProcessor.from_pretrained(path)
         except (OSError, ValueError):  # no preprocessor_config.json: the COCO checkpoints' settings
-            cls = getattr(transformers, "Mask2FormerImageProcessorPil", None) or transformers.Mask2FormerImageProcessor
+            cls = (
+                getattr(transformers, "Mask2FormerImageProcessorPil", None)
+                or transformers.Mask2FormerImageProcessor
+            )
             return cls(size={"shortest_edge": 384}, size_divisor=32, ignore_index=255, do_reduce_labels=False)
 
     def _raw(self, images: list[np.ndarray]) -> list[list[Detection]]:
@@ -340,7 +402,10 @@ class Mask2FormerDetector:
         with torch.inference_mode():
             kw = {"pixel_mask": inputs["pixel_mask"].to(self.device)} if "pixel_mask" in inputs else {}
             out = self.model(pixel_values=inputs["pixel_values"].to(self.device), **kw)
-        cls_logits, mask_logits = out.class_queries_logits.float().cpu(), out.masks_queries_logits.float().cpu()
+        cls_logits, mask_logits = (
+            out.class_queries_logits.float().cpu(),
+            out.masks_queries_logits.float().cpu(),
+        )
         hp, wp = inputs["pixel_values"].shape[-2:]
         floor = min(self.thresholds.score, self.thresholds.counting)
         results = []
@@ -354,10 +419,13 @@ class Mask2FormerDetector:
                 hv, wv = hp, wp
             hm, wm = mask_logits.shape[-2:]
             ch, cw = max(1, round(hv * hm / hp)), max(1, round(wv * wm / wp))
-            one = SimpleNamespace(class_queries_logits=cls_logits[i:i + 1],
-                                  masks_queries_logits=mask_logits[i:i + 1, :, :ch, :cw])
+            one = SimpleNamespace(
+                class_queries_logits=cls_logits[i : i + 1],
+                masks_queries_logits=mask_logits[i : i + 1, :, :ch, :cw],
+            )
             res = self.processor.post_process_instance_segmentation(
-                one, threshold=floor, target_sizes=[im.shape[:2]], return_binary_maps=True)[0]
+                one, threshold=floor, target_sizes=[im.shape[:2]], return_binary_maps=True
+            )[0]
             segs = res["segments_info"]
             maps = res["segmentation"]
             dets = []
@@ -367,8 +435,14 @@ class Mask2FormerDetector:
                 mask = maps[j].numpy().astype(bool) if maps is not None and maps.ndim == 3 else None
                 if mask is None:
                     mask = (maps == seg["id"]).numpy()
-                dets.append(Detection(cls=self.names[int(seg["label_id"])], score=float(seg["score"]),
-                                      box=mask_box(mask), mask=mask))
+                dets.append(
+                    Detection(
+                        cls=self.names[int(seg["label_id"])],
+                        score=float(seg["score"]),
+                        box=mask_box(mask),
+                        mask=mask,
+                    )
+                )
             dets.sort(key=lambda d: -d.score)
             per_class: dict[str, int] = {}
             kept = []
@@ -384,7 +458,7 @@ class Mask2FormerDetector:
         metas = _as_metadata(metadata, len(batch))
         out: list[list[Detection]] = []
         for s in range(0, len(batch), self.batch_size):
-            out += self._raw(batch[s:s + self.batch_size])
+            out += self._raw(batch[s : s + self.batch_size])
         for im, dets, md in zip(batch, out, metas, strict=True):
             if md is not None and self.color_classifier is not None:
                 assign_colors(im, dets, md, self.color_classifier, self.thresholds)
@@ -398,8 +472,9 @@ def needs_colors(metadata: Sequence[Mapping[str, Any]]) -> bool:
     return any("color" in req for md in metadata for req in md.get("include", []))
 
 
-def build_detector(spec: str, device: str = "cpu", color_clip: str | None = None,
-                   thresholds: Thresholds = Thresholds()) -> Detector:
+def build_detector(
+    spec: str, device: str = "cpu", color_clip: str | None = None, thresholds: Thresholds = Thresholds()
+) -> Detector:
     """``shapes`` | ``mask2former`` | ``mask2former=PATH`` (hub id or folder) -> a detector.
 
     ``color_clip`` (hub id or folder of a CLIP checkpoint) is the colour classifier of the

@@ -116,8 +116,10 @@ def prompt_set(cfg: EvalConfig) -> tuple[list[dict[str, Any]], bool, str]:
     """(rows, judged, description) for the configured prompt source."""
     given = [x for x in ("metadata", "toy", "templates", "prompts") if getattr(cfg, x) not in (None, [])]
     if len(given) != 1:
-        raise ConfigError("eval needs exactly one prompt source: --metadata, --toy, --geneval-templates or --prompts"
-                          + (f" (got {', '.join('--' + g for g in given)})" if given else ""))
+        raise ConfigError(
+            "eval needs exactly one prompt source: --metadata, --toy, --geneval-templates or --prompts"
+            + (f" (got {', '.join('--' + g for g in given)})" if given else "")
+        )
     if cfg.n_prompts is not None and cfg.n_prompts < 1:
         raise ConfigError(f"--n-prompts must be >= 1, got {cfg.n_prompts}")
     if cfg.toy is not None:
@@ -150,7 +152,11 @@ def load_model(spec: str, device: str) -> tuple[Any, dict[str, Any]]:
     from ...models.loading import load_pipeline, load_trained_pipeline, pipeline_call_defaults
 
     p = Path(spec).expanduser()
-    if p.is_dir() and not (p / "model_index.json").is_file() and ((p / "checkpoints").is_dir() or (p / "state.json").is_file()):
+    if (
+        p.is_dir()
+        and not (p / "model_index.json").is_file()
+        and ((p / "checkpoints").is_dir() or (p / "state.json").is_file())
+    ):
         pipe = load_trained_pipeline(p, device)
         pipe.set_progress_bar_config(disable=True)
         ckpt = _run_checkpoint(p)
@@ -195,34 +201,57 @@ def prepare_folders(folder: Path, rows: Sequence[Mapping[str, Any]]) -> None:
         if f.is_file():
             old = json.loads(f.read_text())
             if old != json.loads(json.dumps(dict(row))):
-                raise ConfigError(f"{f} was made for prompt {old.get('prompt')!r}, not {row.get('prompt')!r}: "
-                                  "the prompt set changed; use another --out")
+                raise ConfigError(
+                    f"{f} was made for prompt {old.get('prompt')!r}, not {row.get('prompt')!r}: "
+                    "the prompt set changed; use another --out"
+                )
         else:
             tmp = f.with_name(f.name + ".tmp")
             tmp.write_text(json.dumps(dict(row)))
             os.replace(tmp, f)
 
 
-def generate_missing(folder: Path, rows: Sequence[Mapping[str, Any]], spec: str, cfg: EvalConfig, device: str,
-                     steps: int, guidance: float, log=print) -> int:
+def generate_missing(
+    folder: Path,
+    rows: Sequence[Mapping[str, Any]],
+    spec: str,
+    cfg: EvalConfig,
+    device: str,
+    steps: int,
+    guidance: float,
+    log=print,
+) -> int:
     """Generate the images not yet on disk; returns how many were made (the model loads only if any)."""
     import torch
     from tqdm.auto import tqdm
 
-    todo = [(i, k) for i in range(len(rows)) for k in range(cfg.per_prompt) if not sample_path(folder, i, k).is_file()]
+    todo = [
+        (i, k)
+        for i in range(len(rows))
+        for k in range(cfg.per_prompt)
+        if not sample_path(folder, i, k).is_file()
+    ]
     if not todo:
         return 0
-    log(f"  generating {len(todo)} images with {spec} ({len(rows) * cfg.per_prompt - len(todo)} already done)")
+    log(
+        f"  generating {len(todo)} images with {spec} ({len(rows) * cfg.per_prompt - len(todo)} already done)"
+    )
     pipe, call_kw = load_model(spec, device)
     if cfg.size is not None:
         call_kw = {**call_kw, "height": cfg.size, "width": cfg.size}
     made = 0
     for s in tqdm(range(0, len(todo), cfg.batch), desc="generate", unit="batch", leave=False):
-        chunk = todo[s:s + cfg.batch]
+        chunk = todo[s : s + cfg.batch]
         gens = [torch.Generator().manual_seed(image_seed(cfg.seed, i, k)) for i, k in chunk]
         with torch.no_grad():
-            imgs = pipe([rows[i]["prompt"] for i, _ in chunk], num_inference_steps=steps, guidance_scale=guidance,
-                        generator=gens, output_type="np", **call_kw).images
+            imgs = pipe(
+                [rows[i]["prompt"] for i, _ in chunk],
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=gens,
+                output_type="np",
+                **call_kw,
+            ).images
         imgs = (np.clip(imgs, 0, 1) * 255).round().astype(np.uint8)
         for (i, k), img in zip(chunk, imgs, strict=True):
             _atomic_png(img, sample_path(folder, i, k))
@@ -258,8 +287,11 @@ def judge_detections(dets: list, metadata: Mapping[str, Any], th: Thresholds) ->
     return {"correct": bool(ok), "reason": reason, "details": json.dumps(details)}
 
 
-def _cached(folder: Path, rows: Sequence[Mapping[str, Any]], cfg: EvalConfig, cache_file: Path, field: str,
-            value: str) -> tuple[dict[str, dict[str, Any]], list[tuple[int, int, Path]], dict[Path, str], list[tuple[int, int, Path]]]:
+def _cached(
+    folder: Path, rows: Sequence[Mapping[str, Any]], cfg: EvalConfig, cache_file: Path, field: str, value: str
+) -> tuple[
+    dict[str, dict[str, Any]], list[tuple[int, int, Path]], dict[Path, str], list[tuple[int, int, Path]]
+]:
     """Per-image cache records of ``cache_file`` whose ``field`` equals ``value`` (by file), every
     (prompt, sample, path) of the folder, their SHA-1s, and those with no record or a changed image."""
     cache: dict[str, dict[str, Any]] = {}
@@ -273,13 +305,23 @@ def _cached(folder: Path, rows: Sequence[Mapping[str, Any]], cfg: EvalConfig, ca
                 cache[rec["file"]] = rec
     items = [(i, k, sample_path(folder, i, k)) for i in range(len(rows)) for k in range(cfg.per_prompt)]
     shas = {p: _sha1(p) for _, _, p in items}
-    todo = [(i, k, p) for i, k, p in items
-            if (c := cache.get(str(p.relative_to(folder)))) is None or c["sha1"] != shas[p]]
+    todo = [
+        (i, k, p)
+        for i, k, p in items
+        if (c := cache.get(str(p.relative_to(folder)))) is None or c["sha1"] != shas[p]
+    ]
     return cache, items, shas, todo
 
 
-def judge_folder(folder: Path, root: Path, rows: Sequence[Mapping[str, Any]], cfg: EvalConfig, detector_fn,
-                 judge_key: str, log=print) -> list[dict[str, Any]]:
+def judge_folder(
+    folder: Path,
+    root: Path,
+    rows: Sequence[Mapping[str, Any]],
+    cfg: EvalConfig,
+    detector_fn,
+    judge_key: str,
+    log=print,
+) -> list[dict[str, Any]]:
     """GenEval per-image results for a model folder; judgements cached in ``judged.jsonl``."""
     cache_file = folder / "judged.jsonl"
     cache, items, shas, todo = _cached(folder, rows, cfg, cache_file, "judge", judge_key)
@@ -289,13 +331,17 @@ def judge_folder(folder: Path, root: Path, rows: Sequence[Mapping[str, Any]], cf
         step = max(1, getattr(detector, "batch_size", 8))
         with cache_file.open("a") as f:
             for s in range(0, len(todo), step):
-                chunk = todo[s:s + step]
+                chunk = todo[s : s + step]
                 imgs = [_read_image(p) for _, _, p in chunk]
                 metas = [rows[i] for i, _, _ in chunk]
                 dets = detector.detect(imgs, metas)
                 for (_i, _k, p), d, md in zip(chunk, dets, metas, strict=True):
-                    rec = {"file": str(p.relative_to(folder)), "sha1": shas[p], "judge": judge_key,
-                           **judge_detections(d, md, detector.thresholds)}
+                    rec = {
+                        "file": str(p.relative_to(folder)),
+                        "sha1": shas[p],
+                        "judge": judge_key,
+                        **judge_detections(d, md, detector.thresholds),
+                    }
                     cache[rec["file"]] = rec
                     f.write(json.dumps(rec) + "\n")
                 f.flush()
@@ -303,9 +349,20 @@ def judge_folder(folder: Path, root: Path, rows: Sequence[Mapping[str, Any]], cf
     for i, k, p in items:
         c = cache[str(p.relative_to(folder))]
         md = rows[i]
-        results.append({"filename": str(p.relative_to(root)), "tag": md["tag"], "prompt": md["prompt"],
-                        "correct": c["correct"], "reason": c["reason"], "metadata": json.dumps(md),
-                        "details": c["details"], "prompt_index": i, "sample": k, "seed": image_seed(cfg.seed, i, k)})
+        results.append(
+            {
+                "filename": str(p.relative_to(root)),
+                "tag": md["tag"],
+                "prompt": md["prompt"],
+                "correct": c["correct"],
+                "reason": c["reason"],
+                "metadata": json.dumps(md),
+                "details": c["details"],
+                "prompt_index": i,
+                "sample": k,
+                "seed": image_seed(cfg.seed, i, k),
+            }
+        )
     with (folder / "results.jsonl.tmp").open("w") as f:
         for r in results:
             f.write(json.dumps(r) + "\n")
@@ -330,8 +387,12 @@ def _ordered_tags(tags) -> list[str]:
     return [t for t in TAGS if t in tags] + sorted(t for t in tags if t not in TAGS)
 
 
-def tag_bootstrap(results: Sequence[Mapping[str, Any]], n: int = 2000, seed: int = 0,
-                  other: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
+def tag_bootstrap(
+    results: Sequence[Mapping[str, Any]],
+    n: int = 2000,
+    seed: int = 0,
+    other: Sequence[Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
     """95% CIs of per-tag and overall accuracy, resampling prompts within each tag (a prompt's
     images stay together). With ``other`` (same prompts and seeds), CIs of other - results."""
     ga = _tag_groups(results)
@@ -357,7 +418,9 @@ def tag_bootstrap(results: Sequence[Mapping[str, Any]], n: int = 2000, seed: int
     return {"per_tag_ci95": {t: ci(boots[t]) for t in tags}, "overall_ci95": ci(overall)}
 
 
-def summarize_results(results: Sequence[Mapping[str, Any]], n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+def summarize_results(
+    results: Sequence[Mapping[str, Any]], n_boot: int = 2000, seed: int = 0
+) -> dict[str, Any]:
     s = summarize(results)
     s["per_tag"] = {t: s["per_tag"][t] for t in _ordered_tags(s["per_tag"])}
     s["n_per_tag"] = {t: s["n_per_tag"][t] for t in s["per_tag"]}
@@ -365,8 +428,9 @@ def summarize_results(results: Sequence[Mapping[str, Any]], n_boot: int = 2000, 
     return s
 
 
-def paired_difference(base: Sequence[Mapping[str, Any]], new: Sequence[Mapping[str, Any]], n_boot: int = 2000,
-                      seed: int = 0) -> dict[str, Any]:
+def paired_difference(
+    base: Sequence[Mapping[str, Any]], new: Sequence[Mapping[str, Any]], n_boot: int = 2000, seed: int = 0
+) -> dict[str, Any]:
     """Per-tag and overall accuracy of ``new`` minus ``base`` with paired bootstrap CIs (prompts
     resampled within tags, the same prompts for both)."""
     if [(r["prompt_index"], r["seed"]) for r in base] != [(r["prompt_index"], r["seed"]) for r in new]:
@@ -374,8 +438,12 @@ def paired_difference(base: Sequence[Mapping[str, Any]], new: Sequence[Mapping[s
     sa, sb = summarize(base), summarize(new)
     boot = tag_bootstrap(base, n_boot, seed, other=new)
     tags = _ordered_tags(sa["per_tag"])
-    return {"overall": sb["overall"] - sa["overall"], "overall_ci95": boot["overall_ci95"],
-            "per_tag": {t: sb["per_tag"][t] - sa["per_tag"][t] for t in tags}, "per_tag_ci95": boot["per_tag_ci95"]}
+    return {
+        "overall": sb["overall"] - sa["overall"],
+        "overall_ci95": boot["overall_ci95"],
+        "per_tag": {t: sb["per_tag"][t] - sa["per_tag"][t] for t in tags},
+        "per_tag_ci95": boot["per_tag_ci95"],
+    }
 
 
 # --------------------------------------------------------------------------- rewards
@@ -389,8 +457,9 @@ def reward_key(spec: str, specs: Sequence[str]) -> str:
     return name
 
 
-def score_folder(folder: Path, rows: Sequence[Mapping[str, Any]], cfg: EvalConfig, spec: str, reward_fn,
-                 log=print) -> list[list[float]]:
+def score_folder(
+    folder: Path, rows: Sequence[Mapping[str, Any]], cfg: EvalConfig, spec: str, reward_fn, log=print
+) -> list[list[float]]:
     """Per-prompt lists of one reward's image scores; cached in ``rewards.jsonl`` by image hash."""
     import torch
 
@@ -401,16 +470,27 @@ def score_folder(folder: Path, rows: Sequence[Mapping[str, Any]], cfg: EvalConfi
         reward = reward_fn()
         with cache_file.open("a") as f:
             for s in range(0, len(todo), cfg.batch):
-                chunk = todo[s:s + cfg.batch]
+                chunk = todo[s : s + cfg.batch]
                 imgs = [_read_image(p) for _, _, p in chunk]
                 if len({im.shape for im in imgs}) > 1:  # rewards take one batch tensor; score one by one
-                    scores = [float(reward(torch.from_numpy(im).permute(2, 0, 1)[None].float() / 255,
-                                           [rows[i]["prompt"]]).scores[0]) for im, (i, _, _) in zip(imgs, chunk)]
+                    scores = [
+                        float(
+                            reward(
+                                torch.from_numpy(im).permute(2, 0, 1)[None].float() / 255, [rows[i]["prompt"]]
+                            ).scores[0]
+                        )
+                        for im, (i, _, _) in zip(imgs, chunk)
+                    ]
                 else:
                     x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255
                     scores = reward(x, [rows[i]["prompt"] for i, _, _ in chunk]).scores.tolist()
                 for (_i, _k, p), sc in zip(chunk, scores, strict=True):
-                    rec = {"file": str(p.relative_to(folder)), "sha1": shas[p], "reward": spec, "score": float(sc)}
+                    rec = {
+                        "file": str(p.relative_to(folder)),
+                        "sha1": shas[p],
+                        "reward": spec,
+                        "score": float(sc),
+                    }
                     cache[rec["file"]] = rec
                     f.write(json.dumps(rec) + "\n")
                 f.flush()
@@ -432,7 +512,9 @@ def _settings_for(cfg: EvalConfig, spec: str, steps: int, guidance: float) -> di
         ck = p / "checkpoints" / latest.read_text().strip()
         state = ck / "state.json"
         out["checkpoint"] = ck.name
-        out["checkpoint_state_sha1"] = hashlib.sha1(state.read_bytes()).hexdigest() if state.exists() else None
+        out["checkpoint_state_sha1"] = (
+            hashlib.sha1(state.read_bytes()).hexdigest() if state.exists() else None
+        )
     return out
 
 
@@ -477,10 +559,19 @@ def run_eval(cfg: EvalConfig, log=print) -> dict[str, Any]:
         old = manifest["models"].get(label)
         if old is not None and old != new:
             diff = ", ".join(f"{k} {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k])
-            raise ConfigError(f"{root} holds {label} images made with other settings ({diff}); use another --out")
+            raise ConfigError(
+                f"{root} holds {label} images made with other settings ({diff}); use another --out"
+            )
         manifest["models"][label] = new
-    manifest.update({"prompt_set": description, "judged": judged, "per_prompt": cfg.per_prompt,
-                     "detector": detector_spec if judged else None, "rewards": list(cfg.rewards)})
+    manifest.update(
+        {
+            "prompt_set": description,
+            "judged": judged,
+            "per_prompt": cfg.per_prompt,
+            "detector": detector_spec if judged else None,
+            "rewards": list(cfg.rewards),
+        }
+    )
     _write_json(manifest_file, manifest)
     write_metadata(root / "prompts.jsonl", rows)
     log(f"eval: {description}; {len(models)} model(s) x {cfg.per_prompt} images per prompt -> {root}")
@@ -502,8 +593,10 @@ def run_eval(cfg: EvalConfig, log=print) -> dict[str, Any]:
                 state["d"] = build_detector(detector_spec, device, cfg.color_clip, cfg.thresholds)
             return state["d"]
 
-        judge_key = json.dumps({"detector": detector_spec, "color_clip": cfg.color_clip,
-                                "thresholds": cfg.thresholds.as_dict()}, sort_keys=True)
+        judge_key = json.dumps(
+            {"detector": detector_spec, "color_clip": cfg.color_clip, "thresholds": cfg.thresholds.as_dict()},
+            sort_keys=True,
+        )
         for label in models:
             results[label] = judge_folder(root / label, root, rows, cfg, detector_fn, judge_key, log)
             summaries[label] = summarize_results(results[label], cfg.n_boot, cfg.seed)
@@ -523,27 +616,40 @@ def run_eval(cfg: EvalConfig, log=print) -> dict[str, Any]:
                 holder["r"] = next(iter(load_rewards([spec], device).values()))
             return holder["r"]
 
-        reward_scores[key] = {label: score_folder(root / label, rows, cfg, spec, reward_fn, log)
-                              for label in models}
+        reward_scores[key] = {
+            label: score_folder(root / label, rows, cfg, spec, reward_fn, log) for label in models
+        }
         from .winrate import score_summary
 
-        reward_stats[key] = {label: score_summary(s, cfg.n_boot, cfg.seed) for label, s in reward_scores[key].items()}
+        reward_stats[key] = {
+            label: score_summary(s, cfg.n_boot, cfg.seed) for label, s in reward_scores[key].items()
+        }
     win_rates: dict[str, Any] = {}
     if cfg.compare and reward_scores:
         from .winrate import win_rates_by_reward
 
         cats = None if judged else [r.get("category", "") for r in rows]
-        win_rates = win_rates_by_reward(reward_scores, "model", "compare", cats, pairing=cfg.pairing,
-                                        n_boot=cfg.n_boot, seed=cfg.seed)
+        win_rates = win_rates_by_reward(
+            reward_scores, "model", "compare", cats, pairing=cfg.pairing, n_boot=cfg.n_boot, seed=cfg.seed
+        )
     t_rew = time.time()
 
     out: dict[str, Any] = {
-        "settings": {**{k: v for k, v in asdict(cfg).items() if k != "thresholds"}, "steps": steps,
-                     "guidance": guidance, "device": device, "detector": detector_spec if judged else None,
-                     "thresholds": cfg.thresholds.as_dict()},
-        "prompt_set": description, "n_prompts": len(rows), "judged": judged,
-        "models": {label: {"path": spec, **({"geneval": summaries[label]} if judged else {})}
-                   for label, spec in models.items()},
+        "settings": {
+            **{k: v for k, v in asdict(cfg).items() if k != "thresholds"},
+            "steps": steps,
+            "guidance": guidance,
+            "device": device,
+            "detector": detector_spec if judged else None,
+            "thresholds": cfg.thresholds.as_dict(),
+        },
+        "prompt_set": description,
+        "n_prompts": len(rows),
+        "judged": judged,
+        "models": {
+            label: {"path": spec, **({"geneval": summaries[label]} if judged else {})}
+            for label, spec in models.items()
+        },
     }
     if judged and cfg.compare:
         out["difference"] = paired_difference(results["model"], results["compare"], cfg.n_boot, cfg.seed)
@@ -567,43 +673,97 @@ def run_eval(cfg: EvalConfig, log=print) -> dict[str, Any]:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser(
-        "eval", help="GenEval-style judged eval and reward win rates of a model (vs another), resumable",
+        "eval",
+        help="GenEval-style judged eval and reward win rates of a model (vs another), resumable",
         description="GenEval-style evaluation (judged by an object detector and GenEval's rules) and reward "
-                    "win rates. Rerun the same command on the same --out to continue an interrupted run.")
-    ev.add_argument("--model", required=True, help="pipeline folder, hub id, or diffalign run folder (model A, 'base')")
-    ev.add_argument("--compare", default=None, help="second model (B, 'aligned'): before/after report, paired "
-                                                    "differences, win rates of B over A")
+        "win rates. Rerun the same command on the same --out to continue an interrupted run.",
+    )
+    ev.add_argument(
+        "--model", required=True, help="pipeline folder, hub id, or diffalign run folder (model A, 'base')"
+    )
+    ev.add_argument(
+        "--compare",
+        default=None,
+        help="second model (B, 'aligned'): before/after report, paired differences, win rates of B over A",
+    )
     src = ev.add_mutually_exclusive_group(required=True)
     src.add_argument("--metadata", help="GenEval evaluation_metadata.jsonl")
-    src.add_argument("--toy", choices=["heldout", "train"], help="ShapesWorld prompts (judged by the exact toy detector)")
-    src.add_argument("--toy-video", choices=["heldout", "train"], help="ShapesWorld-video prompts, clips judged exactly "
-                                                                     "(a text-to-video model)")
-    src.add_argument("--toy-audio", choices=["heldout", "train"], help="ToneWorld prompts, audio judged exactly "
-                                                                     "(a text-to-audio model)")
-    src.add_argument("--geneval-templates", dest="templates", type=int, nargs="?", const=100, metavar="N",
-                     help="build a GenEval-style suite from GenEval's templates over the COCO classes, N draws per tag "
-                          "(default 100; with --prompt-seed 43 it is GenEval's own 553-prompt file)")
-    src.add_argument("--prompts", action="append", help="plain prompt file for reward-only eval: PartiPrompts .tsv, "
-                                                        "HPSv2 benchmark .json, .txt, .jsonl (repeatable)")
-    ev.add_argument("--n-prompts", type=int, default=None, help="use N prompts, balanced over tags/categories "
-                                                                "(--toy: draw N, default 60)")
-    ev.add_argument("--prompt-seed", type=int, default=None, help="seed of --toy (0) / --geneval-templates (43) prompts")
+    src.add_argument(
+        "--toy", choices=["heldout", "train"], help="ShapesWorld prompts (judged by the exact toy detector)"
+    )
+    src.add_argument(
+        "--toy-video",
+        choices=["heldout", "train"],
+        help="ShapesWorld-video prompts, clips judged exactly (a text-to-video model)",
+    )
+    src.add_argument(
+        "--toy-audio",
+        choices=["heldout", "train"],
+        help="ToneWorld prompts, audio judged exactly (a text-to-audio model)",
+    )
+    src.add_argument(
+        "--geneval-templates",
+        dest="templates",
+        type=int,
+        nargs="?",
+        const=100,
+        metavar="N",
+        help="build a GenEval-style suite from GenEval's templates over the COCO classes, N draws per tag "
+        "(default 100; with --prompt-seed 43 it is GenEval's own 553-prompt file)",
+    )
+    src.add_argument(
+        "--prompts",
+        action="append",
+        help="plain prompt file for reward-only eval: PartiPrompts .tsv, "
+        "HPSv2 benchmark .json, .txt, .jsonl (repeatable)",
+    )
+    ev.add_argument(
+        "--n-prompts",
+        type=int,
+        default=None,
+        help="use N prompts, balanced over tags/categories (--toy: draw N, default 60)",
+    )
+    ev.add_argument(
+        "--prompt-seed", type=int, default=None, help="seed of --toy (0) / --geneval-templates (43) prompts"
+    )
     ev.add_argument("--per-prompt", type=int, default=4, help="images per prompt (GenEval: 4)")
     ev.add_argument("--steps", type=int, default=None, help="sampling steps (default 20 with --toy, else 50)")
-    ev.add_argument("--guidance", type=float, default=None, help="CFG scale (default 4.0 with --toy, else 9.0)")
+    ev.add_argument(
+        "--guidance", type=float, default=None, help="CFG scale (default 4.0 with --toy, else 9.0)"
+    )
     ev.add_argument("--size", type=int, default=None, help="image height and width (default: the pipeline's)")
     ev.add_argument("--seed", type=int, default=0, help="base seed; image (i, k) uses image_seed(seed, i, k)")
-    ev.add_argument("--detector", default=None, help="shapes | mask2former | mask2former=PATH (hub id or folder; "
-                                                     "default shapes with --toy, else mask2former)")
-    ev.add_argument("--color-clip", default=None, help="CLIP for colour classification (transformers or OpenCLIP "
-                                                       "folder / hub id; default openai/clip-vit-large-patch14)")
-    ev.add_argument("--threshold", type=float, default=Thresholds.score, help="detection confidence (GenEval 0.3)")
-    ev.add_argument("--counting-threshold", type=float, default=Thresholds.counting, help="for counting (GenEval 0.9)")
+    ev.add_argument(
+        "--detector",
+        default=None,
+        help="shapes | mask2former | mask2former=PATH (hub id or folder; "
+        "default shapes with --toy, else mask2former)",
+    )
+    ev.add_argument(
+        "--color-clip",
+        default=None,
+        help="CLIP for colour classification (transformers or OpenCLIP "
+        "folder / hub id; default openai/clip-vit-large-patch14)",
+    )
+    ev.add_argument(
+        "--threshold", type=float, default=Thresholds.score, help="detection confidence (GenEval 0.3)"
+    )
+    ev.add_argument(
+        "--counting-threshold", type=float, default=Thresholds.counting, help="for counting (GenEval 0.9)"
+    )
     ev.add_argument("--max-objects", type=int, default=Thresholds.max_objects, help="per class (GenEval 16)")
-    ev.add_argument("--position-threshold", type=float, default=Thresholds.position, help="position margin (GenEval 0.1)")
-    ev.add_argument("--reward", action="append", default=[], help="NAME or NAME=PATH, e.g. pickscore=PATH (repeatable)")
-    ev.add_argument("--pairing", default="all", choices=["all", "seed"],
-                    help="win-rate comparisons per prompt: every B image vs every A image, or same-seed pairs")
+    ev.add_argument(
+        "--position-threshold", type=float, default=Thresholds.position, help="position margin (GenEval 0.1)"
+    )
+    ev.add_argument(
+        "--reward", action="append", default=[], help="NAME or NAME=PATH, e.g. pickscore=PATH (repeatable)"
+    )
+    ev.add_argument(
+        "--pairing",
+        default="all",
+        choices=["all", "seed"],
+        help="win-rate comparisons per prompt: every B image vs every A image, or same-seed pairs",
+    )
     ev.add_argument("--batch", type=int, default=16, help="images per generation / scoring batch")
     ev.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ev.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for CIs")
@@ -615,14 +775,36 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.toy_video or args.toy_audio:
         return run_av_cli(args)
     cfg = EvalConfig(
-        model=args.model, out=args.out, compare=args.compare, metadata=args.metadata, toy=args.toy,
-        templates=args.templates, prompts=args.prompts or [], n_prompts=args.n_prompts, prompt_seed=args.prompt_seed,
-        per_prompt=args.per_prompt, steps=args.steps, guidance=args.guidance, size=args.size, seed=args.seed,
-        detector=args.detector, color_clip=args.color_clip,
-        thresholds=Thresholds(args.threshold, args.counting_threshold, args.max_objects, Thresholds.nms_iou,
-                              args.position_threshold),
-        rewards=args.reward, pairing=args.pairing, batch=args.batch, device=args.device, n_boot=args.bootstrap,
-        report=not args.no_report)
+        model=args.model,
+        out=args.out,
+        compare=args.compare,
+        metadata=args.metadata,
+        toy=args.toy,
+        templates=args.templates,
+        prompts=args.prompts or [],
+        n_prompts=args.n_prompts,
+        prompt_seed=args.prompt_seed,
+        per_prompt=args.per_prompt,
+        steps=args.steps,
+        guidance=args.guidance,
+        size=args.size,
+        seed=args.seed,
+        detector=args.detector,
+        color_clip=args.color_clip,
+        thresholds=Thresholds(
+            args.threshold,
+            args.counting_threshold,
+            args.max_objects,
+            Thresholds.nms_iou,
+            args.position_threshold,
+        ),
+        rewards=args.reward,
+        pairing=args.pairing,
+        batch=args.batch,
+        device=args.device,
+        n_boot=args.bootstrap,
+        report=not args.no_report,
+    )
     out = run_eval(cfg)
     print(format_summary(out))
     return 0
@@ -642,9 +824,18 @@ def run_av_cli(args: argparse.Namespace) -> int:
 
         w = World("audio", "", "", mod.prompts, mod.judge_audio)  # type: ignore[arg-type]
     models = {"model": args.model} | ({"compare": args.compare} if args.compare else {})
-    out = evaluate_and_report(w, models, Path(args.out), split, args.n_prompts or 60, args.per_prompt,
-                              args.seed if args.prompt_seed is None else args.prompt_seed, args.steps or 15,
-                              args.guidance if args.guidance is not None else 4.0, device=args.device)
+    out = evaluate_and_report(
+        w,
+        models,
+        Path(args.out),
+        split,
+        args.n_prompts or 60,
+        args.per_prompt,
+        args.seed if args.prompt_seed is None else args.prompt_seed,
+        args.steps or 15,
+        args.guidance if args.guidance is not None else 4.0,
+        device=args.device,
+    )
     print(out["table"])
     print(f"report: {Path(args.out) / 'index.html'}")
     return 0
@@ -658,17 +849,27 @@ def format_summary(out: Mapping[str, Any]) -> str:
         tags = list(next(iter(out["models"].values()))["geneval"]["per_tag"])
         lines.append("tag".ljust(14) + "".join(lb.rjust(10) for lb in labels))
         for t in tags:
-            lines.append(t.ljust(14) + "".join(f"{out['models'][lb]['geneval']['per_tag'][t]:10.3f}" for lb in labels))
-        lines.append("overall".ljust(14) + "".join(f"{out['models'][lb]['geneval']['overall']:10.3f}" for lb in labels))
+            lines.append(
+                t.ljust(14) + "".join(f"{out['models'][lb]['geneval']['per_tag'][t]:10.3f}" for lb in labels)
+            )
+        lines.append(
+            "overall".ljust(14) + "".join(f"{out['models'][lb]['geneval']['overall']:10.3f}" for lb in labels)
+        )
         if "difference" in out:
             d = out["difference"]
-            lines.append(f"compare - model: {d['overall']:+.3f} (95% CI [{d['overall_ci95'][0]:+.3f}, "
-                         f"{d['overall_ci95'][1]:+.3f}])")
+            lines.append(
+                f"compare - model: {d['overall']:+.3f} (95% CI [{d['overall_ci95'][0]:+.3f}, "
+                f"{d['overall_ci95'][1]:+.3f}])"
+            )
     for key, per_model in out.get("rewards", {}).items():
-        stats = ", ".join(f"{lb} mean {s['mean']:.4g} median {s['median']:.4g}" for lb, s in per_model.items())
+        stats = ", ".join(
+            f"{lb} mean {s['mean']:.4g} median {s['median']:.4g}" for lb, s in per_model.items()
+        )
         lines.append(f"{key}: {stats}")
         if key in out.get("win_rates", {}):
             w = out["win_rates"][key]
-            lines.append(f"  win rate of compare: mean {w['win_rate_mean']:.3f} [{w['win_rate_mean_ci95'][0]:.3f}, "
-                         f"{w['win_rate_mean_ci95'][1]:.3f}], median {w['win_rate_median']:.3f}")
+            lines.append(
+                f"  win rate of compare: mean {w['win_rate_mean']:.3f} [{w['win_rate_mean_ci95'][0]:.3f}, "
+                f"{w['win_rate_mean_ci95'][1]:.3f}], median {w['win_rate_median']:.3f}"
+            )
     return "\n".join(lines)

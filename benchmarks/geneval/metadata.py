@@ -36,17 +36,100 @@ from .rules import GENEVAL_COLORS, RELATIONS, TAGS
 # GenEval's evaluation/object_names.txt: COCO's 80 thing classes in detector index order, with
 # three renamed (mouse -> computer mouse, remote -> tv remote, keyboard -> computer keyboard).
 COCO_CLASSES: tuple[str, ...] = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
-    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
-    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
-    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "computer mouse", "tv remote",
-    "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock",
-    "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+    "person",
+    "bicycle",
+    "car",
+    "motorcycle",
+    "airplane",
+    "bus",
+    "train",
+    "truck",
+    "boat",
+    "traffic light",
+    "fire hydrant",
+    "stop sign",
+    "parking meter",
+    "bench",
+    "bird",
+    "cat",
+    "dog",
+    "horse",
+    "sheep",
+    "cow",
+    "elephant",
+    "bear",
+    "zebra",
+    "giraffe",
+    "backpack",
+    "umbrella",
+    "handbag",
+    "tie",
+    "suitcase",
+    "frisbee",
+    "skis",
+    "snowboard",
+    "sports ball",
+    "kite",
+    "baseball bat",
+    "baseball glove",
+    "skateboard",
+    "surfboard",
+    "tennis racket",
+    "bottle",
+    "wine glass",
+    "cup",
+    "fork",
+    "knife",
+    "spoon",
+    "bowl",
+    "banana",
+    "apple",
+    "sandwich",
+    "orange",
+    "broccoli",
+    "carrot",
+    "hot dog",
+    "pizza",
+    "donut",
+    "cake",
+    "chair",
+    "couch",
+    "potted plant",
+    "bed",
+    "dining table",
+    "toilet",
+    "tv",
+    "laptop",
+    "computer mouse",
+    "tv remote",
+    "computer keyboard",
+    "cell phone",
+    "microwave",
+    "oven",
+    "toaster",
+    "sink",
+    "refrigerator",
+    "book",
+    "clock",
+    "vase",
+    "scissors",
+    "teddy bear",
+    "hair drier",
+    "toothbrush",
 )
-NUMBER_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+NUMBER_WORDS: tuple[str, ...] = (
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+)
 _INCLUDE_KEYS = {"class", "count", "color", "position"}
 _EXCLUDE_KEYS = {"class", "count"}
 
@@ -89,8 +172,13 @@ def check_metadata(md: Any) -> str | None:
             return f"{what} 'color' must be a colour name, got {req['color']!r}"
         if "position" in req:
             pos = req["position"]
-            if not (isinstance(pos, list | tuple) and len(pos) == 2 and pos[0] in RELATIONS
-                    and isinstance(pos[1], int) and not isinstance(pos[1], bool)):
+            if not (
+                isinstance(pos, list | tuple)
+                and len(pos) == 2
+                and pos[0] in RELATIONS
+                and isinstance(pos[1], int)
+                and not isinstance(pos[1], bool)
+            ):
                 return f"{what} 'position' must be [relation, group index] with relation in {list(RELATIONS)}, got {pos!r}"
             if not 0 <= pos[1] < i:
                 return f"{what} 'position' refers to include[{pos[1]}]; it must name an earlier entry (0..{i - 1})"
@@ -172,7 +260,9 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
     elif suffix in (".tsv", ".csv"):
         reader = csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
         if not reader.fieldnames or not ({"Prompt", "prompt", "caption", "text"} & set(reader.fieldnames)):
-            raise MetadataError(f"{p}:1: needs a 'Prompt' (or 'prompt'/'caption') column, found {reader.fieldnames}")
+            raise MetadataError(
+                f"{p}:1: needs a 'Prompt' (or 'prompt'/'caption') column, found {reader.fieldnames}"
+            )
         raw = [(i + 2, row) for i, row in enumerate(reader)]
     else:
         for ln, line in enumerate(text.splitlines(), start=1):
@@ -193,7 +283,9 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
             prompt = _prompt_of(rec)
             category = rec.get("Category", rec.get("category", p.stem))
         if not isinstance(prompt, str) or not prompt.strip():
-            raise MetadataError(f"{p}:{n}: {where} {n} has no prompt (a string, or an object with 'prompt'/'caption')")
+            raise MetadataError(
+                f"{p}:{n}: {where} {n} has no prompt (a string, or an object with 'prompt'/'caption')"
+            )
         rows.append({"prompt": prompt.strip(), "category": str(category)})
     if not rows:
         raise MetadataError(f"prompts file {str(path)!r} has no prompts")
@@ -239,39 +331,66 @@ def geneval_prompts(
     def colorable(idx: np.ndarray | int) -> Any:
         return idx if skip is None else (idx + 1 + skip) % k
 
-    def md(tag: str, include: list[dict[str, Any]], prompt: str, exclude: list | None = None) -> dict[str, Any]:
+    def md(
+        tag: str, include: list[dict[str, Any]], prompt: str, exclude: list | None = None
+    ) -> dict[str, Any]:
         out: dict[str, Any] = {"tag": tag, "include": include}
         if exclude:
             out["exclude"] = exclude
         out["prompt"] = f"a photo of {prompt}"
         return out
 
-    samples = [md("single_object", [{"class": classes[i], "count": 1}], with_article(classes[i]))
-               for i in rng.choice(k, size=k, replace=False)]
+    samples = [
+        md("single_object", [{"class": classes[i], "count": 1}], with_article(classes[i]))
+        for i in rng.choice(k, size=k, replace=False)
+    ]
     for _ in range(n):
         a, b = (classes[i] for i in rng.choice(k, size=2, replace=False))
-        samples.append(md("two_object", [{"class": a, "count": 1}, {"class": b, "count": 1}],
-                          f"{with_article(a)} and {with_article(b)}"))
+        samples.append(
+            md(
+                "two_object",
+                [{"class": a, "count": 1}, {"class": b, "count": 1}],
+                f"{with_article(a)} and {with_article(b)}",
+            )
+        )
     for _ in range(n):
         cls = classes[rng.choice(k)]
         num = int(rng.integers(2, max_count, endpoint=True))
-        samples.append(md("counting", [{"class": cls, "count": num}], f"{NUMBER_WORDS[num]} {make_plural(cls)}",
-                          [{"class": cls, "count": num + 1}]))
+        samples.append(
+            md(
+                "counting",
+                [{"class": cls, "count": num}],
+                f"{NUMBER_WORDS[num]} {make_plural(cls)}",
+                [{"class": cls, "count": num + 1}],
+            )
+        )
     n_col = k - (skip is not None)
     for _ in range(n):
         cls = classes[colorable(int(rng.choice(n_col)))]
         color = colors[rng.choice(len(colors))]
-        samples.append(md("colors", [{"class": cls, "count": 1, "color": color}], f"{with_article(color)} {cls}"))
+        samples.append(
+            md("colors", [{"class": cls, "count": 1, "color": color}], f"{with_article(color)} {cls}")
+        )
     for _ in range(n):
         a, b = (classes[i] for i in rng.choice(k, size=2, replace=False))
         rel = RELATIONS[rng.choice(len(RELATIONS))]
-        samples.append(md("position", [{"class": b, "count": 1}, {"class": a, "count": 1, "position": [rel, 0]}],
-                          f"{with_article(a)} {rel} {with_article(b)}"))
+        samples.append(
+            md(
+                "position",
+                [{"class": b, "count": 1}, {"class": a, "count": 1, "position": [rel, 0]}],
+                f"{with_article(a)} {rel} {with_article(b)}",
+            )
+        )
     for _ in range(n):
         a, b = (classes[int(i)] for i in colorable(rng.choice(n_col, size=2, replace=False)))
         ca, cb = (colors[i] for i in rng.choice(len(colors), size=2, replace=False))
-        samples.append(md("color_attr", [{"class": a, "count": 1, "color": ca}, {"class": b, "count": 1, "color": cb}],
-                          f"{with_article(ca)} {a} and {with_article(cb)} {b}"))
+        samples.append(
+            md(
+                "color_attr",
+                [{"class": a, "count": 1, "color": ca}, {"class": b, "count": 1, "color": cb}],
+                f"{with_article(ca)} {a} and {with_article(cb)} {b}",
+            )
+        )
     seen: set[str] = set()
     unique = []
     for s in samples:

@@ -79,13 +79,18 @@ def _reward_table(out: Mapping[str, Any]) -> list[str]:
         head += ["win rate of compare: mean", "median", "prompts won/tied/lost"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, per_model in out["rewards"].items():
-        cells = [key] + [f"{per_model[lb]['mean']:.4g} [{per_model[lb]['mean_ci95'][0]:.4g}, "
-                         f"{per_model[lb]['mean_ci95'][1]:.4g}] / {per_model[lb]['median']:.4g}" for lb in labels]
+        cells = [key] + [
+            f"{per_model[lb]['mean']:.4g} [{per_model[lb]['mean_ci95'][0]:.4g}, "
+            f"{per_model[lb]['mean_ci95'][1]:.4g}] / {per_model[lb]['median']:.4g}"
+            for lb in labels
+        ]
         if key in wins:
             w = wins[key]
-            cells += [_fmt_ci(w["win_rate_mean"], w["win_rate_mean_ci95"]),
-                      _fmt_ci(w["win_rate_median"], w["win_rate_median_ci95"]),
-                      f"{w['prompts_won']}/{w['prompts_tied']}/{w['prompts_lost']}"]
+            cells += [
+                _fmt_ci(w["win_rate_mean"], w["win_rate_mean_ci95"]),
+                _fmt_ci(w["win_rate_median"], w["win_rate_median_ci95"]),
+                f"{w['prompts_won']}/{w['prompts_tied']}/{w['prompts_lost']}",
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -114,8 +119,9 @@ def reward_histogram(scores: Mapping[str, Sequence[Sequence[float]]], title: str
     return out
 
 
-def win_rate_histogram(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]], title: str, out: Path,
-                       pairing: str = "all") -> Path:
+def win_rate_histogram(
+    a: Sequence[Sequence[float]], b: Sequence[Sequence[float]], title: str, out: Path, pairing: str = "all"
+) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,73 +143,134 @@ def win_rate_histogram(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]
     return out
 
 
-def build_report(root: Path, out: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
-                 results: Mapping[str, Sequence[Mapping[str, Any]]],
-                 reward_scores: Mapping[str, Mapping[str, Sequence[Sequence[float]]]], per_prompt: int,
-                 per_tag: int = 8) -> Path:
+def build_report(
+    root: Path,
+    out: Mapping[str, Any],
+    rows: Sequence[Mapping[str, Any]],
+    results: Mapping[str, Sequence[Mapping[str, Any]]],
+    reward_scores: Mapping[str, Mapping[str, Sequence[Sequence[float]]]],
+    per_prompt: int,
+    per_tag: int = 8,
+) -> Path:
     """Write ``root/report/{report.md,index.html,metrics.json,*.png}``; returns the HTML path."""
     rep = root / "report"
     rep.mkdir(parents=True, exist_ok=True)
     labels = list(out["models"])
     models = "; ".join(f"{lb} = {out['models'][lb]['path']}" for lb in labels)
-    table: list[str] = [f"Prompt set: {out['prompt_set']}. Models: {models}. {per_prompt} image(s) per prompt.", ""]
+    table: list[str] = [
+        f"Prompt set: {out['prompt_set']}. Models: {models}. {per_prompt} image(s) per prompt.",
+        "",
+    ]
     sections: list[tuple[str, Path | None, str]] = []
     first = rows and (root / labels[0] / "00000" / "samples" / "00000.png")
     size = _thumb_size(first) if first and first.is_file() else 64
     scale = max(1, 96 // size)
-    pair_text = " Each column is one prompt: top row model, bottom row compare (same seed)." if len(labels) > 1 else ""
+    pair_text = (
+        " Each column is one prompt: top row model, bottom row compare (same seed)."
+        if len(labels) > 1
+        else ""
+    )
 
     if out.get("judged"):
         table += _geneval_table(out)
-        table += ["", "Accuracy per tag and overall (mean of the tag accuracies, GenEval's headline score), "
-                  "95% bootstrap CIs over prompts within tags."]
+        table += [
+            "",
+            "Accuracy per tag and overall (mean of the tag accuracies, GenEval's headline score), "
+            "95% bootstrap CIs over prompts within tags.",
+        ]
         bars = tag_bars({lb: out["models"][lb]["geneval"]["per_tag"] for lb in labels}, rep / "per_tag.png")
         sections.append(("Per-tag accuracy", bars, "GenEval rules on the detector's output; " + models))
         correct = {lb: {(r["prompt_index"], r["sample"]): r["correct"] for r in results[lb]} for lb in labels}
         tags = list(out["models"][labels[0]]["geneval"]["per_tag"])
         for tag in tags:
             idx = [i for i, r in enumerate(rows) if r["tag"] == tag][:per_tag]
-            thumbs = [_thumb(root / lb / f"{i:05d}" / "samples" / "00000.png", size,
-                             GREEN if correct[lb][(i, 0)] else RED) for lb in labels for i in idx]
+            thumbs = [
+                _thumb(
+                    root / lb / f"{i:05d}" / "samples" / "00000.png",
+                    size,
+                    GREEN if correct[lb][(i, 0)] else RED,
+                )
+                for lb in labels
+                for i in idx
+            ]
             grid = save_png(image_grid(np.stack(thumbs), len(idx), scale=scale), rep / f"grid_{tag}.png")
-            marks = "; ".join(f"{c + 1}: {rows[i]['prompt']} (" + ", ".join(
-                f"{lb} {'correct' if correct[lb][(i, 0)] else 'wrong'}" for lb in labels) + ")"
-                for c, i in enumerate(idx))
-            sections.append((f"{tag}: samples", grid, f"First image of {len(idx)} prompt(s); green frame = judged "
-                             f"correct, red = wrong.{pair_text} {marks}"))
+            marks = "; ".join(
+                f"{c + 1}: {rows[i]['prompt']} ("
+                + ", ".join(f"{lb} {'correct' if correct[lb][(i, 0)] else 'wrong'}" for lb in labels)
+                + ")"
+                for c, i in enumerate(idx)
+            )
+            sections.append(
+                (
+                    f"{tag}: samples",
+                    grid,
+                    f"First image of {len(idx)} prompt(s); green frame = judged "
+                    f"correct, red = wrong.{pair_text} {marks}",
+                )
+            )
     else:
         idx = list(range(min(per_tag * 2, len(rows))))
-        thumbs = [_thumb(root / lb / f"{i:05d}" / "samples" / "00000.png", size, None) for lb in labels for i in idx]
+        thumbs = [
+            _thumb(root / lb / f"{i:05d}" / "samples" / "00000.png", size, None) for lb in labels for i in idx
+        ]
         grid = save_png(image_grid(np.stack(thumbs), len(idx), scale=scale), rep / "samples.png")
-        sections.append(("Samples", grid, f"First image of the first {len(idx)} prompts.{pair_text} "
-                         + "; ".join(f"{c + 1}: {rows[i]['prompt']}" for c, i in enumerate(idx))))
+        sections.append(
+            (
+                "Samples",
+                grid,
+                f"First image of the first {len(idx)} prompts.{pair_text} "
+                + "; ".join(f"{c + 1}: {rows[i]['prompt']}" for c, i in enumerate(idx)),
+            )
+        )
 
     if out.get("rewards"):
-        table += ["", "Rewards (mean with 95% CI over prompts, median)" + (
-            "; win rate = fraction of head-to-head comparisons per prompt won by compare (ties 1/2), "
-            "mean and median over prompts" if out.get("win_rates") else "") + ":", ""]
+        table += [
+            "",
+            "Rewards (mean with 95% CI over prompts, median)"
+            + (
+                "; win rate = fraction of head-to-head comparisons per prompt won by compare (ties 1/2), "
+                "mean and median over prompts"
+                if out.get("win_rates")
+                else ""
+            )
+            + ":",
+            "",
+        ]
         table += _reward_table(out)
         for n, (key, per_model) in enumerate(reward_scores.items()):
             hist = reward_histogram(per_model, key, rep / f"reward_{n}.png")
-            sections.append((f"Reward distribution: {key}", hist, "Image scores per model; dashed lines: medians."))
+            sections.append(
+                (f"Reward distribution: {key}", hist, "Image scores per model; dashed lines: medians.")
+            )
             if key in out.get("win_rates", {}):
-                wr = win_rate_histogram(per_model["model"], per_model["compare"], key, rep / f"winrate_{n}.png",
-                                        out["win_rates"][key]["pairing"])
-                sections.append((f"Win rates: {key}", wr, "Per-prompt win rate of compare over model; 0.5 = even."))
+                wr = win_rate_histogram(
+                    per_model["model"],
+                    per_model["compare"],
+                    key,
+                    rep / f"winrate_{n}.png",
+                    out["win_rates"][key]["pairing"],
+                )
+                sections.append(
+                    (f"Win rates: {key}", wr, "Per-prompt win rate of compare over model; 0.5 = even.")
+                )
     table_md = "\n".join(table)
     page = write_report(rep, "diffalign eval", table_md, sections, dict(out))
     # diffalign.report shows the summary as preformatted text; render its tables as HTML tables.
     html = page.read_text()
     pre = "<pre>" + escape(table_md) + "</pre>"
     if pre in html:
-        html = html.replace(pre, markdown_tables_html(table_md), 1).replace("</head>", _TABLE_CSS + "</head>", 1)
+        html = html.replace(pre, markdown_tables_html(table_md), 1).replace(
+            "</head>", _TABLE_CSS + "</head>", 1
+        )
         page.write_text(html)
     return page
 
 
-_TABLE_CSS = ("<style>table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{border:1px solid #ccc;"
-              "padding:3px 8px;text-align:right}th:first-child,td:first-child{text-align:left}"
-              "th{background:#f0f0f0}</style>")
+_TABLE_CSS = (
+    "<style>table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{border:1px solid #ccc;"
+    "padding:3px 8px;text-align:right}th:first-child,td:first-child{text-align:left}"
+    "th{background:#f0f0f0}</style>"
+)
 
 
 def markdown_tables_html(md: str) -> str:
@@ -220,8 +287,13 @@ def markdown_tables_html(md: str) -> str:
                 i += 1
             rows = [r for r in block if not all(set(c) <= set("-: ") for c in r)]
             head, body = rows[0], rows[1:]
-            out.append("<table><tr>" + "".join(f"<th>{escape(c)}</th>" for c in head) + "</tr>" + "".join(
-                "<tr>" + "".join(f"<td>{_cell(c)}</td>" for c in r) + "</tr>" for r in body) + "</table>")
+            out.append(
+                "<table><tr>"
+                + "".join(f"<th>{escape(c)}</th>" for c in head)
+                + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{_cell(c)}</td>" for c in r) + "</tr>" for r in body)
+                + "</table>"
+            )
             continue
         if line:
             out.append(f"<p>{escape(line)}</p>")

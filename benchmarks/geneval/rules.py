@@ -33,7 +33,16 @@ TAGS: tuple[Tag, ...] = ("single_object", "two_object", "counting", "colors", "p
 RELATIONS: tuple[Relation, ...] = ("left of", "right of", "above", "below")
 # GenEval's colour vocabulary (its CLIP colour classifier chooses among these).
 GENEVAL_COLORS: tuple[str, ...] = (
-    "red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white",
+    "red",
+    "orange",
+    "yellow",
+    "green",
+    "blue",
+    "purple",
+    "pink",
+    "brown",
+    "black",
+    "white",
 )
 
 # GenEval's command-line defaults (evaluate_images.py, ``--options``).
@@ -65,8 +74,9 @@ def box_iou(box_a: Sequence[float], box_b: Sequence[float]) -> float:
     def area(b: Sequence[float]) -> float:
         return max(b[2] - b[0] + 1, 0) * max(b[3] - b[1] + 1, 0)
 
-    inter = area((max(box_a[0], box_b[0]), max(box_a[1], box_b[1]),
-                  min(box_a[2], box_b[2]), min(box_a[3], box_b[3])))
+    inter = area(
+        (max(box_a[0], box_b[0]), max(box_a[1], box_b[1]), min(box_a[2], box_b[2]), min(box_a[3], box_b[3]))
+    )
     union = area(box_a) + area(box_b) - inter
     return inter / union if union else 0.0
 
@@ -184,8 +194,12 @@ def judge(
     GenEval-style failure messages with newlines ('' when correct).
     """
     objects = select_detections(
-        detections, str(metadata.get("tag", "")), score_threshold=score_threshold,
-        counting_threshold=counting_threshold, max_objects=max_objects, nms_iou=nms_iou,
+        detections,
+        str(metadata.get("tag", "")),
+        score_threshold=score_threshold,
+        counting_threshold=counting_threshold,
+        max_objects=max_objects,
+        nms_iou=nms_iou,
     )
     correct, reasons = True, []
     groups: list[list[Detection] | None] = []  # per include entry: its objects if it matched

@@ -21,7 +21,9 @@ from ...errors import ConfigError
 Pairing = Literal["all", "seed"]
 
 
-def head_to_head(a: Sequence[float], b: Sequence[float], pairing: Pairing = "all", tie_eps: float = 0.0) -> float:
+def head_to_head(
+    a: Sequence[float], b: Sequence[float], pairing: Pairing = "all", tie_eps: float = 0.0
+) -> float:
     """Fraction of comparisons in which ``b`` beats ``a`` (ties, |b - a| <= tie_eps, count 1/2)."""
     a_, b_ = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a_.size == 0 or b_.size == 0:
@@ -30,7 +32,9 @@ def head_to_head(a: Sequence[float], b: Sequence[float], pairing: Pairing = "all
         d = b_[:, None] - a_[None, :]
     elif pairing == "seed":
         if a_.shape != b_.shape:
-            raise ConfigError(f"win rate with pairing='seed' needs as many images of each model, got {a_.size} and {b_.size}")
+            raise ConfigError(
+                f"win rate with pairing='seed' needs as many images of each model, got {a_.size} and {b_.size}"
+            )
         d = b_ - a_
     else:
         raise ConfigError(f"pairing must be 'all' or 'seed', got {pairing!r}")
@@ -39,16 +43,27 @@ def head_to_head(a: Sequence[float], b: Sequence[float], pairing: Pairing = "all
     return float((wins + 0.5 * ties) / d.size)
 
 
-def per_prompt_win_rates(scores_a: Sequence[Sequence[float]], scores_b: Sequence[Sequence[float]],
-                         pairing: Pairing = "all", tie_eps: float = 0.0) -> np.ndarray:
+def per_prompt_win_rates(
+    scores_a: Sequence[Sequence[float]],
+    scores_b: Sequence[Sequence[float]],
+    pairing: Pairing = "all",
+    tie_eps: float = 0.0,
+) -> np.ndarray:
     """``[P]`` win rate of B over A for each prompt; ``scores_x[p]`` lists prompt p's image rewards."""
     if len(scores_a) != len(scores_b):
         raise ConfigError(f"win rate: {len(scores_a)} prompts for model A but {len(scores_b)} for model B")
-    return np.array([head_to_head(a, b, pairing, tie_eps) for a, b in zip(scores_a, scores_b)], dtype=np.float64)
+    return np.array(
+        [head_to_head(a, b, pairing, tie_eps) for a, b in zip(scores_a, scores_b)], dtype=np.float64
+    )
 
 
-def bootstrap_ci(values: Sequence[float], stat: Callable[[np.ndarray], float] = np.mean, n: int = 2000,
-                 seed: int = 0, level: float = 0.95) -> list[float]:
+def bootstrap_ci(
+    values: Sequence[float],
+    stat: Callable[[np.ndarray], float] = np.mean,
+    n: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> list[float]:
     """Percentile bootstrap CI of ``stat`` over resampled ``values`` ([lo, hi]; [nan, nan] if empty)."""
     v = np.asarray(values, dtype=np.float64)
     if v.size == 0:
@@ -60,8 +75,14 @@ def bootstrap_ci(values: Sequence[float], stat: Callable[[np.ndarray], float] = 
     return [float(np.quantile(stats, alpha)), float(np.quantile(stats, 1 - alpha))]
 
 
-def win_rate_summary(scores_a: Sequence[Sequence[float]], scores_b: Sequence[Sequence[float]],
-                     pairing: Pairing = "all", tie_eps: float = 0.0, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+def win_rate_summary(
+    scores_a: Sequence[Sequence[float]],
+    scores_b: Sequence[Sequence[float]],
+    pairing: Pairing = "all",
+    tie_eps: float = 0.0,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Win rate of B over A (per prompt, then mean/median with CIs) and both models' reward stats.
 
     Reward means/medians are over images; their CIs resample prompts (images of one prompt stay
@@ -80,7 +101,9 @@ def win_rate_summary(scores_a: Sequence[Sequence[float]], scores_b: Sequence[Seq
             m = np.asarray(scores, dtype=np.float64)  # (P, k)
             vals = stat(m[idx].reshape(n_boot, -1), axis=1)
         else:
-            vals = [stat(np.concatenate([np.asarray(scores[i], dtype=np.float64) for i in row])) for row in idx]
+            vals = [
+                stat(np.concatenate([np.asarray(scores[i], dtype=np.float64) for i in row])) for row in idx
+            ]
         return [float(np.quantile(vals, 0.025)), float(np.quantile(vals, 0.975))]
 
     out: dict[str, Any] = {
@@ -93,11 +116,16 @@ def win_rate_summary(scores_a: Sequence[Sequence[float]], scores_b: Sequence[Seq
         "prompts_won": int((rates > 0.5).sum()),
         "prompts_tied": int((rates == 0.5).sum()),
         "prompts_lost": int((rates < 0.5).sum()),
-        "a_mean": float(a_all.mean()), "a_mean_ci95": clustered(scores_a, np.mean),
-        "a_median": float(np.median(a_all)), "a_median_ci95": clustered(scores_a, np.median),
-        "b_mean": float(b_all.mean()), "b_mean_ci95": clustered(scores_b, np.mean),
-        "b_median": float(np.median(b_all)), "b_median_ci95": clustered(scores_b, np.median),
-        "mean_diff": float(diffs.mean()), "mean_diff_ci95": bootstrap_ci(diffs, np.mean, n_boot, seed),
+        "a_mean": float(a_all.mean()),
+        "a_mean_ci95": clustered(scores_a, np.mean),
+        "a_median": float(np.median(a_all)),
+        "a_median_ci95": clustered(scores_a, np.median),
+        "b_mean": float(b_all.mean()),
+        "b_mean_ci95": clustered(scores_b, np.mean),
+        "b_median": float(np.median(b_all)),
+        "b_median_ci95": clustered(scores_b, np.median),
+        "mean_diff": float(diffs.mean()),
+        "mean_diff_ci95": bootstrap_ci(diffs, np.mean, n_boot, seed),
     }
     return out
 
@@ -117,14 +145,23 @@ def score_summary(scores: Sequence[Sequence[float]], n_boot: int = 2000, seed: i
     idx = rng.integers(0, len(scores), size=(n_boot, len(scores)))
     boots = [np.concatenate([np.asarray(scores[i], dtype=np.float64) for i in row]) for row in idx]
     means, medians = [b.mean() for b in boots], [np.median(b) for b in boots]
-    return {"n_prompts": len(scores), "n_images": int(flat.size), "mean": float(flat.mean()),
-            "mean_ci95": [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))],
-            "median": float(np.median(flat)),
-            "median_ci95": [float(np.quantile(medians, 0.025)), float(np.quantile(medians, 0.975))]}
+    return {
+        "n_prompts": len(scores),
+        "n_images": int(flat.size),
+        "mean": float(flat.mean()),
+        "mean_ci95": [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))],
+        "median": float(np.median(flat)),
+        "median_ci95": [float(np.quantile(medians, 0.025)), float(np.quantile(medians, 0.975))],
+    }
 
 
-def win_rates_by_reward(scores: Mapping[str, Mapping[str, Sequence[Sequence[float]]]], a: str, b: str,
-                        categories: Sequence[str] | None = None, **kw: Any) -> dict[str, Any]:
+def win_rates_by_reward(
+    scores: Mapping[str, Mapping[str, Sequence[Sequence[float]]]],
+    a: str,
+    b: str,
+    categories: Sequence[str] | None = None,
+    **kw: Any,
+) -> dict[str, Any]:
     """``scores[reward][model]`` per-prompt lists -> ``{reward: summary}``; with ``categories`` (one
     per prompt) each summary also has ``by_category`` (e.g. PartiPrompts categories, HPSv2 styles)."""
     out: dict[str, Any] = {}
@@ -134,7 +171,8 @@ def win_rates_by_reward(scores: Mapping[str, Mapping[str, Sequence[Sequence[floa
             res["by_category"] = {}
             for cat in dict.fromkeys(categories):
                 sel = [i for i, c in enumerate(categories) if c == cat]
-                res["by_category"][cat] = win_rate_summary([per_model[a][i] for i in sel],
-                                                           [per_model[b][i] for i in sel], **kw)
+                res["by_category"][cat] = win_rate_summary(
+                    [per_model[a][i] for i in sel], [per_model[b][i] for i in sel], **kw
+                )
         out[reward] = res
     return out

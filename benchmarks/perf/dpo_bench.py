@@ -47,23 +47,61 @@ def build(root: Path, width: float, n_pairs: int, resolution: int) -> tuple[Path
         ch = lambda c: max(32, int(round(c * width / 32)) * 32)  # noqa: E731  (keep GroupNorm(32) valid)
         cross = ch(768)
         unet = UNet2DConditionModel(  # runwayml/stable-diffusion-v1-5 unet/config.json, widths scaled
-            sample_size=resolution // 8, in_channels=4, out_channels=4, layers_per_block=2,
+            sample_size=resolution // 8,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=2,
             block_out_channels=tuple(ch(c) for c in (320, 640, 1280, 1280)),
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            down_block_types=(
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "DownBlock2D",
+            ),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=cross, attention_head_dim=8)
-        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
-                            block_out_channels=tuple(ch(c) for c in (128, 256, 512, 512)),
-                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+            cross_attention_dim=cross,
+            attention_head_dim=8,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            layers_per_block=2,
+            block_out_channels=tuple(ch(c) for c in (128, 256, 512, 512)),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+        )
         tok = build_clip_tokenizer(WORDS)
-        te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=cross, intermediate_size=4 * cross,
-                                          num_hidden_layers=12, num_attention_heads=max(1, cross // 64),
-                                          max_position_embeddings=77, eos_token_id=tok.eos_token_id,
-                                          bos_token_id=tok.bos_token_id, pad_token_id=tok.eos_token_id))
-        sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
-                              clip_sample=False)
-        StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched, safety_checker=None,
-                                feature_extractor=None, requires_safety_checker=False).save_pretrained(str(pipe_dir))
+        te = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tok),
+                hidden_size=cross,
+                intermediate_size=4 * cross,
+                num_hidden_layers=12,
+                num_attention_heads=max(1, cross // 64),
+                max_position_embeddings=77,
+                eos_token_id=tok.eos_token_id,
+                bos_token_id=tok.bos_token_id,
+                pad_token_id=tok.eos_token_id,
+            )
+        )
+        sched = DDPMScheduler(
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+            steps_offset=1,
+            clip_sample=False,
+        )
+        StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=te,
+            tokenizer=tok,
+            unet=unet,
+            scheduler=sched,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        ).save_pretrained(str(pipe_dir))
     if not data.exists():
         from diffalign.benchmarks.perf.data import write_pairs
 
@@ -75,7 +113,9 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def run_baseline(pipe_dir: Path, data: Path, ft: str, batch: int, steps: int, resolution: int, beta: float) -> dict:
+def run_baseline(
+    pipe_dir: Path, data: Path, ft: str, batch: int, steps: int, resolution: int, beta: float
+) -> dict:
     """The reference scripts' per-step work, written out explicitly."""
     import copy
 
@@ -95,8 +135,14 @@ def run_baseline(pipe_dir: Path, data: Path, ft: str, batch: int, steps: int, re
         from peft import LoraConfig
 
         unet.requires_grad_(False)
-        unet.add_adapter(LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian",
-                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+        unet.add_adapter(
+            LoraConfig(
+                r=8,
+                lora_alpha=8,
+                init_lora_weights="gaussian",
+                target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+            )
+        )
     else:
         ref_unet = copy.deepcopy(unet).requires_grad_(False)  # Salesforce train.py's ref_unet
         unet.requires_grad_(True)
@@ -107,12 +153,22 @@ def run_baseline(pipe_dir: Path, data: Path, ft: str, batch: int, steps: int, re
     unet.train()
     t0 = time.perf_counter()
     for step in range(steps):
-        items = collate([ds[(int(i), step * 1000 + j)] for j, i in enumerate(torch.randint(0, len(ds), (batch,), generator=g))])
+        items = collate(
+            [
+                ds[(int(i), step * 1000 + j)]
+                for j, i in enumerate(torch.randint(0, len(ds), (batch,), generator=g))
+            ]
+        )
         pix = items["pixels"].flatten(0, 1)  # [2B,3,R,R] winners and losers interleaved
         with torch.no_grad():
             latents = vae.encode(pix).latent_dist.sample() * vae.config.scaling_factor
-            ids = tok(items["caption"], padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids
+            ids = tok(
+                items["caption"],
+                padding="max_length",
+                max_length=tok.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
             emb = te(ids)[0].repeat_interleave(2, 0)
         noise = torch.randn(latents[::2].shape, generator=g).repeat_interleave(2, 0)
         ts = torch.randint(0, 1000, (batch,), generator=g).repeat_interleave(2, 0)
@@ -133,7 +189,13 @@ def run_baseline(pipe_dir: Path, data: Path, ft: str, batch: int, steps: int, re
         opt.step()
         opt.zero_grad(set_to_none=True)
     dt = time.perf_counter() - t0
-    return {"mode": "baseline", "ft": ft, "pairs_per_s": steps * batch / dt, "seconds": dt, "peak_rss_gb": peak_rss_gb()}
+    return {
+        "mode": "baseline",
+        "ft": ft,
+        "pairs_per_s": steps * batch / dt,
+        "seconds": dt,
+        "peak_rss_gb": peak_rss_gb(),
+    }
 
 
 ABLATIONS = {  # each switch on its own, against the diffalign defaults
@@ -145,15 +207,36 @@ ABLATIONS = {  # each switch on its own, against the diffalign defaults
 }
 
 
-def run_diffalign(pipe_dir: Path, data: Path, ft: str, batch: int, steps: int, resolution: int, beta: float,
-                  optimizer: str, out: Path, ablation: str | None = None) -> dict:
+def run_diffalign(
+    pipe_dir: Path,
+    data: Path,
+    ft: str,
+    batch: int,
+    steps: int,
+    resolution: int,
+    beta: float,
+    optimizer: str,
+    out: Path,
+    ablation: str | None = None,
+) -> dict:
     from diffalign.config import load_config
     from diffalign.train import train
 
-    ovs = [f"model.path={pipe_dir}", f"data.path={data}", f"data.resolution={resolution}", f"data.cache_dir={out.parent / 'cache'}",
-           f"train.output_dir={out}", f"train.max_steps={steps}", f"train.batch_size={batch}", "train.lr=1e-5",
-           f"objective.beta={beta}", "train.precompute_reference=true", f"train.checkpoint_every={10 * steps}",
-           f"train.optimizer={optimizer}", "train.keep_checkpoints=1"]
+    ovs = [
+        f"model.path={pipe_dir}",
+        f"data.path={data}",
+        f"data.resolution={resolution}",
+        f"data.cache_dir={out.parent / 'cache'}",
+        f"train.output_dir={out}",
+        f"train.max_steps={steps}",
+        f"train.batch_size={batch}",
+        "train.lr=1e-5",
+        f"objective.beta={beta}",
+        "train.precompute_reference=true",
+        f"train.checkpoint_every={10 * steps}",
+        f"train.optimizer={optimizer}",
+        "train.keep_checkpoints=1",
+    ]
     ovs += ["lora.rank=8"] if ft == "lora" else ["lora.rank=0"]
     if ablation:
         ovs += ABLATIONS[ablation]
@@ -164,8 +247,14 @@ def run_diffalign(pipe_dir: Path, data: Path, ft: str, batch: int, steps: int, r
     train(load_config(None, ovs))
     total = time.perf_counter() - t0
     loop_s = json.loads((out / "summary.json").read_text())["seconds"]
-    return {"mode": f"diffalign ({optimizer})" + (f" {ablation}" if ablation else ""), "ft": ft, "pairs_per_s": steps * batch / loop_s, "seconds": loop_s,
-            "pairs_per_s_incl_prepass": steps * batch / total, "peak_rss_gb": peak_rss_gb()}
+    return {
+        "mode": f"diffalign ({optimizer})" + (f" {ablation}" if ablation else ""),
+        "ft": ft,
+        "pairs_per_s": steps * batch / loop_s,
+        "seconds": loop_s,
+        "pairs_per_s_incl_prepass": steps * batch / total,
+        "peak_rss_gb": peak_rss_gb(),
+    }
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -180,7 +269,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--root", default="runs/perf-dpo")
     ap.add_argument("--run", help=argparse.SUPPRESS)  # internal: one mode in this process
     ap.add_argument("--optimizer", default="adamw", help=argparse.SUPPRESS)
-    ap.add_argument("--ablations", action="store_true", help="also time each optimisation switched on/off alone")
+    ap.add_argument(
+        "--ablations", action="store_true", help="also time each optimisation switched on/off alone"
+    )
     ap.add_argument("--ablation", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     root = Path(args.root)
@@ -193,8 +284,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if args.run == "baseline":
             res = run_baseline(pipe_dir, data, args.ft, args.batch, args.steps, args.resolution, args.beta)
         else:
-            res = run_diffalign(pipe_dir, data, args.ft, args.batch, args.steps, args.resolution, args.beta, args.optimizer,
-                                root / f"run-{args.ft}-{args.optimizer}", args.ablation)
+            res = run_diffalign(
+                pipe_dir,
+                data,
+                args.ft,
+                args.batch,
+                args.steps,
+                args.resolution,
+                args.beta,
+                args.optimizer,
+                root / f"run-{args.ft}-{args.optimizer}",
+                args.ablation,
+            )
         print("RESULT " + json.dumps(res))
         return [res]
 
@@ -206,11 +307,36 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not (cache / "index.json").exists():
         from diffalign.data.cache import build_cache
 
-        build_cache(load_config(None, [f"model.path={pipe_dir}", f"data.path={data}", f"data.resolution={args.resolution}",
-                                       f"data.cache_dir={cache}"]))
+        build_cache(
+            load_config(
+                None,
+                [
+                    f"model.path={pipe_dir}",
+                    f"data.path={data}",
+                    f"data.resolution={args.resolution}",
+                    f"data.cache_dir={cache}",
+                ],
+            )
+        )
     cache_s = time.perf_counter() - t0
-    common = ["--ft", args.ft, "--width", str(args.width), "--resolution", str(args.resolution), "--batch", str(args.batch),
-              "--steps", str(args.steps), "--pairs", str(args.pairs), "--beta", str(args.beta), "--root", str(root)]
+    common = [
+        "--ft",
+        args.ft,
+        "--width",
+        str(args.width),
+        "--resolution",
+        str(args.resolution),
+        "--batch",
+        str(args.batch),
+        "--steps",
+        str(args.steps),
+        "--pairs",
+        str(args.pairs),
+        "--beta",
+        str(args.beta),
+        "--root",
+        str(root),
+    ]
     modes = [["--run", "baseline"], ["--run", "diffalign", "--optimizer", "adamw"]]
     if args.ft == "full":
         modes.append(["--run", "diffalign", "--optimizer", "adafactor"])
@@ -218,20 +344,33 @@ def main(argv: list[str] | None = None) -> list[dict]:
         modes += [["--run", "diffalign", "--optimizer", "adamw", "--ablation", a] for a in ABLATIONS]
     results = []
     for m in modes:
-        p = subprocess.run([sys.executable, "-m", "diffalign.benchmarks.perf.dpo_bench", *common, *m],
-                           capture_output=True, text=True)
+        p = subprocess.run(
+            [sys.executable, "-m", "diffalign.benchmarks.perf.dpo_bench", *common, *m],
+            capture_output=True,
+            text=True,
+        )
         line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
         if p.returncode or not line:
             raise RuntimeError(f"mode {m} failed:\n{p.stderr[-3000:]}")
         results.append(json.loads(line[0][7:]))
     base = results[0]
-    print(f"SD1.5-architecture UNet at width x{args.width}, {args.resolution}px, batch {args.batch} pairs, {args.ft}, "
-          f"{args.steps} steps, {torch.get_num_threads()} threads; cache build {cache_s:.1f} s (once)")
+    print(
+        f"SD1.5-architecture UNet at width x{args.width}, {args.resolution}px, batch {args.batch} pairs, {args.ft}, "
+        f"{args.steps} steps, {torch.get_num_threads()} threads; cache build {cache_s:.1f} s (once)"
+    )
     for r in results:
-        extra = f" (end to end incl. loading + pre-pass {r['pairs_per_s_incl_prepass']:.3f})" if "pairs_per_s_incl_prepass" in r else ""
-        print(f"  {r['mode']:<22} {r['pairs_per_s']:.3f} pairs/s{extra}  peak RSS {r['peak_rss_gb']:.2f} GB  "
-              f"speed x{r['pairs_per_s'] / base['pairs_per_s']:.2f}  memory x{r['peak_rss_gb'] / base['peak_rss_gb']:.2f}")
-    (root / f"results-{args.ft}.json").write_text(json.dumps({"cache_s": cache_s, "results": results}, indent=2))
+        extra = (
+            f" (end to end incl. loading + pre-pass {r['pairs_per_s_incl_prepass']:.3f})"
+            if "pairs_per_s_incl_prepass" in r
+            else ""
+        )
+        print(
+            f"  {r['mode']:<22} {r['pairs_per_s']:.3f} pairs/s{extra}  peak RSS {r['peak_rss_gb']:.2f} GB  "
+            f"speed x{r['pairs_per_s'] / base['pairs_per_s']:.2f}  memory x{r['peak_rss_gb'] / base['peak_rss_gb']:.2f}"
+        )
+    (root / f"results-{args.ft}.json").write_text(
+        json.dumps({"cache_s": cache_s, "results": results}, indent=2)
+    )
     return results
 
 

@@ -43,15 +43,28 @@ def main(argv: list[str] | None = None) -> dict:
     single = []
     for text, s in zip(texts, seeds, strict=True):
         with torch.inference_mode():
-            img = pipe(text, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                       generator=torch.Generator().manual_seed(s), output_type="np", **call_kw).images[0]
+            img = pipe(
+                text,
+                num_inference_steps=args.steps,
+                guidance_scale=args.guidance,
+                generator=torch.Generator().manual_seed(s),
+                output_type="np",
+                **call_kw,
+            ).images[0]
         single.append((np.clip(img, 0, 1) * 255).round().astype(np.uint8))
     t_s = time.perf_counter() - t0
     diff = float(np.abs(np.stack(single).astype(int) - np.asarray(batched).astype(int)).mean())
-    res = {"images": len(texts), "per_image_img_s": len(texts) / t_s, "batched_img_s": len(texts) / t_b,
-           "ratio": t_s / t_b, "mean_abs_pixel_diff": diff}
-    print(f"{len(texts)} images, {args.steps} steps: one call per image {res['per_image_img_s']:.1f} img/s, "
-          f"batched {res['batched_img_s']:.1f} img/s, ratio {res['ratio']:.2f}x; mean |pixel diff| {diff:.3f} / 255")
+    res = {
+        "images": len(texts),
+        "per_image_img_s": len(texts) / t_s,
+        "batched_img_s": len(texts) / t_b,
+        "ratio": t_s / t_b,
+        "mean_abs_pixel_diff": diff,
+    }
+    print(
+        f"{len(texts)} images, {args.steps} steps: one call per image {res['per_image_img_s']:.1f} img/s, "
+        f"batched {res['batched_img_s']:.1f} img/s, ratio {res['ratio']:.2f}x; mean |pixel diff| {diff:.3f} / 255"
+    )
     return res
 
 

@@ -24,33 +24,61 @@ def sdxl_unet():
 
     # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
     return UNet2DConditionModel(
-        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+        sample_size=128,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=2048,
-        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=2048,
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )
 
 
 def sd3_transformer():
     from diffusers import SD3Transformer2DModel
 
     # stabilityai/stable-diffusion-3-medium-diffusers transformer/config.json
-    return SD3Transformer2DModel(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
-                                 num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-                                 pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192)
+    return SD3Transformer2DModel(
+        sample_size=128,
+        patch_size=2,
+        in_channels=16,
+        num_layers=24,
+        attention_head_dim=64,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        caption_projection_dim=1536,
+        pooled_projection_dim=2048,
+        out_channels=16,
+        pos_embed_max_size=192,
+    )
 
 
 def inputs(kind: str, pairs: int, res: int, device: str):
     n = 2 * pairs
     if kind == "sdxl":
         x = torch.randn(n, 4, res // 8, res // 8, device=device, dtype=torch.bfloat16)
-        kw = {"encoder_hidden_states": torch.randn(n, 77, 2048, device=device, dtype=torch.bfloat16),
-              "added_cond_kwargs": {"text_embeds": torch.randn(n, 1280, device=device, dtype=torch.bfloat16),
-                                    "time_ids": torch.tensor([[res, res, 0, 0, res, res]] * n, device=device, dtype=torch.bfloat16)}}
+        kw = {
+            "encoder_hidden_states": torch.randn(n, 77, 2048, device=device, dtype=torch.bfloat16),
+            "added_cond_kwargs": {
+                "text_embeds": torch.randn(n, 1280, device=device, dtype=torch.bfloat16),
+                "time_ids": torch.tensor(
+                    [[res, res, 0, 0, res, res]] * n, device=device, dtype=torch.bfloat16
+                ),
+            },
+        }
     else:
         x = torch.randn(n, 16, res // 8, res // 8, device=device, dtype=torch.bfloat16)
-        kw = {"encoder_hidden_states": torch.randn(n, 333, 4096, device=device, dtype=torch.bfloat16),
-              "pooled_projections": torch.randn(n, 2048, device=device, dtype=torch.bfloat16)}
+        kw = {
+            "encoder_hidden_states": torch.randn(n, 333, 4096, device=device, dtype=torch.bfloat16),
+            "pooled_projections": torch.randn(n, 2048, device=device, dtype=torch.bfloat16),
+        }
     return x, kw
 
 
@@ -122,8 +150,17 @@ def measure(kind: str, mode: str, pairs: int, res: int, steps: int, attention: s
         opt.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    res_ = {"model": kind, "mode": mode, "ft": ft, "attention": attention, "pairs": pairs, "res": res,
-            "steps_per_s": steps / dt, "pairs_per_s": steps * pairs / dt, "peak_gb": torch.cuda.max_memory_allocated() / 2**30}
+    res_ = {
+        "model": kind,
+        "mode": mode,
+        "ft": ft,
+        "attention": attention,
+        "pairs": pairs,
+        "res": res,
+        "steps_per_s": steps / dt,
+        "pairs_per_s": steps * pairs / dt,
+        "peak_gb": torch.cuda.max_memory_allocated() / 2**30,
+    }
     del model, ref_model, opt
     return res_
 
@@ -150,7 +187,9 @@ def main() -> None:
             print(json.dumps(r), flush=True)
     print("\n| model | FT | attention | mode | pairs/s | peak GB |\n|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} {r['res']}px | {r['ft']} | {r['attention']} | {r['mode']} | {r['pairs_per_s']:.2f} | {r['peak_gb']:.1f} |")
+        print(
+            f"| {r['model']} {r['res']}px | {r['ft']} | {r['attention']} | {r['mode']} | {r['pairs_per_s']:.2f} | {r['peak_gb']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -48,9 +48,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     single, s1 = timed(1)
     batched, sb = timed(args.batch_size)
     torch.testing.assert_close(s1, sb, atol=1e-4, rtol=1e-4)
-    res = {"images": len(texts), "one_at_a_time_img_s": single, "batched_img_s": batched, "ratio": batched / single}
-    print(f"reward {args.reward.split('=')[0]} on {len(texts)} images, {torch.get_num_threads()} threads: "
-          f"one at a time {single:.0f} img/s, batched ({args.batch_size}) {batched:.0f} img/s, ratio {batched / single:.2f}x")
+    res = {
+        "images": len(texts),
+        "one_at_a_time_img_s": single,
+        "batched_img_s": batched,
+        "ratio": batched / single,
+    }
+    print(
+        f"reward {args.reward.split('=')[0]} on {len(texts)} images, {torch.get_num_threads()} threads: "
+        f"one at a time {single:.0f} img/s, batched ({args.batch_size}) {batched:.0f} img/s, ratio {batched / single:.2f}x"
+    )
     return res
 
 

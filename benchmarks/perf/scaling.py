@@ -23,12 +23,29 @@ def point(model: str, data: Path, out: Path, batch: int, steps: int, resolution:
     from diffalign.train import train
 
     t0 = time.perf_counter()
-    train(load_config(None, [f"model.path={model}", f"data.path={data}", f"data.resolution={resolution}",
-                             f"train.output_dir={out}", f"train.max_steps={steps}", f"train.batch_size={batch}",
-                             f"train.checkpoint_every={10 * steps}", "objective.beta=2000"]))
+    train(
+        load_config(
+            None,
+            [
+                f"model.path={model}",
+                f"data.path={data}",
+                f"data.resolution={resolution}",
+                f"train.output_dir={out}",
+                f"train.max_steps={steps}",
+                f"train.batch_size={batch}",
+                f"train.checkpoint_every={10 * steps}",
+                "objective.beta=2000",
+            ],
+        )
+    )
     loop_s = json.loads((out / "summary.json").read_text())["seconds"]
-    return {"batch": batch, "steps_per_s": steps / loop_s, "pairs_per_s": steps * batch / loop_s,
-            "wall_s": time.perf_counter() - t0, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    return {
+        "batch": batch,
+        "steps_per_s": steps / loop_s,
+        "pairs_per_s": steps * batch / loop_s,
+        "wall_s": time.perf_counter() - t0,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
 
 
 def plot(res: dict, path: Path) -> Path:
@@ -91,9 +108,27 @@ def main(argv: list[str] | None = None) -> dict:
             write_pairs(f, n, args.resolution)
 
     def sub(data: Path, batch: int, tag: str) -> dict:
-        p = subprocess.run([sys.executable, "-m", "diffalign.benchmarks.perf.scaling", "--out", str(root), "--steps",
-                            str(args.steps), "--resolution", str(args.resolution), "--model", model,
-                            "--point", str(data), str(batch), tag], capture_output=True, text=True)
+        p = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "diffalign.benchmarks.perf.scaling",
+                "--out",
+                str(root),
+                "--steps",
+                str(args.steps),
+                "--resolution",
+                str(args.resolution),
+                "--model",
+                model,
+                "--point",
+                str(data),
+                str(batch),
+                tag,
+            ],
+            capture_output=True,
+            text=True,
+        )
         line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
         if p.returncode or not line:
             raise RuntimeError(p.stderr[-3000:])

@@ -33,7 +33,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from diffalign.synpic import SynPicConfig, image_seed, load_rewards, run_synpic
 
     quiet_libraries()
-    texts = list(dict.fromkeys(m["prompt"] for m in shapes_prompts("train", 20 * args.prompts, 0)))[: args.prompts]
+    texts = list(dict.fromkeys(m["prompt"] for m in shapes_prompts("train", 20 * args.prompts, 0)))[
+        : args.prompts
+    ]
     n_images = len(texts) * args.k * len(args.generator)
     with tempfile.TemporaryDirectory() as tmp:
         pf = Path(tmp) / "p.txt"
@@ -45,21 +47,44 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         for gi, (pipe, kw) in enumerate(pipes):
             for pi, text in enumerate(texts):
                 gens = [torch.Generator().manual_seed(image_seed(0, pi, gi, j)) for j in range(args.k)]
-                imgs = pipe(text, num_images_per_prompt=args.k, num_inference_steps=args.steps, guidance_scale=5.0,
-                            generator=gens, output_type="np", **kw).images
+                imgs = pipe(
+                    text,
+                    num_images_per_prompt=args.k,
+                    num_inference_steps=args.steps,
+                    guidance_scale=5.0,
+                    generator=gens,
+                    output_type="np",
+                    **kw,
+                ).images
                 x = torch.from_numpy(np.ascontiguousarray(imgs)).permute(0, 3, 1, 2).float()
                 for r in rewards.values():
                     r(x, [text] * args.k)
         base = time.perf_counter() - t0
         t0 = time.perf_counter()
-        run_synpic(SynPicConfig(prompts=str(pf), generators=args.generator, rewards=args.reward, out=str(Path(tmp) / "out"),
-                                images_per_generator=args.k, steps=args.steps, guidance=5.0, shard_size=len(texts),
-                                batch_prompts=len(texts)))
+        run_synpic(
+            SynPicConfig(
+                prompts=str(pf),
+                generators=args.generator,
+                rewards=args.reward,
+                out=str(Path(tmp) / "out"),
+                images_per_generator=args.k,
+                steps=args.steps,
+                guidance=5.0,
+                shard_size=len(texts),
+                batch_prompts=len(texts),
+            )
+        )
         ours = time.perf_counter() - t0
-    res = {"images": n_images, "baseline_img_per_s": n_images / base, "synpic_img_per_s": n_images / ours,
-           "ratio": base / ours}
-    print(f"images: {n_images}  baseline (pipeline per prompt): {res['baseline_img_per_s']:.2f} img/s  "
-          f"synpic: {res['synpic_img_per_s']:.2f} img/s  ratio synpic/baseline: {res['ratio']:.2f}x")
+    res = {
+        "images": n_images,
+        "baseline_img_per_s": n_images / base,
+        "synpic_img_per_s": n_images / ours,
+        "ratio": base / ours,
+    }
+    print(
+        f"images: {n_images}  baseline (pipeline per prompt): {res['baseline_img_per_s']:.2f} img/s  "
+        f"synpic: {res['synpic_img_per_s']:.2f} img/s  ratio synpic/baseline: {res['ratio']:.2f}x"
+    )
     return res
 
 

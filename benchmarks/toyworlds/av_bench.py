@@ -48,7 +48,9 @@ def world(name: str) -> World:
     if name == "video":
         from . import video
 
-        return World("video", "toy-video", f"video_clip={asset('toy-video-clip')}", video.prompts, video.judge_clip)
+        return World(
+            "video", "toy-video", f"video_clip={asset('toy-video-clip')}", video.prompts, video.judge_clip
+        )
     if name == "audio":
         from . import tones
 
@@ -65,8 +67,18 @@ def unique_prompts(w: World, split: str, n: int, seed: int) -> list[str]:
     return list(seen)
 
 
-def evaluate_av(pipe: Any, w: World, split: str = "heldout", n_prompts: int = 60, per_prompt: int = 4, seed: int = 0,
-                steps: int = 15, guidance: float = 4.0, batch: int = 32, **call_kw: Any) -> dict[str, Any]:
+def evaluate_av(
+    pipe: Any,
+    w: World,
+    split: str = "heldout",
+    n_prompts: int = 60,
+    per_prompt: int = 4,
+    seed: int = 0,
+    steps: int = 15,
+    guidance: float = 4.0,
+    batch: int = 32,
+    **call_kw: Any,
+) -> dict[str, Any]:
     """Judged evaluation with fixed per-sample seeds; same output layout as ``evaluate.evaluate_pipeline``."""
     from tqdm.auto import tqdm
 
@@ -80,13 +92,22 @@ def evaluate_av(pipe: Any, w: World, split: str = "heldout", n_prompts: int = 60
     per_batch = max(1, batch // per_prompt)
     for b in tqdm(range(0, len(metas), per_batch), desc=f"generate {w.name}", unit="batch", leave=False):
         chunk = metas[b : b + per_batch]
-        media += generate_media(pipe, [m["prompt"] for m in chunk], per_prompt, seeds[b * per_prompt : (b + len(chunk)) * per_prompt],
-                                steps, guidance, **call_kw)
+        media += generate_media(
+            pipe,
+            [m["prompt"] for m in chunk],
+            per_prompt,
+            seeds[b * per_prompt : (b + len(chunk)) * per_prompt],
+            steps,
+            guidance,
+            **call_kw,
+        )
     results = []
     for k, x in enumerate(media):
         md = metas[k // per_prompt]
         ok, reason = w.judge(x, md)
-        results.append({"tag": md["tag"], "prompt": md["prompt"], "seed": seeds[k], "correct": ok, "reason": reason})
+        results.append(
+            {"tag": md["tag"], "prompt": md["prompt"], "seed": seeds[k], "correct": ok, "reason": reason}
+        )
     summary = summarize(results)
     summary["overall_ci95"] = bootstrap_ci(results)
     return {"summary": summary, "results": results, "media": np.stack(media)}
@@ -101,18 +122,33 @@ def _table(names: Sequence[str], res: dict[str, dict[str, Any]], gains: dict[str
     lines = ["| tag | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for t in tags:
         lines.append(f"| {t} | " + " | ".join(f"{res[n]['summary']['per_tag'][t]:.3f}" for n in names) + " |")
-    lines.append("| **overall** | " + " | ".join(
-        f"{res[n]['summary']['overall']:.3f} [{res[n]['summary']['overall_ci95'][0]:.3f}, {res[n]['summary']['overall_ci95'][1]:.3f}]"
-        for n in names) + " |")
+    lines.append(
+        "| **overall** | "
+        + " | ".join(
+            f"{res[n]['summary']['overall']:.3f} [{res[n]['summary']['overall_ci95'][0]:.3f}, {res[n]['summary']['overall_ci95'][1]:.3f}]"
+            for n in names
+        )
+        + " |"
+    )
     if len(names) > 1:  # one model alone has nothing to compare with
         lines.append("| gain vs base | – | " + " | ".join(_gain_cell(gains[n]) for n in names[1:]) + " |")
     return "\n".join(lines)
 
 
-def evaluate_and_report(w: World, models: dict[str, str], rep: Path, split: str = "heldout", n_eval: int = 60,
-                        per_prompt: int = 4, seed: int = 1000, steps: int = 15, guidance: float = 4.0,
-                        extra_sections: Sequence[tuple[str, Any, str]] = (), write: bool = True,
-                        device: str | None = None) -> dict[str, Any]:
+def evaluate_and_report(
+    w: World,
+    models: dict[str, str],
+    rep: Path,
+    split: str = "heldout",
+    n_eval: int = 60,
+    per_prompt: int = 4,
+    seed: int = 1000,
+    steps: int = 15,
+    guidance: float = 4.0,
+    extra_sections: Sequence[tuple[str, Any, str]] = (),
+    write: bool = True,
+    device: str | None = None,
+) -> dict[str, Any]:
     """Judge every model (label -> pipeline folder, hub id or diffalign run) on the same prompts and
     seeds; the first label is the baseline of the paired differences. Media and plots go to ``rep``;
     per-clip verdicts go to ``results.jsonl``; with ``write`` the report (markdown + HTML) too.
@@ -142,18 +178,27 @@ def evaluate_and_report(w: World, models: dict[str, str], rep: Path, split: str 
         if w.name == "video":
             strip = save_png(video_strips(m, scale=2), rep / f"{n}_strips.png")
             gifs = [save_gif(m[i], rep / f"{n}_{i + 1}.gif") for i in range(min(4, len(m)))]
-            sections.append((f"{n}: clips", [strip, *gifs], f"one row per prompt ({shown}); judge: {verdicts}"))
+            sections.append(
+                (f"{n}: clips", [strip, *gifs], f"one row per prompt ({shown}); judge: {verdicts}")
+            )
         else:
             from .tones import SR
 
-            spec_png = spectrogram_png(m, [f"{i + 1}" for i in range(len(m))], SR, rep / f"{n}_spectrograms.png")
+            spec_png = spectrogram_png(
+                m, [f"{i + 1}" for i in range(len(m))], SR, rep / f"{n}_spectrograms.png"
+            )
             wavs = []
             for i in range(min(4, len(m))):
                 (rep / f"{n}_{i + 1}.wav").write_bytes(encode_audio(m[i], SR))
                 wavs.append(rep / f"{n}_{i + 1}.wav")
             sections.append((f"{n}: clips", [spec_png, *wavs], f"prompts {shown}; judge: {verdicts}"))
-    sections.append(("Per-tag accuracy", tag_bars({n: res[n]["summary"]["per_tag"] for n in names}, rep / "per_tag.png"),
-                     f"judged exactly ({w.name} world judge)"))
+    sections.append(
+        (
+            "Per-tag accuracy",
+            tag_bars({n: res[n]["summary"]["per_tag"] for n in names}, rep / "per_tag.png"),
+            f"judged exactly ({w.name} world judge)",
+        )
+    )
     sections += list(extra_sections)
     metrics = {n: res[n]["summary"] for n in names} | {"gains": gains, "models": models}
     with (rep / "results.jsonl").open("w") as f:  # per-clip verdicts, for pooling or re-analysis later
@@ -165,11 +210,26 @@ def evaluate_and_report(w: World, models: dict[str, str], rep: Path, split: str 
     return {"results": res, "gains": gains, "table": table, "sections": sections, "metrics": metrics}
 
 
-def run_av_bench(name: str, out: str, objectives: Sequence[str] = ("diffusion_dpo", "rankdpo"), base: str | None = None,
-                 reward: str | None = None, n_train: int = 40, k: int = 16, steps: int = 100, beta: float = 2000.0,
-                 lr: float = 1e-3, batch_size: int = 8, n_eval: int = 60, per_prompt: int = 8, sample_steps: int = 15,
-                 guidance: float = 4.0, seed: int = 0, pairs_mode: PairsMode = "best_worst",
-                 pairs_n: int = 1) -> dict[str, Any]:
+def run_av_bench(
+    name: str,
+    out: str,
+    objectives: Sequence[str] = ("diffusion_dpo", "rankdpo"),
+    base: str | None = None,
+    reward: str | None = None,
+    n_train: int = 40,
+    k: int = 16,
+    steps: int = 100,
+    beta: float = 2000.0,
+    lr: float = 1e-3,
+    batch_size: int = 8,
+    n_eval: int = 60,
+    per_prompt: int = 8,
+    sample_steps: int = 15,
+    guidance: float = 4.0,
+    seed: int = 0,
+    pairs_mode: PairsMode = "best_worst",
+    pairs_n: int = 1,
+) -> dict[str, Any]:
     from ..._quiet import quiet_libraries
     from ...config import load_config
     from ...report import (
@@ -191,11 +251,26 @@ def run_av_bench(name: str, out: str, objectives: Sequence[str] = ("diffusion_dp
     timing: dict[str, float] = {}
     t0 = time.time()
     (root / "prompts.txt").write_text("\n".join(unique_prompts(w, "train", n_train, seed)))
-    print(f"[1/4] Syn-Pic: {n_train} {name} prompts x {k} samples of {Path(base).name}, reward {reward.split('=')[0]}")
-    ranked = run_synpic(SynPicConfig(prompts=str(root / "prompts.txt"), generators=[base], rewards=[reward],
-                                     out=str(root / "synpic"), images_per_generator=k, steps=sample_steps, guidance=guidance,
-                                     seed=seed, shard_size=64, batch_prompts=8))
-    pairs = export_pairs(ranked, root / "pairs.parquet", pairs_mode, pairs_n)  # DPO's pairs; RankDPO reads the ranked sets
+    print(
+        f"[1/4] Syn-Pic: {n_train} {name} prompts x {k} samples of {Path(base).name}, reward {reward.split('=')[0]}"
+    )
+    ranked = run_synpic(
+        SynPicConfig(
+            prompts=str(root / "prompts.txt"),
+            generators=[base],
+            rewards=[reward],
+            out=str(root / "synpic"),
+            images_per_generator=k,
+            steps=sample_steps,
+            guidance=guidance,
+            seed=seed,
+            shard_size=64,
+            batch_prompts=8,
+        )
+    )
+    pairs = export_pairs(
+        ranked, root / "pairs.parquet", pairs_mode, pairs_n
+    )  # DPO's pairs; RankDPO reads the ranked sets
     timing["synpic_s"] = time.time() - t0
     runs: dict[str, Path] = {}
     for obj in objectives:
@@ -203,11 +278,26 @@ def run_av_bench(name: str, out: str, objectives: Sequence[str] = ("diffusion_dp
         print(f"[2/4] {obj} with LoRA: {steps} steps x {batch_size}")
         data = [f"data.path={ranked}", "data.format=ranked"] if obj == "rankdpo" else [f"data.path={pairs}"]
         run_dir = root / f"run-{obj}"
-        cfg = load_config(None, [f"model.path={base}", *data, "data.resolution=32", "data.random_flip=false",
-                                 f"train.output_dir={run_dir}", f"train.max_steps={steps}", f"train.batch_size={batch_size}",
-                                 f"train.lr={lr}", f"objective.name={obj}", f"objective.beta={beta}", "lora.rank=8",
-                                 f"train.seed={seed}", f"train.checkpoint_every={steps}", "train.warmup_steps=0",
-                                 "train.lr_scheduler=constant"])
+        cfg = load_config(
+            None,
+            [
+                f"model.path={base}",
+                *data,
+                "data.resolution=32",
+                "data.random_flip=false",
+                f"train.output_dir={run_dir}",
+                f"train.max_steps={steps}",
+                f"train.batch_size={batch_size}",
+                f"train.lr={lr}",
+                f"objective.name={obj}",
+                f"objective.beta={beta}",
+                "lora.rank=8",
+                f"train.seed={seed}",
+                f"train.checkpoint_every={steps}",
+                "train.warmup_steps=0",
+                "train.lr_scheduler=constant",
+            ],
+        )
         train(cfg)
         runs[obj] = run_dir
         timing[f"train_{obj}_s"] = time.time() - t1
@@ -216,18 +306,50 @@ def run_av_bench(name: str, out: str, objectives: Sequence[str] = ("diffusion_dp
     models = {"base": base} | {obj: str(run_dir) for obj, run_dir in runs.items()}
     rep = root / "report"
     rep.mkdir(parents=True, exist_ok=True)
-    ev = evaluate_and_report(w, models, rep, "heldout", n_eval, per_prompt, seed + 1000, sample_steps, guidance,
-                             extra_sections=[(f"Training: {obj}", loss_curve(run_dir / "metrics.jsonl", rep / f"training_{obj}.png"), "")
-                                             for obj, run_dir in runs.items()], write=False)
+    ev = evaluate_and_report(
+        w,
+        models,
+        rep,
+        "heldout",
+        n_eval,
+        per_prompt,
+        seed + 1000,
+        sample_steps,
+        guidance,
+        extra_sections=[
+            (f"Training: {obj}", loss_curve(run_dir / "metrics.jsonl", rep / f"training_{obj}.png"), "")
+            for obj, run_dir in runs.items()
+        ],
+        write=False,
+    )
     res, gains, table, sections = ev["results"], ev["gains"], ev["table"], ev["sections"]
     names = list(models)
     timing["eval_s"] = time.time() - t2
     print("[4/4] report")
     timing["total_s"] = time.time() - t0
-    metrics = {n: res[n]["summary"] for n in names} | {"gains": gains, "timing": timing, "settings": {
-        "world": name, "base": base, "reward": reward, "objectives": list(objectives), "n_train": n_train, "k": k, "steps": steps,
-        "beta": beta, "lr": lr, "batch_size": batch_size, "n_eval": n_eval, "per_prompt": per_prompt,
-        "sample_steps": sample_steps, "guidance": guidance, "seed": seed, "pairs_mode": pairs_mode, "pairs_n": pairs_n}}
+    metrics = {n: res[n]["summary"] for n in names} | {
+        "gains": gains,
+        "timing": timing,
+        "settings": {
+            "world": name,
+            "base": base,
+            "reward": reward,
+            "objectives": list(objectives),
+            "n_train": n_train,
+            "k": k,
+            "steps": steps,
+            "beta": beta,
+            "lr": lr,
+            "batch_size": batch_size,
+            "n_eval": n_eval,
+            "per_prompt": per_prompt,
+            "sample_steps": sample_steps,
+            "guidance": guidance,
+            "seed": seed,
+            "pairs_mode": pairs_mode,
+            "pairs_n": pairs_n,
+        },
+    }
     write_report(rep, f"diffalign toy {name} alignment", table, sections, metrics)
     (root / "results.json").write_text(json.dumps(metrics, indent=2, default=str))
     print("\n" + table)
@@ -245,20 +367,40 @@ def summarize_seeds(per_seed: dict[int, dict[str, Any]]) -> tuple[str, dict[str,
     so a claim should hold across seeds."""
     seeds = sorted(per_seed)
     objs = list(per_seed[seeds[0]]["gains"])
-    lines = ["| seed | base | " + " | ".join(f"{o} gain [95% CI]" for o in objs) + " |", "|---" * (len(objs) + 2) + "|"]
+    lines = [
+        "| seed | base | " + " | ".join(f"{o} gain [95% CI]" for o in objs) + " |",
+        "|---" * (len(objs) + 2) + "|",
+    ]
     for sd in seeds:
         g = per_seed[sd]["gains"]
-        lines.append(f"| {sd} | {per_seed[sd]['base']['overall']:.3f} | " + " | ".join(_gain_cell(g[o]) for o in objs) + " |")
+        lines.append(
+            f"| {sd} | {per_seed[sd]['base']['overall']:.3f} | "
+            + " | ".join(_gain_cell(g[o]) for o in objs)
+            + " |"
+        )
     summary: dict[str, Any] = {}
     for o in objs:
         d = np.array([per_seed[sd]["gains"][o]["diff"] for sd in seeds])
-        summary[o] = {"mean": float(d.mean()), "min": float(d.min()), "max": float(d.max()),
-                      "above_zero": sum(per_seed[sd]["gains"][o]["ci95_low"] > 0 for sd in seeds),
-                      "below_zero": sum(per_seed[sd]["gains"][o]["ci95_high"] < 0 for sd in seeds), "runs": len(seeds)}
-    lines.append("| **mean (range)** | – | " + " | ".join(
-        f"{summary[o]['mean']:+.3f} ({summary[o]['min']:+.3f} to {summary[o]['max']:+.3f})" for o in objs) + " |")
-    lines.append("| CI above / below zero | – | " + " | ".join(
-        f"{summary[o]['above_zero']} / {summary[o]['below_zero']} of {len(seeds)}" for o in objs) + " |")
+        summary[o] = {
+            "mean": float(d.mean()),
+            "min": float(d.min()),
+            "max": float(d.max()),
+            "above_zero": sum(per_seed[sd]["gains"][o]["ci95_low"] > 0 for sd in seeds),
+            "below_zero": sum(per_seed[sd]["gains"][o]["ci95_high"] < 0 for sd in seeds),
+            "runs": len(seeds),
+        }
+    lines.append(
+        "| **mean (range)** | – | "
+        + " | ".join(
+            f"{summary[o]['mean']:+.3f} ({summary[o]['min']:+.3f} to {summary[o]['max']:+.3f})" for o in objs
+        )
+        + " |"
+    )
+    lines.append(
+        "| CI above / below zero | – | "
+        + " | ".join(f"{summary[o]['above_zero']} / {summary[o]['below_zero']} of {len(seeds)}" for o in objs)
+        + " |"
+    )
     return "\n".join(lines), summary
 
 
@@ -267,21 +409,36 @@ def main(argv: list[str] | None = None) -> None:
 
     from ...synpic import PAIRS_MODES
 
-    default = {k: v.default for k, v in inspect.signature(run_av_bench).parameters.items()}  # one place for defaults
+    default = {
+        k: v.default for k, v in inspect.signature(run_av_bench).parameters.items()
+    }  # one place for defaults
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("world", choices=["video", "audio"])
     ap.add_argument("--out", default=None)
     ap.add_argument("--base", default=None)
     ap.add_argument("--reward", default=None)
     ap.add_argument("--objectives", nargs="+", default=list(default["objectives"]))
-    ap.add_argument("--pairs", default=default["pairs_mode"], choices=PAIRS_MODES,
-                    help="DPO pairs per prompt: best vs worst of the k ranked samples, or every pair with different scores")
-    ap.add_argument("--pairs-n", type=int, default=default["pairs_n"],
-                    help="best_worst: each of the n best against each of the n worst")
+    ap.add_argument(
+        "--pairs",
+        default=default["pairs_mode"],
+        choices=PAIRS_MODES,
+        help="DPO pairs per prompt: best vs worst of the k ranked samples, or every pair with different scores",
+    )
+    ap.add_argument(
+        "--pairs-n",
+        type=int,
+        default=default["pairs_n"],
+        help="best_worst: each of the n best against each of the n worst",
+    )
     for name in ("n_train", "k", "steps", "batch_size", "n_eval", "per_prompt", "sample_steps"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=default[name])
-    ap.add_argument("--seed", type=int, nargs="+", default=[default["seed"]],
-                    help="several seeds: one full run each under OUT/seed-S, then a table over the runs (OUT/seeds.md)")
+    ap.add_argument(
+        "--seed",
+        type=int,
+        nargs="+",
+        default=[default["seed"]],
+        help="several seeds: one full run each under OUT/seed-S, then a table over the runs (OUT/seeds.md)",
+    )
     for name in ("beta", "lr", "guidance"):
         ap.add_argument("--" + name, type=float, default=default[name])
     a = ap.parse_args(argv)
@@ -290,9 +447,26 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--seed {' '.join(map(str, a.seed))}: a seed is listed twice")
     per_seed = {}
     for sd in a.seed:
-        per_seed[sd] = run_av_bench(a.world, str(out if len(a.seed) == 1 else out / f"seed-{sd}"), a.objectives, a.base,
-                                    a.reward, a.n_train, a.k, a.steps, a.beta, a.lr, a.batch_size, a.n_eval, a.per_prompt,
-                                    a.sample_steps, a.guidance, sd, a.pairs, a.pairs_n)
+        per_seed[sd] = run_av_bench(
+            a.world,
+            str(out if len(a.seed) == 1 else out / f"seed-{sd}"),
+            a.objectives,
+            a.base,
+            a.reward,
+            a.n_train,
+            a.k,
+            a.steps,
+            a.beta,
+            a.lr,
+            a.batch_size,
+            a.n_eval,
+            a.per_prompt,
+            a.sample_steps,
+            a.guidance,
+            sd,
+            a.pairs,
+            a.pairs_n,
+        )
     if len(a.seed) > 1:
         table, summary = summarize_seeds(per_seed)
         (out / "seeds.md").write_text(f"# diffalign toy {a.world} alignment over seeds {a.seed}\n\n{table}\n")

@@ -13,32 +13,71 @@ AV_STAGES = ("video", "avae", "vocoder", "audio")
 def add_parser(sub: argparse._SubParsersAction) -> None:
     toy = sub.add_parser("toy", help="ShapesWorld toy models: pretrain, eval")
     ts = toy.add_subparsers(dest="toy_cmd", required=True)
-    pre = ts.add_parser("pretrain", help="train the toy VAE, toy-sd and toy-sd3 from scratch (checkpointed, resumable)")
+    pre = ts.add_parser(
+        "pretrain", help="train the toy VAE, toy-sd and toy-sd3 from scratch (checkpointed, resumable)"
+    )
     pre.add_argument("--work", default="runs/toy-pretrain", help="checkpoint folder (rerun to continue)")
     pre.add_argument("--out", default="runs/toy-models", help="where the exported pipelines go")
-    pre.add_argument("--minutes", type=float, nargs=3, default=[8.0, 90.0, 90.0], metavar=("VAE", "SD", "SD3"),
-                     help="wall-clock minutes per stage (sd and sd3 run one after the other)")
-    pre.add_argument("--quick", action="store_true", help="a few seconds per stage: checks the pipeline end to end")
-    pre.add_argument("--stages", nargs="+", default=["vae", "sd", "sd3"], choices=[*IMAGE_STAGES, *AV_STAGES],
-                     help="image stages (vae sd sd3), the video model (video: AnimateDiff on toy-sd) and the audio "
-                          "model (avae vocoder audio: a tiny AudioLDM)")
-    pre.add_argument("--av-minutes", type=float, nargs=4, default=[95.0, 13.0, 6.0, 40.0],
-                     metavar=("VIDEO", "AVAE", "VOCODER", "AUDIO"), help="wall-clock minutes of the video/audio stages")
-    pre.add_argument("--audio-conditioning", default="pooled", choices=["pooled", "tokens"],
-                     help="how the audio UNet reads the caption: pooled CLAP embedding (AudioLDM) or cross-attention "
-                          "to its token states (Tango)")
-    pre.add_argument("--audio-init", default=None,
-                     help="a previous run's audio checkpoint folder (WORK/audio) to start a new audio run from, "
-                          "wherever tensor names and shapes match")
-    pre.add_argument("--video-freeze-spatial", action="store_true",
-                     help="train only the motion modules (lr 1e-3) and the text encoder (lr 1e-4), batch 8, EMA 0.995 "
-                          "(AnimateDiff's recipe; ~3x faster per clip on a CPU)")
-    pre.add_argument("--video-base", default=None, help="toy-sd folder the video model starts from (default: shipped)")
-    pre.add_argument("--restart-optimizer", action="store_true",
-                     help="continue image stages from their EMA weights with a fresh AdamW (how toy-sd v2 was made)")
-    pre.add_argument("--device", default=None,
-                     help="torch device for the networks, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu); "
-                          "checkpoints are device-free, so a run can continue on another machine")
+    pre.add_argument(
+        "--minutes",
+        type=float,
+        nargs=3,
+        default=[8.0, 90.0, 90.0],
+        metavar=("VAE", "SD", "SD3"),
+        help="wall-clock minutes per stage (sd and sd3 run one after the other)",
+    )
+    pre.add_argument(
+        "--quick", action="store_true", help="a few seconds per stage: checks the pipeline end to end"
+    )
+    pre.add_argument(
+        "--stages",
+        nargs="+",
+        default=["vae", "sd", "sd3"],
+        choices=[*IMAGE_STAGES, *AV_STAGES],
+        help="image stages (vae sd sd3), the video model (video: AnimateDiff on toy-sd) and the audio "
+        "model (avae vocoder audio: a tiny AudioLDM)",
+    )
+    pre.add_argument(
+        "--av-minutes",
+        type=float,
+        nargs=4,
+        default=[95.0, 13.0, 6.0, 40.0],
+        metavar=("VIDEO", "AVAE", "VOCODER", "AUDIO"),
+        help="wall-clock minutes of the video/audio stages",
+    )
+    pre.add_argument(
+        "--audio-conditioning",
+        default="pooled",
+        choices=["pooled", "tokens"],
+        help="how the audio UNet reads the caption: pooled CLAP embedding (AudioLDM) or cross-attention "
+        "to its token states (Tango)",
+    )
+    pre.add_argument(
+        "--audio-init",
+        default=None,
+        help="a previous run's audio checkpoint folder (WORK/audio) to start a new audio run from, "
+        "wherever tensor names and shapes match",
+    )
+    pre.add_argument(
+        "--video-freeze-spatial",
+        action="store_true",
+        help="train only the motion modules (lr 1e-3) and the text encoder (lr 1e-4), batch 8, EMA 0.995 "
+        "(AnimateDiff's recipe; ~3x faster per clip on a CPU)",
+    )
+    pre.add_argument(
+        "--video-base", default=None, help="toy-sd folder the video model starts from (default: shipped)"
+    )
+    pre.add_argument(
+        "--restart-optimizer",
+        action="store_true",
+        help="continue image stages from their EMA weights with a fresh AdamW (how toy-sd v2 was made)",
+    )
+    pre.add_argument(
+        "--device",
+        default=None,
+        help="torch device for the networks, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu); "
+        "checkpoints are device-free, so a run can continue on another machine",
+    )
     ev = ts.add_parser("eval", help="judged GenEval-style score of a pipeline folder on ShapesWorld prompts")
     ev.add_argument("model")
     ev.add_argument("--split", default="heldout", choices=["train", "heldout"])
@@ -64,15 +103,28 @@ def run(args: argparse.Namespace) -> int:
         try:
             torch.empty(0, device=device)
         except (RuntimeError, AssertionError) as e:
-            raise SystemExit(f"diffalign toy pretrain: --device {device!r} is not usable here ({str(e).splitlines()[0]})") from None
-        minutes = dict(zip([*IMAGE_STAGES, *AV_STAGES], [0.05] * 7 if args.quick else [*args.minutes, *args.av_minutes],
-                           strict=True))
+            raise SystemExit(
+                f"diffalign toy pretrain: --device {device!r} is not usable here ({str(e).splitlines()[0]})"
+            ) from None
+        minutes = dict(
+            zip(
+                [*IMAGE_STAGES, *AV_STAGES],
+                [0.05] * 7 if args.quick else [*args.minutes, *args.av_minutes],
+                strict=True,
+            )
+        )
         for stage in args.stages:
             if stage in AV_STAGES:
                 _pretrain_av(stage, work, out, minutes[stage], args, device)
                 continue
-            meta = train_stage(stage, work, minutes[stage], batch=8 if args.quick else 64, device=device,
-                               restart_optimizer=args.restart_optimizer)
+            meta = train_stage(
+                stage,
+                work,
+                minutes[stage],
+                batch=8 if args.quick else 64,
+                device=device,
+                restart_optimizer=args.restart_optimizer,
+            )
             print(f"{stage}: {meta['images']} images in {meta['seconds'] / 60:.1f} min total")
             if stage != "vae":
                 export_pipeline(stage, work, out / f"toy-{stage}")
@@ -82,13 +134,17 @@ def run(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_pipeline
 
     pipe, kw = load_pipeline(args.model)
-    res = evaluate_pipeline(pipe, args.split, args.prompts, args.per_prompt, args.seed, args.steps, args.guidance, **kw)
+    res = evaluate_pipeline(
+        pipe, args.split, args.prompts, args.per_prompt, args.seed, args.steps, args.guidance, **kw
+    )
     s = res["summary"]
     print(json.dumps({k: s[k] for k in ("overall", "overall_ci95", "per_tag")}, indent=2))
     return 0
 
 
-def _pretrain_av(stage: str, work: Path, out: Path, minutes: float, args: argparse.Namespace, device: str) -> None:
+def _pretrain_av(
+    stage: str, work: Path, out: Path, minutes: float, args: argparse.Namespace, device: str
+) -> None:
     quick = args.quick
     if stage == "video":
         from ...demo import asset
@@ -103,9 +159,15 @@ def _pretrain_av(stage: str, work: Path, out: Path, minutes: float, args: argpar
         return
     from .pretrain_audio import export_audio_pipeline, train_audio_stage
 
-    meta = train_audio_stage(stage, work, minutes, batch=2 if quick else (16 if stage == "vocoder" else 32),  # type: ignore[arg-type]
-                             device=device, text_conditioning=args.audio_conditioning,
-                             init_from=Path(args.audio_init) if args.audio_init else None)
+    meta = train_audio_stage(
+        stage,
+        work,
+        minutes,
+        batch=2 if quick else (16 if stage == "vocoder" else 32),  # type: ignore[arg-type]
+        device=device,
+        text_conditioning=args.audio_conditioning,
+        init_from=Path(args.audio_init) if args.audio_init else None,
+    )
     print(f"{stage}: {meta['clips']} clips in {meta['seconds'] / 60:.1f} min total")
     if stage == "audio":
         print(f"exported {export_audio_pipeline(work, out / 'toy-audio')}")

@@ -92,7 +92,9 @@ _HYPOTHESES: tuple[tuple[str, Template, tuple[float, float], tuple[float, float]
 )
 
 
-def _render_patch(template: Template, box: tuple[float, float, float, float], shape: tuple[int, int]) -> np.ndarray:
+def _render_patch(
+    template: Template, box: tuple[float, float, float, float], shape: tuple[int, int]
+) -> np.ndarray:
     """Coverage (h, w) of ``template`` drawn in the pixel box (x1, y1, x2, y2)."""
     h, w = shape
     xs = ((np.arange(w * _SS) + 0.5) / _SS)[None, :]  # (1, w*ss) sample x in pixels
@@ -176,8 +178,11 @@ def _segment(px: PixelColors, min_area: int) -> list[tuple[np.ndarray, int]]:
     for i in range(1, n + 1):
         comp = comps == i
         if comp.sum() >= min_area:
-            objects += [(ndimage.binary_fill_holes(m), k) for m, k in _split_by_color(comp, px.labels, min_area)
-                        if m.sum() >= min_area]
+            objects += [
+                (ndimage.binary_fill_holes(m), k)
+                for m, k in _split_by_color(comp, px.labels, min_area)
+                if m.sum() >= min_area
+            ]
     return objects
 
 
@@ -225,7 +230,8 @@ def detect(
     dist, (iy, ix) = ndimage.distance_transform_edt(ids == 0, return_indices=True)
     owner = np.where(dist <= _REGION_PX, ids[iy, ix], 0)  # (H, W)
     found = [
-        det for j, (mask, k) in enumerate(objects)
+        det
+        for j, (mask, k) in enumerate(objects)
         if (det := _fit_object(mask, k, owner == j + 1, px, min_iou)) is not None
     ]
     # Largest first; ties top-to-bottom, left-to-right (deterministic).

@@ -49,7 +49,10 @@ def dcpo_pairs(pairs: Path, out: Path, seed: int) -> Path:
     rng = np.random.default_rng(seed)
     caps = t.column("caption").to_pylist()
     t = t.append_column("caption_0", pa.array(caps))
-    t = t.append_column("caption_1", pa.array([perturb_metadata(meta[c], rng, "train")["prompt"] if c in meta else c for c in caps]))
+    t = t.append_column(
+        "caption_1",
+        pa.array([perturb_metadata(meta[c], rng, "train")["prompt"] if c in meta else c for c in caps]),
+    )
     pq.write_table(t, out)
     return out
 
@@ -71,17 +74,28 @@ def pool(files: list[str | Path]) -> dict[str, Any]:
 
     rows = [json.loads(Path(f).read_text()) for f in files]
     if len({(r["objective"], r["model"], json.dumps(r.get("settings"))) for r in rows}) != 1:
-        raise SystemExit(f"--pool: files are of different objectives, models or settings: {', '.join(map(str, files))}")
+        raise SystemExit(
+            f"--pool: files are of different objectives, models or settings: {', '.join(map(str, files))}"
+        )
     missing = [str(f) for f, r in zip(files, rows, strict=True) if "per_image" not in r]
     if missing:
-        raise SystemExit(f"--pool: no per-image judgements in {', '.join(missing)} (written before they were kept; re-judge)")
+        raise SystemExit(
+            f"--pool: no per-image judgements in {', '.join(missing)} (written before they were kept; re-judge)"
+        )
     imgs = [i for r in rows for i in r["per_image"]]
     if len({(i["prompt"], i["seed"]) for i in imgs}) != len(imgs):
-        raise SystemExit("--pool: the files share images (same prompt and seed); pool independent samples only")
+        raise SystemExit(
+            "--pool: the files share images (same prompt and seed); pool independent samples only"
+        )
     base = [{"correct": i["base"], "tag": i["tag"], "seed": i["seed"]} for i in imgs]
     new = [{"correct": i["aligned"], "tag": i["tag"], "seed": i["seed"]} for i in imgs]
     d = paired_difference(base, new)
-    return {"objective": rows[0]["objective"], "images": len(imgs), "gain": d["diff"], "ci95": [d["ci95_low"], d["ci95_high"]]}
+    return {
+        "objective": rows[0]["objective"],
+        "images": len(imgs),
+        "gain": d["diff"],
+        "ci95": [d["ci95_low"], d["ci95_high"]],
+    }
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -94,28 +108,45 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--beta", type=float, default=2000.0)
     ap.add_argument("--n-train", type=int, default=100)
     ap.add_argument("--n-eval", type=int, default=60)
-    ap.add_argument("--eval-seed", type=int, default=None,
-                    help="held-out prompt sample and image seeds (default seed + 1000); another value re-judges the "
-                         "trained runs on an independent sample (results in <objective>.eval<SEED>x<N>.json)")
+    ap.add_argument(
+        "--eval-seed",
+        type=int,
+        default=None,
+        help="held-out prompt sample and image seeds (default seed + 1000); another value re-judges the "
+        "trained runs on an independent sample (results in <objective>.eval<SEED>x<N>.json)",
+    )
     ap.add_argument("--per-prompt", type=int, default=4)
     ap.add_argument("--sample-steps", type=int, default=15)
     ap.add_argument("--guidance", type=float, default=4.0)
     ap.add_argument("--spm-steps", type=int, default=150)
-    ap.add_argument("--set", action="append", default=[], metavar="OBJECTIVE:KEY=VALUE",
-                    help="extra config override for one objective, after RECIPES (repeatable)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="OBJECTIVE:KEY=VALUE",
+        help="extra config override for one objective, after RECIPES (repeatable)",
+    )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--pool", nargs="+", metavar="RESULT_JSON",
-                    help="print one gain and CI over these result files of one objective, then exit")
+    ap.add_argument(
+        "--pool",
+        nargs="+",
+        metavar="RESULT_JSON",
+        help="print one gain and CI over these result files of one objective, then exit",
+    )
     args = ap.parse_args(argv)
     if args.pool:
         r = pool(args.pool)
-        print(f"{r['objective']}: pooled over {r['images']} images: gain {r['gain']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]")
+        print(
+            f"{r['objective']}: pooled over {r['images']} images: gain {r['gain']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]"
+        )
         return [r]
     extra: dict[str, list[str]] = {}
     for spec in args.set:
         name, sep, ov = spec.partition(":")
         if not sep or "=" not in ov or name not in OBJECTIVES:
-            ap.error(f"--set {spec!r}: expected OBJECTIVE:KEY=VALUE with OBJECTIVE one of {', '.join(OBJECTIVES)}")
+            ap.error(
+                f"--set {spec!r}: expected OBJECTIVE:KEY=VALUE with OBJECTIVE one of {', '.join(OBJECTIVES)}"
+            )
         extra.setdefault(name, []).append(ov)
 
     from diffalign._quiet import quiet_libraries
@@ -134,13 +165,30 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     rewards = [f"pickscore={asset('toy-clip-a')}", f"pickscore={asset('toy-clip-b')}"]
     prompts_file = root / "prompts.txt"
     prompts_file.write_text("\n".join(train_prompts(args.n_train, args.seed)))
-    ranked = run_synpic(SynPicConfig(prompts=str(prompts_file), generators=[toy_sd, toy_sd3], rewards=rewards,
-                                     out=str(root / "synpic"), images_per_generator=2, steps=args.sample_steps,
-                                     guidance=args.guidance, seed=args.seed, shard_size=64, batch_prompts=32))
+    ranked = run_synpic(
+        SynPicConfig(
+            prompts=str(prompts_file),
+            generators=[toy_sd, toy_sd3],
+            rewards=rewards,
+            out=str(root / "synpic"),
+            images_per_generator=2,
+            steps=args.sample_steps,
+            guidance=args.guidance,
+            seed=args.seed,
+            shard_size=64,
+            batch_prompts=32,
+        )
+    )
     pairs = export_pairs(ranked, root / "pairs.parquet")
     eval_seed = args.seed + 1000 if args.eval_seed is None else args.eval_seed
-    eval_kw = dict(split="heldout", n_prompts=args.n_eval, per_prompt=args.per_prompt, seed=eval_seed,
-                   steps=args.sample_steps, guidance=args.guidance)
+    eval_kw = dict(
+        split="heldout",
+        n_prompts=args.n_eval,
+        per_prompt=args.per_prompt,
+        seed=eval_seed,
+        steps=args.sample_steps,
+        guidance=args.guidance,
+    )
     suffix = "" if (eval_seed, args.n_eval) == (args.seed + 1000, 60) else f".eval{eval_seed}x{args.n_eval}"
 
     base: dict[str, Any] = {}
@@ -151,9 +199,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             base[model] = evaluate_pipeline(pipe, **eval_kw, **call_kw)
         return base[model]
 
-    common = [f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}", f"train.lr={args.lr}", "lora.rank=8",
-              f"train.seed={args.seed}", f"train.checkpoint_every={args.steps}", "train.warmup_steps=0",
-              "train.lr_scheduler=constant", "data.resolution=32"]
+    common = [
+        f"train.max_steps={args.steps}",
+        f"train.batch_size={args.batch_size}",
+        f"train.lr={args.lr}",
+        "lora.rank=8",
+        f"train.seed={args.seed}",
+        f"train.checkpoint_every={args.steps}",
+        "train.warmup_steps=0",
+        "train.lr_scheduler=constant",
+        "data.resolution=32",
+    ]
     rows = []
     for name in [o.strip() for o in args.objectives.split(",") if o.strip()]:
         res_file = root / f"{name}{suffix}.json"
@@ -181,26 +237,57 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 import pyarrow.parquet as pq
 
                 held = max(1, min(64, pq.ParquetFile(pairs).metadata.num_rows // 5))
-                train_spm(SPMConfig(data=str(pairs), model=toy_sd, clip=asset("toy-clip-a"), out=str(spm),
-                                    steps=args.spm_steps, batch_size=8, lr=1e-3, guidance_scale=args.guidance, heldout=held))
+                train_spm(
+                    SPMConfig(
+                        data=str(pairs),
+                        model=toy_sd,
+                        clip=asset("toy-clip-a"),
+                        out=str(spm),
+                        steps=args.spm_steps,
+                        batch_size=8,
+                        lr=1e-3,
+                        guidance_scale=args.guidance,
+                        heldout=held,
+                    )
+                )
             data = [f"data.path={prompts_file}"]
-            obj = [f"objective.name={name}", f"objective.spm={spm}", f"objective.sample_steps={args.sample_steps}",
-                   "objective.divert_start_step=3", f"objective.guidance_scale={args.guidance}", "objective.threshold=0.1"]
+            obj = [
+                f"objective.name={name}",
+                f"objective.spm={spm}",
+                f"objective.sample_steps={args.sample_steps}",
+                "objective.divert_start_step=3",
+                f"objective.guidance_scale={args.guidance}",
+                "objective.threshold=0.1",
+            ]
         elif name == "online_dpo":
             data = [f"data.path={prompts_file}"]
-            obj = [f"objective.name={name}", f"objective.rewards={','.join(rewards)}", "objective.group_size=4",
-                   f"objective.sample_steps={args.sample_steps}", f"objective.guidance_scale={args.guidance}",
-                   "objective.ref_refresh_every=50"]
+            obj = [
+                f"objective.name={name}",
+                f"objective.rewards={','.join(rewards)}",
+                "objective.group_size=4",
+                f"objective.sample_steps={args.sample_steps}",
+                f"objective.guidance_scale={args.guidance}",
+                "objective.ref_refresh_every=50",
+            ]
         obj += RECIPES.get(name, []) + extra.get(name, [])
         run_dir = root / "runs" / name
         cfg = load_config(None, [f"model.path={model}", *data, f"train.output_dir={run_dir}", *common, *obj])
-        if (run_dir / "summary.json").exists():  # trained before: judge it again (e.g. on another prompt sample)
+        if (
+            run_dir / "summary.json"
+        ).exists():  # trained before: judge it again (e.g. on another prompt sample)
             done = json.loads((run_dir / "summary.json").read_text())
             if done["config"] != to_dict(cfg):
-                changed = [f"{sec}.{k}" for sec, v in to_dict(cfg).items() if isinstance(v, dict)
-                           for k in v if done["config"].get(sec, {}).get(k) != v[k]]
-                raise SystemExit(f"{run_dir} was trained with other settings ({', '.join(changed) or 'config'} differ); "
-                                 "move it away to retrain")
+                changed = [
+                    f"{sec}.{k}"
+                    for sec, v in to_dict(cfg).items()
+                    if isinstance(v, dict)
+                    for k in v
+                    if done["config"].get(sec, {}).get(k) != v[k]
+                ]
+                raise SystemExit(
+                    f"{run_dir} was trained with other settings ({', '.join(changed) or 'config'} differ); "
+                    "move it away to retrain"
+                )
             train_s = done["seconds"]
             print(f"== {name}: reusing the trained run {run_dir}")
         else:
@@ -213,21 +300,44 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         res = evaluate_pipeline(aligned, **eval_kw, **pipeline_call_defaults(model))
         b = base_eval(model)
         diff = paired_difference(b["results"], res["results"])
-        row = {"objective": name, "model": Path(model).name, "base": b["summary"]["overall"],
-               "aligned": res["summary"]["overall"], "gain": diff["diff"], "ci95": [diff["ci95_low"], diff["ci95_high"]],
-               "per_tag_base": b["summary"]["per_tag"], "per_tag_aligned": res["summary"]["per_tag"],
-               "train_s": train_s, "settings": obj + data,
-               # per image, so samples judged on different prompt sets can be pooled later (--pool)
-               "per_image": [{"prompt": rb["prompt"], "tag": rb["tag"], "seed": rb["seed"], "base": rb["correct"],
-                              "aligned": ra["correct"]} for rb, ra in zip(b["results"], res["results"], strict=True)]}
+        row = {
+            "objective": name,
+            "model": Path(model).name,
+            "base": b["summary"]["overall"],
+            "aligned": res["summary"]["overall"],
+            "gain": diff["diff"],
+            "ci95": [diff["ci95_low"], diff["ci95_high"]],
+            "per_tag_base": b["summary"]["per_tag"],
+            "per_tag_aligned": res["summary"]["per_tag"],
+            "train_s": train_s,
+            "settings": obj + data,
+            # per image, so samples judged on different prompt sets can be pooled later (--pool)
+            "per_image": [
+                {
+                    "prompt": rb["prompt"],
+                    "tag": rb["tag"],
+                    "seed": rb["seed"],
+                    "base": rb["correct"],
+                    "aligned": ra["correct"],
+                }
+                for rb, ra in zip(b["results"], res["results"], strict=True)
+            ],
+        }
         res_file.write_text(json.dumps(row, indent=2))
         rows.append(row)
-        print(f"{name}: gain {row['gain']:+.3f} [{row['ci95'][0]:+.3f}, {row['ci95'][1]:+.3f}], train {train_s:.0f} s")
-    lines = ["| objective | model | base | aligned | gain [95% CI] | train wall time |", "|---|---|---|---|---|---|"]
+        print(
+            f"{name}: gain {row['gain']:+.3f} [{row['ci95'][0]:+.3f}, {row['ci95'][1]:+.3f}], train {train_s:.0f} s"
+        )
+    lines = [
+        "| objective | model | base | aligned | gain [95% CI] | train wall time |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in sorted(rows, key=lambda r: -r["gain"]):
         sig = "" if r["ci95"][0] > 0 else " (worse)" if r["ci95"][1] < 0 else " (n.s.)"
-        lines.append(f"| `{r['objective']}` | {r['model']} | {r['base']:.3f} | {r['aligned']:.3f} | "
-                     f"{r['gain']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]{sig} | {r['train_s'] / 60:.1f} min |")
+        lines.append(
+            f"| `{r['objective']}` | {r['model']} | {r['base']:.3f} | {r['aligned']:.3f} | "
+            f"{r['gain']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]{sig} | {r['train_s'] / 60:.1f} min |"
+        )
     table = "\n".join(lines)
     (root / f"table{suffix}.md").write_text(table + "\n")
     print("\n" + table)

@@ -28,8 +28,10 @@ from .shapes import make_dataset
 
 Kind = Literal["vae", "sd", "sd3"]
 RES, LATENT = 32, 16
-WORDS = ("a an photo of and left right above below red yellow green blue purple black circle circles square "
-         "squares triangle triangles one two three four").split()
+WORDS = (
+    "a an photo of and left right above below red yellow green blue purple black circle circles square "
+    "squares triangle triangles one two three four"
+).split()
 MAX_TOKENS = 16
 
 
@@ -55,17 +57,36 @@ def work_tokenizer(saved: Path, make: Callable[[Literal["pieces", "letters"]], A
 def build_vae():
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64), layers_per_block=1,
-                         latent_channels=4, norm_num_groups=16, sample_size=RES, scaling_factor=1.0)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=RES,
+        scaling_factor=1.0,
+    )
 
 
 def build_text(projection: bool, vocab: int, eos: int, bos: int):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    cfg = CLIPTextConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         max_position_embeddings=MAX_TOKENS, projection_dim=64, eos_token_id=eos, bos_token_id=bos,
-                         pad_token_id=eos, hidden_act="gelu")
+    cfg = CLIPTextConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_TOKENS,
+        projection_dim=64,
+        eos_token_id=eos,
+        bos_token_id=bos,
+        pad_token_id=eos,
+        hidden_act="gelu",
+    )
     return CLIPTextModelWithProjection(cfg) if projection else CLIPTextModel(cfg)
 
 
@@ -75,14 +96,30 @@ def build_denoiser(kind: Kind):
     if kind == "sd":
         return diffusers.UNet2DConditionModel(
             # no attention at 16x16 (256 tokens): 3x the throughput of attending at every level
-            sample_size=LATENT, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 128),
+            sample_size=LATENT,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=(32, 64, 128),
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=64, attention_head_dim=4, norm_num_groups=16)
+            cross_attention_dim=64,
+            attention_head_dim=4,
+            norm_num_groups=16,
+        )
     return diffusers.SD3Transformer2DModel(
-        sample_size=LATENT, patch_size=2, in_channels=4, out_channels=4, num_layers=6, attention_head_dim=32,
-        num_attention_heads=4, joint_attention_dim=128, caption_projection_dim=128, pooled_projection_dim=128,
-        pos_embed_max_size=LATENT)
+        sample_size=LATENT,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=6,
+        attention_head_dim=32,
+        num_attention_heads=4,
+        joint_attention_dim=128,
+        caption_projection_dim=128,
+        pooled_projection_dim=128,
+        pos_embed_max_size=LATENT,
+    )
 
 
 class Stream:
@@ -101,7 +138,9 @@ class Stream:
         return x, caps
 
 
-def _save_state(path: Path, modules: dict[str, torch.nn.Module], ema: dict[str, dict], opt, meta: dict) -> None:
+def _save_state(
+    path: Path, modules: dict[str, torch.nn.Module], ema: dict[str, dict], opt, meta: dict
+) -> None:
     """Write the checkpoint to ``path.tmp`` (``meta.json`` last), then swap it in: ``path`` -> ``path.old``,
     ``path.tmp`` -> ``path``, drop ``path.old``. A crash at any point leaves one complete checkpoint,
     which :func:`settle_checkpoint` puts back at ``path``."""
@@ -149,7 +188,9 @@ def _load_state(path: Path, modules: dict[str, torch.nn.Module], ema: dict[str, 
         m.load_state_dict(load_file(path / f"{name}.safetensors"))
         own = m.state_dict()  # EMA copies live where the module does (a GPU run resumes on a CPU and back)
         ema[name] = {k: v.to(own[k].device) for k, v in load_file(path / f"{name}.ema.safetensors").items()}
-    opt.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))  # moved to the params
+    opt.load_state_dict(
+        torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+    )  # moved to the params
     return json.loads((path / "meta.json").read_text())
 
 
@@ -168,8 +209,19 @@ class Bookkeeper:
     first 200 steps), the step / sample counters, a JSONL loss log every ``log_every`` steps and an
     atomic checkpoint every ``save_every`` steps and at the end (wall time accumulated in ``meta``)."""
 
-    def __init__(self, ckpt: Path, modules: dict[str, torch.nn.Module], ema: dict[str, dict], opt, meta: dict,
-                 log_path: Path, unit: str, ema_decay: float, log_every: int, save_every: int) -> None:
+    def __init__(
+        self,
+        ckpt: Path,
+        modules: dict[str, torch.nn.Module],
+        ema: dict[str, dict],
+        opt,
+        meta: dict,
+        log_path: Path,
+        unit: str,
+        ema_decay: float,
+        log_every: int,
+        save_every: int,
+    ) -> None:
         self.ckpt, self.modules, self.ema, self.opt, self.meta = ckpt, modules, ema, opt, meta
         self.unit, self.ema_decay, self.log_every, self.save_every = unit, ema_decay, log_every, save_every
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -198,15 +250,26 @@ class Bookkeeper:
         return self.meta
 
 
-def train_stage(kind: Kind, work: Path, minutes: float, batch: int = 64, lr: float = 5e-4, seed: int = 0,
-                ema_decay: float = 0.999, log_every: int = 50, device: str | torch.device = "cpu",
-                restart_optimizer: bool = False) -> dict[str, Any]:
+def train_stage(
+    kind: Kind,
+    work: Path,
+    minutes: float,
+    batch: int = 64,
+    lr: float = 5e-4,
+    seed: int = 0,
+    ema_decay: float = 0.999,
+    log_every: int = 50,
+    device: str | torch.device = "cpu",
+    restart_optimizer: bool = False,
+) -> dict[str, Any]:
     """Train (or continue) one stage for ``minutes`` of wall time; checkpoint to ``work/kind``.
     ``device``: where the networks train (images are rendered on the CPU); checkpoints are device-free.
     ``restart_optimizer``: continue from the checkpoint's EMA weights (live weights := EMA) with a
     fresh AdamW, as toy-sd v2 was made from v1."""
     torch.manual_seed(seed)
-    tok = work_tokenizer(work / "tokenizer", tokenizer, any([settle_checkpoint(work / k) for k in ("sd", "sd3")]))
+    tok = work_tokenizer(
+        work / "tokenizer", tokenizer, any([settle_checkpoint(work / k) for k in ("sd", "sd3")])
+    )
     modules: dict[str, torch.nn.Module] = {}
     if kind == "vae":
         modules["vae"] = build_vae()
@@ -239,7 +302,9 @@ def train_stage(kind: Kind, work: Path, minutes: float, batch: int = 64, lr: flo
 
     ddpm = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     t_end = time.time() + minutes * 60
-    book = Bookkeeper(ckpt, modules, ema, opt, meta, work / f"{kind}.log", "images", ema_decay, log_every, 200)
+    book = Bookkeeper(
+        ckpt, modules, ema, opt, meta, work / f"{kind}.log", "images", ema_decay, log_every, 200
+    )
     while time.time() < t_end:
         x, caps = stream.next(batch)
         x = x.to(device)
@@ -251,7 +316,9 @@ def train_stage(kind: Kind, work: Path, minutes: float, batch: int = 64, lr: flo
             with torch.no_grad():
                 z = vae.encode(x).latent_dist.mode() * scale
             caps = [c if r > 0.1 else "" for c, r in zip(caps, torch.rand(batch).tolist(), strict=True)]
-            ids = tok(caps, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids.to(device)
+            ids = tok(
+                caps, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
+            ).input_ids.to(device)
             eps = torch.randn_like(z)
             if kind == "sd":
                 t = torch.randint(0, 1000, (batch,), device=device)
@@ -267,8 +334,12 @@ def train_stage(kind: Kind, work: Path, minutes: float, batch: int = 64, lr: flo
                 ehs = F.pad(ehs, (0, 128 - ehs.shape[-1]))
                 pooled = torch.cat([o1.text_embeds, o2.text_embeds], -1)
                 xt = (1 - sig) * z + sig * eps
-                pred = modules["denoiser"](hidden_states=xt, timestep=sig.flatten() * 1000, encoder_hidden_states=ehs,
-                                           pooled_projections=pooled).sample
+                pred = modules["denoiser"](
+                    hidden_states=xt,
+                    timestep=sig.flatten() * 1000,
+                    encoder_hidden_states=ehs,
+                    pooled_projections=pooled,
+                ).sample
                 loss = F.mse_loss(pred, eps - z)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -295,7 +366,9 @@ def latent_scale(work: Path) -> float:
     return scale
 
 
-def export_pipeline(kind: Literal["sd", "sd3"], work: Path, out: Path, dtype: torch.dtype = torch.float32) -> Path:
+def export_pipeline(
+    kind: Literal["sd", "sd3"], work: Path, out: Path, dtype: torch.dtype = torch.float32
+) -> Path:
     """Write the EMA weights of a stage as a diffusers pipeline folder (safetensors; the shipped
     models are stored in fp16 to halve their size, loaders upcast to fp32)."""
     import diffusers
@@ -310,16 +383,39 @@ def export_pipeline(kind: Literal["sd", "sd3"], work: Path, out: Path, dtype: to
     te = build_text(kind == "sd3", len(tok), tok.eos_token_id, tok.bos_token_id)
     te.load_state_dict(load_file(work / kind / "text_encoder.ema.safetensors"))
     if kind == "sd":
-        sched = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                                        set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
-        pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=den, scheduler=sched,
-                                                 safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        sched = diffusers.DDIMScheduler(
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+            prediction_type="epsilon",
+        )
+        pipe = diffusers.StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=te,
+            tokenizer=tok,
+            unet=den,
+            scheduler=sched,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     else:
         te2 = build_text(True, len(tok), tok.eos_token_id, tok.bos_token_id)
         te2.load_state_dict(load_file(work / kind / "text_encoder_2.ema.safetensors"))
         pipe = diffusers.StableDiffusion3Pipeline(
-            transformer=den, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0), vae=vae, text_encoder=te,
-            tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok, text_encoder_3=None, tokenizer_3=None)
+            transformer=den,
+            scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0),
+            vae=vae,
+            text_encoder=te,
+            tokenizer=tok,
+            text_encoder_2=te2,
+            tokenizer_2=tok,
+            text_encoder_3=None,
+            tokenizer_3=None,
+        )
     pipe.to(dtype).save_pretrained(str(out), safe_serialization=True)
     if kind == "sd3":  # trained without T5 tokens: sample the same way
         (out / "diffalign.json").write_text(json.dumps({"call_defaults": {"max_sequence_length": 0}}))

@@ -36,7 +36,9 @@ from .pretrain import Bookkeeper, _load_state, settle_checkpoint
 from .tones import N_SAMPLES, SR, make_dataset
 
 AudioStage = Literal["avae", "vocoder", "audio"]
-TOY_MEL = MelConfig(sample_rate=SR, n_fft=256, hop=64, n_mels=32, fmin=0.0, fmax=SR / 2, floor=1e-4, offset=-5.0, scale=3.0)
+TOY_MEL = MelConfig(
+    sample_rate=SR, n_fft=256, hop=64, n_mels=32, fmin=0.0, fmax=SR / 2, floor=1e-4, offset=-5.0, scale=3.0
+)
 FRAMES = N_SAMPLES // TOY_MEL.hop  # 128 mel frames
 AUDIO_WORDS = ("a an low high beep beeps noise burst followed by then silence two three").split()
 MAX_TOKENS = 16
@@ -51,19 +53,37 @@ def audio_tokenizer():
 def build_audio_vae():
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 3,
-                         up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(32, 64, 64), layers_per_block=1,
-                         latent_channels=4, norm_num_groups=16, sample_size=FRAMES, scaling_factor=1.0)
+    return AutoencoderKL(
+        in_channels=1,
+        out_channels=1,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=FRAMES,
+        scaling_factor=1.0,
+    )
 
 
 def build_vocoder():
     from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
 
-    cfg = SpeechT5HifiGanConfig(model_in_dim=TOY_MEL.n_mels, sampling_rate=SR, upsample_initial_channel=64,
-                                upsample_rates=[4, 4, 4], upsample_kernel_sizes=[8, 8, 8], resblock_kernel_sizes=[3, 7],
-                                resblock_dilation_sizes=[[1, 3], [1, 3]], normalize_before=False)
+    cfg = SpeechT5HifiGanConfig(
+        model_in_dim=TOY_MEL.n_mels,
+        sampling_rate=SR,
+        upsample_initial_channel=64,
+        upsample_rates=[4, 4, 4],
+        upsample_kernel_sizes=[8, 8, 8],
+        resblock_kernel_sizes=[3, 7],
+        resblock_dilation_sizes=[[1, 3], [1, 3]],
+        normalize_before=False,
+    )
     voc = SpeechT5HifiGan(cfg)
-    for m in voc.modules():  # PyTorch's default init: HiFi-GAN's N(0, 0.01) left this small vocoder barely learning
+    for m in (
+        voc.modules()
+    ):  # PyTorch's default init: HiFi-GAN's N(0, 0.01) left this small vocoder barely learning
         if isinstance(m, torch.nn.Conv1d | torch.nn.ConvTranspose1d):
             m.reset_parameters()
     return voc
@@ -72,9 +92,19 @@ def build_vocoder():
 def build_audio_text(vocab: int):
     from transformers import ClapTextConfig, ClapTextModelWithProjection
 
-    cfg = ClapTextConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                         max_position_embeddings=MAX_TOKENS + 2, projection_dim=64, pad_token_id=1, bos_token_id=0,
-                         eos_token_id=2, type_vocab_size=1)
+    cfg = ClapTextConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=MAX_TOKENS + 2,
+        projection_dim=64,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        type_vocab_size=1,
+    )
     return ClapTextModelWithProjection(cfg)
 
 
@@ -84,13 +114,24 @@ def build_audio_unet(text_conditioning: TextConditioning = "pooled"):
     if text_conditioning == "tokens":  # cross-attention to the 64-wide token states, no class embedding
         cond: dict[str, Any] = {"cross_attention_dim": 64}
     else:  # no text tokens: the attention blocks attend to themselves
-        cond = {"cross_attention_dim": (64, 128, 128), "class_embed_type": "simple_projection",
-                "projection_class_embeddings_input_dim": 64, "class_embeddings_concat": True}
+        cond = {
+            "cross_attention_dim": (64, 128, 128),
+            "class_embed_type": "simple_projection",
+            "projection_class_embeddings_input_dim": 64,
+            "class_embeddings_concat": True,
+        }
     return UNet2DConditionModel(
-        sample_size=FRAMES // 4, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128, 128),
+        sample_size=FRAMES // 4,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(64, 128, 128),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=4, norm_num_groups=16, **cond)
+        attention_head_dim=4,
+        norm_num_groups=16,
+        **cond,
+    )
 
 
 def _init_matching(module: torch.nn.Module, path: Path) -> tuple[int, int]:
@@ -149,9 +190,19 @@ def audio_latent_scale(work: Path) -> float:
     return scale
 
 
-def train_audio_stage(stage: AudioStage, work: Path, minutes: float, batch: int = 32, lr: float = 5e-4, seed: int = 0,
-                      ema_decay: float = 0.999, log_every: int = 50, device: str | torch.device = "cpu",
-                      text_conditioning: TextConditioning = "pooled", init_from: Path | None = None) -> dict[str, Any]:
+def train_audio_stage(
+    stage: AudioStage,
+    work: Path,
+    minutes: float,
+    batch: int = 32,
+    lr: float = 5e-4,
+    seed: int = 0,
+    ema_decay: float = 0.999,
+    log_every: int = 50,
+    device: str | torch.device = "cpu",
+    text_conditioning: TextConditioning = "pooled",
+    init_from: Path | None = None,
+) -> dict[str, Any]:
     """Train (or continue) one stage; ``text_conditioning`` and ``init_from`` concern the ``audio``
     stage (``init_from``: another run's ``audio`` checkpoint folder, read only when starting)."""
     from diffusers import DDPMScheduler
@@ -172,8 +223,10 @@ def train_audio_stage(stage: AudioStage, work: Path, minutes: float, batch: int 
     if stage == "audio" and resuming:
         found = json.loads((ckpt / "meta.json").read_text()).get("text_conditioning", "pooled")
         if found != text_conditioning:
-            raise ConfigError(f"{ckpt}: a {found!r}-conditioned run; continue it with text_conditioning={found!r} "
-                              f"(--audio-conditioning {found}) or start a new work folder")
+            raise ConfigError(
+                f"{ckpt}: a {found!r}-conditioned run; continue it with text_conditioning={found!r} "
+                f"(--audio-conditioning {found}) or start a new work folder"
+            )
     if stage == "audio" and init_from is not None and not resuming:
         for name, m in modules.items():
             n, total = _init_matching(m, Path(init_from) / f"{name}.ema.safetensors")
@@ -191,7 +244,9 @@ def train_audio_stage(stage: AudioStage, work: Path, minutes: float, batch: int 
     stream = WaveStream(seed * 1000 + meta["steps"] + 17)
     ddpm = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     t_end = time.time() + minutes * 60
-    book = Bookkeeper(ckpt, modules, ema, opt, meta, work / f"{stage}.log", "clips", ema_decay, log_every, 200)
+    book = Bookkeeper(
+        ckpt, modules, ema, opt, meta, work / f"{stage}.log", "clips", ema_decay, log_every, 200
+    )
     while time.time() < t_end:
         w, caps = stream.next(batch)
         w = w.to(device)
@@ -211,12 +266,17 @@ def train_audio_stage(stage: AudioStage, work: Path, minutes: float, batch: int 
             with torch.no_grad():
                 z = vae.encode(feats.unsqueeze(1)).latent_dist.mode() * scale
             caps = [c if r > 0.1 else "" for c, r in zip(caps, torch.rand(batch).tolist(), strict=True)]
-            enc = tok(caps, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").to(device)
+            enc = tok(
+                caps, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
+            ).to(device)
             text = modules["text_encoder"](enc.input_ids, attention_mask=enc.attention_mask)
             if text_conditioning == "tokens":
                 kw = {"encoder_hidden_states": text.last_hidden_state}  # [B, L, 64]
             else:
-                kw = {"encoder_hidden_states": None, "class_labels": F.normalize(text.text_embeds, dim=-1)}  # [B, 64]
+                kw = {
+                    "encoder_hidden_states": None,
+                    "class_labels": F.normalize(text.text_embeds, dim=-1),
+                }  # [B, 64]
             eps = torch.randn_like(z)
             t = torch.randint(0, 1000, (batch,), device=device)
             pred = modules["denoiser"](ddpm.add_noise(z, eps, t), t, **kw).sample
@@ -243,10 +303,26 @@ def export_audio_pipeline(work: Path, out: Path, dtype: torch.dtype = torch.floa
     unet.load_state_dict(load_file(work / "audio" / "denoiser.ema.safetensors"))
     te = build_audio_text(len(tok))
     te.load_state_dict(load_file(work / "audio" / "text_encoder.ema.safetensors"))
-    sched = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                                    set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
-    pipe = diffusers.AudioLDMPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched, vocoder=voc)
+    sched = diffusers.DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+    pipe = diffusers.AudioLDMPipeline(
+        vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched, vocoder=voc
+    )
     pipe.to(dtype).save_pretrained(str(out), safe_serialization=True)
-    (out / "diffalign.json").write_text(json.dumps({"mel": TOY_MEL.to_dict(), "text_conditioning": cond,
-                                                    "call_defaults": {"audio_length_in_s": N_SAMPLES / SR}}))
+    (out / "diffalign.json").write_text(
+        json.dumps(
+            {
+                "mel": TOY_MEL.to_dict(),
+                "text_conditioning": cond,
+                "call_defaults": {"audio_length_in_s": N_SAMPLES / SR},
+            }
+        )
+    )
     return out

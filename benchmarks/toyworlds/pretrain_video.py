@@ -37,18 +37,27 @@ VIDEO_WORDS = ("moving", "up", "down", "then", "appearing")
 def video_tokenizer(merges_from: Literal["pieces", "letters"] = "pieces"):
     from ...models.tokenizer import build_clip_tokenizer
 
-    return build_clip_tokenizer(WORDS + list(VIDEO_WORDS), model_max_length=MAX_TOKENS, merges_from=merges_from)
+    return build_clip_tokenizer(
+        WORDS + list(VIDEO_WORDS), model_max_length=MAX_TOKENS, merges_from=merges_from
+    )
 
 
 def motion_adapter():
     from diffusers import MotionAdapter
 
-    return MotionAdapter(block_out_channels=(32, 64, 128), motion_layers_per_block=1, motion_num_attention_heads=4,
-                         motion_norm_num_groups=16, motion_max_seq_length=16, use_motion_mid_block=False)
+    return MotionAdapter(
+        block_out_channels=(32, 64, 128),
+        motion_layers_per_block=1,
+        motion_num_attention_heads=4,
+        motion_norm_num_groups=16,
+        motion_max_seq_length=16,
+        use_motion_mid_block=False,
+    )
 
 
-def extend_text_encoder(text_encoder: torch.nn.Module, old_tok: Any, new_tok: Any,
-                        known_words: Iterable[str] = ()) -> torch.nn.Module:
+def extend_text_encoder(
+    text_encoder: torch.nn.Module, old_tok: Any, new_tok: Any, known_words: Iterable[str] = ()
+) -> torch.nn.Module:
     """A copy of ``text_encoder`` for ``new_tok``: rows copied by token string. A word of ``known_words``
     (words the old model was trained on) that is one token in ``new_tok`` but several in ``old_tok``
     (e.g. "triangle" before the tokenizer fix) starts at the mean of its old pieces' rows; any other
@@ -87,8 +96,9 @@ def build_modules(base: str | Path, tok: Any = None) -> tuple[dict[str, torch.nn
     unet = UNetMotionModel.from_unet2d(unet2d, motion_adapter())
     old_tok = CLIPTokenizer.from_pretrained(base / "tokenizer")
     tok = tok if tok is not None else video_tokenizer()
-    te = extend_text_encoder(CLIPTextModel.from_pretrained(base / "text_encoder", torch_dtype=torch.float32), old_tok, tok,
-                             WORDS)
+    te = extend_text_encoder(
+        CLIPTextModel.from_pretrained(base / "text_encoder", torch_dtype=torch.float32), old_tok, tok, WORDS
+    )
     vae = AutoencoderKL.from_pretrained(base / "vae", torch_dtype=torch.float32).requires_grad_(False).eval()
     return {"denoiser": unet, "text_encoder": te}, vae, tok
 
@@ -116,9 +126,18 @@ def encode_clips(vae: Any, x: torch.Tensor) -> torch.Tensor:
     return z.unflatten(0, (B, Fr)).permute(0, 2, 1, 3, 4)
 
 
-def train_video(work: Path, base: str | Path, minutes: float, batch: int = 16, lr: float = 4e-4, seed: int = 0,
-                ema_decay: float = 0.998, log_every: int = 25, device: str | torch.device = "cpu",
-                freeze_spatial: bool = False) -> dict[str, Any]:
+def train_video(
+    work: Path,
+    base: str | Path,
+    minutes: float,
+    batch: int = 16,
+    lr: float = 4e-4,
+    seed: int = 0,
+    ema_decay: float = 0.998,
+    log_every: int = 25,
+    device: str | torch.device = "cpu",
+    freeze_spatial: bool = False,
+) -> dict[str, Any]:
     """Train (or continue) the video model for ``minutes``; checkpoints in ``work/video``."""
     from diffusers import DDPMScheduler
 
@@ -129,7 +148,9 @@ def train_video(work: Path, base: str | Path, minutes: float, batch: int = 16, l
     if resuming:  # the optimiser's parameter groups differ between the two recipes
         found = json.loads((ckpt / "meta.json").read_text()).get("freeze_spatial", False)
         if found != freeze_spatial:
-            raise ConfigError(f"{ckpt}: a run with freeze_spatial={found}; continue it the same way or start a new work folder")
+            raise ConfigError(
+                f"{ckpt}: a run with freeze_spatial={found}; continue it the same way or start a new work folder"
+            )
     tok = work_tokenizer(work / "video.tokenizer", video_tokenizer, resuming)
     torch.manual_seed(seed)
     modules, vae, tok = build_modules(base, tok)
@@ -161,8 +182,12 @@ def train_video(work: Path, base: str | Path, minutes: float, batch: int = 16, l
         x, caps = stream.next(batch)
         z = encode_clips(vae, x.to(device))  # [B,4,F,16,16]
         caps = [c if r > 0.1 else "" for c, r in zip(caps, torch.rand(batch).tolist(), strict=True)]
-        ids = tok(caps, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids.to(device)
-        ehs = modules["text_encoder"](ids).last_hidden_state.repeat_interleave(FRAMES, 0)  # one copy per frame
+        ids = tok(
+            caps, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
+        ).input_ids.to(device)
+        ehs = modules["text_encoder"](ids).last_hidden_state.repeat_interleave(
+            FRAMES, 0
+        )  # one copy per frame
         eps = torch.randn_like(z)
         t = torch.randint(0, 1000, (batch,), device=device)
         pred = unet(ddpm.add_noise(z, eps, t), t, encoder_hidden_states=ehs).sample
@@ -175,18 +200,35 @@ def train_video(work: Path, base: str | Path, minutes: float, batch: int = 16, l
     return book.save()
 
 
-def export_video_pipeline(work: Path, base: str | Path, out: Path, dtype: torch.dtype = torch.float32) -> Path:
+def export_video_pipeline(
+    work: Path, base: str | Path, out: Path, dtype: torch.dtype = torch.float32
+) -> Path:
     """EMA weights -> an ``AnimateDiffPipeline`` folder (DDIM scheduler, like toy-sd)."""
     import diffusers
     from safetensors.torch import load_file
 
-    modules, vae, tok = build_modules(base, work_tokenizer(work / "video.tokenizer", video_tokenizer, started=True))
+    modules, vae, tok = build_modules(
+        base, work_tokenizer(work / "video.tokenizer", video_tokenizer, started=True)
+    )
     for name, m in modules.items():
         m.load_state_dict(load_file(work / "video" / f"{name}.ema.safetensors"))
-    sched = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                                    set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
-    pipe = diffusers.AnimateDiffPipeline(vae=vae, text_encoder=modules["text_encoder"], tokenizer=tok,
-                                         unet=modules["denoiser"], motion_adapter=None, scheduler=sched)
+    sched = diffusers.DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+    pipe = diffusers.AnimateDiffPipeline(
+        vae=vae,
+        text_encoder=modules["text_encoder"],
+        tokenizer=tok,
+        unet=modules["denoiser"],
+        motion_adapter=None,
+        scheduler=sched,
+    )
     pipe.to(dtype).save_pretrained(str(out), safe_serialization=True)
     (out / "diffalign.json").write_text(json.dumps({"call_defaults": {"num_frames": FRAMES}}))
     return out

@@ -54,15 +54,15 @@ HELDOUT_COLOR_SHAPES: frozenset[tuple[Color, Shape]] = frozenset(
     {("red", "triangle"), ("green", "circle"), ("blue", "square"), ("purple", "circle")}
 )
 # Ordered class pairs "a {A} and a {B}" (`two_object`, `color_attr`).
-HELDOUT_PAIRS: frozenset[tuple[Shape, Shape]] = frozenset(
-    {("triangle", "circle"), ("square", "triangle")}
-)
+HELDOUT_PAIRS: frozenset[tuple[Shape, Shape]] = frozenset({("triangle", "circle"), ("square", "triangle")})
 # Position triples (A, relation, B) for "a {A} {relation} a {B}": two layouts, each
 # held out in both phrasings, so the held-out layouts are never described in train.
 HELDOUT_POSITIONS: frozenset[tuple[Shape, Relation, Shape]] = frozenset(
     {
-        ("circle", "above", "triangle"), ("triangle", "below", "circle"),
-        ("square", "left of", "circle"), ("circle", "right of", "square"),
+        ("circle", "above", "triangle"),
+        ("triangle", "below", "circle"),
+        ("square", "left of", "circle"),
+        ("circle", "right of", "square"),
     }
 )
 # (count, shape) for "a photo of {count} {shape}s" (`counting`).
@@ -279,8 +279,8 @@ def _positions_ok(objects: list[ShapeObject], metadata: Mapping[str, Any]) -> bo
             continue
         rel, ref = req["position"]
         axis = {"left of", "right of"} if rel in ("left of", "right of") else {"above", "below"}
-        for a in objects[start[i]:start[i + 1]]:
-            for b in objects[start[ref]:start[ref + 1]]:
+        for a in objects[start[i] : start[i + 1]]:
+            for b in objects[start[ref] : start[ref + 1]]:
                 box_a, box_b = a.box(1), b.box(1)
                 if rel not in relative_position(box_a, box_b, POSITION_SAFETY_MARGIN):
                     return False

@@ -55,7 +55,10 @@ COUNTS: tuple[int, ...] = (2, 3)
 NUMBERS: dict[int, str] = {1: "one", 2: "two", 3: "three"}
 NOUNS: dict[Kind, str] = {"low": "a low beep", "high": "a high beep", "noise": "a noise burst"}
 ORDER_LENGTHS: tuple[int, ...] = (2, 3)  # events named by an ``order`` prompt
-SILENCE_LENGTHS: tuple[int, ...] = (1, 2)  # events before "then silence" (two short ones fit before SILENCE_AFTER)
+SILENCE_LENGTHS: tuple[int, ...] = (
+    1,
+    2,
+)  # events before "then silence" (two short ones fit before SILENCE_AFTER)
 
 # Synthesis (seconds, Hz, linear amplitude).
 # Both pitches are whole multiples of the 125 Hz frame rate of the toy audio model's mel front end
@@ -82,9 +85,12 @@ SILENCE_MARGIN_S = 0.05
 # held-out count with a tail or in the other pitch, the held-out final noise burst after other
 # events), so the split asks for new arrangements of familiar parts, not for unseen parts.
 HELDOUT_ORDERS: frozenset[tuple[Kind, ...]] = frozenset(
-    {("low", "high"), ("noise", "low"), ("high", "noise", "low"), ("low", "noise", "high")})
+    {("low", "high"), ("noise", "low"), ("high", "noise", "low"), ("low", "noise", "high")}
+)
 HELDOUT_COUNTS: frozenset[tuple[int, Pitch]] = frozenset({(3, "high")})  # (count, pitch) with no tail
-HELDOUT_SILENCE: frozenset[tuple[Kind, ...]] = frozenset({("noise",), ("high", "noise")})  # "... then silence"
+HELDOUT_SILENCE: frozenset[tuple[Kind, ...]] = frozenset(
+    {("noise",), ("high", "noise")}
+)  # "... then silence"
 HELDOUT_TAGS: tuple[Tag, ...] = tuple(t for t in TAGS if t != "single")
 
 # Analysis (see detect_events).
@@ -137,15 +143,19 @@ def build_metadata(tag: Tag, params: tuple) -> dict[str, Any]:
     elif tag in ("order", "silence"):
         lengths = ORDER_LENGTHS if tag == "order" else SILENCE_LENGTHS
         if len(params) not in lengths or any(a == b for a, b in zip(params, params[1:])):
-            raise ValueError(f"{tag} prompts name {' or '.join(map(str, lengths))} kinds, neighbours different; got {params}")
+            raise ValueError(
+                f"{tag} prompts name {' or '.join(map(str, lengths))} kinds, neighbours different; got {params}"
+            )
         events, prompt = list(params), " followed by ".join(NOUNS[k] for k in params)
         if tag == "silence":
             prompt += " then silence"
     elif tag == "counting":
         pitch, n, *tail = params
         if pitch not in PITCHES or n not in COUNTS or len(tail) > 1 or pitch in tail:
-            raise ValueError(f"counting prompts count {COUNTS} beeps of {PITCHES} (+ one event of another kind), "
-                             f"got {params}")
+            raise ValueError(
+                f"counting prompts count {COUNTS} beeps of {PITCHES} (+ one event of another kind), "
+                f"got {params}"
+            )
         events, prompt = [pitch] * n + tail, f"{NUMBERS[n]} {pitch} beeps"
         if tail:
             prompt += f" followed by {NOUNS[tail[0]]}"
@@ -186,7 +196,12 @@ def _in_split(metadata: Mapping[str, Any], split: Split) -> bool:
 
 def _sequences(lengths: Sequence[int]) -> list[tuple[Kind, ...]]:
     """Every kind sequence of the given lengths with different neighbours (in a fixed order)."""
-    return [s for n in lengths for s in itertools.product(KINDS, repeat=n) if all(a != b for a, b in zip(s, s[1:]))]
+    return [
+        s
+        for n in lengths
+        for s in itertools.product(KINDS, repeat=n)
+        if all(a != b for a, b in zip(s, s[1:]))
+    ]
 
 
 def _all_params(tag: Tag) -> list[tuple]:
@@ -198,7 +213,9 @@ def _all_params(tag: Tag) -> list[tuple]:
     if tag == "silence":
         return _sequences(SILENCE_LENGTHS)
     if tag == "counting":
-        return [(p, n, *tail) for p in PITCHES for n in COUNTS for tail in [(), *((k,) for k in KINDS if k != p)]]
+        return [
+            (p, n, *tail) for p in PITCHES for n in COUNTS for tail in [(), *((k,) for k in KINDS if k != p)]
+        ]
     raise ValueError(f"unknown tag {tag!r}")
 
 
@@ -216,16 +233,22 @@ def _one_edit(p: tuple, q: tuple) -> bool:
     """``q`` is ``p`` with one element changed, two neighbours swapped, or one element added or removed."""
     if len(p) == len(q):
         diff = [i for i, (a, b) in enumerate(zip(p, q)) if a != b]
-        return len(diff) == 1 or (len(diff) == 2 and diff[1] == diff[0] + 1 and p[diff[0]] == q[diff[1]]
-                                  and p[diff[1]] == q[diff[0]])
+        return len(diff) == 1 or (
+            len(diff) == 2
+            and diff[1] == diff[0] + 1
+            and p[diff[0]] == q[diff[1]]
+            and p[diff[1]] == q[diff[0]]
+        )
     short, long = sorted((p, q), key=len)
-    return len(long) == len(short) + 1 and any(long[:i] + long[i + 1:] == short for i in range(len(long)))
+    return len(long) == len(short) + 1 and any(long[:i] + long[i + 1 :] == short for i in range(len(long)))
 
 
 def _mismatches(tag: Tag, params: tuple) -> list[tuple]:
     """Same-tag parameters one edit away from ``params`` (their event lists differ from its)."""
     events = build_metadata(tag, params)["events"]
-    return [q for q in _all_params(tag) if _one_edit(params, q) and build_metadata(tag, q)["events"] != events]
+    return [
+        q for q in _all_params(tag) if _one_edit(params, q) and build_metadata(tag, q)["events"] != events
+    ]
 
 
 def perturb_metadata(
@@ -286,10 +309,14 @@ def plan_events(metadata: Mapping[str, Any], rng: np.random.Generator, split: Sp
         if (total := sum(durs)) > hi - lo - gaps:
             durs = [d * (hi - lo - gaps) / total for d in durs]
     elif split == "train" and tuple(kinds) in HELDOUT_SILENCE:
-        lo = max(lo, SILENCE_AFTER + SILENCE_MARGIN_S - sum(durs) - gaps)  # the last event then ends late enough
+        lo = max(
+            lo, SILENCE_AFTER + SILENCE_MARGIN_S - sum(durs) - gaps
+        )  # the last event then ends late enough
     events = []
     for kind, start, d in zip(kinds, _place(durs, lo, hi, rng), durs):
-        freq = TONE_HZ[kind] * float(1 + rng.uniform(-FREQ_JITTER, FREQ_JITTER)) if kind != "noise" else math.nan
+        freq = (
+            TONE_HZ[kind] * float(1 + rng.uniform(-FREQ_JITTER, FREQ_JITTER)) if kind != "noise" else math.nan
+        )
         events.append(Event(kind, start, start + d, freq))
     return events
 
@@ -299,7 +326,7 @@ def _envelope(n: int) -> np.ndarray:
     env = np.ones(n)
     k = min(round(FADE_S * SR), n // 2)
     ramp = 0.5 - 0.5 * np.cos(np.pi * (np.arange(k) + 0.5) / k)  # (k,) from ~0 to ~1
-    env[:k], env[n - k:] = ramp, ramp[::-1]
+    env[:k], env[n - k :] = ramp, ramp[::-1]
     return env
 
 
@@ -309,7 +336,7 @@ def _band_noise(n: int, rng: np.random.Generator) -> np.ndarray:
     spec = np.fft.rfft(rng.standard_normal(m))
     f = np.fft.rfftfreq(m, 1 / SR)
     spec[(f < NOISE_BAND_HZ[0]) | (f > NOISE_BAND_HZ[1])] = 0
-    return np.fft.irfft(spec, m)[n // 2: n // 2 + n]
+    return np.fft.irfft(spec, m)[n // 2 : n // 2 + n]
 
 
 def render_events(events: Sequence[Event], rng: np.random.Generator) -> np.ndarray:
@@ -408,13 +435,13 @@ def _classify(power: np.ndarray) -> tuple[Kind, float]:
     """
     k = int(power.argmax())
     w = round(PEAK_HALF_WIDTH_HZ / (SR / N_FFT))
-    concentration = power[max(k - w, 0): k + w + 1].sum() / max(power.sum(), 1e-30)
+    concentration = power[max(k - w, 0) : k + w + 1].sum() / max(power.sum(), 1e-30)
     if concentration < TONE_CONCENTRATION:
         return "noise", math.nan
     # Parabolic interpolation of the log-power peak: a sub-bin frequency estimate.
     freq = _FREQS[k]
     if 0 < k < len(power) - 1 and min(power[k - 1], power[k + 1]) > 0:
-        a, b, c = np.log(power[k - 1: k + 2])
+        a, b, c = np.log(power[k - 1 : k + 2])
         if (den := a - 2 * b + c) < 0:
             freq += 0.5 * (a - c) / den * (SR / N_FFT)
     return ("low" if freq < PITCH_BOUNDARY_HZ else "high"), float(freq)
@@ -444,12 +471,12 @@ def detect_events(wave: np.ndarray, *, threshold: float = ENERGY_THRESHOLD) -> l
     merge, min_len = MERGE_GAP_S * SR / HOP, MIN_EVENT_S * SR / HOP
     for a, b in _runs(~active):  # close short inner gaps
         if a > 0 and b < len(active) - 1 and b - a + 1 < merge:
-            active[a: b + 1] = True
+            active[a : b + 1] = True
     events = []
     for a, b in _runs(active):
         if b - a + 1 < min_len:
             continue
-        kind, freq = _classify(power[a: b + 1].sum(axis=0))
+        kind, freq = _classify(power[a : b + 1].sum(axis=0))
         events.append(Event(kind, a * HOP / SR, b * HOP / SR, freq))
     return events
 

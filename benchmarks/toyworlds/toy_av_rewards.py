@@ -57,8 +57,21 @@ from . import tones, video
 from .pretrain import MAX_TOKENS
 
 VIDEO_CLIP = {"patch_size": 4, "hidden": 64, "layers": 3, "text_layers": 2, "projection": 64, "seed": 0}
-CLAP = {"sampling_rate": tones.SR, "num_mel_bins": 32, "hop_length": 256, "fft_window_size": 512, "max_length_s": 1,
-        "spec_size": 32, "stem": 32, "depths": (2, 2), "heads": 4, "text_hidden": 64, "text_layers": 2, "projection": 64, "seed": 0}
+CLAP = {
+    "sampling_rate": tones.SR,
+    "num_mel_bins": 32,
+    "hop_length": 256,
+    "fft_window_size": 512,
+    "max_length_s": 1,
+    "spec_size": 32,
+    "stem": 32,
+    "depths": (2, 2),
+    "heads": 4,
+    "text_hidden": 64,
+    "text_layers": 2,
+    "projection": 64,
+    "seed": 0,
+}
 
 
 def _pooled(out) -> torch.Tensor:
@@ -66,8 +79,14 @@ def _pooled(out) -> torch.Tensor:
     return getattr(out, "pooler_output", out)
 
 
-def info_nce(emb: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, captions: list[str],
-             scale_fwd: torch.Tensor, scale_back: torch.Tensor) -> torch.Tensor:
+def info_nce(
+    emb: torch.Tensor,
+    pos: torch.Tensor,
+    neg: torch.Tensor,
+    captions: list[str],
+    scale_fwd: torch.Tensor,
+    scale_back: torch.Tensor,
+) -> torch.Tensor:
     """Symmetric InfoNCE with hard negatives, all embeddings L2-normalised.
 
     ``emb`` [B,D] (clips), ``pos`` [B,D] (their captions), ``neg`` [B,N,D] (each clip's own hard
@@ -119,11 +138,26 @@ def build_video_clip(cfg: dict[str, Any] = VIDEO_CLIP):
     tok = video_tokenizer()
     h = cfg["hidden"]
     config = CLIPConfig(
-        text_config={"vocab_size": len(tok), "hidden_size": h, "intermediate_size": 2 * h, "num_hidden_layers": cfg["text_layers"],
-                     "num_attention_heads": 4, "max_position_embeddings": MAX_TOKENS, "eos_token_id": tok.eos_token_id,
-                     "bos_token_id": tok.bos_token_id, "pad_token_id": tok.eos_token_id},
-        vision_config={"image_size": video.RES, "patch_size": cfg["patch_size"], "num_channels": 3 * video.FRAMES,
-                       "hidden_size": h, "intermediate_size": 2 * h, "num_hidden_layers": cfg["layers"], "num_attention_heads": 4},
+        text_config={
+            "vocab_size": len(tok),
+            "hidden_size": h,
+            "intermediate_size": 2 * h,
+            "num_hidden_layers": cfg["text_layers"],
+            "num_attention_heads": 4,
+            "max_position_embeddings": MAX_TOKENS,
+            "eos_token_id": tok.eos_token_id,
+            "bos_token_id": tok.bos_token_id,
+            "pad_token_id": tok.eos_token_id,
+        },
+        vision_config={
+            "image_size": video.RES,
+            "patch_size": cfg["patch_size"],
+            "num_channels": 3 * video.FRAMES,
+            "hidden_size": h,
+            "intermediate_size": 2 * h,
+            "num_hidden_layers": cfg["layers"],
+            "num_attention_heads": 4,
+        },
         projection_dim=cfg["projection"],
     )
     torch.manual_seed(cfg["seed"])
@@ -132,10 +166,19 @@ def build_video_clip(cfg: dict[str, Any] = VIDEO_CLIP):
 
 def video_preprocessor_config() -> dict[str, Any]:
     """``preprocessor_config.json`` of the toy video CLIP: size/crop 32, mean/std 0.5 (read per frame)."""
-    return {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": video.RES},
-            "crop_size": {"height": video.RES, "width": video.RES}, "do_resize": True, "do_center_crop": True,
-            "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 3,
-            "do_rescale": True, "rescale_factor": 1 / 255}
+    return {
+        "image_processor_type": "CLIPImageProcessor",
+        "size": {"shortest_edge": video.RES},
+        "crop_size": {"height": video.RES, "width": video.RES},
+        "do_resize": True,
+        "do_center_crop": True,
+        "do_normalize": True,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "resample": 3,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+    }
 
 
 def clips_to_pixels(clips: np.ndarray) -> torch.Tensor:
@@ -144,8 +187,17 @@ def clips_to_pixels(clips: np.ndarray) -> torch.Tensor:
     return ((x - 0.5) / 0.5).flatten(1, 2)
 
 
-def train_toy_video_clip(out: str | Path, minutes: float, batch: int = 64, negatives: int = 3, lr: float = 1e-3,
-                         eval_clips: int = 200, strict_negatives: bool = True, fresh: int = 32, pool: int = 4096) -> dict[str, Any]:
+def train_toy_video_clip(
+    out: str | Path,
+    minutes: float,
+    batch: int = 64,
+    negatives: int = 3,
+    lr: float = 1e-3,
+    eval_clips: int = 200,
+    strict_negatives: bool = True,
+    fresh: int = 32,
+    pool: int = 4096,
+) -> dict[str, Any]:
     """Train the early-fusion toy video CLIP for ``minutes`` and save it to ``out``; returns the stats
     (including the held-out top-1 accuracy, see :func:`evaluate_video_reward`)."""
     out = Path(out)
@@ -168,7 +220,11 @@ def train_toy_video_clip(out: str | Path, minutes: float, batch: int = 64, negat
     t_end, steps, clips_seen, rendered, losses = t0 + 60 * minutes, 0, 0, 0, []
     while time.time() < t_end:
         new = [next(it) for _ in range(fresh if len(seen) >= batch else batch)]
-        old = [seen[i] for i in rng.choice(len(seen), batch - len(new), replace=False)] if len(new) < batch else []
+        old = (
+            [seen[i] for i in rng.choice(len(seen), batch - len(new), replace=False)]
+            if len(new) < batch
+            else []
+        )
         seen = (seen + new)[-pool:]
         rendered += len(new)
         clips, caps, negs = [], [], []
@@ -179,7 +235,10 @@ def train_toy_video_clip(out: str | Path, minutes: float, batch: int = 64, negat
         x = clips_to_pixels(np.stack(clips))
         ids = tok(caps + negs, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
         emb = F.normalize(_pooled(model.get_image_features(pixel_values=x)), dim=-1)
-        txt = F.normalize(_pooled(model.get_text_features(input_ids=ids.input_ids, attention_mask=ids.attention_mask)), dim=-1)
+        txt = F.normalize(
+            _pooled(model.get_text_features(input_ids=ids.input_ids, attention_mask=ids.attention_mask)),
+            dim=-1,
+        )
         scale = model.logit_scale.exp().clamp(max=100)
         loss = info_nce(emb, txt[:batch], txt[batch:].view(batch, negatives, -1), caps, scale, scale)
         opt.zero_grad(set_to_none=True)
@@ -193,10 +252,17 @@ def train_toy_video_clip(out: str | Path, minutes: float, batch: int = 64, negat
     model.save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
     (out / "preprocessor_config.json").write_text(json.dumps(video_preprocessor_config(), indent=2))
-    stats: dict[str, Any] = {"model": "toy-video-clip", "steps": steps, "clips": clips_seen, "rendered_clips": rendered,
-                             "minutes": minutes,
-                             "train_seconds": round(train_s, 1), "final_loss": float(np.mean(losses[-20:])) if losses else None,
-                             "strict_negatives": strict_negatives, **cfg}
+    stats: dict[str, Any] = {
+        "model": "toy-video-clip",
+        "steps": steps,
+        "clips": clips_seen,
+        "rendered_clips": rendered,
+        "minutes": minutes,
+        "train_seconds": round(train_s, 1),
+        "final_loss": float(np.mean(losses[-20:])) if losses else None,
+        "strict_negatives": strict_negatives,
+        **cfg,
+    }
     stats |= evaluate_video_reward(out, n=eval_clips)
     _save_stats(out, stats)
     return stats
@@ -209,7 +275,9 @@ def _other_direction(md: dict[str, Any], rng: np.random.Generator) -> dict[str, 
     return video.build_metadata(md["tag"], (m["color"], m["class"], d), other)
 
 
-def evaluate_video_reward(path: str | Path, n: int = 200, seed: int = 1000, negatives: int = 3) -> dict[str, float]:
+def evaluate_video_reward(
+    path: str | Path, n: int = 200, seed: int = 1000, negatives: int = 3
+) -> dict[str, float]:
     """Held-out evaluation through the ``video_clip`` reward, on ``n`` clips of
     ``video.make_dataset(n, seed, "heldout")``:
 
@@ -229,8 +297,11 @@ def evaluate_video_reward(path: str | Path, n: int = 200, seed: int = 1000, nega
     x = torch.from_numpy(np.stack(clips)).permute(0, 1, 4, 2, 3).float() / 255
     scores = np.stack([reward(x, [c[k] for c in cands]).scores.numpy() for k in range(negatives + 1)], 1)
     pair = reward(x, dirs).scores.numpy()
-    return {"heldout_clips": n, "heldout_top1": top1_accuracy(scores),
-            "heldout_direction_pairwise": float(np.mean(scores[:, 0] > pair))}
+    return {
+        "heldout_clips": n,
+        "heldout_top1": top1_accuracy(scores),
+        "heldout_direction_pairwise": float(np.mean(scores[:, 0] > pair)),
+    }
 
 
 # ----------------------------------------------------------------------------- audio
@@ -252,20 +323,50 @@ def build_toy_clap(cfg: dict[str, Any] = CLAP):
     if frames > spec * (spec // mels):
         raise ValueError(f"toy CLAP: {frames} mel frames do not fit spec_size {spec} with {mels} mel bins")
     depths, stem, th = list(cfg["depths"]), cfg["stem"], cfg["text_hidden"]
-    text = ClapTextConfig(vocab_size=len(tok), hidden_size=th, num_hidden_layers=cfg["text_layers"], num_attention_heads=4,
-                          intermediate_size=2 * th, max_position_embeddings=MAX_TOKENS + tok.pad_token_id + 1,
-                          pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    audio = ClapAudioConfig(spec_size=spec, num_mel_bins=mels, window_size=4, patch_size=4, patch_stride=(4, 4),
-                            patch_embeds_hidden_size=stem, depths=depths,
-                            num_attention_heads=[cfg["heads"] * 2**i for i in range(len(depths))],
-                            hidden_size=stem * 2 ** (len(depths) - 1), enable_fusion=False, num_hidden_layers=len(depths),
-                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0)
+    text = ClapTextConfig(
+        vocab_size=len(tok),
+        hidden_size=th,
+        num_hidden_layers=cfg["text_layers"],
+        num_attention_heads=4,
+        intermediate_size=2 * th,
+        max_position_embeddings=MAX_TOKENS + tok.pad_token_id + 1,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    audio = ClapAudioConfig(
+        spec_size=spec,
+        num_mel_bins=mels,
+        window_size=4,
+        patch_size=4,
+        patch_stride=(4, 4),
+        patch_embeds_hidden_size=stem,
+        depths=depths,
+        num_attention_heads=[cfg["heads"] * 2**i for i in range(len(depths))],
+        hidden_size=stem * 2 ** (len(depths) - 1),
+        enable_fusion=False,
+        num_hidden_layers=len(depths),
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        drop_path_rate=0.0,
+    )
     torch.manual_seed(cfg["seed"])
-    model = ClapModel(ClapConfig(text_config=text.to_dict(), audio_config=audio.to_dict(), projection_dim=cfg["projection"]))
-    fe = ClapFeatureExtractor(feature_size=mels, sampling_rate=sr, hop_length=hop, max_length_s=cfg["max_length_s"],
-                              fft_window_size=cfg["fft_window_size"], frequency_min=50, frequency_max=0.45 * sr,
-                              truncation="rand_trunc", padding="repeatpad")
+    model = ClapModel(
+        ClapConfig(text_config=text.to_dict(), audio_config=audio.to_dict(), projection_dim=cfg["projection"])
+    )
+    fe = ClapFeatureExtractor(
+        feature_size=mels,
+        sampling_rate=sr,
+        hop_length=hop,
+        max_length_s=cfg["max_length_s"],
+        fft_window_size=cfg["fft_window_size"],
+        frequency_min=50,
+        frequency_max=0.45 * sr,
+        truncation="rand_trunc",
+        padding="repeatpad",
+    )
     return model, fe, tok
 
 
@@ -277,9 +378,17 @@ def clap_coverage_ok(fe) -> bool:
     return tones.N_SAMPLES <= window or tones.N_SAMPLES - window <= round(tones.EDGE_S * tones.SR)
 
 
-def train_toy_clap(out: str | Path, minutes: float, batch: int = 48, negatives: int = 3, lr: float = 1e-3,
-                   eval_clips: int = 200, strict_negatives: bool = True, order_fraction: float = 0.25,
-                   cfg: dict[str, Any] | None = None) -> dict[str, Any]:
+def train_toy_clap(
+    out: str | Path,
+    minutes: float,
+    batch: int = 48,
+    negatives: int = 3,
+    lr: float = 1e-3,
+    eval_clips: int = 200,
+    strict_negatives: bool = True,
+    order_fraction: float = 0.25,
+    cfg: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Train the toy CLAP for ``minutes`` on ToneWorld train clips and save it to ``out``; returns the
     stats (including the held-out top-1 accuracy, see :func:`evaluate_clap_reward`)."""
     from transformers import ClapProcessor
@@ -324,11 +433,26 @@ def train_toy_clap(out: str | Path, minutes: float, batch: int = 48, negatives: 
             negs += hard_negatives(perturb, md, rng, negatives, check)
         feats = processor.feature_extractor(waves, sampling_rate=cfg["sampling_rate"], return_tensors="pt")
         ids = tok(caps + negs, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
-        emb = F.normalize(_pooled(model.get_audio_features(input_features=feats["input_features"].float(),
-                                                           is_longer=feats["is_longer"])), dim=-1)
-        txt = F.normalize(_pooled(model.get_text_features(input_ids=ids.input_ids, attention_mask=ids.attention_mask)), dim=-1)
-        loss = info_nce(emb, txt[:batch], txt[batch:].view(batch, negatives, -1), caps,
-                        model.logit_scale_a.exp().clamp(max=100), model.logit_scale_t.exp().clamp(max=100))
+        emb = F.normalize(
+            _pooled(
+                model.get_audio_features(
+                    input_features=feats["input_features"].float(), is_longer=feats["is_longer"]
+                )
+            ),
+            dim=-1,
+        )
+        txt = F.normalize(
+            _pooled(model.get_text_features(input_ids=ids.input_ids, attention_mask=ids.attention_mask)),
+            dim=-1,
+        )
+        loss = info_nce(
+            emb,
+            txt[:batch],
+            txt[batch:].view(batch, negatives, -1),
+            caps,
+            model.logit_scale_a.exp().clamp(max=100),
+            model.logit_scale_t.exp().clamp(max=100),
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -337,9 +461,17 @@ def train_toy_clap(out: str | Path, minutes: float, batch: int = 48, negatives: 
     train_s = time.time() - t0
     model.eval()
     model.save_pretrained(str(out), safe_serialization=True)
-    stats: dict[str, Any] = {"model": "toy-clap", "steps": steps, "clips": clips_seen, "minutes": minutes,
-                             "train_seconds": round(train_s, 1), "final_loss": float(np.mean(losses[-20:])) if losses else None,
-                             "strict_negatives": strict_negatives, "order_fraction": order_fraction, **{k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}}
+    stats: dict[str, Any] = {
+        "model": "toy-clap",
+        "steps": steps,
+        "clips": clips_seen,
+        "minutes": minutes,
+        "train_seconds": round(train_s, 1),
+        "final_loss": float(np.mean(losses[-20:])) if losses else None,
+        "strict_negatives": strict_negatives,
+        "order_fraction": order_fraction,
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+    }
     stats |= evaluate_clap_reward(out, n=eval_clips)
     _save_stats(out, stats)
     return stats
@@ -350,7 +482,9 @@ def _swapped(md: dict[str, Any]) -> dict[str, Any]:
     return tones.build_metadata("order", tuple(reversed(md["events"])))
 
 
-def evaluate_clap_reward(path: str | Path, n: int = 200, seed: int = 1000, negatives: int = 3) -> dict[str, float]:
+def evaluate_clap_reward(
+    path: str | Path, n: int = 200, seed: int = 1000, negatives: int = 3
+) -> dict[str, float]:
     """Held-out evaluation through the ``clap`` reward, on ``n`` clips of
     ``tones.make_dataset(n, seed, "heldout")`` (order, counting and silence prompts, round-robin):
 
@@ -369,15 +503,21 @@ def evaluate_clap_reward(path: str | Path, n: int = 200, seed: int = 1000, negat
             order_idx.append(i)
             swapped.append(_swapped(md)["prompt"])
     x = torch.from_numpy(np.stack(waves))
-    scores = np.stack([reward(x, [c[k] for c in cands], tones.SR).scores.numpy() for k in range(negatives + 1)], 1)
+    scores = np.stack(
+        [reward(x, [c[k] for c in cands], tones.SR).scores.numpy() for k in range(negatives + 1)], 1
+    )
     pair = reward(x[order_idx], swapped, tones.SR).scores.numpy()
     both = two_way_order_clips(n // 2, seed)
     xb = torch.from_numpy(np.stack([w for w, _, _ in both]))
     good = reward(xb, [c for _, c, _ in both], tones.SR).scores
     bad = reward(xb, [_swapped(md)["prompt"] for _, _, md in both], tones.SR).scores
-    return {"heldout_clips": n, "heldout_top1": top1_accuracy(scores),
-            "heldout_order_pairwise": float(np.mean(scores[order_idx, 0] > pair)),
-            "two_way_order_clips": len(both), "two_way_order_pairwise": float((good > bad).float().mean())}
+    return {
+        "heldout_clips": n,
+        "heldout_top1": top1_accuracy(scores),
+        "heldout_order_pairwise": float(np.mean(scores[order_idx, 0] > pair)),
+        "two_way_order_clips": len(both),
+        "two_way_order_pairwise": float((good > bad).float().mean()),
+    }
 
 
 def two_way_order_clips(n: int, seed: int) -> list[tuple[np.ndarray, str, dict[str, Any]]]:
@@ -386,9 +526,13 @@ def two_way_order_clips(n: int, seed: int) -> list[tuple[np.ndarray, str, dict[s
     the reversed caption is as familiar as the true one, so only hearing the order can tell them
     apart. (A held-out sequence's reverse is mostly a train caption, which a reward trained on the
     train split prefers.)"""
-    two_way = {p for p in tones._all_params("order") if p != p[::-1]  # (a palindrome's reverse is itself)
-               and not tones.heldout_combinations(tones.build_metadata("order", p))
-               and not tones.heldout_combinations(tones.build_metadata("order", p[::-1]))}
+    two_way = {
+        p
+        for p in tones._all_params("order")
+        if p != p[::-1]  # (a palindrome's reverse is itself)
+        and not tones.heldout_combinations(tones.build_metadata("order", p))
+        and not tones.heldout_combinations(tones.build_metadata("order", p[::-1]))
+    }
     out = []
     for item in tones.make_dataset(10**9, seed, "train"):
         if item[2]["tag"] == "order" and tones.metadata_params(item[2]) in two_way:

@@ -33,11 +33,25 @@ def build_clip(variant: str):
     tok = tokenizer()
     h = v["hidden"]
     cfg = CLIPConfig(
-        text_config={"vocab_size": len(tok), "hidden_size": h, "intermediate_size": 2 * h, "num_hidden_layers": 2,
-                     "num_attention_heads": 4, "max_position_embeddings": MAX_TOKENS, "eos_token_id": tok.eos_token_id,
-                     "bos_token_id": tok.bos_token_id, "pad_token_id": tok.eos_token_id},
-        vision_config={"image_size": 32, "patch_size": v["patch_size"], "hidden_size": h, "intermediate_size": 2 * h,
-                       "num_hidden_layers": v["layers"], "num_attention_heads": 4},
+        text_config={
+            "vocab_size": len(tok),
+            "hidden_size": h,
+            "intermediate_size": 2 * h,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": MAX_TOKENS,
+            "eos_token_id": tok.eos_token_id,
+            "bos_token_id": tok.bos_token_id,
+            "pad_token_id": tok.eos_token_id,
+        },
+        vision_config={
+            "image_size": 32,
+            "patch_size": v["patch_size"],
+            "hidden_size": h,
+            "intermediate_size": 2 * h,
+            "num_hidden_layers": v["layers"],
+            "num_attention_heads": 4,
+        },
         projection_dim=64,
     )
     torch.manual_seed(v["seed"])
@@ -49,7 +63,9 @@ def _features(out):
     return getattr(out, "pooler_output", out)
 
 
-def train_toy_reward(variant: str, out: Path, minutes: float, batch: int = 64, negatives: int = 3, lr: float = 1e-3) -> dict:
+def train_toy_reward(
+    variant: str, out: Path, minutes: float, batch: int = 64, negatives: int = 3, lr: float = 1e-3
+) -> dict:
     model, tok = build_clip(variant)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     seed = VARIANTS[variant]["seed"]
@@ -68,14 +84,26 @@ def train_toy_reward(variant: str, out: Path, minutes: float, batch: int = 64, n
         texts = caps + negs
         ids = tok(texts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
         img = F.normalize(_features(model.get_image_features(pixel_values=x)), dim=-1)
-        txt = F.normalize(_features(model.get_text_features(input_ids=ids.input_ids, attention_mask=ids.attention_mask)), dim=-1)
+        txt = F.normalize(
+            _features(model.get_text_features(input_ids=ids.input_ids, attention_mask=ids.attention_mask)),
+            dim=-1,
+        )
         scale = model.logit_scale.exp().clamp(max=100)
         pos, neg = txt[:batch], txt[batch:].view(batch, negatives, -1)
         # image -> text over every caption in the batch (identical captions all count as positives) + own hard negatives
         same = torch.tensor([[a == b for b in caps] for a in caps], dtype=torch.float32)
         logits_batch = scale * img @ pos.T  # [B,B]
-        loss_i = -(torch.log_softmax(torch.cat([logits_batch, scale * torch.einsum("bd,bnd->bn", img, neg)], 1), 1)[:, :batch]
-                   * same / same.sum(1, keepdim=True)).sum(1).mean()
+        loss_i = (
+            -(
+                torch.log_softmax(
+                    torch.cat([logits_batch, scale * torch.einsum("bd,bnd->bn", img, neg)], 1), 1
+                )[:, :batch]
+                * same
+                / same.sum(1, keepdim=True)
+            )
+            .sum(1)
+            .mean()
+        )
         loss_t = -(torch.log_softmax(logits_batch.T, 1) * same / same.sum(1, keepdim=True)).sum(1).mean()
         loss = (loss_i + loss_t) / 2
         opt.zero_grad(set_to_none=True)
@@ -86,11 +114,30 @@ def train_toy_reward(variant: str, out: Path, minutes: float, batch: int = 64, n
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
-    (out / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32},
-        "do_resize": True, "do_center_crop": True, "do_normalize": True, "image_mean": [0.5, 0.5, 0.5],
-        "image_std": [0.5, 0.5, 0.5], "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255}, indent=2))
-    meta = {"variant": variant, "steps": steps, "images": images, "minutes": minutes, "final_loss": float(np.mean(losses[-20:]))}
+    (out / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_processor_type": "CLIPImageProcessor",
+                "size": {"shortest_edge": 32},
+                "crop_size": {"height": 32, "width": 32},
+                "do_resize": True,
+                "do_center_crop": True,
+                "do_normalize": True,
+                "image_mean": [0.5, 0.5, 0.5],
+                "image_std": [0.5, 0.5, 0.5],
+                "resample": 3,
+                "do_rescale": True,
+                "rescale_factor": 1 / 255,
+            },
+            indent=2,
+        )
+    )
+    meta = {
+        "variant": variant,
+        "steps": steps,
+        "images": images,
+        "minutes": minutes,
+        "final_loss": float(np.mean(losses[-20:])),
+    }
     (out / "training.json").write_text(json.dumps(meta, indent=2))
     return meta
-

@@ -54,7 +54,9 @@ def _np(noun: str) -> str:
     return f"an {noun}" if noun[0] in "aeiou" else f"a {noun}"
 
 
-def build_metadata(tag: VideoTag, mover: tuple[str, str, str], other: tuple[str, str] | None = None) -> dict[str, Any]:
+def build_metadata(
+    tag: VideoTag, mover: tuple[str, str, str], other: tuple[str, str] | None = None
+) -> dict[str, Any]:
     """Metadata for a mover ``(color, class, direction)`` and, for ``appear``, ``(color, class)``."""
     color, cls, direction = mover
     objects: list[dict[str, Any]] = [{"class": cls, "color": color, "motion": direction}]
@@ -76,7 +78,11 @@ def _in_split(md: Mapping[str, Any], split: Split) -> bool:
 
 def sample_metadata(tag: VideoTag, rng: np.random.Generator, split: Split = "train") -> dict[str, Any]:
     for _ in range(1000):
-        mover = (COLORS[rng.integers(len(COLORS))], SHAPES[rng.integers(len(SHAPES))], DIRECTIONS[rng.integers(4)])
+        mover = (
+            COLORS[rng.integers(len(COLORS))],
+            SHAPES[rng.integers(len(SHAPES))],
+            DIRECTIONS[rng.integers(4)],
+        )
         other = None
         if tag == "appear":
             while True:  # a different (colour, class) so the two are told apart
@@ -89,7 +95,9 @@ def sample_metadata(tag: VideoTag, rng: np.random.Generator, split: Split = "tra
     raise RuntimeError(f"could not draw a {split} {tag} prompt")
 
 
-def _centers(md: Mapping[str, Any], rng: np.random.Generator) -> list[tuple[float, float, float, float, float]] | None:
+def _centers(
+    md: Mapping[str, Any], rng: np.random.Generator
+) -> list[tuple[float, float, float, float, float]] | None:
     """(cx, cy, size, dx, dy) in pixels per object, the mover's path and the static object apart."""
     mover = md["objects"][0]
     ux, uy = STEP[mover["motion"]]
@@ -131,7 +139,9 @@ def render_clip(md: Mapping[str, Any], rng: np.random.Generator, size: int = RES
         for spec, (cx, cy, s, dx, dy) in zip(md["objects"], geo, strict=True):
             if f < spec.get("appear", 0):
                 continue
-            objs.append(ShapeObject(spec["class"], spec["color"], (cx + a * dx) / RES, (cy + a * dy) / RES, s / RES))
+            objs.append(
+                ShapeObject(spec["class"], spec["color"], (cx + a * dx) / RES, (cy + a * dy) / RES, s / RES)
+            )
         frames.append(render(Scene(tuple(objs), {}), size))
     return np.stack(frames)
 
@@ -142,7 +152,9 @@ def _split_rng(seed: int, split: Split, stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, _SPLIT_ID[split], stream, 7])
 
 
-def make_dataset(n: int, seed: int, split: Split = "train") -> Iterator[tuple[np.ndarray, str, dict[str, Any]]]:
+def make_dataset(
+    n: int, seed: int, split: Split = "train"
+) -> Iterator[tuple[np.ndarray, str, dict[str, Any]]]:
     """Yield ``n`` (clip uint8 [F,H,W,3], caption, metadata), tags round-robin; item i does not depend on n."""
     rng = _split_rng(seed, split, 0)
     for i in range(n):
@@ -185,7 +197,9 @@ def track(clip: np.ndarray) -> dict[tuple[str, str], list[list[tuple[float, floa
     for f, frame in enumerate(clip):
         for d in detect(frame):
             key = (d.cls, d.color)
-            seen.setdefault(key, [[] for _ in range(len(clip))])[f].append(((d.box[0] + d.box[2]) / 2, (d.box[1] + d.box[3]) / 2))
+            seen.setdefault(key, [[] for _ in range(len(clip))])[f].append(
+                ((d.box[0] + d.box[2]) / 2, (d.box[1] + d.box[3]) / 2)
+            )
     return seen
 
 

@@ -58,7 +58,9 @@ def _source(dcfg: DataConfig, verbose: bool = True) -> Any:
 
 def _check_cacheable(dcfg: DataConfig) -> None:
     if not dcfg.center_crop or dcfg.random_flip:
-        raise ConfigError("data.cache_dir: cached latents need data.center_crop=true and data.random_flip=false")
+        raise ConfigError(
+            "data.cache_dir: cached latents need data.center_crop=true and data.random_flip=false"
+        )
 
 
 def build_cache(cfg: Config, shard_size: int = 256) -> Path:
@@ -78,14 +80,25 @@ def build_cache(cfg: Config, shard_size: int = 256) -> Path:
     ranked = _kind(cfg.data) == "ranked"
     device = default_device()
     adapter = load_adapter(cfg.model, device)
-    index = {"num_rows": len(ds), "format": _kind(cfg.data), "k": ds.k,
-             "shard_size": shard_size, "model_path": cfg.model.path, "family": adapter.family,
-             "resolution": cfg.data.resolution, "data_fingerprint": data_fingerprint(ds)}
+    index = {
+        "num_rows": len(ds),
+        "format": _kind(cfg.data),
+        "k": ds.k,
+        "shard_size": shard_size,
+        "model_path": cfg.model.path,
+        "family": adapter.family,
+        "resolution": cfg.data.resolution,
+        "data_fingerprint": data_fingerprint(ds),
+    }
     old = out / "index.json"
     if old.exists() and json.loads(old.read_text()) != index:
-        raise ConfigError(f"{out}: holds a cache of other data or another model; choose an empty data.cache_dir")
+        raise ConfigError(
+            f"{out}: holds a cache of other data or another model; choose an empty data.cache_dir"
+        )
     old.write_text(json.dumps(index, indent=2))
-    save_file({k: v.cpu().contiguous() for k, v in adapter.encode_prompts([""]).items()}, out / "uncond.safetensors")
+    save_file(
+        {k: v.cpu().contiguous() for k, v in adapter.encode_prompts([""]).items()}, out / "uncond.safetensors"
+    )
     n_shards = (len(ds) + shard_size - 1) // shard_size
     for s in tqdm(range(n_shards), desc="cache", unit="shard"):
         path = out / SHARD.format(s)
@@ -97,7 +110,9 @@ def build_cache(cfg: Config, shard_size: int = 256) -> Path:
             items = [ds[(i, 0)] for i in chunk]
             pix = torch.stack([it["pixels"] for it in items])  # [b,k,3,R,R]
             lat.append(adapter.encode_images(pix.flatten(0, 1).to(device)).unflatten(0, pix.shape[:2]).cpu())
-            cond.append({k: v.cpu() for k, v in adapter.encode_prompts([it["caption"] for it in items]).items()})
+            cond.append(
+                {k: v.cpu() for k, v in adapter.encode_prompts([it["caption"] for it in items]).items()}
+            )
             micro.append(torch.stack([it["micro"] for it in items]))
             skipped.append(torch.tensor([it["skipped"] for it in items]))
             if ranked:
@@ -122,19 +137,30 @@ class CachedPairs(torch.utils.data.Dataset):
         _check_cacheable(dcfg)
         root = Path(dcfg.cache_dir or "")
         if not (root / "index.json").exists():
-            raise ConfigError(f"data.cache_dir {str(root)!r} has no index.json: run `diffalign cache CONFIG` first")
+            raise ConfigError(
+                f"data.cache_dir {str(root)!r} has no index.json: run `diffalign cache CONFIG` first"
+            )
         self.index = json.loads((root / "index.json").read_text())
         src = _source(replace(dcfg, cache_dir=None), verbose=False)  # light columns only: no image decoding
-        expect = {"model_path": mcfg.path, "resolution": dcfg.resolution, "format": _kind(dcfg),
-                  "data_fingerprint": data_fingerprint(src), "num_rows": len(src)}
+        expect = {
+            "model_path": mcfg.path,
+            "resolution": dcfg.resolution,
+            "format": _kind(dcfg),
+            "data_fingerprint": data_fingerprint(src),
+            "num_rows": len(src),
+        }
         for k, v in expect.items():
             if self.index.get(k) != v:
-                raise ConfigError(f"data.cache_dir {str(root)!r} is stale: {k} is {self.index.get(k)!r} there, {v!r} now; rebuild it")
+                raise ConfigError(
+                    f"data.cache_dir {str(root)!r} is stale: {k} is {self.index.get(k)!r} there, {v!r} now; rebuild it"
+                )
         self.k = self.index["k"]
         n_shards = (len(src) + self.index["shard_size"] - 1) // self.index["shard_size"]
         missing = [s for s in range(n_shards) if not (root / SHARD.format(s)).exists()]
         if missing:
-            raise ConfigError(f"data.cache_dir {str(root)!r} is incomplete ({len(missing)} shards missing): rerun `diffalign cache`")
+            raise ConfigError(
+                f"data.cache_dir {str(root)!r} is incomplete ({len(missing)} shards missing): rerun `diffalign cache`"
+            )
         # PairDataset takes the next row's caption for a skipped (broken) pair; ranked rows are never skipped here
         self.root, self.cfg = root, dcfg
         self.captions = [r[2] for r in src.rows] if _kind(dcfg) == "ranked" else [r.caption for r in src.rows]
@@ -158,7 +184,14 @@ class CachedPairs(torch.utils.data.Dataset):
                 with safe_open(str(self.root / "uncond.safetensors"), framework="pt") as f:
                     self.uncond = {k: f.get_tensor(k)[0] for k in f.keys()}
             cond, caption = dict(self.uncond), ""
-        item = {"latents": row["latents"], "cond": cond, "micro": row["micro"], "caption": caption, "seed": seed,
-                "index": index, "skipped": int(row["skipped"])}
+        item = {
+            "latents": row["latents"],
+            "cond": cond,
+            "micro": row["micro"],
+            "caption": caption,
+            "seed": seed,
+            "index": index,
+            "skipped": int(row["skipped"]),
+        }
         item.update({n: row[n] for n in ("phi", "rank") if n in row})
         return item

@@ -67,7 +67,9 @@ def encode_audio(wave_: np.ndarray, sample_rate: int) -> bytes:
     return buf.getvalue()
 
 
-def encode_media(x: np.ndarray, modality: Modality, image_format: str = "png", sample_rate: int | None = None) -> bytes:
+def encode_media(
+    x: np.ndarray, modality: Modality, image_format: str = "png", sample_rate: int | None = None
+) -> bytes:
     if modality == "video":
         return encode_video(x)
     if modality == "audio":
@@ -107,8 +109,9 @@ def modality_of(x: Media) -> Modality:
     return "video" if isinstance(x, Clip) else "audio" if isinstance(x, Audio) else "image"
 
 
-def media_tensors(items: list[Media], resolution: int, center_crop: bool, flip: bool,
-                  gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def media_tensors(
+    items: list[Media], resolution: int, center_crop: bool, flip: bool, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A group (winner first) -> training tensors in [-1, 1] and the SDXL micro row ``[6]``.
 
     Images: :func:`pairs.joint_transform` (shared resize, crop, flip). Video: every frame of every
@@ -127,10 +130,14 @@ def media_tensors(items: list[Media], resolution: int, center_crop: bool, flip: 
         x = torch.from_numpy(np.stack([a.wave[:n] for a in items])).float()  # [k, S]
         return x, torch.tensor([0, n, 0, 0, 0, n], dtype=torch.float32)
     if flip:
-        raise DataError("data.random_flip would mirror motion directions in video clips; set data.random_flip=false")
+        raise DataError(
+            "data.random_flip would mirror motion directions in video clips; set data.random_flip=false"
+        )
     F = items[0].frames.shape[0]
     if any(c.frames.shape[0] != F for c in items):
-        raise DataError(f"clips of one group have different frame counts {[c.frames.shape[0] for c in items]}")
+        raise DataError(
+            f"clips of one group have different frame counts {[c.frames.shape[0] for c in items]}"
+        )
     frames = [Image.fromarray(f) for c in items for f in c.frames]
     x, micro = joint_transform(frames, resolution, center_crop, False, gen)  # [k*F, 3, R, R]
     return x.unflatten(0, (len(items), F)), micro

@@ -66,7 +66,9 @@ def detect_format(dcfg: DataConfig) -> str:
             return "parquet"
         if p.suffix in (".jsonl", ".json"):
             return "jsonl"
-        raise DataError(f"data.path {dcfg.path!r}: unknown file type {p.suffix!r} (expected .parquet or .jsonl)")
+        raise DataError(
+            f"data.path {dcfg.path!r}: unknown file type {p.suffix!r} (expected .parquet or .jsonl)"
+        )
     if p.is_dir():
         if (p / "chosen").is_dir() and (p / "rejected").is_dir():
             return "folder"
@@ -74,7 +76,9 @@ def detect_format(dcfg: DataConfig) -> str:
             return "parquet"
         if (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists():
             return "hf"
-        raise DataError(f"data.path {dcfg.path!r}: folder has no *.parquet files and no chosen/ + rejected/ subfolders")
+        raise DataError(
+            f"data.path {dcfg.path!r}: folder has no *.parquet files and no chosen/ + rejected/ subfolders"
+        )
     if dcfg.path.count("/") == 1 and not dcfg.path.startswith((".", "/", "~")):
         return "hf"  # a hub dataset id
     raise DataError(f"data.path {dcfg.path!r} does not exist")
@@ -95,18 +99,24 @@ def check_columns(f: Path, required: tuple[str, ...], schema: str) -> None:
     names = pq.read_schema(f).names
     missing = [c for c in required if c not in names]
     if missing:
-        raise DataError(f"{f}: missing column {missing[0]!r} ({schema} schema needs {', '.join(required)}; found {', '.join(names)})")
+        raise DataError(
+            f"{f}: missing column {missing[0]!r} ({schema} schema needs {', '.join(required)}; found {', '.join(names)})"
+        )
 
 
 def check_source(dcfg: DataConfig) -> None:
     """Cheap pre-flight check run by ``validate``: the path exists and has the needed columns."""
     if not dcfg.path:
-        raise DataError("data.path is empty: give a parquet file/folder, a JSONL file, a pairs folder or a dataset id")
+        raise DataError(
+            "data.path is empty: give a parquet file/folder, a JSONL file, a pairs folder or a dataset id"
+        )
     fmt = detect_format(dcfg)
     if fmt in ("ranked", "parquet"):
         from .ranked import RANKED_REQUIRED
 
-        required, schema = (RANKED_REQUIRED, "ranked") if fmt == "ranked" else (PICKAPIC_REQUIRED, "Pick-a-Pic")
+        required, schema = (
+            (RANKED_REQUIRED, "ranked") if fmt == "ranked" else (PICKAPIC_REQUIRED, "Pick-a-Pic")
+        )
         for f in _parquet_files(dcfg.path):
             check_columns(f, required, schema)
     elif fmt == "jsonl":
@@ -121,7 +131,9 @@ def check_source(dcfg: DataConfig) -> None:
 class _ParquetImages:
     """Lazy image bytes from parquet files, one row group at a time (LRU of a few groups)."""
 
-    def __init__(self, files: list[Path], cache_groups: int = 4, columns: tuple[str, ...] = ("jpg_0", "jpg_1")) -> None:
+    def __init__(
+        self, files: list[Path], cache_groups: int = 4, columns: tuple[str, ...] = ("jpg_0", "jpg_1")
+    ) -> None:
         self.files = files
         self.cache_groups = cache_groups
         self.columns = columns
@@ -194,10 +206,21 @@ def _index_parquet(dcfg: DataConfig, counts: _Counts) -> tuple[list[PairRow], _P
         c0 = tbl.column("caption_0").to_pylist() if dual else None
         c1 = tbl.column("caption_1").to_pylist() if dual else None
         sc = [tbl.column(c).to_pylist() for c in score_cols]
-        for r, (cap, lab) in enumerate(zip(tbl.column("caption").to_pylist(), tbl.column("label_0").to_pylist(), strict=True)):
+        for r, (cap, lab) in enumerate(
+            zip(tbl.column("caption").to_pylist(), tbl.column("label_0").to_pylist(), strict=True)
+        ):
             scores = _check_scores(sc[0][r], sc[1][r], f"{f} row {r}", score_cols) if sc else None
-            _add_row(rows, counts, dcfg, cap, _check_label(lab, f"{f} row {r}"), si, r,
-                     (c0[r], c1[r]) if dual else None, scores)
+            _add_row(
+                rows,
+                counts,
+                dcfg,
+                cap,
+                _check_label(lab, f"{f} row {r}"),
+                si,
+                r,
+                (c0[r], c1[r]) if dual else None,
+                scores,
+            )
     return rows, _ParquetImages(files)
 
 
@@ -206,8 +229,10 @@ def _score_columns(name: str, names: set[str], f: Any) -> list[str]:
         if set(pair) <= names:
             return pair
     have = sorted(n for n in names if "score" in n) or ["none"]
-    raise DataError(f"{f}: data.score_column={name!r} needs columns {name}_0/{name}_1 or score_0.{name}/score_1.{name}; "
-                    f"score columns present: {', '.join(have)}")
+    raise DataError(
+        f"{f}: data.score_column={name!r} needs columns {name}_0/{name}_1 or score_0.{name}/score_1.{name}; "
+        f"score columns present: {', '.join(have)}"
+    )
 
 
 def _check_scores(a: Any, b: Any, where: str, cols: list[str]) -> tuple[float, float]:
@@ -220,8 +245,17 @@ def _check_scores(a: Any, b: Any, where: str, cols: list[str]) -> tuple[float, f
     return out
 
 
-def _add_row(rows: list[PairRow], counts: _Counts, dcfg: DataConfig, caption: Any, label_0: float, source: int, row: int,
-             captions: tuple[Any, Any] | None = None, scores: tuple[float, float] | None = None) -> None:
+def _add_row(
+    rows: list[PairRow],
+    counts: _Counts,
+    dcfg: DataConfig,
+    caption: Any,
+    label_0: float,
+    source: int,
+    row: int,
+    captions: tuple[Any, Any] | None = None,
+    scores: tuple[float, float] | None = None,
+) -> None:
     if label_0 == 0.5 and dcfg.drop_ties:
         counts.ties += 1
         return
@@ -254,7 +288,9 @@ def _index_jsonl(dcfg: DataConfig, counts: _Counts) -> tuple[list[PairRow], list
         elif "image_0" in rec and "image_1" in rec and "label_0" in rec:
             a, b, lab = rec["image_0"], rec["image_1"], _check_label(rec["label_0"], where)
         else:
-            raise DataError(f"{where}: needs keys caption + chosen + rejected (or image_0, image_1, label_0); found {', '.join(rec)}")
+            raise DataError(
+                f"{where}: needs keys caption + chosen + rejected (or image_0, image_1, label_0); found {', '.join(rec)}"
+            )
         paths.append(((p.parent / a), (p.parent / b)))
         _add_row(rows, counts, dcfg, cap, lab, len(paths) - 1, len(paths) - 1)
     return rows, paths
@@ -398,7 +434,9 @@ class PairDataset(torch.utils.data.Dataset):
             try:
                 a, b = (self._open(v) for v in self._raw(row))
             except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
-                print(f"warning: skipping pair {row.source}:{row.row} ({row.caption[:40]!r}): undecodable image ({type(e).__name__})")
+                print(
+                    f"warning: skipping pair {row.source}:{row.row} ({row.caption[:40]!r}): undecodable image ({type(e).__name__})"
+                )
                 continue
             return (b, a, skipped) if row.swap else (a, b, skipped)
         raise DataError(f"data.path {self.cfg.path!r}: no readable image pair at all")
@@ -407,13 +445,24 @@ class PairDataset(torch.utils.data.Dataset):
         index, seed = key
         gen = torch.Generator().manual_seed(seed)
         win, lose, skipped = self.load_pair(index)
-        pixels, micro = media_tensors([win, lose], self.cfg.resolution, self.cfg.center_crop, self.cfg.random_flip, gen)
+        pixels, micro = media_tensors(
+            [win, lose], self.cfg.resolution, self.cfg.center_crop, self.cfg.random_flip, gen
+        )
         row = self.rows[(index + skipped) % len(self.rows)]
         caption = row.caption
-        dropped = self.cfg.caption_dropout > 0 and bool(torch.rand((), generator=gen) < self.cfg.caption_dropout)
+        dropped = self.cfg.caption_dropout > 0 and bool(
+            torch.rand((), generator=gen) < self.cfg.caption_dropout
+        )
         if dropped:
             caption = ""  # one decision per pair: winner and loser stay consistent
-        item = {"pixels": pixels, "caption": caption, "micro": micro, "seed": seed, "index": index, "skipped": skipped}
+        item = {
+            "pixels": pixels,
+            "caption": caption,
+            "micro": micro,
+            "seed": seed,
+            "index": index,
+            "skipped": skipped,
+        }
         if row.captions is not None:  # per-image captions, winner first (swapped with the images)
             caps = list(reversed(row.captions)) if row.swap else list(row.captions)
             item["captions"] = ["", ""] if dropped else caps

@@ -19,8 +19,17 @@ from .pairs import sample_seed
 
 
 class StepPlan:
-    def __init__(self, n: int, seed: int, batch_size: int, grad_accum: int, world_size: int = 1, shuffle: bool = True) -> None:
-        self.n, self.seed, self.B, self.A, self.W, self.shuffle = n, seed, batch_size, grad_accum, world_size, shuffle
+    def __init__(
+        self, n: int, seed: int, batch_size: int, grad_accum: int, world_size: int = 1, shuffle: bool = True
+    ) -> None:
+        self.n, self.seed, self.B, self.A, self.W, self.shuffle = (
+            n,
+            seed,
+            batch_size,
+            grad_accum,
+            world_size,
+            shuffle,
+        )
         self.global_batch = batch_size * grad_accum * world_size
         self._perm_epoch = -1
         self._perm: torch.Tensor | None = None

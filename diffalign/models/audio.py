@@ -66,8 +66,15 @@ def mel_filters(cfg: MelConfig) -> Tensor:
     if cfg not in _FILTERS:
         from transformers.audio_utils import mel_filter_bank
 
-        fb = mel_filter_bank(num_frequency_bins=cfg.n_fft // 2 + 1, num_mel_filters=cfg.n_mels, min_frequency=cfg.fmin,
-                             max_frequency=cfg.fmax, sampling_rate=cfg.sample_rate, norm="slaney", mel_scale="slaney")
+        fb = mel_filter_bank(
+            num_frequency_bins=cfg.n_fft // 2 + 1,
+            num_mel_filters=cfg.n_mels,
+            min_frequency=cfg.fmin,
+            max_frequency=cfg.fmax,
+            sampling_rate=cfg.sample_rate,
+            norm="slaney",
+            mel_scale="slaney",
+        )
         _FILTERS[cfg] = torch.from_numpy(fb).float()
     return _FILTERS[cfg]
 
@@ -78,8 +85,15 @@ def log_mel(wave: Tensor, cfg: MelConfig) -> Tensor:
         raise ValueError(f"expected waveforms [B, S], got shape {tuple(wave.shape)}")
     pad = (cfg.n_fft - cfg.hop) // 2
     x = F.pad(wave.float().unsqueeze(1), (pad, pad), mode="reflect").squeeze(1)
-    spec = torch.stft(x, cfg.n_fft, cfg.hop, cfg.n_fft, torch.hann_window(cfg.n_fft, device=x.device),
-                      center=False, return_complex=True).abs()  # [B, n_fft/2+1, T]
+    spec = torch.stft(
+        x,
+        cfg.n_fft,
+        cfg.hop,
+        cfg.n_fft,
+        torch.hann_window(cfg.n_fft, device=x.device),
+        center=False,
+        return_complex=True,
+    ).abs()  # [B, n_fft/2+1, T]
     mel = torch.einsum("bft,fm->btm", spec, mel_filters(cfg).to(spec.device))
     return (torch.log(mel.clamp(min=cfg.floor)) - cfg.offset) / cfg.scale
 
@@ -102,14 +116,29 @@ class TokenAudioLDMPipeline(AudioLDMPipeline):
     def encode_tokens(self, prompts: list[str], device: torch.device | str) -> Tensor:
         """Prompts -> the text encoder's last hidden states ``[B, L, D]`` (padded to the tokenizer's
         ``model_max_length``, as in training)."""
-        enc = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").to(device)
+        enc = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).to(device)
         return self.text_encoder(enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
 
-    def _encode_prompt(self, prompt, device, num_waveforms_per_prompt, do_classifier_free_guidance,
-                       negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None):
+    def _encode_prompt(
+        self,
+        prompt,
+        device,
+        num_waveforms_per_prompt,
+        do_classifier_free_guidance,
+        negative_prompt=None,
+        prompt_embeds=None,
+        negative_prompt_embeds=None,
+    ):
         if prompt_embeds is not None or negative_prompt_embeds is not None:
-            raise ValueError("TokenAudioLDMPipeline encodes prompts itself; pass prompt (and negative_prompt), not embeddings")
+            raise ValueError(
+                "TokenAudioLDMPipeline encodes prompts itself; pass prompt (and negative_prompt), not embeddings"
+            )
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         embeds = self.encode_tokens(prompts, device).repeat_interleave(num_waveforms_per_prompt, dim=0)
         if not do_classifier_free_guidance:
@@ -157,14 +186,30 @@ class AudioLDMAdapter(Adapter):
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
         if isinstance(self.pipe, TokenAudioLDMPipeline):
-            return {"encoder_hidden_states": self.pipe.encode_tokens(list(prompts), self.device).float()}  # [B, L, D]
+            return {
+                "encoder_hidden_states": self.pipe.encode_tokens(list(prompts), self.device).float()
+            }  # [B, L, D]
         # the pipeline's own encoder: L2-normalised CLAP text embeddings [B, D]
         embeds = self.pipe._encode_prompt(list(prompts), self.device, 1, False)
         return {"class_labels": embeds.float()}
 
-    def predict(self, x_t: Tensor, t: Tensor, cond: dict[str, Tensor], micro: Tensor | None = None,
-                model: nn.Module | None = None) -> Tensor:
+    def predict(
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        cond: dict[str, Tensor],
+        micro: Tensor | None = None,
+        model: nn.Module | None = None,
+    ) -> Tensor:
         unet = model if model is not None else self.denoiser
         if "encoder_hidden_states" in cond:
-            return unet(x_t, t, encoder_hidden_states=cond["encoder_hidden_states"].to(x_t.dtype), return_dict=False)[0]
-        return unet(x_t, t, encoder_hidden_states=None, class_labels=cond["class_labels"].to(x_t.dtype), return_dict=False)[0]
+            return unet(
+                x_t, t, encoder_hidden_states=cond["encoder_hidden_states"].to(x_t.dtype), return_dict=False
+            )[0]
+        return unet(
+            x_t,
+            t,
+            encoder_hidden_states=None,
+            class_labels=cond["class_labels"].to(x_t.dtype),
+            return_dict=False,
+        )[0]

@@ -46,9 +46,15 @@ class Adapter:
     """What ``encode_images`` takes: images ``[B,3,H,W]``, clips ``[B,F,3,H,W]`` or waveforms ``[B,S]``."""
     denoiser_name: Literal["unet", "transformer"] = "unet"
 
-    def __init__(self, pipe: Any, noise_scheduler: Any, prediction_type: PredictionType,
-                 timestep_sampling: Literal["uniform", "logit_normal"] = "uniform",
-                 logit_mean: float = 0.0, logit_std: float = 1.0) -> None:
+    def __init__(
+        self,
+        pipe: Any,
+        noise_scheduler: Any,
+        prediction_type: PredictionType,
+        timestep_sampling: Literal["uniform", "logit_normal"] = "uniform",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+    ) -> None:
         self.pipe = pipe
         self.noise_scheduler = noise_scheduler
         self.prediction_type = prediction_type
@@ -126,8 +132,14 @@ class Adapter:
     def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
         raise NotImplementedError
 
-    def predict(self, x_t: Tensor, t: Tensor, cond: dict[str, Tensor], micro: Tensor | None = None,
-                model: nn.Module | None = None) -> Tensor:
+    def predict(
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        cond: dict[str, Tensor],
+        micro: Tensor | None = None,
+        model: nn.Module | None = None,
+    ) -> Tensor:
         raise NotImplementedError
 
     def default_micro(self, n: int, height: int, width: int) -> Tensor:

@@ -35,14 +35,20 @@ def _uint8(x: np.ndarray) -> np.ndarray:
     return (np.clip(x, 0, 1) * 255).round().astype(np.uint8)
 
 
-def generate_media(pipe: Any, prompts: list[str], k: int, seeds: list[int], steps: int, guidance: float,
-                   **call_kw: Any) -> list[np.ndarray]:
+def generate_media(
+    pipe: Any, prompts: list[str], k: int, seeds: list[int], steps: int, guidance: float, **call_kw: Any
+) -> list[np.ndarray]:
     """``k`` samples per prompt, prompt-major; ``seeds`` has one entry per sample."""
     if len(seeds) != len(prompts) * k:
         raise ValueError(f"need {len(prompts) * k} seeds, got {len(seeds)}")
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     name = type(pipe).__name__
-    kw: dict[str, Any] = {"num_inference_steps": steps, "guidance_scale": guidance, "generator": gens, **call_kw}
+    kw: dict[str, Any] = {
+        "num_inference_steps": steps,
+        "guidance_scale": guidance,
+        "generator": gens,
+        **call_kw,
+    }
     with torch.inference_mode():
         if name in VIDEO_PIPELINES:
             # TextToVideoSD makes one video per prompt, and AnimateDiff checks a generator list against

@@ -27,13 +27,21 @@ PIPELINE_FAMILIES: dict[str, Family] = {
 }
 FAMILY_PIPELINE: dict[Family, str] = {f: c for c, f in PIPELINE_FAMILIES.items()}
 FAMILY_MODALITY: dict[Family, Modality] = {
-    "sd": "image", "sdxl": "image", "sd3": "image", "animatediff": "video", "text2video": "video", "audioldm": "audio",
+    "sd": "image",
+    "sdxl": "image",
+    "sd3": "image",
+    "animatediff": "video",
+    "text2video": "video",
+    "audioldm": "audio",
 }
 # the trainable module's class per family (full fine-tuning export / reload)
 DENOISER_CLASS: dict[Family, tuple[str, str]] = {
-    "sd": ("unet", "UNet2DConditionModel"), "sdxl": ("unet", "UNet2DConditionModel"),
-    "sd3": ("transformer", "SD3Transformer2DModel"), "animatediff": ("unet", "UNetMotionModel"),
-    "text2video": ("unet", "UNet3DConditionModel"), "audioldm": ("unet", "UNet2DConditionModel"),
+    "sd": ("unet", "UNet2DConditionModel"),
+    "sdxl": ("unet", "UNet2DConditionModel"),
+    "sd3": ("transformer", "SD3Transformer2DModel"),
+    "animatediff": ("unet", "UNetMotionModel"),
+    "text2video": ("unet", "UNet3DConditionModel"),
+    "audioldm": ("unet", "UNet2DConditionModel"),
 }
 
 
@@ -41,10 +49,10 @@ class ModelLoadError(ConfigError):
     """The model path cannot be resolved or loaded."""
 
 
-
 def default_device(device: str | None = None) -> str:
     """``device`` when given, else CUDA when there is one, else the CPU."""
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
 
 def read_model_index(path: str, revision: str | None = None) -> dict[str, Any]:
     """``model_index.json`` of a local folder or a hub repo (honours ``HF_HUB_OFFLINE``)."""
@@ -52,10 +60,14 @@ def read_model_index(path: str, revision: str | None = None) -> dict[str, Any]:
     if p.exists():
         f = p / "model_index.json"
         if not f.is_file():
-            raise ModelLoadError(f"model.path {path!r} has no model_index.json: not a diffusers pipeline folder")
+            raise ModelLoadError(
+                f"model.path {path!r} has no model_index.json: not a diffusers pipeline folder"
+            )
         return json.loads(f.read_text())
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
-        raise ModelLoadError(f"model.path {path!r} does not exist (expected a local diffusers folder or a hub id 'org/name')")
+        raise ModelLoadError(
+            f"model.path {path!r} does not exist (expected a local diffusers folder or a hub id 'org/name')"
+        )
     try:
         from huggingface_hub import hf_hub_download
 
@@ -87,7 +99,9 @@ def _check_prediction_type(mcfg: ModelConfig, family: Family, scheduler: Any) ->
     else:
         found = scheduler.config.prediction_type
         if found not in ("epsilon", "v_prediction"):
-            raise ModelLoadError(f"{mcfg.path}: scheduler prediction_type {found!r} is not supported (epsilon, v_prediction)")
+            raise ModelLoadError(
+                f"{mcfg.path}: scheduler prediction_type {found!r} is not supported (epsilon, v_prediction)"
+            )
     if mcfg.prediction_type not in ("auto", found):
         raise ModelLoadError(
             f"model.prediction_type: {mcfg.prediction_type!r} but {mcfg.path} is trained for {found!r} "
@@ -96,7 +110,9 @@ def _check_prediction_type(mcfg: ModelConfig, family: Family, scheduler: Any) ->
     return found
 
 
-def load_adapter(mcfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Adapter:
+def load_adapter(
+    mcfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> Adapter:
     """Load the pipeline named by ``mcfg`` and return its adapter on ``device``.
 
     Weights load as fp32 whatever their stored precision (fp16 files, like the shipped toy models,
@@ -118,18 +134,28 @@ def load_adapter(mcfg: ModelConfig, device: torch.device | str = "cpu", dtype: t
     nulls = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None}
     if family == "sd":
         nulls |= {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-    pipe = pipeline_class(family, mcfg.path).from_pretrained(mcfg.path, torch_dtype=torch.float32, **nulls, **kw)
+    pipe = pipeline_class(family, mcfg.path).from_pretrained(
+        mcfg.path, torch_dtype=torch.float32, **nulls, **kw
+    )
     sched_cls = diffusers.FlowMatchEulerDiscreteScheduler if family == "sd3" else diffusers.DDPMScheduler
     sched = sched_cls.from_pretrained(mcfg.path, subfolder="scheduler", **kw)
-    cls: type[Adapter] = {"sd": SDAdapter, "sdxl": SDXLAdapter, "sd3": SD3Adapter, "animatediff": VideoAdapter,
-                          "text2video": TextToVideoAdapter, "audioldm": AudioLDMAdapter}[family]
+    cls: type[Adapter] = {
+        "sd": SDAdapter,
+        "sdxl": SDXLAdapter,
+        "sd3": SD3Adapter,
+        "animatediff": VideoAdapter,
+        "text2video": TextToVideoAdapter,
+        "audioldm": AudioLDMAdapter,
+    }[family]
     pred = _check_prediction_type(mcfg, family, sched)
     sampling = mcfg.timestep_sampling
     if sampling == "auto":
         sampling = "logit_normal" if family == "sd3" else "uniform"
     extra = {"mel": MelConfig(**model_settings(mcfg.path).get("mel", {}))} if family == "audioldm" else {}
     adapter = cls(pipe, sched, pred, sampling, mcfg.logit_mean, mcfg.logit_std, **extra)
-    adapter.max_sequence_length = pipeline_call_defaults(mcfg.path).get("max_sequence_length", mcfg.max_sequence_length)
+    adapter.max_sequence_length = pipeline_call_defaults(mcfg.path).get(
+        "max_sequence_length", mcfg.max_sequence_length
+    )
     for m in adapter.frozen_modules():
         m.requires_grad_(False)
         m.eval()
@@ -153,7 +179,9 @@ def pipeline_class(family: Family, path: str | Path) -> type:
     cond = model_settings(path).get("text_conditioning", "pooled")
     if family == "audioldm" and cond != "pooled":
         if cond != "tokens":
-            raise ModelLoadError(f"{Path(path) / 'diffalign.json'}: text_conditioning {cond!r}; valid choices: pooled, tokens")
+            raise ModelLoadError(
+                f"{Path(path) / 'diffalign.json'}: text_conditioning {cond!r}; valid choices: pooled, tokens"
+            )
         from .audio import TokenAudioLDMPipeline
 
         return TokenAudioLDMPipeline
@@ -164,18 +192,26 @@ def pipeline_call_defaults(path: str | Path) -> dict[str, Any]:
     return model_settings(path).get("call_defaults", {})
 
 
-def load_pipeline(path: str | Path, device: torch.device | str = "cpu", **components: Any) -> tuple[Any, dict[str, Any]]:
+def load_pipeline(
+    path: str | Path, device: torch.device | str = "cpu", **components: Any
+) -> tuple[Any, dict[str, Any]]:
     """Any supported pipeline folder or hub id -> (pipeline, extra keyword arguments for calling it).
     ``components`` replace pipeline parts (e.g. ``unet=...``)."""
 
     index = read_model_index(str(path))
     family = PIPELINE_FAMILIES.get(index.get("_class_name", ""))
     if family is None:
-        raise ModelLoadError(f"{path}: unsupported pipeline {index.get('_class_name')!r}; supported: {', '.join(PIPELINE_FAMILIES)}")
+        raise ModelLoadError(
+            f"{path}: unsupported pipeline {index.get('_class_name')!r}; supported: {', '.join(PIPELINE_FAMILIES)}"
+        )
     kw: dict[str, Any] = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None}
     if family == "sd":
         kw.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe = pipeline_class(family, path).from_pretrained(str(path), torch_dtype=torch.float32, **{**kw, **components}).to(device)
+    pipe = (
+        pipeline_class(family, path)
+        .from_pretrained(str(path), torch_dtype=torch.float32, **{**kw, **components})
+        .to(device)
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe, pipeline_call_defaults(path)
 
@@ -210,5 +246,7 @@ def load_trained_pipeline(path: str | Path, device: torch.device | str = "cpu") 
         return pipe
     name, den_name = DENOISER_CLASS[state["family"]]
     den_cls = getattr(diffusers, den_name)
-    pipe, _ = load_pipeline(state["model_path"], device, **{name: den_cls.from_pretrained(str(export / name))})
+    pipe, _ = load_pipeline(
+        state["model_path"], device, **{name: den_cls.from_pretrained(str(export / name))}
+    )
     return pipe.to(device)

@@ -21,7 +21,13 @@ class SDAdapter(Adapter):
         embeds, _ = self.pipe.encode_prompt(list(prompts), self.device, 1, False)
         return {"prompt_embeds": embeds.float()}  # [B, 77, D]
 
-    def predict(self, x_t: Tensor, t: Tensor, cond: dict[str, Tensor], micro: Tensor | None = None,
-                model: nn.Module | None = None) -> Tensor:
+    def predict(
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        cond: dict[str, Tensor],
+        micro: Tensor | None = None,
+        model: nn.Module | None = None,
+    ) -> Tensor:
         unet = model if model is not None else self.denoiser
         return unet(x_t, t, encoder_hidden_states=cond["prompt_embeds"].to(x_t.dtype), return_dict=False)[0]

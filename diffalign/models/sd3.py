@@ -52,13 +52,24 @@ class SD3Adapter(Adapter):
     def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
         p = list(prompts)
         embeds, _, pooled, _ = self.pipe.encode_prompt(
-            prompt=p, prompt_2=p, prompt_3=p, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False,
+            prompt=p,
+            prompt_2=p,
+            prompt_3=p,
+            device=self.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=False,
             max_sequence_length=self.max_sequence_length,
         )
         return {"prompt_embeds": embeds.float(), "pooled": pooled.float()}
 
-    def predict(self, x_t: Tensor, t: Tensor, cond: dict[str, Tensor], micro: Tensor | None = None,
-                model: nn.Module | None = None) -> Tensor:
+    def predict(
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        cond: dict[str, Tensor],
+        micro: Tensor | None = None,
+        model: nn.Module | None = None,
+    ) -> Tensor:
         transformer = model if model is not None else self.denoiser
         return transformer(
             hidden_states=x_t,

@@ -20,17 +20,30 @@ class SDXLAdapter(Adapter):
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
         embeds, _, pooled, _ = self.pipe.encode_prompt(
-            prompt=list(prompts), device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            prompt=list(prompts),
+            device=self.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=False,
         )
         return {"prompt_embeds": embeds.float(), "pooled": pooled.float()}  # [B,77,D1+D2], [B,P]
 
-    def predict(self, x_t: Tensor, t: Tensor, cond: dict[str, Tensor], micro: Tensor | None = None,
-                model: nn.Module | None = None) -> Tensor:
+    def predict(
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        cond: dict[str, Tensor],
+        micro: Tensor | None = None,
+        model: nn.Module | None = None,
+    ) -> Tensor:
         if micro is None:
             f = self.pipe.vae_scale_factor
             micro = self.default_micro(x_t.shape[0], x_t.shape[-2] * f, x_t.shape[-1] * f)
         added = {"text_embeds": cond["pooled"].to(x_t.dtype), "time_ids": micro.to(x_t.device, x_t.dtype)}
         unet = model if model is not None else self.denoiser
         return unet(
-            x_t, t, encoder_hidden_states=cond["prompt_embeds"].to(x_t.dtype), added_cond_kwargs=added, return_dict=False
+            x_t,
+            t,
+            encoder_hidden_states=cond["prompt_embeds"].to(x_t.dtype),
+            added_cond_kwargs=added,
+            return_dict=False,
         )[0]

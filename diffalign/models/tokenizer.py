@@ -17,7 +17,11 @@ from transformers import CLIPTokenizer
 
 def _byte_symbols() -> list[str]:
     """The 256 printable stand-ins that byte-level BPE uses for raw bytes (GPT-2/CLIP scheme)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     codes = printable[:]
     extra = 0
     for b in range(256):
@@ -29,8 +33,11 @@ def _byte_symbols() -> list[str]:
     return [chr(by_byte[b]) for b in range(256)]
 
 
-def build_clip_tokenizer(words: Iterable[str] = (), model_max_length: int = 77,
-                         merges_from: Literal["pieces", "letters"] = "pieces") -> CLIPTokenizer:
+def build_clip_tokenizer(
+    words: Iterable[str] = (),
+    model_max_length: int = 77,
+    merges_from: Literal["pieces", "letters"] = "pieces",
+) -> CLIPTokenizer:
     """Each word of ``words`` (ASCII letters, 2+ characters) becomes one token.
 
     Each word is first split by the merges made so far, then its pieces are merged left to right
@@ -50,11 +57,18 @@ def build_clip_tokenizer(words: Iterable[str] = (), model_max_length: int = 77,
         _add_word(list(word[:-1]) + [word[-1] + "</w>"], rank, vocab, known, merges_from == "pieces")
     vocab += ["<|startoftext|>", "<|endoftext|>"]  # endoftext last: CLIP pools at argmax(input_ids)
     merges = sorted(rank, key=rank.get)
-    return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=model_max_length)
+    return CLIPTokenizer(
+        vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=model_max_length
+    )
 
 
-def _add_word(letters: list[str], rank: dict[tuple[str, str], int], vocab: list[str], known: set[str],
-              existing_first: bool = True) -> None:
+def _add_word(
+    letters: list[str],
+    rank: dict[tuple[str, str], int],
+    vocab: list[str],
+    known: set[str],
+    existing_first: bool = True,
+) -> None:
     """New merges (and tokens) that make ``letters`` one token: split by the merges made so far
     (``existing_first``), then its first two pieces merged with a new, higher-ranked merge, repeatedly."""
     parts = _bpe_pieces(letters, rank) if existing_first else list(letters)
@@ -108,4 +122,6 @@ def build_roberta_tokenizer(words: Iterable[str] = (), model_max_length: int = 5
             _add_word(start, rank, vocab, known)
     vocab.append("<mask>")
     merges = sorted(rank, key=rank.get)
-    return RobertaTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=model_max_length)
+    return RobertaTokenizer(
+        vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=model_max_length
+    )

@@ -43,8 +43,14 @@ class VideoAdapter(Adapter):
         embeds, _ = self.pipe.encode_prompt(list(prompts), self.device, 1, False)
         return {"prompt_embeds": embeds.float()}  # [B, L, D]
 
-    def predict(self, x_t: Tensor, t: Tensor, cond: dict[str, Tensor], micro: Tensor | None = None,
-                model: nn.Module | None = None) -> Tensor:
+    def predict(
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        cond: dict[str, Tensor],
+        micro: Tensor | None = None,
+        model: nn.Module | None = None,
+    ) -> Tensor:
         unet = model if model is not None else self.denoiser
         ehs = cond["prompt_embeds"].to(x_t.dtype)
         if self.family == "animatediff":

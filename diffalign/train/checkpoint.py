@@ -58,7 +58,10 @@ def save_checkpoint(
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+    save_file(
+        {k: v.detach().float().contiguous().cpu() for k, v in trainable.items()},
+        tmp / "trainable.safetensors",
+    )
     if ema is not None:
         save_file({k: v.contiguous().cpu() for k, v in ema.items()}, tmp / "ema.safetensors")
     for name, tensors in (extra or {}).items():
@@ -89,8 +92,10 @@ def resume_point(run_dir: Path, resume: str | None) -> Path | None:
         return find_checkpoint(run_dir, resume)
     old = find_checkpoint(run_dir, "latest")
     if old is not None:
-        raise ConfigError(f"train.output_dir {run_dir} already holds a run (checkpoint {old.name}); "
-                          "pass --resume to continue it, or choose another train.output_dir")
+        raise ConfigError(
+            f"train.output_dir {run_dir} already holds a run (checkpoint {old.name}); "
+            "pass --resume to continue it, or choose another train.output_dir"
+        )
     return None
 
 
@@ -117,6 +122,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         "scheduler": torch.load(path / "scheduler.pt", weights_only=True),
         "state": json.loads((path / "state.json").read_text()),
         "ema": load_file(path / "ema.safetensors") if (path / "ema.safetensors").exists() else None,
-        "reference": load_file(path / "reference.safetensors") if (path / "reference.safetensors").exists() else None,
+        "reference": load_file(path / "reference.safetensors")
+        if (path / "reference.safetensors").exists()
+        else None,
     }
     return out

@@ -66,15 +66,24 @@ def noised_inputs(adapter: Adapter, x0: Tensor, seeds: list[int]) -> tuple[Tenso
     return adapter.add_noise(x0f, eps, t), t, adapter.target(x0f, eps, t)
 
 
-def group_errors(adapter: Adapter, model: torch.nn.Module, x_t: Tensor, t: Tensor, target: Tensor,
-                 cond: dict[str, Tensor], micro: Tensor | None, k: int) -> Tensor:
+def group_errors(
+    adapter: Adapter,
+    model: torch.nn.Module,
+    x_t: Tensor,
+    t: Tensor,
+    target: Tensor,
+    cond: dict[str, Tensor],
+    micro: Tensor | None,
+    k: int,
+) -> Tensor:
     """One fused forward over all B*k images; returns per-sample errors ``[B, k]``."""
     pred = adapter.predict(x_t, t, cond, micro, model=model)
     return per_sample_error(pred, target).view(-1, k)
 
 
-def prepare_batch(adapter: Adapter, batch: dict[str, Any], k: int, device: torch.device,
-                  per_image_captions: bool = False) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+def prepare_batch(
+    adapter: Adapter, batch: dict[str, Any], k: int, device: torch.device, per_image_captions: bool = False
+) -> tuple[Tensor, dict[str, Tensor], Tensor]:
     """Latents ``[B,k,C,h,w]``, text conditioning per image ``[B*k,...]``, micro ids ``[B*k,6]``.
 
     One caption per group is encoded once and repeated for its k images; with
@@ -87,7 +96,9 @@ def prepare_batch(adapter: Adapter, batch: dict[str, Any], k: int, device: torch
     if per_image_captions:
         if "captions" not in batch:
             raise ConfigError("this objective needs per-image captions: data columns caption_0 and caption_1")
-        cond = adapter.encode_prompts([c for caps in batch["captions"] for c in caps[:k]])  # b-major: [B*k,...]
+        cond = adapter.encode_prompts(
+            [c for caps in batch["captions"] for c in caps[:k]]
+        )  # b-major: [B*k,...]
     else:
         cond = batch["cond"] if "latents" in batch else adapter.encode_prompts(batch["caption"])
         cond = {n: v.to(device).repeat_interleave(k, 0) for n, v in cond.items()}
@@ -95,7 +106,9 @@ def prepare_batch(adapter: Adapter, batch: dict[str, Any], k: int, device: torch
     return x0, cond, micro
 
 
-def batch_stream(dataset: Any, plan: StepPlan, first: int, last: int, rank: int, num_workers: int = 0) -> Iterator[dict]:
+def batch_stream(
+    dataset: Any, plan: StepPlan, first: int, last: int, rank: int, num_workers: int = 0
+) -> Iterator[dict]:
     """This rank's collated micro-batches for steps ``[first, last)`` in loop order (step-major, then
     micro-batch). ``num_workers`` > 0 decodes and augments them in DataLoader worker processes, ahead
     of the loop; the batches are the same either way (every key carries its own seed)."""
@@ -105,32 +118,57 @@ def batch_stream(dataset: Any, plan: StepPlan, first: int, last: int, rank: int,
 
     # its own generator: starting workers draws a base seed, which from the global RNG would shift
     # whatever is initialised from it afterwards (LoRA weights after the reference pre-pass)
-    return iter(DataLoader(dataset, batch_sampler=list(plan.batches(first, last, rank)), num_workers=num_workers,
-                           collate_fn=collate, prefetch_factor=2, generator=torch.Generator().manual_seed(0)))
+    return iter(
+        DataLoader(
+            dataset,
+            batch_sampler=list(plan.batches(first, last, rank)),
+            num_workers=num_workers,
+            collate_fn=collate,
+            prefetch_factor=2,
+            generator=torch.Generator().manual_seed(0),
+        )
+    )
 
 
 @torch.inference_mode()
-def precompute_reference_errors(adapter: Adapter, dataset: Any, plan: StepPlan, objective: Any, k: int, first: int,
-                                last: int, accum: int, rank: int, accelerator: Any, show: bool = True,
-                                num_workers: int = 0) -> dict[tuple[int, int], Tensor]:
+def precompute_reference_errors(
+    adapter: Adapter,
+    dataset: Any,
+    plan: StepPlan,
+    objective: Any,
+    k: int,
+    first: int,
+    last: int,
+    accum: int,
+    rank: int,
+    accelerator: Any,
+    show: bool = True,
+    num_workers: int = 0,
+) -> dict[tuple[int, int], Tensor]:
     """Reference errors ``[B,k]`` for every (step, micro-batch) of this rank in ``[first, last)``:
     the same pairs, noise and t the training steps will draw (all derive from data positions), so
     the loss equals the one with a live reference model. CPU tensors, a few bytes per pair."""
     from tqdm.auto import tqdm
 
     if hasattr(objective, "noised_inputs"):
-        raise ConfigError("train.precompute_reference: this objective builds its inputs with the current model "
-                          "(inversion); its reference errors cannot be computed ahead")
+        raise ConfigError(
+            "train.precompute_reference: this objective builds its inputs with the current model "
+            "(inversion); its reference errors cannot be computed ahead"
+        )
     table = {}
     per_image = getattr(objective, "per_image_captions", False)
     batches = batch_stream(dataset, plan, first, last, rank, num_workers)
     for step in tqdm(range(first, last), desc="reference pre-pass", unit="step", disable=not show):
         for micro_i in range(accum):
             batch = next(batches)
-            x0, cond, micro = prepare_batch(adapter, batch, k, accelerator.device, per_image_captions=per_image)
+            x0, cond, micro = prepare_batch(
+                adapter, batch, k, accelerator.device, per_image_captions=per_image
+            )
             x_t, tt, target = noised_inputs(adapter, x0, batch["seed"])
             with accelerator.autocast():
-                table[(step, micro_i)] = group_errors(adapter, adapter.denoiser, x_t, tt, target, cond, micro, k).float().cpu()
+                table[(step, micro_i)] = (
+                    group_errors(adapter, adapter.denoiser, x_t, tt, target, cond, micro, k).float().cpu()
+                )
     return table
 
 
@@ -140,16 +178,27 @@ def precompute_reference_errors(adapter: Adapter, dataset: Any, plan: StepPlan, 
 def make_optimizer(cfg: Config, params: list[Tensor], lr: float) -> torch.optim.Optimizer:
     t = cfg.train
     if t.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
+        return torch.optim.AdamW(
+            params, lr=lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay
+        )
     if t.optimizer == "adamw8bit":
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(params, lr=lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
+        return bnb.optim.AdamW8bit(
+            params, lr=lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay
+        )
     from transformers.optimization import Adafactor
 
     # the official SDXL recipe's settings
-    return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False,
-                     clip_threshold=1.0, weight_decay=t.weight_decay)
+    return Adafactor(
+        params,
+        lr=lr,
+        scale_parameter=False,
+        relative_step=False,
+        warmup_init=False,
+        clip_threshold=1.0,
+        weight_decay=t.weight_decay,
+    )
 
 
 def add_lora(denoiser: torch.nn.Module, cfg: Config) -> None:
@@ -158,8 +207,11 @@ def add_lora(denoiser: torch.nn.Module, cfg: Config) -> None:
     lc = cfg.lora
     denoiser.requires_grad_(False)
     config = LoraConfig(
-        r=lc.rank, lora_alpha=lc.alpha if lc.alpha is not None else lc.rank, lora_dropout=lc.dropout,
-        init_lora_weights="gaussian" if lc.init == "gaussian" else True, target_modules=list(lc.target_modules),
+        r=lc.rank,
+        lora_alpha=lc.alpha if lc.alpha is not None else lc.rank,
+        lora_dropout=lc.dropout,
+        init_lora_weights="gaussian" if lc.init == "gaussian" else True,
+        target_modules=list(lc.target_modules),
     )
     if hasattr(denoiser, "add_adapter"):
         denoiser.add_adapter(config)
@@ -170,7 +222,9 @@ def add_lora(denoiser: torch.nn.Module, cfg: Config) -> None:
         denoiser.peft_config = {"default": config}  # where add_adapter keeps it, for the exporter
     names = [n for n, p in denoiser.named_parameters() if p.requires_grad]
     if not names:
-        raise ConfigError(f"lora.target_modules {lc.target_modules} matched no layer of the {type(denoiser).__name__}")
+        raise ConfigError(
+            f"lora.target_modules {lc.target_modules} matched no layer of the {type(denoiser).__name__}"
+        )
 
 
 def lora_base_dtype(denoiser: torch.nn.Module, weight_dtype: torch.dtype) -> None:
@@ -204,12 +258,16 @@ def exporter(adapter: Adapter, lora: bool):
 
             if has_lora_loader(adapter.pipe):
                 layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(den))
-                type(adapter.pipe).save_lora_weights(str(folder), **{f"{adapter.denoiser_name}_lora_layers": layers},
-                                                     safe_serialization=True)
+                type(adapter.pipe).save_lora_weights(
+                    str(folder), **{f"{adapter.denoiser_name}_lora_layers": layers}, safe_serialization=True
+                )
             else:  # pipelines without diffusers' LoRA loader (AudioLDM, text-to-video): peft state dict + config
                 from safetensors.torch import save_file
 
-                save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(den).items()}, folder / "lora.safetensors")
+                save_file(
+                    {k: v.contiguous() for k, v in get_peft_model_state_dict(den).items()},
+                    folder / "lora.safetensors",
+                )
                 cfg = {k: sorted(v) if isinstance(v, set) else v for k, v in _peft_config(den).items()}
                 (folder / "lora_config.json").write_text(json.dumps(cfg, default=str))
         else:
@@ -265,7 +323,9 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     quiet_libraries()
     from ..objectives import OBJECTIVES
 
-    if getattr(OBJECTIVES.get(cfg.objective.name), "kind", "") == "online":  # spo, online_dpo: sample, then train
+    if (
+        getattr(OBJECTIVES.get(cfg.objective.name), "kind", "") == "online"
+    ):  # spo, online_dpo: sample, then train
         from .online import train_online
 
         return train_online(cfg, resume)
@@ -286,12 +346,18 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
 
     AcceleratorState._reset_state()
     # cpu=True without CUDA lets `accelerate launch --num_processes N` form a gloo group on CPUs
-    accelerator = Accelerator(mixed_precision=t.mixed_precision, log_with="tensorboard", project_dir=str(run_dir),
-                              cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(
+        mixed_precision=t.mixed_precision,
+        log_with="tensorboard",
+        project_dir=str(run_dir),
+        cpu=not torch.cuda.is_available(),
+    )
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     if accelerator.distributed_type.value == "DEEPSPEED" and t.grad_accum > 1:
         # DeepSpeed steps inside backward(); diffalign's own accumulation would double-count
-        raise ConfigError("train.grad_accum: must be 1 under DeepSpeed; raise batch_size or use DDP/FSDP for accumulation")
+        raise ConfigError(
+            "train.grad_accum: must be 1 under DeepSpeed; raise batch_size or use DDP/FSDP for accumulation"
+        )
     set_seed(t.seed)  # global RNGs (e.g. LoRA dropout); re-seeded per micro-step below
     objective = build_objective(cfg.objective)
     auto_beta = AutoBeta(t.auto_beta_target, t.auto_beta_rate) if t.auto_beta_target > 0 else None
@@ -313,12 +379,16 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         dataset = PairDataset(cfg.data, verbose=main)
     k = 1 if objective.winner_only else dataset.k
     if getattr(objective, "needs_scores", False) and not getattr(dataset, "has_scores", False):
-        raise ConfigError(f"objective {cfg.objective.name!r} needs per-image reward scores: set data.score_column "
-                          f"(e.g. pickscore for score_0.pickscore/score_1.pickscore written by `diffalign label`; not available "
-                          f"with data.cache_dir) and match objective.score_range to the scores' scale")
+        raise ConfigError(
+            f"objective {cfg.objective.name!r} needs per-image reward scores: set data.score_column "
+            f"(e.g. pickscore for score_0.pickscore/score_1.pickscore written by `diffalign label`; not available "
+            f"with data.cache_dir) and match objective.score_range to the scores' scale"
+        )
     if objective.kind == "preference" and k != 2:
-        raise ConfigError(f"objective {cfg.objective.name!r} trains on pairs but the data has {k} images per prompt; "
-                          f"use objective.name=rankdpo or export the ranked set to pairs")
+        raise ConfigError(
+            f"objective {cfg.objective.name!r} trains on pairs but the data has {k} images per prompt; "
+            f"use objective.name=rankdpo or export the ranked set to pairs"
+        )
     plan = StepPlan(len(dataset), t.seed, t.batch_size, t.grad_accum, world)
 
     # -- model
@@ -328,22 +398,38 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     if t.precompute_reference and objective.needs_reference:
         # before LoRA and before any checkpoint weights: the denoiser holds exactly the reference weights
         first = int(load_checkpoint(ckpt_path)["state"]["step"]) if ckpt_path is not None else 0
-        ref_table = precompute_reference_errors(adapter, dataset, plan, objective, k, first, t.max_steps, t.grad_accum,
-                                                rank, accelerator, show=main, num_workers=cfg.data.num_workers)
+        ref_table = precompute_reference_errors(
+            adapter,
+            dataset,
+            plan,
+            objective,
+            k,
+            first,
+            t.max_steps,
+            t.grad_accum,
+            rank,
+            accelerator,
+            show=main,
+            num_workers=cfg.data.num_workers,
+        )
     use_lora = cfg.lora.rank > 0
     if use_lora:
         add_lora(denoiser, cfg)
         lora_base_dtype(denoiser, weight_dtype)
     else:
         denoiser.requires_grad_(True)
-    ref_mode = resolve_mode(t.reference, cfg.lora.rank, objective.needs_reference) if ref_table is None else "none"
+    ref_mode = (
+        resolve_mode(t.reference, cfg.lora.rank, objective.needs_reference) if ref_table is None else "none"
+    )
     ref = Reference(ref_mode, denoiser, weight_dtype if weight_dtype != torch.float32 else None)
     memory_options(denoiser, cfg)
     denoiser.train()
     trainable = {n: p for n, p in denoiser.named_parameters() if p.requires_grad}
     lr = t.lr * (t.batch_size * t.grad_accum * world if t.scale_lr else 1)
     optimizer = make_optimizer(cfg, list(trainable.values()), lr)
-    lr_sched = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps)
+    lr_sched = get_scheduler(
+        t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps
+    )
     ema = EMA(trainable, t.ema_decay) if t.ema_decay > 0 else None
     ref_print = fingerprint(ref.base_parameters()) if ref.mode != "none" else None
 
@@ -352,13 +438,23 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         ck = load_checkpoint(ckpt_path)
         st = ck["state"]
         if st["global_batch"] != plan.global_batch:
-            raise ConfigError(f"--resume: checkpoint used global batch {st['global_batch']}, this run {plan.global_batch} "
-                              f"(batch_size x grad_accum x processes must match to resume exactly)")
-        if ref_print is not None and st.get("reference_fingerprint") and not _close(st["reference_fingerprint"], ref_print):
-            raise ConfigError(f"--resume: the reference weights at {cfg.model.path} differ from the ones the run started with")
+            raise ConfigError(
+                f"--resume: checkpoint used global batch {st['global_batch']}, this run {plan.global_batch} "
+                f"(batch_size x grad_accum x processes must match to resume exactly)"
+            )
+        if (
+            ref_print is not None
+            and st.get("reference_fingerprint")
+            and not _close(st["reference_fingerprint"], ref_print)
+        ):
+            raise ConfigError(
+                f"--resume: the reference weights at {cfg.model.path} differ from the ones the run started with"
+            )
         missing = set(trainable) - set(ck["trainable"])
         if missing:
-            raise ConfigError(f"--resume: checkpoint lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[0]}); was LoRA/rank changed?")
+            raise ConfigError(
+                f"--resume: checkpoint lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[0]}); was LoRA/rank changed?"
+            )
         with torch.no_grad():
             for n, p in trainable.items():
                 p.copy_(ck["trainable"][n].to(p.dtype))
@@ -384,7 +480,13 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
 
     # -- loop
     metrics_file = run_dir / "metrics.jsonl"
-    bar = tqdm(total=t.max_steps, initial=start_step, disable=not main, desc=f"train {cfg.objective.name}", unit="step")
+    bar = tqdm(
+        total=t.max_steps,
+        initial=start_step,
+        disable=not main,
+        desc=f"train {cfg.objective.name}",
+        unit="step",
+    )
     last: dict[str, float] = {}
     skipped_total = 0
     t0 = time.perf_counter()
@@ -397,8 +499,13 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
             torch.manual_seed(batch["seed"][0])  # any global-RNG use (dropout) is tied to the data position
             sync = micro_i == t.grad_accum - 1
             with nullcontext() if sync else accelerator.no_sync(model):
-                x0, cond, micro = prepare_batch(adapter, batch, k, accelerator.device,
-                                                per_image_captions=getattr(objective, "per_image_captions", False))
+                x0, cond, micro = prepare_batch(
+                    adapter,
+                    batch,
+                    k,
+                    accelerator.device,
+                    per_image_captions=getattr(objective, "per_image_captions", False),
+                )
                 if hasattr(objective, "noised_inputs"):  # InPO/SmPO: inversion with the current model
                     x_t, tt, target = objective.noised_inputs(adapter, model, x0, cond, micro, batch["seed"])
                 else:
@@ -413,13 +520,17 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
                         ref_err = group_errors(adapter, ref_model, x_t, tt, target, cond, micro, k)
                     ref_err = ref_err.clone()  # leave inference mode: a plain constant for the loss
                 out = objective(policy_err, ref_err, batch)
-                loss = cap_margins(out.loss, out.metrics.get("margin"), t.margin_cap).mean()  # mean over the micro-batch; / accum below -> mean over the global batch
+                loss = cap_margins(
+                    out.loss, out.metrics.get("margin"), t.margin_cap
+                ).mean()  # mean over the micro-batch; / accum below -> mean over the global batch
                 accelerator.backward(loss / t.grad_accum)
             sums["loss"].append(out.loss.detach())
             for name, v in out.metrics.items():
                 sums[name].append(v.detach().reshape(-1))
         # clip_grad_norm_ with an infinite bound only measures the norm (max_grad_norm = 0: no clipping)
-        grad_norm = accelerator.clip_grad_norm_(list(trainable.values()), t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
+        grad_norm = accelerator.clip_grad_norm_(
+            list(trainable.values()), t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
+        )
         optimizer.step()
         lr_sched.step()
         optimizer.zero_grad(set_to_none=True)
@@ -427,28 +538,44 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
             ema.update(trainable)
 
         # -- log (averaged over micro-batches and processes)
-        logs = {n: accelerator.reduce(torch.cat(v).float().mean().to(accelerator.device), "mean").item() for n, v in sums.items()}
-        logs.update(grad_norm=float(grad_norm), lr=lr_sched.get_last_lr()[0], **{"data/skipped": skipped_total})
+        logs = {
+            n: accelerator.reduce(torch.cat(v).float().mean().to(accelerator.device), "mean").item()
+            for n, v in sums.items()
+        }
+        logs.update(
+            grad_norm=float(grad_norm), lr=lr_sched.get_last_lr()[0], **{"data/skipped": skipped_total}
+        )
         if auto_beta is not None:  # the factor of this step's batch, averaged over processes
             if "margin" not in sums:
-                raise ConfigError(f"train.auto_beta_target: objective {cfg.objective.name!r} reports no per-pair margin")
-            g = accelerator.reduce(gradient_factor(torch.cat(sums["margin"])).to(accelerator.device), "mean").item()
+                raise ConfigError(
+                    f"train.auto_beta_target: objective {cfg.objective.name!r} reports no per-pair margin"
+                )
+            g = accelerator.reduce(
+                gradient_factor(torch.cat(sums["margin"])).to(accelerator.device), "mean"
+            ).item()
             objective = with_beta_scale(objective, base_beta, auto_beta.update(g))
             logs.update({"stability/grad_factor": g, "stability/beta": base_beta * auto_beta.scale})
         if divergence.update(logs):
             logs["stability/diverging"] = 1.0
             if main and not divergence.warned:
                 divergence.warned = True
-                print(f"warning: step {step + 1}: policy errors on winners and losers both rise against the reference "
-                      f"while implicit accuracy is ~1 (diverging); lower train.lr, raise beta or set train.auto_beta_target")
+                print(
+                    f"warning: step {step + 1}: policy errors on winners and losers both rise against the reference "
+                    f"while implicit accuracy is ~1 (diverging); lower train.lr, raise beta or set train.auto_beta_target"
+                )
         if not math.isfinite(logs["loss"]):
-            raise FloatingPointError(f"step {step + 1}: loss is {logs['loss']} (lower the lr, raise beta, or try fp32)")
+            raise FloatingPointError(
+                f"step {step + 1}: loss is {logs['loss']} (lower the lr, raise beta, or try fp32)"
+            )
         last = logs
         if main and ((step + 1) % t.log_every == 0 or step + 1 == t.max_steps):
             accelerator.log(logs, step=step + 1)
             with metrics_file.open("a") as f:
                 f.write(json.dumps({"step": step + 1, **logs}) + "\n")
-            bar.set_postfix(loss=f"{logs['loss']:.4f}", **({"acc": f"{logs['implicit_acc']:.2f}"} if "implicit_acc" in logs else {}))
+            bar.set_postfix(
+                loss=f"{logs['loss']:.4f}",
+                **({"acc": f"{logs['implicit_acc']:.2f}"} if "implicit_acc" in logs else {}),
+            )
         bar.update(1)
 
         # -- checkpoint
@@ -456,18 +583,38 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         if (step + 1) % t.checkpoint_every == 0 or done or t.halt_after_step == step + 1:
             in_sync = _ranks_in_sync(accelerator, trainable)
             if ref_print is not None and not _close(fingerprint(ref.base_parameters()), ref_print):
-                raise RuntimeError("the reference weights changed during training (a frozen parameter received updates)")
+                raise RuntimeError(
+                    "the reference weights changed during training (a frozen parameter received updates)"
+                )
             if main:
-                state = {"step": step + 1, "global_batch": plan.global_batch, "world_size": world,
-                         "reference_mode": ref.mode, "reference_fingerprint": ref_print, "reference_unchanged": True,
-                         "ranks_in_sync": in_sync,
-                         "beta_scale": auto_beta.scale if auto_beta else 1.0,
-                         "lora": use_lora, "family": adapter.family, "model_path": cfg.model.path, "metrics": logs}
+                state = {
+                    "step": step + 1,
+                    "global_batch": plan.global_batch,
+                    "world_size": world,
+                    "reference_mode": ref.mode,
+                    "reference_fingerprint": ref_print,
+                    "reference_unchanged": True,
+                    "ranks_in_sync": in_sync,
+                    "beta_scale": auto_beta.scale if auto_beta else 1.0,
+                    "lora": use_lora,
+                    "family": adapter.family,
+                    "model_path": cfg.model.path,
+                    "metrics": logs,
+                }
                 exp = export
                 if ema is not None:
                     exp = _with_ema(ema, trainable, export)
-                save_checkpoint(run_dir, step + 1, trainable, optimizer, lr_sched, ema.shadow if ema else None, state, exp,
-                                keep=t.keep_checkpoints)
+                save_checkpoint(
+                    run_dir,
+                    step + 1,
+                    trainable,
+                    optimizer,
+                    lr_sched,
+                    ema.shadow if ema else None,
+                    state,
+                    exp,
+                    keep=t.keep_checkpoints,
+                )
             accelerator.wait_for_everyone()
         if t.halt_after_step == step + 1 and not done:
             bar.close()
@@ -478,7 +625,9 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     if main:
         summary = {"steps": t.max_steps, "seconds": elapsed, "config": to_dict(cfg), **last}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        print(f"done: {t.max_steps} steps, final loss {last.get('loss', float('nan')):.4f}, checkpoint {run_dir / 'checkpoints'}")
+        print(
+            f"done: {t.max_steps} steps, final loss {last.get('loss', float('nan')):.4f}, checkpoint {run_dir / 'checkpoints'}"
+        )
     accelerator.end_training()
     return last
 
@@ -495,7 +644,9 @@ def _with_ema(ema: EMA, trainable: dict[str, Tensor], export):
 
 
 def _close(a: list[float], b: list[float], rtol: float = 1e-9) -> bool:
-    return len(a) == len(b) and all(abs(x - y) <= rtol * max(1.0, abs(x), abs(y)) for x, y in zip(a, b, strict=True))
+    return len(a) == len(b) and all(
+        abs(x - y) <= rtol * max(1.0, abs(x), abs(y)) for x, y in zip(a, b, strict=True)
+    )
 
 
 def _ranks_in_sync(accelerator: Any, trainable: dict[str, Tensor]) -> bool:

@@ -65,8 +65,17 @@ def _repeat(c: dict[str, Tensor], n: int) -> dict[str, Tensor]:
 # ----------------------------------------------------------------------------- SPO
 
 
-def spo_pairs(obj: Any, adapter: Any, model: torch.nn.Module, spm: Any, prompts: list[str], cond: dict, uncond: dict,
-              latent_shape: tuple[int, ...], gen: torch.Generator) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+def spo_pairs(
+    obj: Any,
+    adapter: Any,
+    model: torch.nn.Module,
+    spm: Any,
+    prompts: list[str],
+    cond: dict,
+    uncond: dict,
+    latent_shape: tuple[int, ...],
+    gen: torch.Generator,
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """Sample with the step-wise resampler; returns the kept pairs ``{x_t, w, l, t, t_prev, b}`` and
     one unkept pair (trained with weight 0 when nothing was kept, so every DDP rank still runs a
     forward and backward and the gradient all-reduce stays in step)."""
@@ -86,7 +95,9 @@ def spo_pairs(obj: Any, adapter: Any, model: torch.nn.Module, spm: Any, prompts:
         if t_prev < 0:
             x0 = cands
         else:
-            pred = guided(fn, cands, torch.tensor(t_prev, device=device), (_repeat(uncond, k), _repeat(cond, k)), g)
+            pred = guided(
+                fn, cands, torch.tensor(t_prev, device=device), (_repeat(uncond, k), _repeat(cond, k)), g
+            )
             x0 = sched.eps_x0(pred, cands, sched.abar(t_prev))[1]
         imgs = adapter.decode_latents(x0)
         return spm(imgs.cpu(), prompts * k, t=max(t_prev, 0)).scores.to(device)
@@ -102,14 +113,18 @@ def spo_pairs(obj: Any, adapter: Any, model: torch.nn.Module, spm: Any, prompts:
         out = stepwise_resample(fn, x, t, t_prev, (uncond, cond), sched, k, scorer, g, obj.eta, gen)
         s = torch.stack([out.scores.max(0).values, out.scores.min(0).values]).softmax(0)  # [2, B]
         keep = (s[0] - s[1] > obj.threshold).nonzero().flatten().tolist()
-        pairs += [{"x_t": x[b], "w": out.best[b], "l": out.worst[b], "t": t, "t_prev": t_prev, "b": b} for b in keep]
+        pairs += [
+            {"x_t": x[b], "w": out.best[b], "l": out.worst[b], "t": t, "t_prev": t_prev, "b": b} for b in keep
+        ]
         if fallback is None:
             fallback = {"x_t": x[0], "w": out.best[0], "l": out.worst[0], "t": t, "t_prev": t_prev, "b": 0}
         x = out.next_x
     return pairs, fallback
 
 
-def spo_logps(obj: Any, adapter: Any, model: torch.nn.Module, pairs: list[dict[str, Any]], cond: dict, uncond: dict) -> Tensor:
+def spo_logps(
+    obj: Any, adapter: Any, model: torch.nn.Module, pairs: list[dict[str, Any]], cond: dict, uncond: dict
+) -> Tensor:
     """Transition log-probs ``[P, 2]`` (winner, loser) under ``model``'s CFG prediction."""
     from ..samplers.base import guided
     from ..samplers.ddim import NoiseSchedule, ddim_transition_log_prob
@@ -126,8 +141,12 @@ def spo_logps(obj: Any, adapter: Any, model: torch.nn.Module, pairs: list[dict[s
         c = {kk: v[b] for kk, v in cond.items()}
         u = {kk: v[b] for kk, v in uncond.items()}
         pred = guided(fn, x_t, torch.tensor(t, device=x_t.device), (u, c), obj.guidance_scale)
-        lw = ddim_transition_log_prob(pred, x_t, torch.stack([pairs[i]["w"] for i in idx]), t, t_prev, sched, obj.eta)
-        ll = ddim_transition_log_prob(pred, x_t, torch.stack([pairs[i]["l"] for i in idx]), t, t_prev, sched, obj.eta)
+        lw = ddim_transition_log_prob(
+            pred, x_t, torch.stack([pairs[i]["w"] for i in idx]), t, t_prev, sched, obj.eta
+        )
+        ll = ddim_transition_log_prob(
+            pred, x_t, torch.stack([pairs[i]["l"] for i in idx]), t, t_prev, sched, obj.eta
+        )
         rows.append((idx, torch.stack([lw, ll], dim=1)))
     order = [i for idx, _ in rows for i in idx]
     stacked = torch.cat([r for _, r in rows])
@@ -137,8 +156,17 @@ def spo_logps(obj: Any, adapter: Any, model: torch.nn.Module, pairs: list[dict[s
 # ----------------------------------------------------------------------------- online DPO
 
 
-def group_pairs(obj: Any, adapter: Any, model: torch.nn.Module, rewards: dict, prompts: list[str], cond: dict,
-                uncond: dict, latent_shape: tuple[int, ...], gen: torch.Generator) -> tuple[Tensor, Tensor]:
+def group_pairs(
+    obj: Any,
+    adapter: Any,
+    model: torch.nn.Module,
+    rewards: dict,
+    prompts: list[str],
+    cond: dict,
+    uncond: dict,
+    latent_shape: tuple[int, ...],
+    gen: torch.Generator,
+) -> tuple[Tensor, Tensor]:
     """``group_size`` samples per prompt from the current policy -> (best, worst) clean latents
     ``[B, 2, ...]`` and phi ``[B, G]``. Flow models sample with the Flow-GRPO SDE (``noise_level``),
     DDPM-family models with DDIM (``eta``) on the pipeline's noise schedule."""
@@ -157,14 +185,30 @@ def group_pairs(obj: Any, adapter: Any, model: torch.nn.Module, rewards: dict, p
 
         sch = FlowMatchEulerDiscreteScheduler.from_config(adapter.pipe.scheduler.config)
         sch.set_timesteps(obj.sample_steps)
-        x0 = flow_sample(fn, x_T, sch.sigmas, (urep, rep), obj.guidance_scale, obj.noise_level, gen,
-                         num_train_timesteps=adapter.num_train_timesteps).sample
+        x0 = flow_sample(
+            fn,
+            x_T,
+            sch.sigmas,
+            (urep, rep),
+            obj.guidance_scale,
+            obj.noise_level,
+            gen,
+            num_train_timesteps=adapter.num_train_timesteps,
+        ).sample
     else:
         from ..samplers.ddim import NoiseSchedule, ddim_sample, ddim_timesteps
 
         ts = ddim_timesteps(adapter.pipe.scheduler.config, obj.sample_steps)
-        x0 = ddim_sample(fn, x_T, ts, (urep, rep), NoiseSchedule.from_scheduler(adapter.noise_scheduler),
-                         obj.guidance_scale, obj.eta, gen).sample
+        x0 = ddim_sample(
+            fn,
+            x_T,
+            ts,
+            (urep, rep),
+            NoiseSchedule.from_scheduler(adapter.noise_scheduler),
+            obj.guidance_scale,
+            obj.eta,
+            gen,
+        ).sample
     imgs = adapter.decode_latents(x0).cpu()
     texts = [p for p in prompts for _ in range(G)]
     scores = {n: r(imgs, texts).scores.view(B, G) for n, r in rewards.items()}
@@ -194,31 +238,54 @@ def train_online(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     if cfg.lora.rank == 0:
         raise ConfigError(f"objective {name!r} trains LoRA weights online: set lora.rank > 0")
     if name == "spo" and not objective.spm:
-        raise ConfigError("objective.spm: spo needs a step-aware preference model (diffalign train-spm) or a CLIP folder")
+        raise ConfigError(
+            "objective.spm: spo needs a step-aware preference model (diffalign train-spm) or a CLIP folder"
+        )
     if name == "online_dpo" and not objective.rewards:
-        raise ConfigError("objective.rewards: online_dpo needs reward specs, e.g. pickscore=PATH,clip_score=PATH")
-    unsupported = [k for k, bad in (("train.grad_accum", t.grad_accum != 1), ("train.ema_decay", t.ema_decay > 0),
-                                    ("train.scale_lr", t.scale_lr), ("train.compile", t.compile),
-                                    ("train.precompute_reference", t.precompute_reference),
-                                    ("train.auto_beta_target", t.auto_beta_target > 0), ("train.margin_cap", t.margin_cap > 0),
-                                    ("data.cache_dir", bool(cfg.data.cache_dir))) if bad]
+        raise ConfigError(
+            "objective.rewards: online_dpo needs reward specs, e.g. pickscore=PATH,clip_score=PATH"
+        )
+    unsupported = [
+        k
+        for k, bad in (
+            ("train.grad_accum", t.grad_accum != 1),
+            ("train.ema_decay", t.ema_decay > 0),
+            ("train.scale_lr", t.scale_lr),
+            ("train.compile", t.compile),
+            ("train.precompute_reference", t.precompute_reference),
+            ("train.auto_beta_target", t.auto_beta_target > 0),
+            ("train.margin_cap", t.margin_cap > 0),
+            ("data.cache_dir", bool(cfg.data.cache_dir)),
+        )
+        if bad
+    ]
     if unsupported:
-        raise ConfigError(f"objective {name!r} (online) does not support {', '.join(unsupported)}; remove it from the config")
+        raise ConfigError(
+            f"objective {name!r} (online) does not support {', '.join(unsupported)}; remove it from the config"
+        )
     prompts = read_prompts(cfg.data.path)
     run_dir = Path(t.output_dir)
     AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision=t.mixed_precision, log_with="tensorboard", project_dir=str(run_dir),
-                              cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(
+        mixed_precision=t.mixed_precision,
+        log_with="tensorboard",
+        project_dir=str(run_dir),
+        cpu=not torch.cuda.is_available(),
+    )
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     weight_dtype = DTYPES[t.mixed_precision]
 
     family = resolve_family(cfg.model)  # reads model_index.json only
     if FAMILY_MODALITY[family] != "image":  # groups are scored by image rewards on [B,3,H,W]
-        raise ConfigError(f"objective {name!r} (online) trains image models (sd, sdxl, sd3); {cfg.model.path} is a "
-                          f"{FAMILY_MODALITY[family]} model ({family!r})")
+        raise ConfigError(
+            f"objective {name!r} (online) trains image models (sd, sdxl, sd3); {cfg.model.path} is a "
+            f"{FAMILY_MODALITY[family]} model ({family!r})"
+        )
     adapter = load_adapter(cfg.model, accelerator.device, weight_dtype)
     if name == "spo" and adapter.prediction_type != "epsilon":
-        raise ConfigError(f"spo samples with DDIM and needs an epsilon-prediction model; this one predicts {adapter.prediction_type}")
+        raise ConfigError(
+            f"spo samples with DDIM and needs an epsilon-prediction model; this one predicts {adapter.prediction_type}"
+        )
     denoiser = adapter.denoiser
     from accelerate.utils import set_seed
 
@@ -229,7 +296,9 @@ def train_online(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     trainable = {n: p for n, p in denoiser.named_parameters() if p.requires_grad}
     reference = {n: p.detach().clone() for n, p in trainable.items()}  # LoRA at init = the base model
     optimizer = make_optimizer(cfg, list(trainable.values()), t.lr)
-    lr_sched = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps)
+    lr_sched = get_scheduler(
+        t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps
+    )
     device = accelerator.device
     if name == "spo":
         from ..rewards.step_aware import StepAwarePM
@@ -260,31 +329,47 @@ def train_online(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         accelerator.init_trackers("tb", config=_flat_hparams(cfg))
     export = exporter(adapter, True)
     res = cfg.data.resolution
-    latent_shape = (denoiser.config.in_channels, res // adapter.pipe.vae_scale_factor, res // adapter.pipe.vae_scale_factor)
+    latent_shape = (
+        denoiser.config.in_channels,
+        res // adapter.pipe.vae_scale_factor,
+        res // adapter.pipe.vae_scale_factor,
+    )
     metrics_file = run_dir / "metrics.jsonl"
-    bar = tqdm(total=t.max_steps, initial=start_step, disable=not main, desc=f"train {name} (online)", unit="step")
+    bar = tqdm(
+        total=t.max_steps, initial=start_step, disable=not main, desc=f"train {name} (online)", unit="step"
+    )
     last: dict[str, float] = {}
     t0 = time.perf_counter()
     for step in range(start_step, t.max_steps):
         gen = torch.Generator().manual_seed(sample_seed(t.seed, step * world + rank, domain=3))
-        torch.manual_seed(sample_seed(t.seed, step * world + rank, domain=5))  # global-RNG users (LoRA dropout)
+        torch.manual_seed(
+            sample_seed(t.seed, step * world + rank, domain=5)
+        )  # global-RNG users (LoRA dropout)
         idx = torch.randint(0, len(prompts), (t.batch_size,), generator=gen).tolist()
         batch_prompts = [prompts[i] for i in idx]
         with torch.no_grad():
             micro = adapter.default_micro(len(idx), res, res).to(device)
-            cond = _with_micro({k: v.to(device) for k, v in adapter.encode_prompts(batch_prompts).items()}, micro)
-            uncond = _with_micro({k: v.to(device) for k, v in adapter.encode_prompts([""] * len(idx)).items()}, micro)
+            cond = _with_micro(
+                {k: v.to(device) for k, v in adapter.encode_prompts(batch_prompts).items()}, micro
+            )
+            uncond = _with_micro(
+                {k: v.to(device) for k, v in adapter.encode_prompts([""] * len(idx)).items()}, micro
+            )
         logs: dict[str, float] = {}
         model.eval()
         with torch.no_grad():
             if name == "spo":
-                pairs, fallback = spo_pairs(objective, adapter, model, scorer, batch_prompts, cond, uncond, latent_shape, gen)
+                pairs, fallback = spo_pairs(
+                    objective, adapter, model, scorer, batch_prompts, cond, uncond, latent_shape, gen
+                )
                 logs["pairs"] = float(len(pairs))
                 pair_weight = 1.0
                 if not pairs and fallback is not None:
                     pairs, pair_weight = [fallback], 0.0
             else:
-                x0, phi = group_pairs(objective, adapter, model, scorer, batch_prompts, cond, uncond, latent_shape, gen)
+                x0, phi = group_pairs(
+                    objective, adapter, model, scorer, batch_prompts, cond, uncond, latent_shape, gen
+                )
                 logs["phi_spread"] = float((phi.max(1).values - phi.min(1).values).mean())
         model.train()
         if name != "spo":
@@ -292,7 +377,10 @@ def train_online(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         n_pairs = len(pairs) if name == "spo" else x0.shape[0]
         if n_pairs:
             if name != "spo":
-                seeds = [sample_seed(t.seed, (step * world + rank) * t.batch_size + i, domain=4) for i in range(n_pairs)]
+                seeds = [
+                    sample_seed(t.seed, (step * world + rank) * t.batch_size + i, domain=4)
+                    for i in range(n_pairs)
+                ]
                 x_t, tt, target = noised_inputs(adapter, x0, seeds)
                 c2 = {k: v.repeat_interleave(2, 0) for k, v in cond.items() if k != "__micro__"}
                 m2 = micro.repeat_interleave(2, 0)
@@ -317,7 +405,9 @@ def train_online(cfg: Config, resume: str | None = None) -> dict[str, Any]:
             if weight > 0:
                 logs["loss"] = float(out.loss.detach().mean())
                 logs.update({k: float(v.float().mean()) for k, v in out.metrics.items()})
-        grad_norm = accelerator.clip_grad_norm_(list(trainable.values()), t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
+        grad_norm = accelerator.clip_grad_norm_(
+            list(trainable.values()), t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
+        )
         optimizer.step()
         lr_sched.step()
         optimizer.zero_grad(set_to_none=True)
@@ -338,10 +428,27 @@ def train_online(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         done = step + 1 == t.max_steps
         if (step + 1) % t.checkpoint_every == 0 or done or t.halt_after_step == step + 1:
             if main:
-                state = {"step": step + 1, "world_size": world, "objective": name, "lora": True, "family": adapter.family,
-                         "model_path": cfg.model.path, "metrics": logs}
-                save_checkpoint(run_dir, step + 1, trainable, optimizer, lr_sched, None, state, export,
-                                keep=t.keep_checkpoints, extra={"reference": reference})
+                state = {
+                    "step": step + 1,
+                    "world_size": world,
+                    "objective": name,
+                    "lora": True,
+                    "family": adapter.family,
+                    "model_path": cfg.model.path,
+                    "metrics": logs,
+                }
+                save_checkpoint(
+                    run_dir,
+                    step + 1,
+                    trainable,
+                    optimizer,
+                    lr_sched,
+                    None,
+                    state,
+                    export,
+                    keep=t.keep_checkpoints,
+                    extra={"reference": reference},
+                )
             accelerator.wait_for_everyone()
         if t.halt_after_step == step + 1 and not done:
             bar.close()

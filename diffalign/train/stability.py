@@ -35,7 +35,9 @@ from diffalign.errors import ConfigError
 class AutoBeta:
     def __init__(self, target: float, rate: float = 0.05, lo: float = 1e-3, hi: float = 1e3) -> None:
         if not 0.0 < target < 0.5:
-            raise ConfigError(f"train.auto_beta_target: must be in (0, 0.5), got {target} (0.5 is the factor at the start)")
+            raise ConfigError(
+                f"train.auto_beta_target: must be in (0, 0.5), got {target} (0.5 is the factor at the start)"
+            )
         self.target, self.rate, self.lo, self.hi = target, rate, lo, hi
         self.scale = 1.0
 
@@ -60,16 +62,23 @@ def check_supports_beta(objective: Any, name: str) -> float:
     """Auto-beta needs a logistic loss on a beta-scaled margin (DPO family with the sigmoid loss)."""
     if not any(f.name == "beta" for f in dataclasses.fields(objective)):
         raise ConfigError(f"train.auto_beta_target: objective {name!r} has no beta to adapt")
-    if not getattr(objective, "logistic_margin", False) or getattr(objective, "loss_type", "sigmoid") != "sigmoid":
-        raise ConfigError(f"train.auto_beta_target: objective {name!r} has no logistic loss on a beta-scaled margin "
-                          f"(supported: diffusion_dpo with loss_type=sigmoid, dcpo, inpo, smpo)")
+    if (
+        not getattr(objective, "logistic_margin", False)
+        or getattr(objective, "loss_type", "sigmoid") != "sigmoid"
+    ):
+        raise ConfigError(
+            f"train.auto_beta_target: objective {name!r} has no logistic loss on a beta-scaled margin "
+            f"(supported: diffusion_dpo with loss_type=sigmoid, dcpo, inpo, smpo)"
+        )
     return float(objective.beta)
 
 
 def check_reports_margin(objective: Any, name: str) -> None:
     if not getattr(objective, "reports_margin", False):
-        raise ConfigError(f"train.margin_cap: objective {name!r} reports no per-pair margin "
-                          f"(supported: diffusion_dpo, dcpo, inpo, smpo, mapo)")
+        raise ConfigError(
+            f"train.margin_cap: objective {name!r} reports no per-pair margin "
+            f"(supported: diffusion_dpo, dcpo, inpo, smpo, mapo)"
+        )
 
 
 def cap_margins(loss: Tensor, margins: Tensor | None, cap: float) -> Tensor:
@@ -93,8 +102,13 @@ class DivergenceMonitor:
         keys = ("err/policy_w", "err/ref_w", "err/policy_l", "err/ref_l", "implicit_acc")
         if self.window <= 1 or not all(k in logs for k in keys):
             return False
-        self.history.append((logs["err/policy_w"] - logs["err/ref_w"], logs["err/policy_l"] - logs["err/ref_l"],
-                             logs["implicit_acc"]))
+        self.history.append(
+            (
+                logs["err/policy_w"] - logs["err/ref_w"],
+                logs["err/policy_l"] - logs["err/ref_l"],
+                logs["implicit_acc"],
+            )
+        )
         if len(self.history) < self.window:
             return False
         h = list(self.history)
