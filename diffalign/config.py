@@ -153,7 +153,7 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; return it (ints are accepted for floats)."""
     origin = typing.get_origin(tp)
     if tp is Any:
@@ -174,7 +174,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if a is type(None):
                 continue
             try:
-                return _coerce(value, a, key)
+                return coerce(value, a, key)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{key}: {value!r} is invalid")
@@ -182,7 +182,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         (item,) = typing.get_args(tp)
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return [coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
@@ -227,7 +227,7 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
         full = f"{prefix}.{k}" if prefix else k
         if k not in names:
             raise ConfigError(f"unknown config key {full!r}.{suggest(k, names)}")
-        kwargs[k] = _coerce(v, hints[k], full)
+        kwargs[k] = coerce(v, hints[k], full)
     return cls(**kwargs)
 
 

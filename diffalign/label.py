@@ -37,7 +37,7 @@ def label_pairs(data: str, rewards: list[str], out: str, resize: int | None = No
     import pyarrow.parquet as pq
 
     from .data.pairs import PICKAPIC_REQUIRED, check_columns
-    from .synpic import load_rewards
+    from .rewards import load_rewards
 
     src = Path(data)
     if not src.is_file():

@@ -99,28 +99,6 @@ def image_seed(seed: int, prompt_index: int, generator_index: int, image_index: 
     )
 
 
-def load_rewards(
-    specs: list[str], device: str | torch.device = "cpu", modality: str | None = None
-) -> dict[str, Any]:
-    """Reward models from ``name[=path]`` specs; with ``modality`` given, each must score that kind
-    of media (one-line error otherwise, before anything is generated)."""
-    from .rewards import REWARDS
-
-    out = {}
-    for spec in specs:
-        name, _, path = spec.partition("=")
-        cls = REWARDS.get(name)
-        kind = getattr(cls, "modality", "image")
-        if modality is not None and kind != modality:
-            raise ConfigError(
-                f"reward {name!r} scores {kind}, but the generators make {modality}; "
-                f"choose a {modality} reward ({', '.join(n for n in REWARDS.names() if getattr(REWARDS.get(n), 'modality', 'image') == modality)})"
-            )
-        key = name if name not in out else f"{name}:{len(out)}"
-        out[key] = cls(path, device=device) if path else cls(device=device)
-    return out
-
-
 def check_modalities(names: list[str], pipes: list[Any]) -> tuple[str, int | None]:
     """All generators make one kind of media (and audio at one rate): (modality, sample rate)."""
     from .models.generate import pipeline_modality, sample_rate
@@ -131,13 +109,6 @@ def check_modalities(names: list[str], pipes: list[Any]) -> tuple[str, int | Non
             f"generators {names} make different media {sorted(kinds, key=str)}; one ranked set holds one kind"
         )
     return kinds.pop()
-
-
-def score_media(reward: Any, x: torch.Tensor, prompts: list[str], sr: int | None) -> torch.Tensor:
-    """Scores ``[N]`` of any reward on its kind of media (audio rewards also take the sample rate)."""
-    if getattr(reward, "modality", "image") == "audio":
-        return reward(x, prompts, sample_rate=sr).scores
-    return reward(x, prompts).scores
 
 
 def _check_writable(out: Path) -> None:
@@ -245,6 +216,7 @@ def run_synpic(cfg: SynPicConfig, rank: int | None = None, world: int | None = N
     from .data.media import encode_media, to_reward_input
     from .models.generate import generate_media
     from .models.loading import default_device, load_pipeline
+    from .rewards import load_rewards, score_media
     from .rewards.ensemble import check_vote_weights, ranks_from_phi, vote_phi
 
     quiet_libraries()

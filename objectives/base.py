@@ -50,7 +50,7 @@ class Objective(Protocol):
 def build_objective(ocfg: Any) -> Objective:
     """Instantiate the objective named in an ``ObjectiveConfig``, checking its hyperparameters
     against the dataclass fields (unknown names and wrong types fail with the valid choices)."""
-    from diffalign.config import ConfigError, _coerce
+    from diffalign.config import ConfigError, coerce
     from diffalign.registry import suggest
 
     cls = OBJECTIVES.get(ocfg.name)
@@ -62,7 +62,7 @@ def build_objective(ocfg: Any) -> Objective:
             raise ConfigError(
                 f"objective {ocfg.name!r} has no hyperparameter {k!r}.{suggest(k, fields) if fields else ' It takes none.'}"
             )
-        kwargs[k] = _coerce(v, hints[k], f"objective.{k}")
+        kwargs[k] = coerce(v, hints[k], f"objective.{k}")
     try:
         return cls(**kwargs)
     except ValueError as e:

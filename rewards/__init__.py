@@ -10,6 +10,7 @@ from .clap import CLAPScore, load_clap
 from .clip_family import CLIPScore, PickScore, clip_preprocess, load_clip
 from .hps import HPSv2, pad_preprocess
 from .image_reward import ImageReward
+from .loading import load_rewards, score_media
 from .step_aware import StepAwarePM
 from .video import VideoCLIPScore, check_video_inputs
 
@@ -28,6 +29,8 @@ __all__ = [
     "clip_preprocess",
     "load_clip",
     "ImageReward",
+    "load_rewards",
+    "score_media",
     "StepAwarePM",
     "VideoCLIPScore",
     "check_video_inputs",

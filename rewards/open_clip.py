@@ -261,13 +261,13 @@ def clip_tokenizer_from_bpe(bpe_file: str | Path, context_length: int = 77):
     """
     from transformers import CLIPTokenizer
 
-    from diffalign.models.tokenizer import _byte_symbols
+    from diffalign.models.tokenizer import byte_symbols
 
     lines = gzip.open(bpe_file, "rt", encoding="utf-8").read().split("\n")
     merges = [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1] if m.strip()]
     # bytes_to_unicode lists printable bytes first, then the others as chr(256 + n): ordering the
     # 256 symbols by code point gives CLIP's vocabulary order, not byte order
-    symbols = sorted(_byte_symbols(), key=ord)
+    symbols = sorted(byte_symbols(), key=ord)
     vocab = (
         symbols
         + [s + "</w>" for s in symbols]

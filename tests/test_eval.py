@@ -608,7 +608,7 @@ def test_resume_regenerates_only_missing_images(toy_run, tmp_path, monkeypatch):
 
     monkeypatch.setattr(harness, "load_model", refuse)
     monkeypatch.setattr(harness, "build_detector", refuse)
-    monkeypatch.setattr("diffalign.synpic.load_rewards", refuse)
+    monkeypatch.setattr("diffalign.rewards.load_rewards", refuse)
     again = harness.run_eval(toy_cfg(root), log=lambda *a: None)
     assert again["generated"] == {"model": 0, "compare": 0}
     assert again["models"] == json.loads(json.dumps(out["models"]))

@@ -311,7 +311,7 @@ def test_pretraining_checkpoint_survives_a_crash_at_every_point_of_the_swap(tmp_
     (the new one once ckpt.tmp is complete), and a half-written ckpt.tmp is never taken for one."""
     import shutil
 
-    from diffalign.benchmarks.toyworlds.pretrain import _load_state, _save_state, settle_checkpoint
+    from diffalign.benchmarks.toyworlds.pretrain import _save_state, load_state, settle_checkpoint
 
     m = torch.nn.Linear(2, 2)
     opt = torch.optim.AdamW(m.parameters())
@@ -320,7 +320,7 @@ def test_pretraining_checkpoint_survives_a_crash_at_every_point_of_the_swap(tmp_
         _save_state(path, {"m": m}, {"m": m.state_dict()}, opt, {"steps": step})
 
     def step_of(path):
-        return _load_state(path, {"m": m}, {}, opt)["steps"]
+        return load_state(path, {"m": m}, {}, opt)["steps"]
 
     ck = tmp_path / "ck"
     tmp, old = tmp_path / "ck.tmp", tmp_path / "ck.old"

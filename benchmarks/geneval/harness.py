@@ -611,7 +611,7 @@ def run_eval(cfg: EvalConfig, log=print) -> dict[str, Any]:
 
         def reward_fn(spec: str = spec, holder: dict[str, Any] = holder):
             if "r" not in holder:
-                from ...synpic import load_rewards
+                from ...rewards import load_rewards
 
                 holder["r"] = next(iter(load_rewards([spec], device).values()))
             return holder["r"]

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     from diffalign._quiet import quiet_libraries
     from diffalign.benchmarks.toyworlds.shapes import make_dataset
-    from diffalign.synpic import load_rewards
+    from diffalign.rewards import load_rewards
 
     quiet_libraries()
     data = list(make_dataset(args.images, seed=0, split="train", size=32))

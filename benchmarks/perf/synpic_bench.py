@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from diffalign._quiet import quiet_libraries
     from diffalign.benchmarks.toyworlds.shapes import prompts as shapes_prompts
     from diffalign.models.loading import load_pipeline
-    from diffalign.synpic import SynPicConfig, image_seed, load_rewards, run_synpic
+    from diffalign.rewards import load_rewards
+    from diffalign.synpic import SynPicConfig, image_seed, run_synpic
 
     quiet_libraries()
     texts = list(dict.fromkeys(m["prompt"] for m in shapes_prompts("train", 20 * args.prompts, 0)))[

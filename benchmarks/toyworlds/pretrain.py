@@ -181,7 +181,7 @@ def settle_checkpoint(path: Path) -> bool:
     return (path / "meta.json").exists()
 
 
-def _load_state(path: Path, modules: dict[str, torch.nn.Module], ema: dict[str, dict], opt) -> dict:
+def load_state(path: Path, modules: dict[str, torch.nn.Module], ema: dict[str, dict], opt) -> dict:
     from safetensors.torch import load_file
 
     for name, m in modules.items():
@@ -292,7 +292,7 @@ def train_stage(
     ckpt = work / kind
     meta = {"images": 0, "steps": 0, "seconds": 0.0}
     if settle_checkpoint(ckpt):
-        meta = _load_state(ckpt, modules, ema, opt)
+        meta = load_state(ckpt, modules, ema, opt)
         if restart_optimizer:
             for n, m in modules.items():
                 m.load_state_dict(ema[n])

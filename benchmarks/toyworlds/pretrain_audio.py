@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ...config import ConfigError
 from ...models.audio import MelConfig, TextConditioning, log_mel
-from .pretrain import Bookkeeper, _load_state, settle_checkpoint
+from .pretrain import Bookkeeper, load_state, settle_checkpoint
 from .tones import N_SAMPLES, SR, make_dataset
 
 AudioStage = Literal["avae", "vocoder", "audio"]
@@ -238,7 +238,7 @@ def train_audio_stage(
     ema = {n: {k: v.detach().clone() for k, v in m.state_dict().items()} for n, m in modules.items()}
     meta: dict[str, Any] = {"clips": 0, "steps": 0, "seconds": 0.0}
     if resuming:
-        meta = _load_state(ckpt, modules, ema, opt)
+        meta = load_state(ckpt, modules, ema, opt)
     if stage == "audio":
         meta["text_conditioning"] = text_conditioning
     stream = WaveStream(seed * 1000 + meta["steps"] + 17)

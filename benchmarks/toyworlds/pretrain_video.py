@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .pretrain import MAX_TOKENS, WORDS, Bookkeeper, _load_state, settle_checkpoint, work_tokenizer
+from .pretrain import MAX_TOKENS, WORDS, Bookkeeper, load_state, settle_checkpoint, work_tokenizer
 from .video import FRAMES, make_dataset
 
 VIDEO_WORDS = ("moving", "up", "down", "then", "appearing")
@@ -172,7 +172,7 @@ def train_video(
     ema = {n: {k: v.detach().clone() for k, v in m.state_dict().items()} for n, m in modules.items()}
     meta: dict[str, Any] = {"clips": 0, "steps": 0, "seconds": 0.0}
     if resuming:
-        meta = _load_state(ckpt, modules, ema, opt)
+        meta = load_state(ckpt, modules, ema, opt)
     meta["freeze_spatial"] = freeze_spatial
     stream = ClipStream(seed * 1000 + meta["steps"])
     ddpm = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)

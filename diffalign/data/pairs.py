@@ -84,7 +84,7 @@ def detect_format(dcfg: DataConfig) -> str:
     raise DataError(f"data.path {dcfg.path!r} does not exist")
 
 
-def _parquet_files(path: str) -> list[Path]:
+def parquet_files(path: str) -> list[Path]:
     p = Path(path).expanduser()
     files = [p] if p.is_file() else sorted(p.rglob("*.parquet"))
     if not files:
@@ -117,7 +117,7 @@ def check_source(dcfg: DataConfig) -> None:
         required, schema = (
             (RANKED_REQUIRED, "ranked") if fmt == "ranked" else (PICKAPIC_REQUIRED, "Pick-a-Pic")
         )
-        for f in _parquet_files(dcfg.path):
+        for f in parquet_files(dcfg.path):
             check_columns(f, required, schema)
     elif fmt == "jsonl":
         p = Path(dcfg.path).expanduser()
@@ -128,7 +128,7 @@ def check_source(dcfg: DataConfig) -> None:
 # ----------------------------------------------------------------------------- readers
 
 
-class _ParquetImages:
+class ParquetImages:
     """Lazy image bytes from parquet files, one row group at a time (LRU of a few groups)."""
 
     def __init__(
@@ -191,10 +191,10 @@ class _Counts:
         return f"{name}: {kept} pairs kept; dropped {self.ties} ties, skipped {self.empty_caption} empty captions"
 
 
-def _index_parquet(dcfg: DataConfig, counts: _Counts) -> tuple[list[PairRow], _ParquetImages]:
+def _index_parquet(dcfg: DataConfig, counts: _Counts) -> tuple[list[PairRow], ParquetImages]:
     import pyarrow.parquet as pq
 
-    files = _parquet_files(dcfg.path)
+    files = parquet_files(dcfg.path)
     rows: list[PairRow] = []
     for si, f in enumerate(files):
         check_columns(f, PICKAPIC_REQUIRED, "Pick-a-Pic")
@@ -221,7 +221,7 @@ def _index_parquet(dcfg: DataConfig, counts: _Counts) -> tuple[list[PairRow], _P
                 (c0[r], c1[r]) if dual else None,
                 scores,
             )
-    return rows, _ParquetImages(files)
+    return rows, ParquetImages(files)
 
 
 def _score_columns(name: str, names: set[str], f: Any) -> list[str]:

@@ -15,7 +15,7 @@ import torch
 
 from ..config import DataConfig
 from .media import decode_media, media_tensors
-from .pairs import DataError, _parquet_files, _ParquetImages, check_columns
+from .pairs import DataError, ParquetImages, check_columns, parquet_files
 
 RANKED_REQUIRED = ("prompt", "images", "phi", "rank")
 
@@ -25,7 +25,7 @@ class RankedDataset(torch.utils.data.Dataset):
         import pyarrow.parquet as pq
 
         self.cfg = dcfg
-        files = _parquet_files(dcfg.path)
+        files = parquet_files(dcfg.path)
         self.rows: list[tuple[int, int, str, list[float], list[int]]] = []
         ks = set()
         skipped = 0
@@ -53,7 +53,7 @@ class RankedDataset(torch.utils.data.Dataset):
         if dcfg.max_pairs is not None:
             self.rows = self.rows[: dcfg.max_pairs]
         self.k = ks.pop()
-        self._images = _ParquetImages(files, columns=("images",))
+        self._images = ParquetImages(files, columns=("images",))
         self.summary = (
             f"{dcfg.path}: {len(self.rows)} prompts x {self.k} ranked images; skipped {skipped} empty prompts"
         )

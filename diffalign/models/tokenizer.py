@@ -15,7 +15,7 @@ from typing import Literal
 from transformers import CLIPTokenizer
 
 
-def _byte_symbols() -> list[str]:
+def byte_symbols() -> list[str]:
     """The 256 printable stand-ins that byte-level BPE uses for raw bytes (GPT-2/CLIP scheme)."""
     printable = (
         list(range(ord("!"), ord("~") + 1))
@@ -47,7 +47,7 @@ def build_clip_tokenizer(
     ``t ri an g l e</w>`` (6 tokens), which pushed ShapesWorld-video captions past 16 tokens.
     ``merges_from="letters"`` is that old construction, kept only to rebuild the vocabulary of
     models and checkpoints made with it (the shipped toy models save their own tokenizer files)."""
-    symbols = _byte_symbols()
+    symbols = byte_symbols()
     vocab: list[str] = symbols + [s + "</w>" for s in symbols]
     rank: dict[tuple[str, str], int] = {}
     known = set(vocab)
@@ -110,7 +110,7 @@ def build_roberta_tokenizer(words: Iterable[str] = (), model_max_length: int = 5
     """
     from transformers import RobertaTokenizer
 
-    symbols = _byte_symbols()
+    symbols = byte_symbols()
     space = symbols[ord(" ")]  # "Ġ"
     vocab: list[str] = ["<s>", "<pad>", "</s>", "<unk>"] + symbols
     rank: dict[tuple[str, str], int] = {}

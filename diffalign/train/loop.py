@@ -475,7 +475,7 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
-        accelerator.init_trackers("tb", config=_flat_hparams(cfg))
+        accelerator.init_trackers("tb", config=flat_hparams(cfg))
     export = exporter(adapter, use_lora)
 
     # -- loop
@@ -658,7 +658,7 @@ def _ranks_in_sync(accelerator: Any, trainable: dict[str, Tensor]) -> bool:
     return bool(torch.allclose(allfp, allfp[0:1].expand_as(allfp), rtol=1e-9, atol=0))
 
 
-def _flat_hparams(cfg: Config) -> dict[str, Any]:
+def flat_hparams(cfg: Config) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for sec, vals in to_dict(cfg).items():
         for k, v in vals.items():

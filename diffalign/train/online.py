@@ -32,9 +32,9 @@ from ..models.loading import FAMILY_MODALITY, load_adapter, resolve_family
 from .checkpoint import load_checkpoint, resume_point, save_checkpoint
 from .loop import (
     DTYPES,
-    _flat_hparams,
     add_lora,
     exporter,
+    flat_hparams,
     group_errors,
     lora_base_dtype,
     make_optimizer,
@@ -230,7 +230,8 @@ def train_online(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from ..objectives import build_objective
-    from ..synpic import load_rewards, read_prompts
+    from ..rewards import load_rewards
+    from ..synpic import read_prompts
 
     t = cfg.train
     objective = build_objective(cfg.objective)
@@ -326,7 +327,7 @@ def train_online(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
-        accelerator.init_trackers("tb", config=_flat_hparams(cfg))
+        accelerator.init_trackers("tb", config=flat_hparams(cfg))
     export = exporter(adapter, True)
     res = cfg.data.resolution
     latent_shape = (
