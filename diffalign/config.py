@@ -133,6 +133,15 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 1
+    report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    """Where metrics go besides ``metrics.jsonl`` (always written): TensorBoard under
+    ``<output_dir>/tb``, Weights & Biases (``pip install wandb``; project = the run folder's name), or
+    nowhere else."""
+    sample_prompts: list[str] = field(default_factory=list)
+    """At every checkpoint, sample these prompts with the current weights (same seeds each time)
+    into ``<output_dir>/samples/step-N.png`` and the tracker; empty: off."""
+    sample_steps: int = 20
+    sample_guidance: float = 5.0
     halt_after_step: int | None = None
     """Testing aid: stop right after this step's checkpoint, as a killed job would."""
 
@@ -328,6 +337,22 @@ def validate(cfg: Config, *, check_data: bool = True) -> None:
         raise ConfigError("train.margin_cap must be >= 0 and train.auto_beta_rate > 0")
     if not 0.0 <= t.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay: must be in [0, 1), got {t.ema_decay}")
+    if t.reference == "none" and objective.needs_reference and not t.precompute_reference:
+        raise ConfigError(
+            f"train.reference: 'none' but objective {cfg.objective.name!r} needs a reference model; use 'auto', "
+            f"or train.precompute_reference=true to train without one in memory"
+        )
+    if t.report_to == "wandb":
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError(
+                "train.report_to: 'wandb' is not installed (pip install wandb); use 'tensorboard' or 'none'"
+            )
+    if t.sample_prompts and t.sample_steps < 1:
+        raise ConfigError(
+            f"train.sample_steps: must be >= 1 when train.sample_prompts is set, got {t.sample_steps}"
+        )
     if t.reference == "lora_off" and cfg.lora.rank == 0:
         raise ConfigError(
             "train.reference: 'lora_off' needs LoRA (lora.rank > 0); use 'copy' for full fine-tuning"

@@ -42,6 +42,7 @@ from .stability import (
     gradient_factor,
     with_beta_scale,
 )
+from .tracking import init_tracking, log_samples, log_with
 
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -348,7 +349,7 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     # cpu=True without CUDA lets `accelerate launch --num_processes N` form a gloo group on CPUs
     accelerator = Accelerator(
         mixed_precision=t.mixed_precision,
-        log_with="tensorboard",
+        log_with=log_with(cfg),
         project_dir=str(run_dir),
         cpu=not torch.cuda.is_available(),
     )
@@ -475,7 +476,7 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
-        accelerator.init_trackers("tb", config=flat_hparams(cfg))
+        init_tracking(accelerator, cfg, flat_hparams(cfg))
     export = exporter(adapter, use_lora)
 
     # -- loop
@@ -615,6 +616,7 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
                     exp,
                     keep=t.keep_checkpoints,
                 )
+                log_samples(accelerator, adapter, cfg, step + 1)
             accelerator.wait_for_everyone()
         if t.halt_after_step == step + 1 and not done:
             bar.close()

@@ -42,6 +42,7 @@ from .loop import (
     noised_inputs,
     swap_weights,
 )
+from .tracking import init_tracking, log_samples, log_with
 
 
 def _with_micro(cond: dict[str, Tensor], micro: Tensor) -> dict[str, Tensor]:
@@ -269,7 +270,7 @@ def train_online(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     AcceleratorState._reset_state()
     accelerator = Accelerator(
         mixed_precision=t.mixed_precision,
-        log_with="tensorboard",
+        log_with=log_with(cfg),
         project_dir=str(run_dir),
         cpu=not torch.cuda.is_available(),
     )
@@ -327,7 +328,7 @@ def train_online(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
-        accelerator.init_trackers("tb", config=flat_hparams(cfg))
+        init_tracking(accelerator, cfg, flat_hparams(cfg))
     export = exporter(adapter, True)
     res = cfg.data.resolution
     latent_shape = (
@@ -450,6 +451,7 @@ def train_online(cfg: Config, resume: str | None = None) -> dict[str, Any]:
                     keep=t.keep_checkpoints,
                     extra={"reference": reference},
                 )
+                log_samples(accelerator, adapter, cfg, step + 1)
             accelerator.wait_for_everyone()
         if t.halt_after_step == step + 1 and not done:
             bar.close()
