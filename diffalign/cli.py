@@ -2,7 +2,7 @@
 
     diffalign train CONFIG [key=value ...] [--resume [latest|PATH]]
     diffalign validate CONFIG [key=value ...]
-    diffalign ls [objectives|families]
+    diffalign ls [objectives|families|rewards|samplers]
     diffalign cache CONFIG [key=value ...]
     diffalign synpic --prompts F --generator G [--generator G2] --reward R --out DIR
     diffalign label PAIRS.parquet OUT.parquet --reward R [--reward R2]
@@ -28,27 +28,70 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffalign", description="Preference alignment for diffusion models.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    tr = sub.add_parser("train", help="train with a YAML config and key=value overrides")
-    tr.add_argument("config")
-    tr.add_argument("overrides", nargs="*", help="e.g. train.lr=1e-5 objective.beta=2500")
+    raw = argparse.RawDescriptionHelpFormatter
+    config_help = "YAML config (sections model, lora, objective, data, train; see README 'Config reference')"
+    overrides_help = (
+        "KEY=VALUE overrides applied after the file, e.g. train.lr=1e-5 objective.beta=2500 "
+        "data.path=pairs.parquet; lists as train.sample_prompts=[a cat, a dog]"
+    )
+
+    tr = sub.add_parser(
+        "train",
+        help="train with a YAML config and key=value overrides",
+        formatter_class=raw,
+        description="Train a LoRA or the full denoiser with the objective named in the config, through the one\n"
+        "training loop. Everything that can be checked without weights is checked first (as `validate`).\n"
+        "Checkpoints go to train.output_dir/checkpoints (export/ in each is plain diffusers format);\n"
+        "metrics to metrics.jsonl and train.report_to (tensorboard, wandb or none).",
+        epilog="examples:\n"
+        "  diffalign train configs/sd15_dpo_lora.yaml train.lr=5e-6 train.output_dir=runs/dpo\n"
+        "  diffalign train configs/sd15_dpo_lora.yaml --resume          # continue runs/dpo\n"
+        "  accelerate launch --config_file configs/accelerate/ddp.yaml -m diffalign.cli train CONFIG",
+    )
+    tr.add_argument("config", help=config_help)
+    tr.add_argument("overrides", nargs="*", help=overrides_help)
     tr.add_argument(
         "--resume",
         nargs="?",
         const="latest",
         default=None,
-        help="resume from the newest checkpoint of train.output_dir (or the given checkpoint folder)",
+        metavar="latest|CHECKPOINT",
+        help="resume from the newest checkpoint of train.output_dir (or the given checkpoint folder); "
+        "the run continues exactly as if it had not stopped",
     )
 
-    va = sub.add_parser("validate", help="check a config (keys, names, data columns) without loading models")
-    va.add_argument("config")
-    va.add_argument("overrides", nargs="*")
+    va = sub.add_parser(
+        "validate",
+        help="check a config (keys, names, data columns) without loading models",
+        formatter_class=raw,
+        description="Check a config without loading any weights: unknown keys and names (with suggestions),\n"
+        "types and ranges, the objective's hyperparameters and needs (reference, scores), the data\n"
+        "source (exists, has the columns; a hub dataset id is cached when offline). Prints 'ok' or one\n"
+        "error line naming the key and the fix (exit code 2).",
+        epilog="example:\n  diffalign validate configs/sdxl_dpo_lora.yaml data.path=runs/pairs.parquet",
+    )
+    va.add_argument("config", help=config_help)
+    va.add_argument("overrides", nargs="*", help=overrides_help)
 
     ls = sub.add_parser("ls", help="list registered names")
-    ls.add_argument("kind", nargs="?", default="objectives", choices=["objectives", "families"])
+    ls.add_argument(
+        "kind", nargs="?", default="objectives", choices=["objectives", "families", "rewards", "samplers"]
+    )
 
-    ca = sub.add_parser("cache", help="precompute latents and text embeddings into data.cache_dir")
-    ca.add_argument("config")
-    ca.add_argument("overrides", nargs="*")
+    ca = sub.add_parser(
+        "cache",
+        help="precompute latents and text embeddings into data.cache_dir",
+        formatter_class=raw,
+        description="Run the VAE and text encoders once over the config's data and store the results as\n"
+        "sharded safetensors in data.cache_dir (resumable: rerun to continue). Train with the same\n"
+        "data.cache_dir to skip both models during training; a cache made from other data or settings\n"
+        "is refused, naming the key that changed.",
+        epilog="example:\n"
+        "  diffalign cache configs/sd15_dpo_lora.yaml data.cache_dir=cache/pickapic\n"
+        "  diffalign train configs/sd15_dpo_lora.yaml data.cache_dir=cache/pickapic",
+    )
+    ca.add_argument("config", help=config_help)
+    ca.add_argument("overrides", nargs="*", help=overrides_help)
 
     sp = sub.add_parser("synpic", help="generate, score and rank a synthetic preference dataset (resumable)")
     sp.add_argument("--prompts", required=True, help=".txt (one per line) or .jsonl with a 'prompt' key")
@@ -88,11 +131,25 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--dedup", action="store_true", help="drop repeated prompts instead of refusing them")
 
     lb = sub.add_parser(
-        "label", help="score a pair parquet with rewards; write scores and an AI-feedback label as columns"
+        "label",
+        help="score a pair parquet with rewards; write scores and an AI-feedback label as columns",
+        formatter_class=raw,
+        description="Score both images of every pair with each reward and write a copy of the parquet with\n"
+        "score_0.NAME / score_1.NAME columns and ai_label_0 from the rewards' vote (1 image 0 wins, 0 image 1\n"
+        "wins, 0.5 tie); the original columns are kept. The scores feed SmPO (data.score_column=NAME).\n"
+        "Memory stays flat (one row group at a time); the output appears only when complete.",
+        epilog="example:\n"
+        "  diffalign label pairs.parquet labelled.parquet --reward pickscore=yuvalkirstain/PickScore_v1 \\\n"
+        "      --reward hpsv2 --resize 512",
     )
-    lb.add_argument("data")
-    lb.add_argument("out")
-    lb.add_argument("--reward", action="append", required=True, help="NAME or NAME=PATH (repeatable)")
+    lb.add_argument("data", help="Pick-a-Pic style pair parquet (caption, jpg_0, jpg_1)")
+    lb.add_argument("out", help="output parquet (written atomically)")
+    lb.add_argument(
+        "--reward",
+        action="append",
+        required=True,
+        help="NAME or NAME=PATH (repeatable); names as `diffalign ls rewards` lists them, e.g. pickscore, hpsv2",
+    )
     lb.add_argument(
         "--resize", type=int, default=None, help="resize images to this square size before scoring"
     )
@@ -214,6 +271,12 @@ def _run(args: argparse.Namespace) -> int:
                 doc = (cls.__doc__ or "").strip().splitlines()[0]
                 ref = "reference" if cls.needs_reference else "no reference"
                 print(f"{name:16s} {cls.kind:11s} {ref:13s} {doc}")
+        elif args.kind in ("rewards", "samplers"):
+            from .rewards import REWARDS
+            from .samplers import SAMPLERS
+
+            for name, obj in (REWARDS if args.kind == "rewards" else SAMPLERS).items():
+                print(f"{name:16s} {(obj.__doc__ or '').strip().splitlines()[0]}")
         else:
             from .models.loading import PIPELINE_FAMILIES
 

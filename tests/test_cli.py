@@ -71,3 +71,64 @@ def test_tiny_then_train_through_the_console(tmp_path, pairs_parquet):
     assert (
         tmp_path / "r" / "checkpoints" / "step-000002" / "export" / "pytorch_lora_weights.safetensors"
     ).exists()
+
+
+def test_every_command_explains_its_arguments_with_an_example():
+    """train/validate/cache/label say what they do, what each argument is, and show an example line."""
+    for cmd in ("train", "validate", "cache", "label"):
+        out = cli(cmd, "--help")
+        assert out.returncode == 0, out.stderr
+        text = out.stdout
+        assert "example" in text and f"diffalign {cmd} " in text.split("example", 1)[1], (cmd, text)
+        described = text.split("positional arguments:", 1)[1]
+        for arg in ("config", "overrides") if cmd != "label" else ("data", "out", "--reward"):
+            line = next(ln for ln in described.splitlines() if ln.strip().startswith(arg))
+            # an argument's help is on its line (or the next, when the name is long)
+            following = described.split(line, 1)[1].splitlines()[1] if line.strip() == arg else line
+            assert len((line + following).split()) > 3, (cmd, arg, line)
+
+
+def test_ls_lists_rewards_and_samplers():
+    rewards, samplers = cli("ls", "rewards"), cli("ls", "samplers")
+    assert rewards.returncode == 0 and "pickscore" in rewards.stdout and "hpsv2" in rewards.stdout
+    assert samplers.returncode == 0 and "ddim" in samplers.stdout and "flow_euler" in samplers.stdout
+
+
+def test_hub_dataset_id_offline_is_one_line_in_validate_and_train(tmp_path, tiny_models):
+    import os
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model:\n  path: {tiny_models['sd']}\ndata:\n  path: no-such-org/no-such-pairs\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    for cmd in ("validate", "train"):
+        out = subprocess.run(
+            [sys.executable, "-m", "diffalign.cli", cmd, str(cfg), f"train.output_dir={tmp_path / 'r'}"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+        last = [ln for ln in out.stderr.splitlines() if ln.strip()][-1]
+        assert "no-such-org/no-such-pairs" in last and "not in the local cache" in last, last
+    # a folder that exists but is no dataset fails in one line at load time, naming the path
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "dataset_info.json").write_text("{not json")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "diffalign.cli",
+            "train",
+            str(cfg),
+            f"data.path={broken}",
+            f"train.output_dir={tmp_path / 'r2'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert str(broken) in out.stderr.splitlines()[-1]

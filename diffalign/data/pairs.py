@@ -123,6 +123,29 @@ def check_source(dcfg: DataConfig) -> None:
         p = Path(dcfg.path).expanduser()
         if not p.is_file():
             raise DataError(f"data.path {dcfg.path!r} does not exist")
+    elif fmt == "hf":
+        check_hub_dataset(dcfg.path)
+
+
+def check_hub_dataset(path: str) -> None:
+    """A ``datasets`` source: the package is installed, and a hub id is reachable (offline: cached)."""
+    import importlib.util
+
+    if importlib.util.find_spec("datasets") is None:
+        raise DataError("data.format 'hf' needs the datasets package: pip install 'diffalign[hf]'")
+    if Path(path).expanduser().exists():
+        return
+    from huggingface_hub import constants, snapshot_download
+
+    if not constants.HF_HUB_OFFLINE:
+        return  # online: the hub answers at load time (errors there are one line too, see _index_hf)
+    try:
+        snapshot_download(path, repo_type="dataset", local_files_only=True)
+    except Exception:  # LocalEntryNotFoundError, or an id the cache cannot even name
+        raise DataError(
+            f"data.path {path!r} is a hub dataset id, HF_HUB_OFFLINE is set and it is not in the local cache; "
+            f"download it once online, or point data.path at a save_to_disk folder or parquet files"
+        ) from None
 
 
 # ----------------------------------------------------------------------------- readers
@@ -320,7 +343,18 @@ def _index_hf(dcfg: DataConfig, counts: _Counts) -> tuple[list[PairRow], Any]:
     except ImportError:
         raise DataError("data.format 'hf' needs the datasets package: pip install 'diffalign[hf]'") from None
     p = Path(dcfg.path).expanduser()
-    ds = datasets.load_from_disk(str(p)) if p.exists() else datasets.load_dataset(dcfg.path, split=dcfg.split)
+    try:
+        ds = (
+            datasets.load_from_disk(str(p))
+            if p.exists()
+            else datasets.load_dataset(dcfg.path, split=dcfg.split)
+        )
+    except Exception as e:  # offline misses, unknown ids, corrupt folders: one line, not a traceback
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise DataError(
+            f"data.path {dcfg.path!r}: the datasets library could not load it ({type(e).__name__}: {msg[:200]}); "
+            f"check the id or folder (offline, only cached hub datasets load)"
+        ) from None
     if isinstance(ds, datasets.DatasetDict):
         if dcfg.split not in ds:
             raise DataError(f"data.split {dcfg.split!r} not in {dcfg.path} (splits: {', '.join(ds)})")
