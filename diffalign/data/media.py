@@ -81,6 +81,17 @@ def encode_media(
     return buf.getvalue()
 
 
+DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,  # truncated or unidentified images (UnidentifiedImageError is an OSError), unreadable files
+    ValueError,
+    SyntaxError,  # some PIL plugins on malformed headers
+    EOFError,
+    wave.Error,
+    Image.DecompressionBombError,  # a tiny file declaring a huge canvas (PIL refuses > 2x its pixel limit)
+)
+"""Everything a hostile or corrupt media file can raise while decoding: a counted skip, never an abort."""
+
+
 def decode_media(blob: bytes | bytearray | str) -> Media:
     """Bytes (or a file path) -> ``Image`` / ``Clip`` / ``Audio``; corrupt data raises (OSError,
     ValueError, wave.Error) here, not later in the loop."""

@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ..config import ConfigError, DataConfig
-from .media import decode_media, media_tensors
+from .media import DECODE_ERRORS, decode_media, media_tensors
 
 PICKAPIC_REQUIRED = ("caption", "jpg_0", "jpg_1", "label_0")
 VALID_LABELS = (0.0, 0.5, 1.0)
@@ -467,7 +467,7 @@ class PairDataset(torch.utils.data.Dataset):
             row = self.rows[(index + skipped) % len(self.rows)]
             try:
                 a, b = (self._open(v) for v in self._raw(row))
-            except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
+            except DECODE_ERRORS as e:
                 print(
                     f"warning: skipping pair {row.source}:{row.row} ({row.caption[:40]!r}): undecodable image ({type(e).__name__})"
                 )
