@@ -77,11 +77,13 @@ class DataConfig:
     max_pairs: int | None = None
     score_column: str | None = None
     """Per-image reward scores for objectives that use them (SmPO): parquet columns
-    ``<name>_0``/``<name>_1`` (e.g. ``ps_score``) or ``score_0.<name>``/``score_1.<name>`` (``diffalign label``)."""
+    ``<name>_0``/``<name>_1`` (e.g. ``ps_score``) or ``score_0.<name>``/``score_1.<name>``
+    (``diffalign label``)."""
     caption_dropout: float = 0.0
     """Probability of training a pair unconditionally; applied identically to both images."""
     cache_dir: str | None = None
-    """Folder written by ``diffalign cache``: latents and text embeddings, so VAE/text encoders stay unloaded."""
+    """Folder written by ``diffalign cache``: latents and text embeddings, so VAE/text encoders
+    stay unloaded."""
     num_workers: int = 0
     """DataLoader worker processes decoding and augmenting upcoming batches while the model trains
     (0: in the training process). The batches are identical either way."""
@@ -339,7 +341,8 @@ def validate(cfg: Config, *, check_data: bool = True) -> None:
         raise ConfigError(f"train.ema_decay: must be in [0, 1), got {t.ema_decay}")
     if t.reference == "none" and objective.needs_reference and not t.precompute_reference:
         raise ConfigError(
-            f"train.reference: 'none' but objective {cfg.objective.name!r} needs a reference model; use 'auto', "
+            f"train.reference: 'none' but objective {cfg.objective.name!r} needs a reference model; "
+            f"use 'auto', "
             f"or train.precompute_reference=true to train without one in memory"
         )
     if t.report_to == "wandb":

@@ -46,7 +46,8 @@ class SPMConfig:
 def _x0_images(
     adapter, pixels: torch.Tensor, captions: list[str], t: torch.Tensor, gen: torch.Generator, guidance: float
 ) -> torch.Tensor:
-    """pixels ``[B,2,3,R,R]`` -> decoded CFG x0 predictions ``[2B,3,R,R]`` (winners then losers) at t ``[B]``."""
+    """pixels ``[B,2,3,R,R]`` -> decoded CFG x0 predictions ``[2B,3,R,R]`` (winners then losers)
+    at t ``[B]``."""
     from diffalign.samplers.base import guided
     from diffalign.samplers.ddim import NoiseSchedule
 

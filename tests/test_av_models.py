@@ -365,7 +365,8 @@ def test_eval_cli_judges_clips_and_writes_a_report(av_models, tmp_path, fam, fla
 
 @pytest.mark.parametrize("fam", ["animatediff", "audioldm"])
 def test_cached_clip_latents_give_the_same_loss(av_models, tmp_path, fam):
-    """``diffalign cache`` on clips: frame-wise video latents and mel-VAE audio latents train to the same loss."""
+    """``diffalign cache`` on clips: frame-wise video latents and mel-VAE audio latents train to the
+    same loss."""
     from diffalign.data.cache import build_cache
     from diffalign.train import train
 

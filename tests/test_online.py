@@ -150,7 +150,8 @@ def test_online_dpo_flow_reference_refresh_and_resume(tiny_models, tiny_clip, pr
     )
     assert math.isfinite(m["loss"]) and "phi_spread" in m
     ref, live = load_file(final_ckpt(out) / "reference.safetensors"), trainable(out)
-    # refreshed at step 2, then one more update: the reference is neither the start (zero LoRA B) nor the live weights
+    # refreshed at step 2, then one more update: the reference is neither the start (zero LoRA B)
+    # nor the live weights
     assert any(not torch.equal(ref[n], live[n]) for n in live) and any(
         v.abs().sum() > 0 for n, v in ref.items() if "lora_B" in n
     )
@@ -185,7 +186,8 @@ def test_online_dpo_flow_reference_refresh_and_resume(tiny_models, tiny_clip, pr
 def test_online_dpo_on_ddpm_family_models_samples_with_ddim_and_moves_the_lora(
     family, tiny_models, tiny_clip, prompts_file, tmp_path
 ):
-    """DDPM-family models (epsilon, v, SDXL micro-conditioning) draw each group with DDIM (eta 1 = ancestral)."""
+    """DDPM-family models (epsilon, v, SDXL micro-conditioning) draw each group with DDIM
+    (eta 1 = ancestral)."""
     from test_train import trainable
 
     m = train(odpo_cfg(tiny_models[family], prompts_file, tiny_clip, tmp_path / "eps", "train.max_steps=2"))
@@ -224,7 +226,8 @@ def test_online_dpo_group_sampler_is_ddim_for_epsilon_models(tiny_models, monkey
     micro = adapter.default_micro(2, 32, 32)
     cond, uncond = {**cond, "__micro__": micro}, {**uncond, "__micro__": micro}
 
-    class Bright:  # reward = mean brightness: best and worst are the brightest and darkest image of each group
+    # reward = mean brightness: best and worst are the brightest and darkest image of each group
+    class Bright:
         def __call__(self, imgs, texts):
             return type("R", (), {"scores": imgs.mean((1, 2, 3))})()
 

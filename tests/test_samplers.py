@@ -129,8 +129,9 @@ def test_flow_sde_log_prob_is_normal():
 
 
 def test_flow_sde_first_step_uses_the_grids_second_sigma():
-    """flow_grpo ``sd3_sde_with_logprob.py``: ``std = sqrt(sigma / (1 - where(sigma == 1, sigma_max, sigma))) * a``
-    with ``sigma_max = sigmas[1]``; only the denominator changes, the drift keeps sigma = 1."""
+    """flow_grpo ``sd3_sde_with_logprob.py``:
+    ``std = sqrt(sigma / (1 - where(sigma == 1, sigma_max, sigma))) * a`` with ``sigma_max = sigmas[1]``;
+    only the denominator changes, the drift keeps sigma = 1."""
     g = torch.Generator().manual_seed(1)
     x, v, z = (torch.randn(2, 4, 4, 4, generator=g) for _ in range(3))
     x_next, lp, mean = flow_sde_step(v, x, 1.0, 0.9, z, noise_level=0.7, sigma_max=0.9)
@@ -170,8 +171,9 @@ def test_flow_sde_sampler_keeps_the_marginals():
 def test_ddim_inversion_round_trip():
     """Invert with the model's own DDIM ODE, then sample back: the latent is recovered.
 
-    The model is the exact denoiser of Gaussian data x0 ~ N(0, s^2): E[eps | x_t] = sqrt(1-a) x_t / (a s^2 + 1 - a),
-    a smooth model for which the ODE is well defined (a random-weight UNet's is not)."""
+    The model is the exact denoiser of Gaussian data x0 ~ N(0, s^2):
+    E[eps | x_t] = sqrt(1-a) x_t / (a s^2 + 1 - a), a smooth model for which the ODE is well defined
+    (a random-weight UNet's is not)."""
     sch = _sched()
     sch.set_timesteps(50)
     ns = NoiseSchedule.from_scheduler(sch)

@@ -182,7 +182,8 @@ def test_resume_equals_uninterrupted(tiny_models, pairs_parquet, tmp_path):
     lf = [json.loads(x)["loss"] for x in (full / "metrics.jsonl").read_text().splitlines()]
     lc = [json.loads(x)["loss"] for x in (cut / "metrics.jsonl").read_text().splitlines()]
     assert lc == pytest.approx(lf, abs=1e-6)
-    # starting again without --resume in a folder that holds a run is refused (checkpoints and metrics would mix)
+    # starting again without --resume in a folder that holds a run is refused
+    # (checkpoints and metrics would mix)
     with pytest.raises(ConfigError, match=r"already holds a run \(checkpoint step-000005\).*--resume"):
         run(tiny_models["sd"], pairs_parquet, full, *common)
 

@@ -1,6 +1,7 @@
 """A Diffusion-DPO training step: the reference scripts' way vs diffalign's defaults, side by side.
 
-    python -m diffalign.benchmarks.perf.dpo_bench [--ft lora|full] [--width 0.5] [--resolution 256] [--batch 2] [--steps 5]
+    python -m diffalign.benchmarks.perf.dpo_bench [--ft lora|full] [--width 0.5] [--resolution 256]
+        [--batch 2] [--steps 5]
 
 Builds (once, random weights) an SD1.5-architecture pipeline scaled down in width only (same UNet
 block structure, VAE and CLIP text encoder shapes scaled by ``--width``) and a pairs parquet, then
@@ -355,7 +356,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         results.append(json.loads(line[0][7:]))
     base = results[0]
     print(
-        f"SD1.5-architecture UNet at width x{args.width}, {args.resolution}px, batch {args.batch} pairs, {args.ft}, "
+        f"SD1.5-architecture UNet at width x{args.width}, {args.resolution}px, "
+        f"batch {args.batch} pairs, {args.ft}, "
         f"{args.steps} steps, {torch.get_num_threads()} threads; cache build {cache_s:.1f} s (once)"
     )
     for r in results:
@@ -366,7 +368,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
         print(
             f"  {r['mode']:<22} {r['pairs_per_s']:.3f} pairs/s{extra}  peak RSS {r['peak_rss_gb']:.2f} GB  "
-            f"speed x{r['pairs_per_s'] / base['pairs_per_s']:.2f}  memory x{r['peak_rss_gb'] / base['peak_rss_gb']:.2f}"
+            f"speed x{r['pairs_per_s'] / base['pairs_per_s']:.2f}  "
+            f"memory x{r['peak_rss_gb'] / base['peak_rss_gb']:.2f}"
         )
     (root / f"results-{args.ft}.json").write_text(
         json.dumps({"cache_s": cache_s, "results": results}, indent=2)

@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(
         f"{len(texts)} images, {args.steps} steps: one call per image {res['per_image_img_s']:.1f} img/s, "
-        f"batched {res['batched_img_s']:.1f} img/s, ratio {res['ratio']:.2f}x; mean |pixel diff| {diff:.3f} / 255"
+        f"batched {res['batched_img_s']:.1f} img/s, ratio {res['ratio']:.2f}x; "
+        f"mean |pixel diff| {diff:.3f} / 255"
     )
     return res
 

@@ -188,7 +188,8 @@ def main() -> None:
     print("\n| model | FT | attention | mode | pairs/s | peak GB |\n|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['model']} {r['res']}px | {r['ft']} | {r['attention']} | {r['mode']} | {r['pairs_per_s']:.2f} | {r['peak_gb']:.1f} |"
+            f"| {r['model']} {r['res']}px | {r['ft']} | {r['attention']} | {r['mode']} "
+            f"| {r['pairs_per_s']:.2f} | {r['peak_gb']:.1f} |"
         )
 
 

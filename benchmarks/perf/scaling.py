@@ -1,7 +1,8 @@
 """Scaling of a diffalign DPO step: steps/s and peak memory vs batch size, and peak memory vs
 dataset size (pairs are read lazily by row group, so memory must stay flat as the data grows).
 
-    python -m diffalign.benchmarks.perf.scaling [--model PIPE] [--batches 1,2,4] [--sizes 200,2000] [--steps 4]
+    python -m diffalign.benchmarks.perf.scaling [--model PIPE] [--batches 1,2,4] [--sizes 200,2000]
+        [--steps 4]
 
 Each point runs ``diffalign train`` in its own process (peak RSS is per process). Writes
 ``scaling.json`` and ``scaling.png`` (two panels) into ``--out``.

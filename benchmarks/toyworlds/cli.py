@@ -75,7 +75,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pre.add_argument(
         "--device",
         default=None,
-        help="torch device for the networks, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu); "
+        help="torch device for the networks, e.g. cpu, cuda, cuda:1 "
+        "(default: cuda when available, else cpu); "
         "checkpoints are device-free, so a run can continue on another machine",
     )
     ev = ts.add_parser("eval", help="judged GenEval-style score of a pipeline folder on ShapesWorld prompts")

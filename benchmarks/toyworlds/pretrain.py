@@ -329,7 +329,8 @@ def train_stage(
                 sig = torch.sigmoid(torch.randn(batch, device=device)).view(-1, 1, 1, 1)
                 o1 = modules["text_encoder"](ids, output_hidden_states=True)
                 o2 = modules["text_encoder_2"](ids, output_hidden_states=True)
-                # as StableDiffusion3Pipeline.encode_prompt: penultimate hidden states concatenated, padded to 128
+                # as StableDiffusion3Pipeline.encode_prompt: penultimate hidden states concatenated,
+                # padded to 128
                 ehs = torch.cat([o1.hidden_states[-2], o2.hidden_states[-2]], -1)
                 ehs = F.pad(ehs, (0, 128 - ehs.shape[-1]))
                 pooled = torch.cat([o1.text_embeds, o2.text_embeds], -1)

@@ -149,7 +149,8 @@ def train_video(
         found = json.loads((ckpt / "meta.json").read_text()).get("freeze_spatial", False)
         if found != freeze_spatial:
             raise ConfigError(
-                f"{ckpt}: a run with freeze_spatial={found}; continue it the same way or start a new work folder"
+                f"{ckpt}: a run with freeze_spatial={found}; "
+                f"continue it the same way or start a new work folder"
             )
     tok = work_tokenizer(work / "video.tokenizer", video_tokenizer, resuming)
     torch.manual_seed(seed)

@@ -144,7 +144,8 @@ def build_metadata(tag: Tag, params: tuple) -> dict[str, Any]:
         lengths = ORDER_LENGTHS if tag == "order" else SILENCE_LENGTHS
         if len(params) not in lengths or any(a == b for a, b in zip(params, params[1:])):
             raise ValueError(
-                f"{tag} prompts name {' or '.join(map(str, lengths))} kinds, neighbours different; got {params}"
+                f"{tag} prompts name {' or '.join(map(str, lengths))} kinds, "
+                f"neighbours different; got {params}"
             )
         events, prompt = list(params), " followed by ".join(NOUNS[k] for k in params)
         if tag == "silence":
@@ -340,7 +341,8 @@ def _band_noise(n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def render_events(events: Sequence[Event], rng: np.random.Generator) -> np.ndarray:
-    """Float32 (N_SAMPLES,) clip with ``events`` (random peak amplitudes, clock-locked phases) on faint hiss."""
+    """Float32 (N_SAMPLES,) clip with ``events`` (random peak amplitudes, clock-locked phases)
+    on faint hiss."""
     wave = rng.normal(0.0, BACKGROUND_RMS, N_SAMPLES)
     for ev in events:
         i0, i1 = round(ev.start * SR), round(ev.end * SR)

@@ -75,7 +75,8 @@ CLAP = {
 
 
 def _pooled(out) -> torch.Tensor:
-    """transformers 5 returns a model output whose ``pooler_output`` is the projected embedding; 4.x a tensor."""
+    """transformers 5 returns a model output whose ``pooler_output`` is the projected embedding;
+    4.x a tensor."""
     return getattr(out, "pooler_output", out)
 
 
@@ -130,7 +131,8 @@ def top1_accuracy(scores: np.ndarray) -> float:
 
 
 def build_video_clip(cfg: dict[str, Any] = VIDEO_CLIP):
-    """(early-fusion ``CLIPModel`` with ``num_channels = 3 * FRAMES``, CLIP BPE tokenizer of the video words)."""
+    """(early-fusion ``CLIPModel`` with ``num_channels = 3 * FRAMES``, CLIP BPE tokenizer of the
+    video words)."""
     from transformers import CLIPConfig, CLIPModel
 
     from .pretrain_video import video_tokenizer

@@ -59,7 +59,8 @@ def build_clip(variant: str):
 
 
 def _features(out):
-    """transformers 5 returns a model output whose ``pooler_output`` is the projected embedding; 4.x a tensor."""
+    """transformers 5 returns a model output whose ``pooler_output`` is the projected embedding;
+    4.x a tensor."""
     return getattr(out, "pooler_output", out)
 
 
@@ -90,7 +91,8 @@ def train_toy_reward(
         )
         scale = model.logit_scale.exp().clamp(max=100)
         pos, neg = txt[:batch], txt[batch:].view(batch, negatives, -1)
-        # image -> text over every caption in the batch (identical captions all count as positives) + own hard negatives
+        # image -> text over every caption in the batch (identical captions all count as positives)
+        # + own hard negatives
         same = torch.tensor([[a == b for b in caps] for a in caps], dtype=torch.float32)
         logits_batch = scale * img @ pos.T  # [B,B]
         loss_i = (

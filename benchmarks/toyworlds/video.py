@@ -155,7 +155,8 @@ def _split_rng(seed: int, split: Split, stream: int) -> np.random.Generator:
 def make_dataset(
     n: int, seed: int, split: Split = "train"
 ) -> Iterator[tuple[np.ndarray, str, dict[str, Any]]]:
-    """Yield ``n`` (clip uint8 [F,H,W,3], caption, metadata), tags round-robin; item i does not depend on n."""
+    """Yield ``n`` (clip uint8 [F,H,W,3], caption, metadata), tags round-robin;
+    item i does not depend on n."""
     rng = _split_rng(seed, split, 0)
     for i in range(n):
         md = sample_metadata(VIDEO_TAGS[i % len(VIDEO_TAGS)], rng, split)

@@ -2,7 +2,8 @@
 
 ``diffalign cache CONFIG`` writes ``data.cache_dir``:
 
-    index.json                 what was cached (model, resolution, data format, k, data fingerprint, shard size)
+    index.json                 what was cached (model, resolution, data format, k, data fingerprint,
+                               shard size)
     uncond.safetensors         the empty-prompt embedding (for caption dropout)
     shard-00000.safetensors    latents [n,k,C,h,w] (k=2 for pairs, winner first; a ranked set's k images
                                best first), micro [n,k,6] or [n,6], skipped [n], cond.<name> [n,...],
@@ -152,16 +153,19 @@ class CachedPairs(torch.utils.data.Dataset):
         for k, v in expect.items():
             if self.index.get(k) != v:
                 raise ConfigError(
-                    f"data.cache_dir {str(root)!r} is stale: {k} is {self.index.get(k)!r} there, {v!r} now; rebuild it"
+                    f"data.cache_dir {str(root)!r} is stale: {k} is {self.index.get(k)!r} there, "
+                    f"{v!r} now; rebuild it"
                 )
         self.k = self.index["k"]
         n_shards = (len(src) + self.index["shard_size"] - 1) // self.index["shard_size"]
         missing = [s for s in range(n_shards) if not (root / SHARD.format(s)).exists()]
         if missing:
             raise ConfigError(
-                f"data.cache_dir {str(root)!r} is incomplete ({len(missing)} shards missing): rerun `diffalign cache`"
+                f"data.cache_dir {str(root)!r} is incomplete ({len(missing)} shards missing): "
+                f"rerun `diffalign cache`"
             )
-        # PairDataset takes the next row's caption for a skipped (broken) pair; ranked rows are never skipped here
+        # PairDataset takes the next row's caption for a skipped (broken) pair;
+        # ranked rows are never skipped here
         self.root, self.cfg = root, dcfg
         self.captions = [r[2] for r in src.rows] if _kind(dcfg) == "ranked" else [r.caption for r in src.rows]
         self.uncond: dict[str, torch.Tensor] | None = None

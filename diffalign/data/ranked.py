@@ -46,7 +46,8 @@ class RankedDataset(torch.utils.data.Dataset):
                 self.rows.append((si, r, p, phi, rank))
         if len(ks) > 1:
             raise DataError(
-                f"data.path {dcfg.path!r}: rows have different numbers of images {sorted(ks)}; one k per dataset"
+                f"data.path {dcfg.path!r}: rows have different numbers of images {sorted(ks)}; "
+                f"one k per dataset"
             )
         if not self.rows:
             raise DataError(f"data.path {dcfg.path!r}: no usable ranked rows")
