@@ -10,6 +10,7 @@ path exists and has the needed columns, option combinations are coherent.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -84,6 +85,9 @@ class DataConfig:
     cache_dir: str | None = None
     """Folder written by ``diffalign cache``: latents and text embeddings, so VAE/text encoders
     stay unloaded."""
+    allow_outside_paths: bool = False
+    """JSONL image paths must lie inside the JSONL file's folder (``../`` and absolute paths are
+    refused, naming the line); true reads them wherever they point."""
     num_workers: int = 0
     """DataLoader worker processes decoding and augmenting upcoming batches while the model trains
     (0: in the training process). The batches are identical either way."""
@@ -135,6 +139,9 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 1
+    max_bad_steps: int = 3
+    """A step whose gradients are not finite is skipped (counted as ``train/bad_steps``); this many
+    in a row stop the run with an error, as do non-finite weights after an update."""
     report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
     """Where metrics go besides ``metrics.jsonl`` (always written): TensorBoard under
     ``<output_dir>/tb``, Weights & Biases (``pip install wandb``; project = the run folder's name), or
@@ -201,6 +208,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # YAML reads .inf / .nan as floats; no option means either
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -324,9 +333,28 @@ def validate(cfg: Config, *, check_data: bool = True) -> None:
         ("train.log_every", t.log_every, 1),
         ("data.resolution", cfg.data.resolution, 8),
         ("lora.rank", cfg.lora.rank, 0),
+        ("train.warmup_steps", t.warmup_steps, 0),
+        ("train.keep_checkpoints", t.keep_checkpoints, 1),
+        ("train.max_bad_steps", t.max_bad_steps, 1),
+        ("train.divergence_window", t.divergence_window, 0),
+        ("train.lr", t.lr, 0.0),
+        ("train.weight_decay", t.weight_decay, 0.0),
+        ("train.max_grad_norm", t.max_grad_norm, 0.0),
+        ("data.num_workers", cfg.data.num_workers, 0),
+        ("data.max_pairs", 1 if cfg.data.max_pairs is None else cfg.data.max_pairs, 1),
     ]:
         if value < lo:
             raise ConfigError(f"{key}: must be >= {lo}, got {value}")
+    # optimizer settings that torch would only reject once the model is loaded
+    for key, value in [("train.adam_beta1", t.adam_beta1), ("train.adam_beta2", t.adam_beta2)]:
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{key}: must be in [0, 1), got {value}")
+    if t.adam_eps <= 0:
+        raise ConfigError(f"train.adam_eps: must be > 0, got {t.adam_eps}")
+    if cfg.lora.alpha is not None and cfg.lora.alpha <= 0:
+        raise ConfigError(f"lora.alpha: must be > 0 (or unset: = rank), got {cfg.lora.alpha}")
+    if not 0.0 <= cfg.lora.dropout < 1.0:
+        raise ConfigError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
     if cfg.data.resolution % 8:
         raise ConfigError(
             f"data.resolution: must be a multiple of 8 (VAE downsampling), got {cfg.data.resolution}"

@@ -58,3 +58,66 @@ def test_decompression_bomb_in_a_pair_is_a_counted_skip(tmp_path: Path):
     )
     item = ds[(0, 123)]
     assert item["skipped"] == 1 and item["caption"] == "a blue square"
+
+
+def _jsonl_pairs(folder: Path, chosen: str, rejected: str = "b.png") -> Path:
+    import json
+
+    rng = np.random.default_rng(1)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("a.png", "b.png"):
+        Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(folder / name)
+    path = folder / "pairs.jsonl"
+    rows = [
+        {"caption": "a red circle", "chosen": "a.png", "rejected": "b.png"},
+        {"caption": "a blue square", "chosen": chosen, "rejected": rejected},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_jsonl_paths_may_not_leave_the_data_folder(tmp_path: Path):
+    import pytest
+
+    from diffalign.config import DataConfig
+    from diffalign.data.pairs import DataError, PairDataset
+
+    secret = tmp_path / "secret.png"
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(secret)
+    data = tmp_path / "data"
+    for bad in ("../secret.png", str(secret)):
+        path = _jsonl_pairs(data, bad)
+        with pytest.raises(DataError) as e:
+            PairDataset(DataConfig(path=str(path), resolution=32), verbose=False)
+        msg = str(e.value)
+        assert "\n" not in msg and f"{path} line 2" in msg and "'chosen'" in msg
+        assert "data.allow_outside_paths=true" in msg
+    # explicitly allowed: read, and the pixels are the outside file's
+    ds = PairDataset(DataConfig(path=str(path), resolution=32, allow_outside_paths=True), verbose=False)
+    win, _, skipped = ds.load_pair(1)
+    assert skipped == 0 and np.asarray(win.convert("RGB"))[0, 0].tolist() == [255, 0, 0]
+
+
+def test_non_finite_and_out_of_range_options_fail_validate_before_any_model_loads(tmp_path: Path):
+    import pytest
+
+    from diffalign.config import ConfigError, load_config, validate
+
+    base = ["model.path=/no/such/model", f"data.path={tmp_path}/none.parquet"]
+    cases = [
+        ("train.lr=.inf", "train.lr: must be a finite number"),
+        ("train.lr=-1e-4", "train.lr: must be >= 0"),
+        ("objective.beta=.nan", "objective.beta: must be a finite number"),
+        ("train.adam_beta2=1.0", "train.adam_beta2: must be in [0, 1)"),
+        ("train.adam_eps=0", "train.adam_eps: must be > 0"),
+        ("train.max_grad_norm=-1", "train.max_grad_norm: must be >= 0"),
+        ("train.weight_decay=-0.1", "train.weight_decay: must be >= 0"),
+        ("lora.dropout=1.0", "lora.dropout: must be in [0, 1)"),
+        ("lora.alpha=0", "lora.alpha: must be > 0"),
+        ("train.max_bad_steps=0", "train.max_bad_steps: must be >= 1"),
+        ("data.max_pairs=0", "data.max_pairs: must be >= 1"),
+    ]
+    for override, message in cases:
+        with pytest.raises(ConfigError) as e:
+            validate(load_config(None, [*base, override]), check_data=False)
+        assert message in str(e.value) and "\n" not in str(e.value), (override, str(e.value))

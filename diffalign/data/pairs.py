@@ -314,9 +314,31 @@ def _index_jsonl(dcfg: DataConfig, counts: _Counts) -> tuple[list[PairRow], list
             raise DataError(
                 f"{where}: needs keys caption + chosen + rejected (or image_0, image_1, label_0); found {', '.join(rec)}"
             )
-        paths.append(((p.parent / a), (p.parent / b)))
+        paths.append(
+            tuple(
+                _confined(p.parent, v, f"{where} key {k!r}", dcfg.allow_outside_paths)
+                for k, v in (
+                    ("chosen" if "chosen" in rec else "image_0", a),
+                    ("rejected" if "rejected" in rec else "image_1", b),
+                )
+            )
+        )
         _add_row(rows, counts, dcfg, cap, lab, len(paths) - 1, len(paths) - 1)
     return rows, paths
+
+
+def _confined(root: Path, value: Any, where: str, allow_outside: bool) -> Path:
+    """``root / value``, refused when it leaves ``root`` (``../``, absolute paths, symlinked folders)
+    unless the user allowed it: a data file should not read whatever files it names."""
+    if not isinstance(value, str) or not value:
+        raise DataError(f"{where}: expected an image path (a non-empty string), got {value!r}")
+    path = root / value
+    if not allow_outside and not path.resolve().is_relative_to(root.resolve()):
+        raise DataError(
+            f"{where}: {value!r} points outside the data folder {str(root)!r}; move the images under it "
+            f"or set data.allow_outside_paths=true"
+        )
+    return path
 
 
 def _index_folder(dcfg: DataConfig, counts: _Counts) -> tuple[list[PairRow], list[tuple[Path, Path]]]:
