@@ -349,6 +349,10 @@ def validate(cfg: Config, *, check_data: bool = True) -> None:
     for key, value in [("train.adam_beta1", t.adam_beta1), ("train.adam_beta2", t.adam_beta2)]:
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"{key}: must be in [0, 1), got {value}")
+    if t.lr > 1.0:  # also keeps the optimizer's fp32 arithmetic from overflowing (lr 1e39 crashes AdamW)
+        raise ConfigError(
+            f"train.lr: must be <= 1, got {t.lr:g} (diffusion fine-tuning uses about 1e-8 to 1e-3)"
+        )
     if t.adam_eps <= 0:
         raise ConfigError(f"train.adam_eps: must be > 0, got {t.adam_eps}")
     if cfg.lora.alpha is not None and cfg.lora.alpha <= 0:

@@ -107,6 +107,7 @@ def test_non_finite_and_out_of_range_options_fail_validate_before_any_model_load
     cases = [
         ("train.lr=.inf", "train.lr: must be a finite number"),
         ("train.lr=-1e-4", "train.lr: must be >= 0"),
+        ("train.lr=1e39", "train.lr: must be <= 1"),
         ("objective.beta=.nan", "objective.beta: must be a finite number"),
         ("train.adam_beta2=1.0", "train.adam_beta2: must be in [0, 1)"),
         ("train.adam_eps=0", "train.adam_eps: must be > 0"),

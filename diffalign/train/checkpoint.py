@@ -54,6 +54,13 @@ def save_checkpoint(
 ) -> Path:
     """``extra``: more named tensor sets saved as ``<name>.safetensors`` (e.g. an online
     objective's reference snapshot), inside the same atomic commit."""
+    from .guards import NumericError, count_non_finite
+
+    bad = count_non_finite(trainable.values())
+    if bad:  # never write (or export) weights a user would load as a finished model
+        raise NumericError(
+            f"step {step}: {bad} trainable weights are not finite; refusing to checkpoint/export them"
+        )
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

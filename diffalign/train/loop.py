@@ -15,7 +15,6 @@ what makes gradient accumulation, multi-process runs and resumes reproduce a sin
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -33,6 +32,7 @@ from ..data.sampler import StepPlan
 from ..models.base import Adapter, per_sample_error
 from ..models.loading import load_adapter
 from .checkpoint import load_checkpoint, resume_point, save_checkpoint
+from .guards import BadStepGuard
 from .reference import Reference, fingerprint, resolve_mode
 from .stability import (
     AutoBeta,
@@ -363,6 +363,7 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     objective = build_objective(cfg.objective)
     auto_beta = AutoBeta(t.auto_beta_target, t.auto_beta_rate) if t.auto_beta_target > 0 else None
     base_beta = check_supports_beta(objective, cfg.objective.name) if auto_beta else 0.0
+    guard = BadStepGuard(t.max_bad_steps)
     divergence = DivergenceMonitor(t.divergence_window)
     weight_dtype = DTYPES[t.mixed_precision]
     ckpt_path = resume_point(run_dir, resume)
@@ -464,6 +465,7 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         if ema is not None and ck["ema"] is not None:
             ema.shadow = {n: v.to(accelerator.device) for n, v in ck["ema"].items()}
         start_step = int(st["step"])
+        guard.total = int(st.get("bad_steps", 0))
         if auto_beta is not None:
             auto_beta.scale = float(st.get("beta_scale", 1.0))
             objective = with_beta_scale(objective, base_beta, auto_beta.scale)
@@ -532,11 +534,21 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         grad_norm = accelerator.clip_grad_norm_(
             list(trainable.values()), t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
         )
-        optimizer.step()
-        lr_sched.step()
+        step_loss = accelerator.reduce(torch.cat(sums["loss"]).float().mean().to(accelerator.device), "mean")
+        bad_step = guard.skip(step + 1, step_loss.item(), float(grad_norm))  # same verdict on every rank
+        if not bad_step:
+            optimizer.step()
+        lr_sched.step()  # the schedule follows the step count, skipped or not
         optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update(trainable)
+        if bad_step:
+            if main:
+                print(
+                    f"warning: step {step + 1}: loss or gradients not finite; step skipped ({guard.total} so far)"
+                )
+        else:
+            guard.check_weights(step + 1, trainable.values(), lr_sched.get_last_lr()[0])
+            if ema is not None:
+                ema.update(trainable)
 
         # -- log (averaged over micro-batches and processes)
         logs = {
@@ -544,7 +556,9 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
             for n, v in sums.items()
         }
         logs.update(
-            grad_norm=float(grad_norm), lr=lr_sched.get_last_lr()[0], **{"data/skipped": skipped_total}
+            grad_norm=float(grad_norm),
+            lr=lr_sched.get_last_lr()[0],
+            **{"data/skipped": skipped_total, "train/bad_steps": guard.total},
         )
         if auto_beta is not None:  # the factor of this step's batch, averaged over processes
             if "margin" not in sums:
@@ -564,10 +578,6 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
                     f"warning: step {step + 1}: policy errors on winners and losers both rise against the reference "
                     f"while implicit accuracy is ~1 (diverging); lower train.lr, raise beta or set train.auto_beta_target"
                 )
-        if not math.isfinite(logs["loss"]):
-            raise FloatingPointError(
-                f"step {step + 1}: loss is {logs['loss']} (lower the lr, raise beta, or try fp32)"
-            )
         last = logs
         if main and ((step + 1) % t.log_every == 0 or step + 1 == t.max_steps):
             accelerator.log(logs, step=step + 1)
@@ -597,6 +607,7 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
                     "reference_unchanged": True,
                     "ranks_in_sync": in_sync,
                     "beta_scale": auto_beta.scale if auto_beta else 1.0,
+                    "bad_steps": guard.total,
                     "lora": use_lora,
                     "family": adapter.family,
                     "model_path": cfg.model.path,
