@@ -24,6 +24,11 @@ from diffalign.registry import Registry
 
 OBJECTIVES: Registry[type] = Registry("objective")
 
+POLICY_ERRORS = frozenset({"err/policy_w", "err/policy_l"})
+"""The policy's denoising errors on the winner (best) and the loser (worst) image, shape [B]."""
+ERRORS = POLICY_ERRORS | {"err/ref_w", "err/ref_l"}
+"""Policy and reference errors: what ``train.stability.DivergenceMonitor`` compares."""
+
 
 @dataclass
 class ObjectiveOutput:
@@ -34,13 +39,29 @@ class ObjectiveOutput:
 
 
 class Objective(Protocol):
+    """What the training loops read from an objective. Every registered objective sets each
+    ClassVar below explicitly (the contract test in ``tests/test_objectives.py`` checks it); the
+    loops read them directly, never with a fallback default."""
+
     needs_reference: ClassVar[bool]
     """False: the loop never runs (or even builds) a reference model."""
     kind: ClassVar[Literal["preference", "ranked", "unpaired", "online", "supervised"]]
     winner_only: ClassVar[bool]
     """True: only the first image of each group is forwarded (SFT)."""
-    # Optional: ``per_image_captions: ClassVar[bool] = True`` conditions each image on its own
-    # caption (DCPO); objectives without it get one caption per group.
+    per_image_captions: ClassVar[bool]
+    """True: each image is conditioned on its own caption (DCPO); False: one caption per group."""
+    needs_scores: ClassVar[bool]
+    """True: the batch must carry per-image reward scores ``batch['scores'] [B, k]`` (SmPO)."""
+    reports_margin: ClassVar[bool]
+    """True: ``metrics['margin']`` is a per-sample ``[B]`` preference margin (larger = the
+    preference is satisfied more strongly), so ``train.margin_cap`` can zero saturated samples."""
+    logistic_margin: ClassVar[bool]
+    """True: the loss is ``-logsigmoid(margin)`` on a margin proportional to the ``beta`` field, so
+    ``sigmoid(-margin)`` is the gradient factor ``train.auto_beta_target`` steers (implies
+    ``reports_margin``)."""
+    reported_metrics: ClassVar[frozenset[str]]
+    """Metric keys every call returns (the divergence monitor reads ``implicit_acc`` and
+    ``err/{policy,ref}_{w,l}``; reference-free objectives report the policy errors only)."""
 
     def __call__(
         self, policy_err: Tensor, ref_err: Tensor | None, batch: dict[str, Any]

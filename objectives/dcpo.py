@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Literal
 from torch import Tensor
 
 from .base import OBJECTIVES, ObjectiveOutput
-from .diffusion_dpo import diffusion_dpo_loss, preference_metrics
+from .diffusion_dpo import PREFERENCE_METRICS, diffusion_dpo_loss, preference_metrics
 
 
 @OBJECTIVES.register("dcpo")
@@ -30,11 +30,14 @@ class DCPO:
     loss_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
 
     needs_reference: ClassVar[bool] = True
-    reports_margin: ClassVar[bool] = True
-    logistic_margin: ClassVar[bool] = True
     kind: ClassVar[str] = "preference"
     winner_only: ClassVar[bool] = False
     per_image_captions: ClassVar[bool] = True
+    needs_scores: ClassVar[bool] = False
+    reports_margin: ClassVar[bool] = True
+    logistic_margin: ClassVar[bool] = True
+    """True for ``loss_type="sigmoid"``; ``train.auto_beta_target`` refuses hinge and ipo."""
+    reported_metrics: ClassVar[frozenset[str]] = PREFERENCE_METRICS
 
     def __post_init__(self) -> None:
         if self.beta <= 0:

@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Literal
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import OBJECTIVES, ObjectiveOutput
+from .base import ERRORS, OBJECTIVES, ObjectiveOutput
 
 
 def dpo_inside(policy_w: Tensor, policy_l: Tensor, ref_w: Tensor, ref_l: Tensor, beta: float) -> Tensor:
@@ -60,6 +60,10 @@ def diffusion_dpo_loss(
     return loss, inside
 
 
+PREFERENCE_METRICS = ERRORS | {"implicit_acc", "margin", "rewards/chosen", "rewards/rejected"}
+"""The keys ``preference_metrics`` returns."""
+
+
 def preference_metrics(policy_err: Tensor, ref_err: Tensor, inside: Tensor, beta: float) -> dict[str, Tensor]:
     """The divergence monitor recommended by the reference code: policy vs reference errors,
     implicit accuracy and margin. A policy whose errors on *both* images rise while accuracy sits
@@ -87,10 +91,14 @@ class DiffusionDPO:
     loss_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
 
     needs_reference: ClassVar[bool] = True
-    reports_margin: ClassVar[bool] = True
-    logistic_margin: ClassVar[bool] = True
     kind: ClassVar[str] = "preference"
     winner_only: ClassVar[bool] = False
+    per_image_captions: ClassVar[bool] = False
+    needs_scores: ClassVar[bool] = False
+    reports_margin: ClassVar[bool] = True
+    logistic_margin: ClassVar[bool] = True
+    """True for ``loss_type="sigmoid"``; ``train.auto_beta_target`` refuses hinge and ipo."""
+    reported_metrics: ClassVar[frozenset[str]] = PREFERENCE_METRICS
 
     def __post_init__(self) -> None:
         if self.beta <= 0:

@@ -30,7 +30,32 @@ from torch import Tensor
 from diffalign.errors import ConfigError
 
 from .base import OBJECTIVES, ObjectiveOutput
-from .diffusion_dpo import diffusion_dpo_loss, preference_metrics
+from .diffusion_dpo import PREFERENCE_METRICS, diffusion_dpo_loss, preference_metrics
+
+
+def epsilon_model(model_fn: Any, sched: Any, grid: list[int]) -> Any:
+    """Wrap a v-prediction ``model_fn`` so DDIM inversion sees epsilon, exactly as diffusers'
+    ``DDIMInverseScheduler.step`` (the official stepper) converts v: with ``a`` the noise level of the
+    latent being stepped (the previous grid point; ``final_alpha_cumprod`` below the first),
+    ``eps = sqrt(a) v + sqrt(1 - a) x``. The network is called at the *target* grid timestep, so the
+    level comes from the grid. A ReNoise call (same timestep again, at the tentative latent) is
+    converted with the latent the step starts from, as the official loop averages the raw model
+    outputs and steps from there; that makes the average of the converted calls equal the
+    conversion of the averaged outputs."""
+    r = grid[1] - grid[0] if len(grid) > 1 else 0
+    start: dict[str, Any] = {}  # the current step's timesteps and starting latent
+
+    def fn(x: Tensor, tt: Tensor, c: Any) -> Tensor:
+        v = model_fn(x, tt, c)
+        if not (start and torch.equal(start["t"], tt)):  # the first call of a new step
+            start.update(t=tt.clone(), x=x)
+        prev = tt - r  # [N] the level the step starts from
+        ac = sched.alphas_cumprod.to(x.device)[prev.clamp_min(0)]
+        a = torch.where(prev >= grid[0], ac, torch.full_like(ac, sched.final_alpha_cumprod))
+        a = a.to(x.dtype).view(-1, *[1] * (x.ndim - 1))
+        return a.sqrt() * v + (1 - a).sqrt() * start["x"]
+
+    return fn
 
 
 def inversion_inputs(
@@ -44,17 +69,22 @@ def inversion_inputs(
     renoise_steps: int = 0,
     eta: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """InPO/SmPO's replacement for random noising: x0 ``[B,k,C,h,w]`` -> (x_inv, t, eps*), each
+    """InPO/SmPO's replacement for random noising: x0 ``[B,k,C,h,w]`` -> (x_inv, t, target), each
     ``[B*k,...]``. t is drawn per group from the group's generator (as in ordinary noising) and
-    shared by its k images; each image gets its own inverted latent and implied noise."""
+    shared by its k images; each image gets its own inverted latent and implied noise
+    ``eps* = (x_inv - sqrt(abar_t) x0) / sqrt(1 - abar_t)``. The target is ``eps*`` for epsilon models
+    and the matching velocity ``sqrt(abar_t) eps* - sqrt(1 - abar_t) x0`` for v-prediction models
+    (whose outputs are converted to epsilon for the inversion, see ``epsilon_model``)."""
+    import dataclasses
+
     from diffalign.data.pairs import sample_seed
     from diffalign.samplers.ddim import NoiseSchedule
     from diffalign.samplers.inversion import inversion_grid, invert_per_sample
 
-    if adapter.prediction_type != "epsilon":
+    if adapter.prediction_type not in ("epsilon", "v_prediction"):
         raise ConfigError(
-            f"inversion objectives (inpo, smpo) need an epsilon-prediction model; this one predicts "
-            f"{adapter.prediction_type}"
+            f"inversion objectives (inpo, smpo) need an epsilon- or v-prediction model (DDIM inversion); "
+            f"this one predicts {adapter.prediction_type}"
         )
     B, k = x0.shape[:2]
     ts = torch.stack([adapter.sample_timestep(torch.Generator().manual_seed(s)) for s in seeds])
@@ -72,10 +102,14 @@ def inversion_inputs(
     def model_fn(x: Tensor, tt: Tensor, c: Any) -> Tensor:
         return adapter.predict(x, tt, c[0], c[1], model=model).float()
 
+    if sched.prediction_type == "v_prediction":
+        model_fn = epsilon_model(model_fn, sched, grid)
+        sched = dataclasses.replace(sched, prediction_type="epsilon")
+    x0f = x0.flatten(0, 1).float()  # [B*k,C,h,w]
     with torch.no_grad():
         x_inv, eps = invert_per_sample(
             model_fn,
-            x0.flatten(0, 1).float(),
+            x0f,
             t,
             grid,
             (cond, micro),
@@ -84,7 +118,8 @@ def inversion_inputs(
             eta=eta,
             generators=gens,
         )
-    return x_inv.to(x0.dtype), t, eps.to(x0.dtype)
+        target = eps if adapter.prediction_type == "epsilon" else adapter.target(x0f, eps, t)
+    return x_inv.to(x0.dtype), t, target.to(x0.dtype)
 
 
 @OBJECTIVES.register("inpo")
@@ -100,10 +135,13 @@ class InPO:
     inversion_eta: float = 0.1
 
     needs_reference: ClassVar[bool] = True
-    reports_margin: ClassVar[bool] = True
-    logistic_margin: ClassVar[bool] = True
     kind: ClassVar[str] = "preference"
     winner_only: ClassVar[bool] = False
+    per_image_captions: ClassVar[bool] = False
+    needs_scores: ClassVar[bool] = False
+    reports_margin: ClassVar[bool] = True
+    logistic_margin: ClassVar[bool] = True
+    reported_metrics: ClassVar[frozenset[str]] = PREFERENCE_METRICS
     renoise_steps: ClassVar[int] = 0
 
     def __post_init__(self) -> None:

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .base import OBJECTIVES, ObjectiveOutput
+from .base import ERRORS, OBJECTIVES, ObjectiveOutput
 
 
 def kto_loss(
@@ -41,6 +41,40 @@ def kto_loss(
     return lam * (1 - h), g, z
 
 
+def kto_metrics(
+    policy_err: Tensor, ref_err: Tensor, labels: Tensor, g: Tensor, z: Tensor, beta: float
+) -> dict:
+    """Comparable metrics for ``[B, k]`` errors and labels (1 desirable, 0 undesirable).
+
+    ``margin [B]`` = ``beta * (mean g over the group's desirable images - mean g over its
+    undesirable ones)``: on pairs, the winner's implicit reward minus the loser's, times beta (the
+    analogue of Diffusion-DPO's logit, without its 0.5). A group with one class only compares it
+    with the reference point z instead. ``implicit_acc [B]``: every desirable image's reward is above
+    every undesirable one's (z stands in for a missing class). The errors are batch means over the
+    desirable (``_w``) and undesirable (``_l``) images (scalars)."""
+    d = labels > 0.5  # [B,k]
+    u = ~d
+    nd, nu = d.sum(1), u.sum(1)  # [B]
+    zb = z.expand(g.shape[0])
+    mean_d = torch.where(nd > 0, (g * d).sum(1) / nd.clamp_min(1), zb)  # [B]
+    mean_u = torch.where(nu > 0, (g * u).sum(1) / nu.clamp_min(1), zb)
+    lo_d = torch.where(nd > 0, g.masked_fill(u, float("inf")).min(1).values, zb)
+    hi_u = torch.where(nu > 0, g.masked_fill(d, float("-inf")).max(1).values, zb)
+
+    def masked_mean(e: Tensor, m: Tensor) -> Tensor:
+        return (e * m).sum() / m.sum().clamp_min(1)
+
+    return {
+        "implicit_acc": (lo_d > hi_u).float().detach(),
+        "margin": (beta * (mean_d - mean_u)).detach(),
+        "kto/z": z.detach().expand(g.shape[0]),
+        "err/policy_w": masked_mean(policy_err, d).detach(),
+        "err/policy_l": masked_mean(policy_err, u).detach(),
+        "err/ref_w": masked_mean(ref_err, d).detach(),
+        "err/ref_l": masked_mean(ref_err, u).detach(),
+    }
+
+
 @OBJECTIVES.register("kto")
 @dataclass(frozen=True)
 class DiffusionKTO:
@@ -53,6 +87,17 @@ class DiffusionKTO:
     needs_reference: ClassVar[bool] = True
     kind: ClassVar[str] = "unpaired"
     winner_only: ClassVar[bool] = False
+    per_image_captions: ClassVar[bool] = False
+    needs_scores: ClassVar[bool] = False
+    reports_margin: ClassVar[bool] = True
+    """See ``kto_metrics``: ``train.margin_cap`` zeroes groups whose margin exceeds the cap."""
+    logistic_margin: ClassVar[bool] = False
+    """The loss is ``lambda * (1 - sigmoid(...))`` against z, not ``-logsigmoid(margin)``: no auto-beta."""
+    reported_metrics: ClassVar[frozenset[str]] = ERRORS | {"implicit_acc", "margin", "kto/z"}
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0 or self.lambda_desirable < 0 or self.lambda_undesirable < 0:
+            raise ValueError("need beta > 0, lambda_desirable >= 0, lambda_undesirable >= 0")
 
     def __call__(self, policy_err: Tensor, ref_err: Tensor | None, batch: dict[str, Any]) -> ObjectiveOutput:
         assert ref_err is not None
@@ -64,14 +109,5 @@ class DiffusionKTO:
         labels = torch.as_tensor(labels, dtype=policy_err.dtype, device=policy_err.device).view(B, k)
         loss, g, z = kto_loss(
             policy_err, ref_err, labels, self.beta, self.lambda_desirable, self.lambda_undesirable
-        )
-        acc = ((g[:, 0] > g[:, 1:].max(1).values).float() if k > 1 else (g[:, 0] > z).float()).detach()
-        return ObjectiveOutput(
-            loss.mean(1),
-            {
-                "implicit_acc": acc,
-                "kto/z": z.detach().expand(B),
-                "err/policy_w": policy_err[:, 0].detach(),
-                "err/ref_w": ref_err[:, 0].detach(),
-            },
-        )
+        )  # loss, g: [B,k]; z: scalar
+        return ObjectiveOutput(loss.mean(1), kto_metrics(policy_err, ref_err, labels, g, z, self.beta))

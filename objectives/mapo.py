@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import OBJECTIVES, ObjectiveOutput
+from .base import OBJECTIVES, POLICY_ERRORS, ObjectiveOutput
 
 
 def mapo_margin(e: Tensor, gamma: float) -> Tensor:
@@ -52,9 +52,15 @@ class MaPO:
     num_train_timesteps: float = 1000.0
 
     needs_reference: ClassVar[bool] = False
-    reports_margin: ClassVar[bool] = True
     kind: ClassVar[str] = "preference"
     winner_only: ClassVar[bool] = False
+    per_image_captions: ClassVar[bool] = False
+    needs_scores: ClassVar[bool] = False
+    reports_margin: ClassVar[bool] = True
+    """``margin`` = the log-odds difference ``f(e_w) - f(e_l)`` (before the ``T`` scale)."""
+    logistic_margin: ClassVar[bool] = False
+    """The logsigmoid is on ``T * log_odds``, not on a beta-scaled margin (beta weighs the term)."""
+    reported_metrics: ClassVar[frozenset[str]] = POLICY_ERRORS | {"implicit_acc", "margin"}
 
     def __post_init__(self) -> None:
         if self.gamma <= 0:

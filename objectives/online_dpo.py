@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from .base import OBJECTIVES, ObjectiveOutput
-from .diffusion_dpo import diffusion_dpo_loss, preference_metrics
+from .diffusion_dpo import PREFERENCE_METRICS, diffusion_dpo_loss, preference_metrics
 
 
 @OBJECTIVES.register("online_dpo")
@@ -45,6 +45,11 @@ class OnlineDPO:
     needs_reference: ClassVar[bool] = True
     kind: ClassVar[str] = "online"
     winner_only: ClassVar[bool] = False
+    per_image_captions: ClassVar[bool] = False
+    needs_scores: ClassVar[bool] = False
+    reports_margin: ClassVar[bool] = True
+    logistic_margin: ClassVar[bool] = True
+    reported_metrics: ClassVar[frozenset[str]] = PREFERENCE_METRICS
 
     def __post_init__(self) -> None:
         if (

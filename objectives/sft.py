@@ -27,6 +27,12 @@ class SFT:
     needs_reference: ClassVar[bool] = False
     kind: ClassVar[str] = "supervised"
     winner_only: ClassVar[bool] = True
+    per_image_captions: ClassVar[bool] = False
+    needs_scores: ClassVar[bool] = False
+    reports_margin: ClassVar[bool] = False
+    logistic_margin: ClassVar[bool] = False
+    reported_metrics: ClassVar[frozenset[str]] = frozenset({"err/policy_w"})
+    """Only the winner is forwarded: no loser, no reference, no preference to be accurate about."""
 
     def __call__(self, policy_err: Tensor, ref_err: Tensor | None, batch: dict[str, Any]) -> ObjectiveOutput:
         # policy_err: [B, 1] (winner only)

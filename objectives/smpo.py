@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import OBJECTIVES, ObjectiveOutput
-from .diffusion_dpo import dpo_inside, preference_metrics
+from .diffusion_dpo import PREFERENCE_METRICS, dpo_inside, preference_metrics
 from .inpo import inversion_inputs
 
 SCORE_RANGE = 0.28201571106910706 - 0.11543526500463486
@@ -79,11 +79,13 @@ class SmPO:
     renoise_steps: int = 1
 
     needs_reference: ClassVar[bool] = True
-    reports_margin: ClassVar[bool] = True
-    logistic_margin: ClassVar[bool] = True
-    needs_scores: ClassVar[bool] = True
     kind: ClassVar[str] = "preference"
     winner_only: ClassVar[bool] = False
+    per_image_captions: ClassVar[bool] = False
+    needs_scores: ClassVar[bool] = True
+    reports_margin: ClassVar[bool] = True
+    logistic_margin: ClassVar[bool] = True
+    reported_metrics: ClassVar[frozenset[str]] = PREFERENCE_METRICS | {"smooth_weight"}
 
     def __post_init__(self) -> None:
         if self.beta <= 0 or self.score_range <= 0 or self.inversion_steps < 1 or self.renoise_steps < 0:

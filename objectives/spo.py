@@ -59,14 +59,30 @@ class SPO:
     divert_start_step: int = 4
     guidance_scale: float = 5.0
     eta: float = 1.0
+    num_inner_step: int = 0
+    """Official ``config.sample.num_inner_step`` (0 for SD1.5, 3 for SDXL): after each branch the k
+    candidates each run this many more stochastic DDIM steps on their own before they are judged,
+    and every transition of the segment (the branch step and the inner steps) becomes a pair with the
+    segment's label (``multi_sample_pipeline_sdxl.py``). 0: judge right after the branch step."""
 
     needs_reference: ClassVar[bool] = True
     kind: ClassVar[str] = "online"
     winner_only: ClassVar[bool] = False
+    per_image_captions: ClassVar[bool] = False
+    needs_scores: ClassVar[bool] = False
+    reports_margin: ClassVar[bool] = True
+    """``margin = beta * (log r_w - log r_l)``, the clipped log-ratio difference."""
+    logistic_margin: ClassVar[bool] = True
+    reported_metrics: ClassVar[frozenset[str]] = frozenset(
+        {"implicit_acc", "margin", "ratio_win", "ratio_lose"}
+    )
+    """``policy_err`` / ``ref_err`` hold transition log-probs here, so there are no error metrics."""
 
     def __post_init__(self) -> None:
         if self.beta <= 0 or not 0 < self.clip_eps < 1 or self.samples_per_step < 2 or self.eta <= 0:
             raise ValueError("need beta > 0, 0 < clip_eps < 1, samples_per_step >= 2, eta > 0")
+        if self.num_inner_step < 0:
+            raise ValueError(f"num_inner_step must be >= 0, got {self.num_inner_step}")
         if not 0 <= self.divert_start_step < self.sample_steps:
             raise ValueError("need 0 <= divert_start_step < sample_steps")
 

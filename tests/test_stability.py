@@ -44,26 +44,57 @@ def test_cap_margins():
         cap_margins(loss, None, 1.0)
 
 
-def logs(dw, dl, acc):
+def logs(dw, dl, acc, ref=0.1):
     return {
-        "err/policy_w": 0.1 + dw,
-        "err/ref_w": 0.1,
-        "err/policy_l": 0.1 + dl,
-        "err/ref_l": 0.1,
+        "err/policy_w": ref + dw,
+        "err/ref_w": ref,
+        "err/policy_l": ref + dl,
+        "err/ref_l": ref,
         "implicit_acc": acc,
     }
 
 
-def test_divergence_monitor():
+def test_divergence_monitor_winning_by_degrading():
+    """Rule 1 (unchanged): both gaps rise (by 0.005 and 0.01, 5-10 % of the 0.1 reference error,
+    below the blow-up threshold) while accuracy is 1."""
     m = DivergenceMonitor(window=10)
     flags = [m.update(logs(0.001 * i, 0.002 * i, 1.0)) for i in range(10)]
-    assert flags[-1] and not any(flags[:-1])  # both errors rise, accuracy 1
+    assert flags[-1] and not any(flags[:-1]) and m.reason == "winning by degrading"
+    assert "implicit accuracy is ~1" in m.warning(10)
     m = DivergenceMonitor(window=10)
     assert not any(m.update(logs(0.001 * i, 0.002 * i, 0.6)) for i in range(20))  # accuracy not ~1
     m = DivergenceMonitor(window=10)
     assert not any(
         m.update(logs(-0.001 * i, 0.002 * i, 1.0)) for i in range(20)
     )  # winner error falls: healthy DPO
+
+
+def test_divergence_monitor_blow_up_at_chance_accuracy():
+    """Rule 2: the audit's lr-0.3 case, policy errors climbing to +1.7 over a reference error of 1.0
+    while implicit accuracy sits at 0.5. Window 10, gaps 0.19 * i (i = 0..9, ending at 1.71): first-half
+    mean 0.38, second-half mean 1.33, rise 0.95 > 0.5 * 1.0 on both images -> flagged at the 10th step.
+    The old monitor (accuracy rule only) never fired on this stream."""
+    m = DivergenceMonitor(window=10)
+    flags = [m.update(logs(0.19 * i, 0.19 * i, 0.5, ref=1.0)) for i in range(10)]
+    assert flags[-1] and not any(flags[:-1]) and m.reason == "blow-up"
+    assert "rose by more than 0.5x the reference error level" in m.warning(10)
+    # scale-free: the same relative blow-up on errors 1000x smaller fires too
+    m = DivergenceMonitor(window=10)
+    assert [m.update(logs(0.19e-3 * i, 0.19e-3 * i, 0.5, ref=1e-3)) for i in range(10)][-1]
+
+
+def test_divergence_monitor_quiet_on_healthy_streams():
+    # healthy DPO: the winner's gap falls while the loser's rises, accuracy 0.8 (nothing fires)
+    m = DivergenceMonitor(window=10)
+    assert not any(m.update(logs(-0.01 * i, 0.02 * i, 0.8)) for i in range(30))
+    # both errors drift up slowly (0.25 % of the reference error per step) at chance accuracy
+    m = DivergenceMonitor(window=10)
+    assert not any(m.update(logs(0.00025 * i, 0.00025 * i, 0.6)) for i in range(30))
+    # stationary noisy gaps (std 20 % of the reference error) around zero
+    g = torch.Generator().manual_seed(0)
+    noise = (0.02 * torch.randn(200, 2, generator=g)).tolist()
+    m = DivergenceMonitor(window=50)
+    assert not any(m.update(logs(a, b, 0.55)) for a, b in noise)
 
 
 def test_auto_beta_in_loop_resumes_exactly(tiny_models, pairs_parquet, tmp_path):
@@ -138,11 +169,12 @@ def test_auto_beta_refuses_objective_without_beta(tiny_models, tmp_path):
         (
             "mapo",
             ["train.auto_beta_target=0.3"],
-            "objective 'mapo' has no logistic loss on a beta-scaled margin",
+            r"objective 'mapo' has no logistic loss on a beta-scaled margin \(supported: dcpo, diffusion_dpo, "
+            r"inpo, rankdpo, smpo, with loss_type=sigmoid",
         ),
         ("diffusion_dpo", ["train.auto_beta_target=0.3", "objective.loss_type=hinge"], "no logistic loss"),
-        ("rankdpo", ["train.margin_cap=5"], "objective 'rankdpo' reports no per-pair margin"),
-        ("kto", ["train.margin_cap=5"], "objective 'kto' reports no per-pair margin"),
+        ("kto", ["train.auto_beta_target=0.3"], "objective 'kto' has no logistic loss"),
+        ("sft", ["train.margin_cap=5"], "objective 'sft' reports no per-pair margin"),
     ],
 )
 def test_stability_options_checked_before_loading(name, extra, match):
@@ -151,6 +183,22 @@ def test_stability_options_checked_before_loading(name, extra, match):
     cfg = load_config(None, ["model.path=org/model", "data.path=x.parquet", f"objective.name={name}", *extra])
     with pytest.raises(ConfigError, match=match):
         validate(cfg, check_data=False)
+
+
+@pytest.mark.parametrize(
+    "name, extra",
+    [
+        ("rankdpo", ["train.margin_cap=5", "train.auto_beta_target=0.3"]),
+        ("kto", ["train.margin_cap=5"]),
+    ],
+)
+def test_stability_options_accepted_where_a_margin_is_reported(name, extra):
+    from diffalign.config import load_config, validate
+
+    validate(
+        load_config(None, ["model.path=org/m", "data.path=x.parquet", f"objective.name={name}", *extra]),
+        check_data=False,
+    )
 
 
 def test_smpo_refuses_logit_scale_scores_with_cosine_range():

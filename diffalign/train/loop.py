@@ -157,7 +157,7 @@ def precompute_reference_errors(
             "(inversion); its reference errors cannot be computed ahead"
         )
     table = {}
-    per_image = getattr(objective, "per_image_captions", False)
+    per_image = objective.per_image_captions
     batches = batch_stream(dataset, plan, first, last, rank, num_workers)
     for step in tqdm(range(first, last), desc="reference pre-pass", unit="step", disable=not show):
         for micro_i in range(accum):
@@ -380,7 +380,7 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     else:
         dataset = PairDataset(cfg.data, verbose=main)
     k = 1 if objective.winner_only else dataset.k
-    if getattr(objective, "needs_scores", False) and not getattr(dataset, "has_scores", False):
+    if objective.needs_scores and not getattr(dataset, "has_scores", False):
         raise ConfigError(
             f"objective {cfg.objective.name!r} needs per-image reward scores: set data.score_column "
             f"(e.g. pickscore for score_0.pickscore/score_1.pickscore written by `diffalign label`; not available "
@@ -507,7 +507,7 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
                     batch,
                     k,
                     accelerator.device,
-                    per_image_captions=getattr(objective, "per_image_captions", False),
+                    per_image_captions=objective.per_image_captions,
                 )
                 if hasattr(objective, "noised_inputs"):  # InPO/SmPO: inversion with the current model
                     x_t, tt, target = objective.noised_inputs(adapter, model, x0, cond, micro, batch["seed"])
@@ -574,10 +574,7 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
             logs["stability/diverging"] = 1.0
             if main and not divergence.warned:
                 divergence.warned = True
-                print(
-                    f"warning: step {step + 1}: policy errors on winners and losers both rise against the reference "
-                    f"while implicit accuracy is ~1 (diverging); lower train.lr, raise beta or set train.auto_beta_target"
-                )
+                print(divergence.warning(step + 1))
         last = logs
         if main and ((step + 1) % t.log_every == 0 or step + 1 == t.max_steps):
             accelerator.log(logs, step=step + 1)
