@@ -3,14 +3,16 @@ every registered objective must honour."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import typing
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from diffalign.config import ConfigError, ObjectiveConfig
-from diffalign.objectives import OBJECTIVES, build_objective, diffusion_dpo_loss
+from diffalign.objectives import OBJECTIVES, Objective, build_objective, diffusion_dpo_loss
 from diffalign.registry import UnknownNameError
 
 
@@ -96,6 +98,64 @@ def test_dpo_metrics_hand_derived():
     assert torch.allclose(out.metrics["rewards/chosen"], torch.tensor([0.5, -0.5]))
 
 
+def test_dcpo_is_the_official_line_hand_derived():
+    """DCPO-T2I src/dcpo_trainer.py (the Diffusion-DPO loss on per-caption errors), restated:
+    ``-logsigmoid(-0.5 * beta * (model_diff - ref_diff))``, beta 500 (src/run.sh):
+    row 0: model_diff = 0.100 - 0.104 = -0.004, ref_diff = 0.102 - 0.101 = 0.001
+           inside = -250 * (-0.005) = 1.25 -> loss = log(1 + e^-1.25) = 0.2519291
+    row 1 (errors swapped): model_diff = +0.004, inside = -250 * 0.003 = -0.75 -> loss = 1.1368710"""
+    pe = torch.tensor([[0.100, 0.104], [0.104, 0.100]], dtype=torch.float64)
+    re = torch.tensor([[0.102, 0.101], [0.102, 0.101]], dtype=torch.float64)
+    out = build_objective(ObjectiveConfig("dcpo"))(pe, re, {})  # default beta = the official 500
+    want = torch.tensor([0.2519291, math.log1p(math.exp(0.75))], dtype=torch.float64)
+    torch.testing.assert_close(out.loss, want, atol=1e-6, rtol=0)
+    assert math.log1p(math.exp(0.75)) == pytest.approx(1.1368710, abs=1e-6)
+    official = -F.logsigmoid(-0.5 * 500.0 * ((pe[:, 0] - pe[:, 1]) - (re[:, 0] - re[:, 1])))
+    torch.testing.assert_close(out.loss, official)
+    torch.testing.assert_close(out.metrics["margin"], torch.tensor([1.25, -0.75], dtype=torch.float64))
+
+
+def test_online_dpo_is_flow_grpos_line_hand_derived():
+    """flow_grpo scripts/train_sd3_dpo.py, restated: ``inside = -0.5 * beta * ((e_w - e_ref_w) - (e_l - e_ref_l))``,
+    ``loss = -logsigmoid(inside)``, beta 100 (config/dpo.py). Velocity errors e_w = 0.30, e_l = 0.50,
+    ref 0.32 / 0.49: (e_w - ref_w) - (e_l - ref_l) = -0.02 - 0.01 = -0.03 -> inside = 1.5,
+    loss = log(1 + e^-1.5) = 0.2014133; accuracy 1; rewards/chosen = -50 * (-0.02) = 1.0."""
+    pe = torch.tensor([[0.30, 0.50]], dtype=torch.float64)
+    re = torch.tensor([[0.32, 0.49]], dtype=torch.float64)
+    out = build_objective(ObjectiveConfig("online_dpo"))(pe, re, {})
+    assert out.loss.item() == pytest.approx(0.2014133, abs=1e-6)
+    assert out.metrics["margin"].item() == pytest.approx(1.5)
+    assert out.metrics["implicit_acc"].item() == 1.0
+    assert out.metrics["rewards/chosen"].item() == pytest.approx(1.0)
+
+
+CAPABILITIES = typing.get_type_hints(Objective, include_extras=False)
+"""Everything the Objective protocol declares (its ClassVars)."""
+
+
+@pytest.mark.parametrize("name", OBJECTIVES.names())
+def test_objective_declares_every_capability(name):
+    """Every registered objective sets each ClassVar of the protocol itself (no inherited or
+    getattr-defaulted capability), with consistent values."""
+    cls = OBJECTIVES.get(name)
+    declared = [k for k in CAPABILITIES if k != "__call__"]
+    assert {"needs_reference", "kind", "winner_only", "per_image_captions", "needs_scores"} <= set(declared)
+    assert {"reports_margin", "logistic_margin", "reported_metrics"} <= set(declared)
+    for k in declared:
+        assert k in vars(cls), f"{name} does not declare {k}"
+    for k in ("needs_reference", "winner_only", "per_image_captions", "needs_scores", "reports_margin"):
+        assert isinstance(vars(cls)[k], bool), (name, k)
+    assert cls.kind in ("preference", "ranked", "unpaired", "online", "supervised")
+    assert isinstance(cls.reported_metrics, frozenset)
+    assert cls.reports_margin == ("margin" in cls.reported_metrics)
+    if cls.logistic_margin:  # auto-beta rescales a beta field and reads the margin
+        assert cls.reports_margin and "beta" in {f.name for f in dataclasses.fields(cls)}
+    errors = {"err/policy_w", "err/policy_l", "err/ref_w", "err/ref_l"}
+    if cls.kind in ("preference", "ranked", "unpaired"):  # comparable metrics for the stability kit
+        want = errors if cls.needs_reference else {"err/policy_w", "err/policy_l"}
+        assert want | {"implicit_acc", "margin"} <= cls.reported_metrics, name
+
+
 @pytest.mark.parametrize("name", OBJECTIVES.names())
 def test_objective_contract(name):
     obj = build_objective(ObjectiveConfig(name))
@@ -107,19 +167,21 @@ def test_objective_contract(name):
     base = torch.rand(B, k, generator=g) * 0.3 + 0.05
     policy = (base + 1e-4 * torch.randn(B, k, generator=g)).requires_grad_(True)
     ref = base.clone() if obj.needs_reference else None
-    batch = {"scores": torch.rand(B, 2, generator=g)} if getattr(obj, "needs_scores", False) else {}
+    batch = {"scores": torch.rand(B, 2, generator=g)} if obj.needs_scores else {}
     out = obj(policy, ref, batch)
     assert out.loss.shape == (B,)
     assert torch.isfinite(out.loss).all()
     out.loss.sum().backward()
     assert policy.grad is not None and torch.isfinite(policy.grad).all() and policy.grad.abs().sum() > 0
+    assert obj.reported_metrics <= set(out.metrics), obj.reported_metrics - set(out.metrics)
     for v in out.metrics.values():
         assert not v.requires_grad  # metrics are detached
+        assert v.shape in ((B,), ()) and torch.isfinite(v).all()
+    if obj.reports_margin:
+        assert out.metrics["margin"].shape == (B,)  # per sample: the margin cap zeroes samples
     if ref is not None:
         assert not ref.requires_grad  # gradients flow only through policy terms
     # config round trip
-    import dataclasses
-
     again = build_objective(ObjectiveConfig(name, dataclasses.asdict(obj)))
     assert again == obj
 
