@@ -209,3 +209,38 @@ def test_smpo_refuses_logit_scale_scores_with_cosine_range():
         SmPO()(pol, pol.clone(), {"scores": torch.tensor([[21.0, 20.5], [22.0, 21.0]])})
     out = SmPO(score_range=16.658)(pol, pol.clone(), {"scores": torch.tensor([[21.0, 20.5], [22.0, 21.0]])})
     assert torch.isfinite(out.loss).all()
+
+
+def test_rankdpo_auto_beta_and_margin_cap_in_loop_kto_margin_cap(tiny_models, pairs_parquet, tmp_path):
+    """RankDPO (the demo's objective) and KTO now report margins and loser errors, so the kit acts on
+    them in the loop: auto-beta moves RankDPO's beta; the margin cap and the monitor's inputs are logged."""
+    from test_ranked import make_ranked
+    from test_train import run
+
+    ranked = make_ranked(tmp_path / "r.parquet")
+    m = run(
+        tiny_models["sd"],
+        ranked,
+        tmp_path / "rank",
+        "data.format=ranked",
+        "objective.name=rankdpo",
+        "train.max_steps=2",
+        "train.batch_size=2",
+        "train.auto_beta_target=0.3",
+        "train.auto_beta_rate=0.5",
+        "train.margin_cap=50",
+    )
+    assert m["stability/beta"] != 100.0 and 0 < m["stability/grad_factor"] < 1
+    for key in ("margin", "implicit_acc", "err/policy_w", "err/policy_l", "err/ref_w", "err/ref_l"):
+        assert math.isfinite(m[key]), key
+    m = run(
+        tiny_models["sd"],
+        pairs_parquet,
+        tmp_path / "kto",
+        "objective.name=kto",
+        "train.max_steps=1",
+        "train.batch_size=2",
+        "train.margin_cap=50",
+    )
+    for key in ("margin", "implicit_acc", "err/policy_l", "err/ref_l"):
+        assert math.isfinite(m[key]), key
