@@ -59,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
         help="resume from the newest checkpoint of train.output_dir (or the given checkpoint folder); "
         "the run continues exactly as if it had not stopped",
     )
+    tr.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="with --resume: accept settings that differ from the run's config.yaml (e.g. a new lr); "
+        "the change is recorded in config_changes.jsonl (without it such a resume is refused)",
+    )
 
     va = sub.add_parser(
         "validate",
@@ -384,7 +390,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     from .train import train
 
-    train(cfg, resume=args.resume)
+    train(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
     return 0
 
 

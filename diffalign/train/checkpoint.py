@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,7 @@ def save_checkpoint(
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     export(tmp / "export")
     (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    (tmp / MANIFEST).write_text(json.dumps(file_digests(tmp), indent=1))  # what "complete" means
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)  # the commit point
@@ -97,7 +99,8 @@ def resume_point(run_dir: Path, resume: str | None) -> Path | None:
     would interleave)."""
     if resume:
         return find_checkpoint(run_dir, resume)
-    old = find_checkpoint(run_dir, "latest")
+    done = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if not p.name.endswith(".tmp"))
+    old = done[-1] if done else None
     if old is not None:
         raise ConfigError(
             f"train.output_dir {run_dir} already holds a run (checkpoint {old.name}); "
@@ -106,20 +109,79 @@ def resume_point(run_dir: Path, resume: str | None) -> Path | None:
     return None
 
 
+MANIFEST = "manifest.json"
+
+
+def file_digests(folder: Path) -> dict[str, list]:
+    """``relative path -> [size, sha256]`` of every file under ``folder`` but the manifest."""
+    import hashlib
+
+    out = {}
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and f.name != MANIFEST:
+            h = hashlib.sha256()
+            with f.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(chunk)
+            out[str(f.relative_to(folder))] = [f.stat().st_size, h.hexdigest()]
+    return out
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None when the checkpoint is intact, else what is wrong (one phrase). Checkpoints written
+    before manifests existed are checked by reading their state and weights."""
+    manifest = path / MANIFEST
+    if manifest.is_file():
+        try:
+            want = json.loads(manifest.read_text())
+        except json.JSONDecodeError:
+            return "unreadable manifest"
+        have = file_digests(path)
+        for name, (size, digest) in want.items():
+            if name not in have:
+                return f"{name} is missing"
+            if have[name][0] != size:
+                return f"{name} has {have[name][0]} bytes, {size} were written"
+            if have[name][1] != digest:
+                return f"{name} is corrupt (checksum differs)"
+        return None
+    try:
+        json.loads((path / "state.json").read_text())
+        load_file(path / "trainable.safetensors")
+    except Exception as e:  # any failure to read means: not usable
+        return f"unreadable ({type(e).__name__})"
+    return None
+
+
 def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
-    """``resume`` is ``latest`` (newest complete checkpoint of ``run_dir``, or None) or a folder."""
+    """``resume`` is ``latest`` (the newest checkpoint of ``run_dir`` that verifies, or None) or a
+    folder (which must verify). A damaged newest checkpoint is reported and skipped."""
     if resume == "latest":
-        pointer = run_dir / "checkpoints" / "latest"
-        if pointer.exists():
-            p = run_dir / "checkpoints" / pointer.read_text().strip()
-            if p.is_dir():
-                return p
         done = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if not p.name.endswith(".tmp"))
-        return done[-1] if done else None
+        for p in reversed(done):
+            problem = verify_checkpoint(p)
+            if problem is None:
+                return p
+            print(f"warning: checkpoint {p}: {problem}; trying the one before it", file=sys.stderr)
+        if done:
+            raise ConfigError(
+                f"--resume: no checkpoint of {run_dir} verifies (newest: {done[-1].name}); start anew"
+            )
+        return None
     p = Path(resume)
     if not (p / "state.json").is_file():
         raise FileNotFoundError(f"--resume {resume!r}: not a diffalign checkpoint folder (no state.json)")
+    problem = verify_checkpoint(p)
+    if problem is not None:
+        raise ConfigError(
+            f"--resume {resume!r}: {problem}; resume from another checkpoint (or --resume latest)"
+        )
     return p
+
+
+def checkpoint_step(path: Path | None) -> int:
+    """The step a checkpoint was written at (0 for None: a fresh run)."""
+    return 0 if path is None else int(json.loads((path / "state.json").read_text())["step"])
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

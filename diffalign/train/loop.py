@@ -15,6 +15,7 @@ what makes gradient accumulation, multi-process runs and resumes reproduce a sin
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -26,13 +27,14 @@ import torch
 from torch import Tensor
 
 from .._quiet import quiet_libraries
-from ..config import Config, ConfigError, dump_config, to_dict, validate
+from ..config import Config, ConfigError, to_dict, validate
 from ..data.pairs import PairDataset, collate
 from ..data.sampler import StepPlan
 from ..models.base import Adapter, per_sample_error
 from ..models.loading import load_adapter
-from .checkpoint import load_checkpoint, resume_point, save_checkpoint
+from .checkpoint import checkpoint_step, load_checkpoint, resume_point, save_checkpoint
 from .guards import BadStepGuard
+from .provenance import RunLock, record_config, truncate_metrics
 from .reference import Reference, fingerprint, resolve_mode
 from .stability import (
     AutoBeta,
@@ -319,18 +321,29 @@ def swap_weights(live: dict[str, Tensor], store: dict[str, Tensor]) -> None:
 # ----------------------------------------------------------------------------- the loop
 
 
-def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
-    """Train according to ``cfg``. ``resume``: ``latest`` or a checkpoint folder. Returns final metrics."""
+def train(cfg: Config, resume: str | None = None, allow_config_change: bool = False) -> dict[str, Any]:
+    """Train according to ``cfg``. ``resume``: ``latest`` or a checkpoint folder;
+    ``allow_config_change``: accept (and record) settings that differ from the resumed run's.
+    Returns final metrics. The run folder is locked while this runs (``provenance.RunLock``)."""
     quiet_libraries()
     from ..objectives import OBJECTIVES
 
-    if (
-        getattr(OBJECTIVES.get(cfg.objective.name), "kind", "") == "online"
-    ):  # spo, online_dpo: sample, then train
-        from .online import train_online
+    online = OBJECTIVES.get(cfg.objective.name).kind == "online"  # spo, online_dpo: sample, then train
+    validate(cfg, check_data=not online)  # everything that can fail without weights fails here
+    # one writer per run folder: the main process of this launch holds the lock (RANK: accelerate launch)
+    lock = RunLock(Path(cfg.train.output_dir)).acquire() if int(os.environ.get("RANK", "0")) == 0 else None
+    try:
+        if online:
+            from .online import train_online
 
-        return train_online(cfg, resume)
-    validate(cfg)  # everything that can fail without weights fails here
+            return train_online(cfg, resume, allow_config_change)
+        return _train(cfg, resume, allow_config_change)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[str, Any]:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
@@ -367,6 +380,9 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     divergence = DivergenceMonitor(t.divergence_window)
     weight_dtype = DTYPES[t.mixed_precision]
     ckpt_path = resume_point(run_dir, resume)
+    resumed_step = checkpoint_step(ckpt_path)
+    # every rank checks (same verdict everywhere), the main process writes the record
+    record_config(run_dir, cfg, resumed_step, allow_config_change, write=main)
 
     # -- data (before the model: bad data fails fast and cheaply)
     if cfg.data.cache_dir:
@@ -477,8 +493,8 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         model = torch.compile(model)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
-        init_tracking(accelerator, cfg, flat_hparams(cfg))
+        truncate_metrics(run_dir / "metrics.jsonl", start_step)  # rows a killed run wrote past its checkpoint
+        init_tracking(accelerator, cfg, flat_hparams(cfg), purge_step=start_step + 1 if start_step else None)
     export = exporter(adapter, use_lora)
 
     # -- loop

@@ -26,10 +26,10 @@ import torch
 from torch import Tensor
 
 from .._quiet import quiet_libraries
-from ..config import Config, ConfigError, dump_config, to_dict, validate
+from ..config import Config, ConfigError, to_dict, validate
 from ..data.pairs import sample_seed
 from ..models.loading import FAMILY_MODALITY, load_adapter, resolve_family
-from .checkpoint import load_checkpoint, resume_point, save_checkpoint
+from .checkpoint import checkpoint_step, load_checkpoint, resume_point, save_checkpoint
 from .loop import (
     DTYPES,
     add_lora,
@@ -42,6 +42,7 @@ from .loop import (
     noised_inputs,
     swap_weights,
 )
+from .provenance import record_config, truncate_metrics
 from .tracking import init_tracking, log_samples, log_with
 
 
@@ -79,10 +80,17 @@ def spo_pairs(
 ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """Sample with the step-wise resampler; returns the kept pairs ``{x_t, w, l, t, t_prev, b}`` and
     one unkept pair (trained with weight 0 when nothing was kept, so every DDP rank still runs a
-    forward and backward and the gradient all-reduce stays in step)."""
+    forward and backward and the gradient all-reduce stays in step).
+
+    Segments as the official ``multi_sample_pipeline(_sdxl).py``: from the shared x_t draw k candidates
+    (the branch step), let each run ``num_inner_step`` more stochastic DDIM steps on its own, judge
+    the candidates' predicted x0 at the segment's last timestep, and turn every transition of the
+    segment into a (best, worst) pair with that label; an inner transition starts from each
+    candidate's own latent, so its pair also carries the loser's ``x_t_l``. The trajectory continues
+    from a uniformly random candidate. With ``num_inner_step = 0`` this is ``stepwise_resample``
+    step by step (same draws, same pairs)."""
     from ..samplers.base import guided, randn_like
     from ..samplers.ddim import NoiseSchedule, ddim_step, ddim_timesteps
-    from ..samplers.stepwise import stepwise_resample
 
     sched = NoiseSchedule.from_scheduler(adapter.noise_scheduler)
     ts = ddim_timesteps(adapter.pipe.scheduler.config, obj.sample_steps)
@@ -105,21 +113,48 @@ def spo_pairs(
 
     pairs: list[dict[str, Any]] = []
     fallback: dict[str, Any] | None = None
-    for i, t in enumerate(ts):
-        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-        if i < obj.divert_start_step:
+    ar = torch.arange(B, device=device)
+    i = 0
+    while i < len(ts):
+        t, t_prev = ts[i], ts[i + 1] if i + 1 < len(ts) else -1
+        i += 1
+        if i <= obj.divert_start_step:
             pred = guided(fn, x, torch.tensor(t, device=device), (uncond, cond), g)
             x = ddim_step(pred, x, t, t_prev, sched, obj.eta, randn_like(x, gen))[0]
             continue
-        out = stepwise_resample(fn, x, t, t_prev, (uncond, cond), sched, k, scorer, g, obj.eta, gen)
-        s = torch.stack([out.scores.max(0).values, out.scores.min(0).values]).softmax(0)  # [2, B]
+        # the branch step: k candidates for x_{t_prev} from the shared x_t (one guided prediction)
+        pred = guided(fn, x, torch.tensor(t, device=device), (uncond, cond), g)
+        cands = torch.stack(
+            [ddim_step(pred, x, t, t_prev, sched, obj.eta, randn_like(x, gen))[0] for _ in range(k)]
+        )  # [k,B,...]
+        segment = [(None, cands, t, t_prev)]  # (x_t [k,B,...] or None = the shared x, x_prev, t, t_prev)
+        for _ in range(obj.num_inner_step):  # inner steps: every candidate continues on its own
+            if i >= len(ts):
+                break
+            t, t_prev = ts[i], ts[i + 1] if i + 1 < len(ts) else -1
+            i += 1
+            flat = cands.flatten(0, 1)  # [k*B,...], candidate-major like the conditioning below
+            pred = guided(fn, flat, torch.tensor(t, device=device), (_repeat(uncond, k), _repeat(cond, k)), g)
+            nxt = ddim_step(pred, flat, t, t_prev, sched, obj.eta, randn_like(flat, gen))[0].view_as(cands)
+            segment.append((cands, nxt, t, t_prev))
+            cands = nxt
+        scores = scorer(cands.flatten(0, 1), t_prev).view(k, B)  # judged at the segment's end
+        bi, wi = scores.argmax(0), scores.argmin(0)  # [B]
+        s = torch.stack([scores.max(0).values, scores.min(0).values]).softmax(0)  # [2, B]
         keep = (s[0] - s[1] > obj.threshold).nonzero().flatten().tolist()
-        pairs += [
-            {"x_t": x[b], "w": out.best[b], "l": out.worst[b], "t": t, "t_prev": t_prev, "b": b} for b in keep
-        ]
-        if fallback is None:
-            fallback = {"x_t": x[0], "w": out.best[0], "l": out.worst[0], "t": t, "t_prev": t_prev, "b": 0}
-        x = out.next_x
+        for xs, xp, tt, tp in segment:
+            for b in keep + ([] if fallback is not None else [None]):
+                bb = 0 if b is None else b
+                p = {"x_t": x[bb] if xs is None else xs[bi[bb], bb], "w": xp[bi[bb], bb], "l": xp[wi[bb], bb]}
+                p.update(t=tt, t_prev=tp, b=bb)
+                if xs is not None:
+                    p["x_t_l"] = xs[wi[bb], bb]
+                if b is None:
+                    fallback = p
+                else:
+                    pairs.append(p)
+        choice = torch.randint(0, k, (B,), generator=gen).to(device)
+        x = cands[choice, ar]
     return pairs, fallback
 
 
@@ -132,11 +167,11 @@ def spo_logps(
 
     sched = NoiseSchedule.from_scheduler(adapter.noise_scheduler)
     fn = _model_fn(adapter, model)
-    by_t: dict[tuple[int, int], list[int]] = defaultdict(list)
+    by_t: dict[tuple[int, int, bool], list[int]] = defaultdict(list)
     for i, p in enumerate(pairs):
-        by_t[(p["t"], p["t_prev"])].append(i)
+        by_t[(p["t"], p["t_prev"], "x_t_l" in p)].append(i)
     rows = []
-    for (t, t_prev), idx in by_t.items():
+    for (t, t_prev, own_l), idx in by_t.items():
         b = torch.tensor([pairs[i]["b"] for i in idx])
         x_t = torch.stack([pairs[i]["x_t"] for i in idx])
         c = {kk: v[b] for kk, v in cond.items()}
@@ -145,8 +180,12 @@ def spo_logps(
         lw = ddim_transition_log_prob(
             pred, x_t, torch.stack([pairs[i]["w"] for i in idx]), t, t_prev, sched, obj.eta
         )
+        x_l, pred_l = x_t, pred
+        if own_l:  # an inner transition (num_inner_step > 0): the loser steps from its own latent
+            x_l = torch.stack([pairs[i]["x_t_l"] for i in idx])
+            pred_l = guided(fn, x_l, torch.tensor(t, device=x_t.device), (u, c), obj.guidance_scale)
         ll = ddim_transition_log_prob(
-            pred, x_t, torch.stack([pairs[i]["l"] for i in idx]), t, t_prev, sched, obj.eta
+            pred_l, x_l, torch.stack([pairs[i]["l"] for i in idx]), t, t_prev, sched, obj.eta
         )
         rows.append((idx, torch.stack([lw, ll], dim=1)))
     order = [i for idx, _ in rows for i in idx]
@@ -222,7 +261,7 @@ def group_pairs(
 # ----------------------------------------------------------------------------- the loop
 
 
-def train_online(cfg: Config, resume: str | None = None) -> dict[str, Any]:
+def train_online(cfg: Config, resume: str | None = None, allow_config_change: bool = False) -> dict[str, Any]:
     quiet_libraries()
     validate(cfg, check_data=False)
     from accelerate import Accelerator
@@ -311,6 +350,7 @@ def train_online(cfg: Config, resume: str | None = None) -> dict[str, Any]:
 
     start_step = 0
     ckpt_path = resume_point(run_dir, resume)
+    record_config(run_dir, cfg, checkpoint_step(ckpt_path), allow_config_change, write=main)
     if ckpt_path is not None:
         ck = load_checkpoint(ckpt_path)
         with torch.no_grad():
@@ -327,8 +367,8 @@ def train_online(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     model, optimizer = accelerator.prepare(denoiser, optimizer)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
-        init_tracking(accelerator, cfg, flat_hparams(cfg))
+        truncate_metrics(run_dir / "metrics.jsonl", start_step)  # rows a killed run wrote past its checkpoint
+        init_tracking(accelerator, cfg, flat_hparams(cfg), purge_step=start_step + 1 if start_step else None)
     export = exporter(adapter, True)
     res = cfg.data.resolution
     latent_shape = (

@@ -27,17 +27,30 @@ def log_with(cfg: Config) -> str | None:
     return None if cfg.train.report_to == "none" else cfg.train.report_to
 
 
-def init_tracking(accelerator: Any, cfg: Config, hparams: dict[str, Any]) -> None:
-    """Start the tracker (main process only; accelerate ignores the call elsewhere)."""
+def init_tracking(
+    accelerator: Any, cfg: Config, hparams: dict[str, Any], purge_step: int | None = None
+) -> None:
+    """Start the tracker (main process only; accelerate ignores the call elsewhere). ``purge_step``
+    (a resume): TensorBoard drops events of this step and later, which a killed run had logged past
+    its checkpoint; W&B continues the run of the same id."""
     if cfg.train.report_to == "none":
         return
-    name = "tb" if cfg.train.report_to == "tensorboard" else Path(cfg.train.output_dir).resolve().name
-    kwargs = (
-        {"wandb": {"dir": str(Path(cfg.train.output_dir).resolve())}}
-        if cfg.train.report_to == "wandb"
-        else {}
-    )
+    folder = Path(cfg.train.output_dir).resolve()
+    if cfg.train.report_to == "tensorboard":
+        name, kwargs = "tb", ({"tensorboard": {"purge_step": purge_step}} if purge_step else {})
+    else:
+        name, kwargs = (
+            folder.name,
+            {"wandb": {"dir": str(folder), "id": _wandb_id(folder), "resume": "allow"}},
+        )
     accelerator.init_trackers(name, config=hparams, init_kwargs=kwargs)
+
+
+def _wandb_id(folder: Path) -> str:
+    """A stable W&B run id per run folder (so a resume continues the same W&B run)."""
+    import hashlib
+
+    return hashlib.sha256(str(folder).encode()).hexdigest()[:16]
 
 
 def sample_grid(adapter: Any, cfg: Config, autocast: Any = nullcontext) -> np.ndarray:

@@ -1,0 +1,160 @@
+"""Run provenance: one run folder holds one run, trained with the settings it records.
+
+- **Lock.** A run holds ``<output_dir>/.lock`` (an OS file lock, released by the kernel when the
+  process dies, so a killed run never leaves a stale lock) while it writes; a second run into the
+  same folder is refused in one line.
+- **Config on resume.** ``config.yaml`` is written once, when the run starts, and never overwritten.
+  A resume compares the resolved config with it and refuses any change that alters the training
+  trajectory, naming the keys; ``--allow-config-change`` accepts it and records it in
+  ``config_changes.jsonl`` (step, old and new values), as do changes of bookkeeping keys.
+- **Metrics on resume.** ``metrics.jsonl`` is cut back to the resumed checkpoint's step (rows of
+  steps after it were written by the killed process and are written again), and TensorBoard is
+  opened with ``purge_step`` so its events of those steps are dropped too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import Config, dump_config, to_dict
+from ..errors import ConfigError
+from .checkpoint import write_atomic_text
+
+BOOKKEEPING_KEYS = frozenset(
+    {
+        "train.output_dir",  # a moved run folder
+        "model.path",  # a moved model: the reference weights' fingerprint is checked on resume
+        "train.checkpoint_every",
+        "train.keep_checkpoints",
+        "train.log_every",
+        "train.report_to",
+        "train.sample_prompts",
+        "train.sample_steps",
+        "train.sample_guidance",
+        "train.halt_after_step",
+        "train.max_bad_steps",
+        "train.divergence_window",  # only decides when the warning fires
+        "data.num_workers",  # the same batches in workers or not (tested)
+        "data.cache_dir",  # cached and uncached training are identical (tested)
+        "train.precompute_reference",  # bit-identical to a live reference (tested)
+    }
+)
+"""Keys that do not change which weights the run produces; everything else does."""
+
+_SCHEDULES_WITHOUT_HORIZON = ("constant", "constant_with_warmup")
+
+
+def _flat(d: dict[str, Any]) -> dict[str, Any]:
+    return {f"{sec}.{k}": v for sec, vals in d.items() for k, v in vals.items()}
+
+
+def trajectory_keys(old: dict[str, Any]) -> set[str]:
+    """Keys whose change alters the weights. ``train.max_steps`` only does when the LR schedule
+    depends on the horizon (linear, cosine): extending a constant-LR run is a plain continuation."""
+    free = set(BOOKKEEPING_KEYS)
+    if old.get("train.lr_scheduler") in _SCHEDULES_WITHOUT_HORIZON:
+        free.add("train.max_steps")
+    return set(old) - free
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``key -> (old, new)`` for every flattened key that differs (a missing key reads as None)."""
+    a, b = _flat(old), _flat(new)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def record_config(
+    run_dir: Path, cfg: Config, start_step: int, allow_change: bool, write: bool = True
+) -> None:
+    """At start: write ``config.yaml`` for a new run; on a resume, compare with it (refusing changes
+    that alter the trajectory unless ``allow_change``) and log what changed. ``write``: this process
+    writes (the main one); every process checks, so all of them stop alike."""
+    stored = run_dir / "config.yaml"
+    if start_step == 0 or not stored.is_file():
+        if start_step == 0 and write:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, stored)
+        return
+    try:
+        old = yaml.safe_load(stored.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{stored}: unreadable ({type(e).__name__}); the run's record is damaged") from None
+    changes = config_changes(old, to_dict(cfg))
+    if not changes:
+        return
+    altering = sorted(set(changes) & trajectory_keys(_flat(old)))
+    if altering and not allow_change:
+        shown = ", ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in altering[:3])
+        more = f" and {len(altering) - 3} more" if len(altering) > 3 else ""
+        raise ConfigError(
+            f"--resume: the run in {run_dir} was trained with other settings ({shown}{more}); resume with "
+            f"the stored {stored.name}, or pass --allow-config-change to continue and record the change"
+        )
+    if not write:
+        return
+    with (run_dir / "config_changes.jsonl").open("a") as f:
+        f.write(json.dumps({"step": start_step, "changes": {k: list(v) for k, v in changes.items()}}) + "\n")
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the rows of ``metrics.jsonl`` up to ``step`` (atomically); a torn last line goes too."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the line a killed process was writing
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line)
+    write_atomic_text(path, "".join(ln + "\n" for ln in kept))
+
+
+class RunLock:
+    """An exclusive lock on ``<run_dir>/.lock`` for as long as the run writes there."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        import fcntl
+
+        folder = self.path.parent
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"train.output_dir {folder} is a file; choose a folder path")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # read-only, no permission, a file somewhere above it
+            raise ConfigError(
+                f"train.output_dir {folder}: cannot write there ({e.strerror or type(e).__name__}); "
+                f"choose a writable folder"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ConfigError(
+                f"train.output_dir {self.path.parent} is in use by another run (pid {holder}); wait for it or "
+                f"choose another train.output_dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            import fcntl
+
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
