@@ -11,8 +11,11 @@ Two changes to Diffusion-DPO:
    ``p = exp(s~_w) / (exp(s~_w) + exp(s~_l)) = sigmoid((s_w - s_l) / score_range)`` and the
    per-pair beta is ``beta * smooth_scale * (2p - 1)`` (``smooth_scale = 10``), so near-ties barely
    count and clear pairs count up to ~4.6 beta.
-2. **ReNoise inversion** (5-step ``DDIMInverseScheduler`` grid, one ReNoise refinement, no eta
-   noise) instead of random noising; the implied noise is the target (as InPO).
+2. **ReNoise inversion** (one ReNoise refinement, no eta noise) instead of random noising; the
+   implied noise is the target (as InPO). The ``DDIMInverseScheduler`` grid has 5 steps for SD1.5
+   and 10 for SDXL (``train.py:881`` ``set_timesteps(5)``, ``train.py:872`` ``set_timesteps(10)``
+   under ``--sdxl``); ``inversion_steps`` defaults to the SD1.5 value, ``configs/sdxl_smpo_full.yaml``
+   sets 10.
 
 Code -> paper: ``p`` -> the smoothed preference probability; ``score_range`` -> max - min of the
 reward normalisation (raw-cosine units; with diffalign's ``pickscore`` (``logit_scale * cos``,
@@ -76,6 +79,7 @@ class SmPO:
     score_range: float = SCORE_RANGE
     smooth_scale: float = 10.0
     inversion_steps: int = 5
+    """The official SD1.5 grid (``train.py:881``); the official SDXL run uses 10 (``train.py:872``)."""
     renoise_steps: int = 1
 
     needs_reference: ClassVar[bool] = True
