@@ -6,7 +6,8 @@ Reference implementation: JaydenLyh/InPO@a9cfc4d ``train.py:990-1050`` (method `
 Instead of noising each clean latent with random noise, InPO inverts it with DDIM using the
 *current* model (no grad, conditional, no CFG) over the grid points of a 10-step
 ``DDIMInverseScheduler`` below the sampled t, adding ``inversion_eta * sigma * N(0, I)`` after each
-step, and regresses the implied noise ``eps* = (x_inv - sqrt(abar_t) x0) / sqrt(1 - abar_t)`` at t.
+step, and regresses the implied noise ``eps* = (x_inv - sqrt(abar_t) x0) / sqrt(1 - abar_t)`` at t
+(v-prediction models: the matching velocity ``sqrt(abar_t) eps* - sqrt(1 - abar_t) x0``).
 The loss on top is Diffusion-DPO's, same beta convention (``-0.5 * beta``).
 
 Code -> paper: ``x_inv`` -> x_t reparametrised by DDIM inversion; ``eps*`` -> the image-specific
@@ -17,6 +18,9 @@ Deviations (documented bugs of the reference): the official code inverts the who
 every pair inverts to its own t (``samplers.inversion.invert_per_sample``), so any batch size
 works. Its eta noise reads ``alphas_cumprod[t + 100]``, which overruns the schedule for t > 899;
 we clamp the index. Noise comes from per-image generators seeded by the data position.
+Extension: the official code runs epsilon models only; DDIM inversion is equally defined for
+v-prediction (SD2.x-768), so v models are accepted, their outputs converted to epsilon exactly as
+``DDIMInverseScheduler.step`` does (``epsilon_model``). Flow-matching models are refused.
 """
 
 from __future__ import annotations
