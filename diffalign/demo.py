@@ -6,9 +6,11 @@
    image is usually a clear loser, and without such negatives the toy-reward rankings of two
    comparable generators taught the policy to lose held-out counting (benchmarks/RESULTS.md);
 2. RankDPO (or any objective) with LoRA on the policy model (toy-sd by default);
-3. judged GenEval-style evaluation of base vs aligned on held-out prompts (colour/shape/relation
-   combinations never seen in training), with a paired bootstrap CI on the gain;
-4. a report folder: per-tag table, before/after grids, loss curve, per-tag bars, metrics JSON.
+3. judged GenEval-style evaluation of base vs aligned on distinct held-out prompts (colour/shape/relation
+   combinations never seen in training), with a paired cluster-bootstrap CI on the gain (distinct
+   prompts resampled with all their images);
+4. a report folder: per-tag table, before/after pairs captioned with their prompts, the prompt list,
+   loss curve, per-tag bars, metrics JSON.
 """
 
 from __future__ import annotations
@@ -41,14 +43,10 @@ DEMO_OUTPUTS = ("prompts.txt", "synpic", "pairs.parquet", "cache", "run", "repor
 
 
 def train_prompts(n: int, seed: int) -> list[str]:
-    from .benchmarks.toyworlds.shapes import prompts
+    """``n`` distinct held-in ShapesWorld prompts (fewer if the split has fewer)."""
+    from .benchmarks.geneval.metadata import shapes_prompts
 
-    seen: dict[str, None] = {}
-    for md in prompts("train", 40 * n, seed):
-        seen.setdefault(md["prompt"], None)
-        if len(seen) == n:
-            break
-    return list(seen)
+    return [md["prompt"] for md in shapes_prompts("train", n, seed)]
 
 
 def run_demo(
@@ -75,10 +73,12 @@ def run_demo(
     is the evaluation's) default to [2, 2, 1] and [guidance, guidance, 1] for the default generators
     (toy-sd, toy-sd3, the policy unguided), and to 2 and ``guidance`` for generators you pass."""
     from ._quiet import quiet_libraries
-    from .benchmarks.toyworlds.evaluate import evaluate_pipeline, paired_difference
+    from .benchmarks.geneval.metadata import shapes_prompts
+    from .benchmarks.geneval.stats import overall_gain
+    from .benchmarks.toyworlds.evaluate import evaluate_pipeline
     from .config import load_config, validate
     from .models.loading import load_pipeline, load_trained_pipeline, pipeline_call_defaults
-    from .report import image_grid, loss_curve, save_png, tag_bars, write_report
+    from .report import loss_curve, tag_bars, write_report
     from .synpic import SynPicConfig, run_synpic
     from .train import train
 
@@ -193,7 +193,12 @@ def run_demo(
     train(cfg)
     t_train = time.time()
 
-    print(f"[3/4] judged evaluation on {n_eval} held-out prompts x {per_prompt} images, base vs aligned")
+    n_distinct = len(shapes_prompts("heldout", n_eval, seed + 1000))
+    short = f" (asked for {n_eval}: the held-out split has only {n_distinct})" if n_distinct < n_eval else ""
+    print(
+        f"[3/4] judged evaluation on {n_distinct} distinct held-out prompts{short} x {per_prompt} images, "
+        "base vs aligned"
+    )
     base, call_kw = load_pipeline(model)
     res_base = evaluate_pipeline(
         base, "heldout", n_eval, per_prompt, seed + 1000, sample_steps, guidance, **call_kw
@@ -210,29 +215,14 @@ def run_demo(
         guidance,
         **pipeline_call_defaults(model),
     )
-    diff = paired_difference(res_base["results"], res_al["results"])
+    diff = overall_gain(res_base["results"], res_al["results"])
     t_eval = time.time()
 
     print("[4/4] report")
     sb, sa = res_base["summary"], res_al["summary"]
-    tags = sorted(sb["per_tag"])
-    lines = ["| tag | base | aligned | n |", "|---|---|---|---|"]
-    lines += [
-        f"| {t} | {sb['per_tag'][t]:.3f} | {sa['per_tag'][t]:.3f} | {sb['n_per_tag'][t]} |" for t in tags
-    ]
-    lines += [
-        f"| **overall** | {sb['overall']:.3f} [{sb['overall_ci95'][0]:.3f}, {sb['overall_ci95'][1]:.3f}] | "
-        f"{sa['overall']:.3f} [{sa['overall_ci95'][0]:.3f}, {sa['overall_ci95'][1]:.3f}] | {len(res_base['results'])} |",
-        "",
-        f"gain: {diff['diff']:+.3f} (95% paired bootstrap CI [{diff['ci95_low']:+.3f}, {diff['ci95_high']:+.3f}])",
-    ]
-    table = "\n".join(lines)
     rep = root / "report"
-    rep.mkdir(exist_ok=True)
-    pick = list(range(0, min(16 * per_prompt, len(res_base["images"])), per_prompt))
-    grid_b = save_png(image_grid(res_base["images"][pick], 8, scale=3), rep / "base.png")
-    grid_a = save_png(image_grid(res_al["images"][pick], 8, scale=3), rep / "aligned.png")
-    prompts_shown = "; ".join(f"{i + 1}: {res_base['results'][j]['prompt']}" for i, j in enumerate(pick))
+    table = demo_table(sb, sa, diff)
+    pairs, prompt_list = demo_samples(res_base, res_al, per_prompt, rep)
     curve = loss_curve(run_dir / "metrics.jsonl", rep / "training.png")
     bars = tag_bars({"base": sb["per_tag"], "aligned": sa["per_tag"]}, rep / "per_tag.png")
     timing = {
@@ -269,10 +259,15 @@ def run_demo(
         "diffalign demo: ShapesWorld alignment",
         table,
         [
-            ("Base model samples", grid_b, f"first image of the first 16 held-out prompts ({prompts_shown})"),
-            ("Aligned model samples", grid_a, "same prompts and seeds after alignment"),
+            (
+                "Base vs aligned samples",
+                pairs,
+                f"First image of the first {len(pairs)} held-out prompts: base (left) and aligned (right), "
+                "same seed; the same images as two grids in base.png and aligned.png.",
+            ),
             ("Per-tag accuracy", bars, "judged by the exact ShapesWorld detector with GenEval's rules"),
             ("Training curves", curve, f"{objective}, beta {beta}, lr {lr}, {steps} steps"),
+            (f"Held-out prompts ({sb['n_prompts']} distinct)", None, prompt_list),
         ],
         metrics,
     )
@@ -293,3 +288,60 @@ def run_demo(
     print("\n" + table)
     print(f"\nreport: {rep / 'index.html'}  ({timing['total_s'] / 60:.1f} min)")
     return metrics
+
+
+def demo_table(sb: dict[str, Any], sa: dict[str, Any], gain: dict[str, Any]) -> str:
+    """The results table (markdown): per-tag and overall accuracy of base and aligned, distinct prompts
+    and images per tag, and the gain with its paired cluster-bootstrap CI."""
+    lines = ["| tag | base | aligned | prompts | images |", "|---|---|---|---|---|"]
+    lines += [
+        f"| {t} | {sb['per_tag'][t]:.3f} | {sa['per_tag'][t]:.3f} | {sb['n_prompts_per_tag'][t]} | "
+        f"{sb['n_per_tag'][t]} |"
+        for t in sb["per_tag"]
+    ]
+    lines += [
+        f"| **overall** (95% CI) | {_with_ci(sb['overall'], sb['overall_ci95'])} | "
+        f"{_with_ci(sa['overall'], sa['overall_ci95'])} | {sb['n_prompts']} | {sum(sb['n_per_tag'].values())} |",
+        "",
+        f"gain: {_with_ci(gain['diff'], [gain['ci95_low'], gain['ci95_high']], '+.3f')} (95% paired bootstrap "
+        f"CI, resampling the {gain['n_prompts']} distinct held-out prompts with all their images)",
+    ]
+    return "\n".join(lines)
+
+
+def _with_ci(v: float, ci: list[float], fmt: str = ".3f") -> str:
+    return f"{v:{fmt}} [{ci[0]:{fmt}}, {ci[1]:{fmt}}]"
+
+
+def demo_samples(
+    res_base: dict[str, Any], res_al: dict[str, Any], per_prompt: int, rep: Path, n: int = 16
+) -> tuple[list[tuple[Path, str]], list[str]]:
+    """Before/after pictures of the first image of the first ``n`` prompts, each captioned with its
+    prompt (``pair_NN.png``; also as two grids, ``base.png`` and ``aligned.png``), and the list of
+    every prompt with its tag and how many images of each model were judged correct."""
+    import numpy as np
+
+    from .report import image_grid, save_png
+
+    rep.mkdir(parents=True, exist_ok=True)
+    rb, ra = res_base["results"], res_al["results"]
+    pick = list(range(0, min(n * per_prompt, len(rb)), per_prompt))
+    save_png(image_grid(res_base["images"][pick], 8, scale=3), rep / "base.png")
+    save_png(image_grid(res_al["images"][pick], 8, scale=3), rep / "aligned.png")
+
+    def verdict(r: dict[str, Any]) -> str:
+        return "correct" if r["correct"] else "wrong"
+
+    pairs = []
+    for c, j in enumerate(pick, start=1):
+        pair = image_grid(np.stack([res_base["images"][j], res_al["images"][j]]), 2, scale=3)
+        caption = f"{c}. {rb[j]['prompt']} (base {verdict(rb[j])}, aligned {verdict(ra[j])})"
+        pairs.append((save_png(pair, rep / f"pair_{c:02d}.png"), caption))
+    counts: dict[str, list[Any]] = {}
+    for b, a in zip(rb, ra, strict=True):
+        c = counts.setdefault(b["prompt"], [b["tag"], 0, 0, 0])
+        c[1:] = [c[1] + bool(b["correct"]), c[2] + bool(a["correct"]), c[3] + 1]
+    prompt_list = [
+        f"{p} ({t}): base {nb}/{k}, aligned {na}/{k} correct" for p, (t, nb, na, k) in counts.items()
+    ]
+    return pairs, prompt_list

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -116,44 +117,133 @@ def spectrogram_png(waves: np.ndarray, labels: Sequence[str], sample_rate: int, 
 
 _MIME = {".png": "image/png", ".gif": "image/gif", ".wav": "audio/wav"}
 
+Media = Path | tuple[Path, str]
+"""A media file, or (file, caption): a captioned file is shown as a figure with its caption below."""
+Text = str | list[str]
+"""A paragraph, or a list of items (an ordered list)."""
 
-def _img_tag(path: Path, alt: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
-    mime = _MIME.get(path.suffix.lower(), "image/png")
+_CSS = (
+    "body{font-family:sans-serif;max-width:1100px;margin:2em auto}img{image-rendering:pixelated;"
+    "max-width:100%}pre{background:#f4f4f4;padding:1em}"
+    "table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{border:1px solid #ccc;"
+    "padding:3px 8px;text-align:right}th:first-child,td:first-child{text-align:left}th{background:#f0f0f0}"
+    ".figs{display:flex;flex-wrap:wrap;gap:10px}figure{margin:0;max-width:220px}"
+    "figcaption{font-size:12px}"
+)
+
+
+def _data_uri(path: Path) -> tuple[str, str]:
+    return _MIME.get(path.suffix.lower(), "image/png"), base64.b64encode(path.read_bytes()).decode()
+
+
+def _media_html(path: Path, alt: str, caption: str | None = None) -> str:
+    """A media file inlined: an image (a figure when captioned) or an audio player (always a figure)."""
+    mime, data = _data_uri(path)
     if mime.startswith("audio"):
-        return f'<figure><audio controls src="data:{mime};base64,{data}"></audio><figcaption>{html.escape(alt)}</figcaption></figure>'
-    return f'<img alt="{html.escape(alt)}" src="data:{mime};base64,{data}">'
+        inner = f'<audio controls src="data:{mime};base64,{data}"></audio>'
+        caption = alt if caption is None else caption
+    else:
+        inner = f'<img alt="{html.escape(alt)}" src="data:{mime};base64,{data}">'
+    if caption is None:
+        return inner
+    return f"<figure>{inner}<figcaption>{html.escape(caption)}</figcaption></figure>"
+
+
+def markdown_tables_html(md: str) -> str:
+    """Paragraphs, pipe tables and numbered lists of a small markdown text as HTML (all text escaped;
+    a cell written ``**x**`` is bold)."""
+    out: list[str] = []
+    lines = md.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i].strip()
+        if line.startswith("|"):
+            block = []
+            while i < len(lines) and lines[i].strip().startswith("|"):
+                block.append([c.strip() for c in lines[i].strip().strip("|").split("|")])
+                i += 1
+            rows = [r for r in block if not all(set(c) <= set("-: ") for c in r)]
+            head, body = rows[0], rows[1:]
+            out.append(
+                "<table><tr>"
+                + "".join(f"<th>{_cell(c)}</th>" for c in head)
+                + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{_cell(c)}</td>" for c in r) + "</tr>" for r in body)
+                + "</table>"
+            )
+            continue
+        if _NUMBERED.match(line):
+            items = []
+            while i < len(lines) and _NUMBERED.match(lines[i].strip()):
+                items.append(_NUMBERED.sub("", lines[i].strip(), count=1))
+                i += 1
+            out.append(_list_html(items))
+            continue
+        if line:
+            out.append(f"<p>{html.escape(line)}</p>")
+        i += 1
+    return "\n".join(out)
+
+
+_NUMBERED = re.compile(r"^\d+\. ")
+
+
+def _cell(text: str) -> str:
+    if text.startswith("**") and text.endswith("**") and len(text) > 4:
+        return f"<b>{html.escape(text[2:-2])}</b>"
+    return html.escape(text)
+
+
+def _list_html(items: Sequence[str]) -> str:
+    return "<ol>" + "".join(f"<li>{html.escape(x)}</li>" for x in items) + "</ol>"
+
+
+def _text_md(text: Text) -> list[str]:
+    return [text] if isinstance(text, str) else [f"{i}. {x}" for i, x in enumerate(text, start=1)]
+
+
+def _text_html(text: Text) -> str:
+    return f"<p>{html.escape(text)}</p>" if isinstance(text, str) else _list_html(text)
 
 
 def write_report(
     folder: Path,
     title: str,
     table_md: str,
-    sections: list[tuple[str, Path | list[Path] | None, str]],
+    sections: Sequence[tuple[str, Media | Sequence[Media] | None, Text]],
     metrics: dict[str, Any],
 ) -> Path:
-    """``sections``: (heading, media path(s) or None, text); PNG/GIF images and WAV audio are inlined
-    in the HTML (audio as playable players). Writes report.md, index.html, metrics.json."""
+    """One report page, written as report.md, index.html (self-contained) and metrics.json.
+
+    ``table_md``: markdown (paragraphs, pipe tables, numbered lists), rendered as HTML tables, lists
+    and paragraphs. ``sections``: (heading, media, text); media is a file, (file, caption) or a list of
+    them (PNG/GIF images and WAV audio are inlined; captioned images become figures with their caption
+    below, side by side); text is a paragraph or a list of items. Every text is HTML-escaped."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     md = [f"# {title}", "", table_md, ""]
-    body = [f"<h1>{html.escape(title)}</h1>", "<pre>" + html.escape(table_md) + "</pre>"]
-    for heading, png, text in sections:
-        md += [f"## {heading}", "", text, ""]
-        body += [f"<h2>{html.escape(heading)}</h2>", f"<p>{html.escape(text)}</p>"]
-        for media in [png] if isinstance(png, Path) else png or []:
-            md += [
-                f"[{media.name}]({media.name})" if media.suffix == ".wav" else f"![{heading}]({media.name})",
-                "",
-            ]
-            body.append(_img_tag(media, media.stem if media.suffix == ".wav" else heading))
+    body = [f"<h1>{html.escape(title)}</h1>", markdown_tables_html(table_md)]
+    for heading, media, text in sections:
+        md += [f"## {heading}", "", *_text_md(text), ""]
+        body += [f"<h2>{html.escape(heading)}</h2>", _text_html(text)]
+        items = [media] if isinstance(media, Path | tuple) else list(media or [])
+        figs = []
+        for item in items:
+            path, caption = item if isinstance(item, tuple) else (item, None)
+            if path.suffix == ".wav":
+                md += [f"[{path.name}]({path.name})", ""]
+            else:
+                md += [f"![{caption or heading}]({path.name})", *([f"*{caption}*"] if caption else []), ""]
+            alt = caption or (path.stem if path.suffix == ".wav" else heading)
+            figs.append(_media_html(path, alt, caption))
+        if any(isinstance(x, tuple) for x in items):
+            body.append('<div class="figs">' + "".join(figs) + "</div>")
+        else:
+            body += figs
     (folder / "report.md").write_text("\n".join(md))
     page = (
         "<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title>"
-        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}img{image-rendering:pixelated;"
-        "max-width:100%}pre{background:#f4f4f4;padding:1em}</style></head><body>"
-        + "\n".join(body)
-        + "</body></html>"
+        f"<style>{_CSS}</style></head><body>" + "\n".join(body) + "</body></html>"
     )
     (folder / "index.html").write_text(page)
     return folder / "index.html"

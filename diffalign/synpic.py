@@ -93,10 +93,12 @@ def read_prompts(path: str, dedup: bool = False) -> list[str]:
     return out
 
 
-def image_seed(seed: int, prompt_index: int, generator_index: int, image_index: int) -> int:
-    return int(
-        np.random.SeedSequence([seed, prompt_index, generator_index, image_index]).generate_state(1)[0]
-    )
+def image_seed(seed: int, *indices: int) -> int:
+    """The seed of one image: a 32-bit word of ``SeedSequence([seed, *indices])``. The one home of
+    per-image seeds: Syn-Pic uses (prompt, generator, image), the evaluations (``diffalign eval``, the
+    demo, the toy benchmarks) use (prompt, sample). Every stored result depends on these values.
+    (Training streams use :func:`diffalign.data.pairs.sample_seed`, 63-bit and domain-separated.)"""
+    return int(np.random.SeedSequence([seed, *indices]).generate_state(1)[0])
 
 
 def check_modalities(names: list[str], pipes: list[Any]) -> tuple[str, int | None]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from html import escape
 
 import pytest
 
@@ -18,7 +19,7 @@ def test_demo_plumbing_and_report(tmp_path, tiny_models, tiny_clip):
         rewards=[f"pickscore={tiny_clip}", f"clip_score={tiny_clip}"],
         steps=2,
         n_train=4,
-        n_eval=5,
+        n_eval=8,  # drawn with replacement, 8 held-out prompts used to hold only 5 distinct ones
         per_prompt=2,
         sample_steps=2,
         batch_size=2,
@@ -37,9 +38,19 @@ def test_demo_plumbing_and_report(tmp_path, tiny_models, tiny_clip):
     assert {"base", "aligned", "gain", "timing"} <= set(json.loads((rep / "metrics.json").read_text()))
     assert 0.0 <= m["base"]["overall"] <= 1.0 and len(m["base"]["per_tag"]) == 5  # held-out split: five tags
     html = (rep / "index.html").read_text()
-    assert html.count("data:image/png;base64,") == 4 and "gain:" in html
-    rows = (tmp_path / "demo" / "results.jsonl").read_text().splitlines()
-    assert len(rows) == 10
+    rows = [json.loads(x) for x in (tmp_path / "demo" / "results.jsonl").read_text().splitlines()]
+    prompts = list(dict.fromkeys(r["prompt"] for r in rows))
+    # distinct held-out prompts, each with all its images; the report and metrics say how many
+    assert len(rows) == 16 and len(prompts) == 8
+    assert m["base"]["n_prompts"] == m["gain"]["n_prompts"] == 8
+    assert "| **overall** (95% CI) |" in (rep / "report.md").read_text()
+    # rendered like the eval report: a real table, each sample captioned with its prompt, a prompt list
+    assert "<table>" in html and "<pre>" not in html and "<th>prompts</th>" in html and "gain:" in html
+    for c, p in enumerate(prompts, start=1):
+        assert f"<figcaption>{escape(f'{c}. {p} (base ')}" in html
+        assert f"<li>{escape(p)} (" in html
+    assert html.count("<figure>") == 8 and html.count("<li>") == 8
+    assert html.count("data:image/png;base64,") == 8 + 2  # the 8 before/after pairs, bars, curves
     # training read latents the VAE encoded once (the cache), not once per step
     assert json.loads((tmp_path / "demo" / "cache" / "index.json").read_text())["format"] == "ranked"
     # same seed, same numbers
@@ -50,7 +61,7 @@ def test_demo_plumbing_and_report(tmp_path, tiny_models, tiny_clip):
         rewards=[f"pickscore={tiny_clip}", f"clip_score={tiny_clip}"],
         steps=2,
         n_train=4,
-        n_eval=5,
+        n_eval=8,
         per_prompt=2,
         sample_steps=2,
         batch_size=2,

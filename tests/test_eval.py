@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffalign.benchmarks.geneval import harness
+from diffalign.benchmarks.geneval import detectors, generation, harness, judging, prompts
 from diffalign.benchmarks.geneval.detectors import (
     CLIPColorClassifier,
     Mask2FormerDetector,
@@ -30,7 +30,7 @@ from diffalign.benchmarks.geneval.metadata import (
     MetadataError,
     geneval_prompts,
     read_metadata,
-    read_prompts,
+    read_prompt_rows,
     tag_counts,
     write_metadata,
 )
@@ -142,17 +142,17 @@ def test_plain_prompt_files(tmp_path):
     )
     (tmp_path / "anime.json").write_text(json.dumps(["a girl", "a castle"]))
     (tmp_path / "p.txt").write_text("one\n\ntwo\n")
-    assert read_prompts(tmp_path / "parti.tsv") == [
+    assert read_prompt_rows(tmp_path / "parti.tsv") == [
         {"prompt": "a red bus", "category": "Vehicles"},
         {"prompt": "a cat", "category": "Animals"},
     ]
-    assert read_prompts(tmp_path / "anime.json")[1] == {"prompt": "a castle", "category": "anime"}
-    assert [r["prompt"] for r in read_prompts(tmp_path / "p.txt")] == ["one", "two"]
+    assert read_prompt_rows(tmp_path / "anime.json")[1] == {"prompt": "a castle", "category": "anime"}
+    assert [r["prompt"] for r in read_prompt_rows(tmp_path / "p.txt")] == ["one", "two"]
     (tmp_path / "bad.json").write_text(json.dumps(["ok", {"no": "prompt"}]))
     with pytest.raises(MetadataError, match=r"bad\.json:2: item 2 has no prompt"):
-        read_prompts(tmp_path / "bad.json")
+        read_prompt_rows(tmp_path / "bad.json")
     rows = [{"tag": t, "i": i} for i, t in enumerate("aaaabbc")]
-    assert [r["i"] for r in harness.take_balanced(rows, 4, "tag")] == [0, 1, 4, 6]  # round-robin, file order
+    assert [r["i"] for r in prompts.take_balanced(rows, 4, "tag")] == [0, 1, 4, 6]  # round-robin, file order
 
 
 # --------------------------------------------------------------------------- rules: edge cases not in test_geneval_rules
@@ -429,7 +429,7 @@ def test_mask2former_detector_real_loader_plumbing(tiny_mask2former, tiny_clip):
     # judged through the harness, colour prompts get colours from the CLIP classifier
     top = out[0][0]
     md = {"tag": "colors", "include": [{"class": top.cls, "count": 1, "color": "red"}], "prompt": "p"}
-    res = harness.judge_image(d, images[0], md)
+    res = judging.judge_image(d, images[0], md)
     assert set(res) == {"correct", "reason", "details"} and isinstance(res["correct"], bool)
     details = json.loads(res["details"])
     assert details[top.cls][0] == pytest.approx([*top.box, top.score])
@@ -477,7 +477,7 @@ def test_shapes_detector_and_label_names():
     img = render(layout(md, np.random.default_rng(0)))
     d = ShapesDetector()
     assert [(x.cls, x.color) for x in d.detect(img)] == [("circle", "red")]
-    assert harness.judge_image(d, img, md)["correct"]
+    assert judging.judge_image(d, img, md)["correct"]
     assert [geneval_name(n) for n in ("keyboard", "hair_drier", "Dining-Table", "tvmonitor")] == [
         "computer keyboard",
         "hair drier",
@@ -583,7 +583,7 @@ def test_resume_regenerates_only_missing_images(toy_run, tmp_path, monkeypatch):
     stale.write_bytes(b"partial")
     kept = {p: p.stat().st_mtime_ns for p in root.glob("*/0*/samples/*.png")}
     prompts_seen = []
-    real_load = harness.load_model
+    real_load = generation.load_model
 
     def counting_load(spec, device):
         pipe, kw = real_load(spec, device)
@@ -594,7 +594,7 @@ def test_resume_regenerates_only_missing_images(toy_run, tmp_path, monkeypatch):
 
         return call, kw
 
-    monkeypatch.setattr(harness, "load_model", counting_load)
+    monkeypatch.setattr(generation, "load_model", counting_load)
     out = harness.run_eval(toy_cfg(root), log=lambda *a: None)
     assert out["generated"] == {"model": 2, "compare": 1}
     rows = read_metadata(root / "prompts.jsonl")
@@ -606,8 +606,8 @@ def test_resume_regenerates_only_missing_images(toy_run, tmp_path, monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("should not load")
 
-    monkeypatch.setattr(harness, "load_model", refuse)
-    monkeypatch.setattr(harness, "build_detector", refuse)
+    monkeypatch.setattr(generation, "load_model", refuse)
+    monkeypatch.setattr(detectors, "build_detector", refuse)
     monkeypatch.setattr("diffalign.rewards.load_rewards", refuse)
     again = harness.run_eval(toy_cfg(root), log=lambda *a: None)
     assert again["generated"] == {"model": 0, "compare": 0}
@@ -795,14 +795,14 @@ def test_load_model_accepts_a_diffalign_run_folder(tmp_path, monkeypatch):
             pass
 
     monkeypatch.setattr(loading, "load_trained_pipeline", lambda p, device: seen.append(Path(p)) or Pipe())
-    pipe, kw = harness.load_model(str(run), "cpu")
+    pipe, kw = generation.load_model(str(run), "cpu")
     assert seen == [run] and isinstance(pipe, Pipe)
     assert kw == {"max_sequence_length": 0}  # the base model's sampling defaults (toy-sd3 has no T5)
 
 
 def test_run_folder_settings_pin_the_checkpoint(tmp_path):
     """A diffalign run that trained further between two evals must not mix into the old images."""
-    from diffalign.benchmarks.geneval.harness import EvalConfig, _settings_for
+    from diffalign.benchmarks.geneval.settings import EvalConfig, settings_for
 
     run = tmp_path / "run"
     for step in (1, 2):
@@ -811,7 +811,7 @@ def test_run_folder_settings_pin_the_checkpoint(tmp_path):
     (run / "checkpoints" / "latest").write_text("step-000001")
     cfg = EvalConfig.__new__(EvalConfig)
     cfg.size, cfg.seed = None, 0
-    a = _settings_for(cfg, str(run), 20, 4.0)
+    a = settings_for(cfg, str(run), 20, 4.0)
     (run / "checkpoints" / "latest").write_text("step-000002")
-    b = _settings_for(cfg, str(run), 20, 4.0)
+    b = settings_for(cfg, str(run), 20, 4.0)
     assert a["checkpoint"] == "step-000001" and b["checkpoint"] == "step-000002" and a != b

@@ -37,6 +37,29 @@ def test_report_files(tmp_path):
     assert (tmp_path / "report.md").read_text().count("![") == 2
 
 
+def test_report_renders_tables_captions_and_lists(tmp_path):
+    """One renderer for every report: markdown tables become HTML tables (not preformatted text),
+    captioned images become figures with their caption, a list of items an ordered list; all escaped."""
+    img = save_png(np.zeros((4, 4, 3), np.uint8), tmp_path / "a.png")
+    page = write_report(
+        tmp_path,
+        "t",
+        "intro & more\n\n| tag | base |\n|---|---|\n| **overall** | 0.4 |",
+        [("Pairs", [(img, "a <b> & c"), (img, "two")], ["first <x>", "second"])],
+        {},
+    )
+    html = page.read_text()
+    assert "<pre>" not in html and "<p>intro &amp; more</p>" in html
+    assert (
+        "<table><tr><th>tag</th><th>base</th></tr><tr><td><b>overall</b></td><td>0.4</td></tr></table>"
+        in html
+    )
+    assert html.count("<figure>") == 2 and "<figcaption>a &lt;b&gt; &amp; c</figcaption>" in html
+    assert "<ol><li>first &lt;x&gt;</li><li>second</li></ol>" in html and "<b> &" not in html
+    md = (tmp_path / "report.md").read_text()
+    assert "1. first <x>" in md and "![a <b> & c](a.png)" in md
+
+
 @pytest.mark.skipif(
     shutil.which("chromium") is None, reason="Debian chromium not installed (.ci/run installs it)"
 )

@@ -15,7 +15,9 @@ Prompt sets:
   With the defaults (n=100, seed 43) this reproduces the published 553-prompt file, order included.
 * :func:`shapes_prompts` gives ShapesWorld prompts (same format; the toy world's own classes and
   colours), see :mod:`diffalign.benchmarks.toyworlds.shapes`.
-* :func:`read_prompts` reads plain prompt files for reward-only evaluations: ``.txt`` (one per
+* :func:`read_prompt_rows` reads plain prompt files for reward-only evaluations as ``{prompt, category}``
+  rows (unlike :func:`diffalign.synpic.read_prompts`, which reads a training prompt list and refuses
+  repeats): ``.txt`` (one per
   line), ``.jsonl`` (``prompt``/``caption``), ``.json`` (the HPSv2 benchmark's list of strings, or
   a list of objects) and ``.tsv``/``.csv`` (PartiPrompts' ``Prompt`` and ``Category`` columns).
 """
@@ -237,7 +239,7 @@ def _prompt_of(rec: Mapping[str, Any]) -> Any:
     return None
 
 
-def read_prompts(path: str | Path) -> list[dict[str, Any]]:
+def read_prompt_rows(path: str | Path) -> list[dict[str, Any]]:
     """Prompt rows ``{"prompt", "category"}`` from a .txt/.jsonl/.json/.tsv/.csv file.
 
     ``category`` is the row's ``Category``/``category`` column where there is one (PartiPrompts),
@@ -401,13 +403,29 @@ def geneval_prompts(
     return unique
 
 
+# Draws of ShapesWorld's prompt stream that surely hold every prompt of a split (each split has 120;
+# the rarest held-out ones turn up once in ~540 draws, so 20000 draws miss one with odds below 1e-13).
+EXHAUSTIVE_DRAWS = 20_000
+
+
 def shapes_prompts(split: str = "heldout", n: int = 60, seed: int = 0) -> list[dict[str, Any]]:
-    """ShapesWorld GenEval-format prompts (tags round-robin; see ``toyworlds.shapes.prompts``)."""
+    """``n`` *distinct* ShapesWorld prompts of ``split`` (GenEval format): the first ``n`` distinct ones
+    of ``toyworlds.shapes.prompts``' seeded, tag-round-robin stream. A tag whose few prompts are all
+    taken stops contributing and the others fill the rest (held out, 60 prompts: 2 two-object, 2
+    counting, 4 colours, 4 positions, 48 colour-attribution). When ``n`` exceeds what the split holds
+    (120 per split), all of them, fewer than ``n``: callers say so."""
     from ..toyworlds.shapes import prompts
 
     if split not in ("train", "heldout"):
         raise ConfigError(f"toy split must be 'train' or 'heldout', got {split!r}")
-    return prompts(split, n, seed)  # type: ignore[arg-type]
+    seen: dict[str, dict[str, Any]] = {}
+    for draws in dict.fromkeys((40 * n, max(40 * n, EXHAUSTIVE_DRAWS))):  # a short stream first
+        seen = {}
+        for md in prompts(split, draws, seed):  # type: ignore[arg-type]
+            seen.setdefault(md["prompt"], md)
+            if len(seen) == n:
+                return list(seen.values())
+    return list(seen.values())
 
 
 def tag_counts(rows: Iterable[Mapping[str, Any]]) -> dict[str, int]:

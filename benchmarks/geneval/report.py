@@ -10,13 +10,13 @@ rates. ``metrics.json`` holds the whole summary.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from html import escape
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ...report import image_grid, save_png, tag_bars, write_report
+from .settings import sampling_line
 
 GREEN, RED = (40, 170, 60), (215, 40, 40)
 
@@ -54,19 +54,19 @@ def _geneval_table(out: Mapping[str, Any]) -> list[str]:
     head = ["tag", *[f"{lb} ({Path(out['models'][lb]['path']).name})" for lb in labels]]
     if "difference" in out:
         head.append("compare - model")
-    head.append("images")
+    head += ["prompts", "images"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in tags:
         cells = [t] + [_fmt_ci(geneval[lb]["per_tag"][t], geneval[lb]["per_tag_ci95"][t]) for lb in labels]
         if "difference" in out:
             d = out["difference"]
             cells.append(_fmt_ci(d["per_tag"][t], d["per_tag_ci95"][t], signed=True))
-        cells.append(str(geneval[labels[0]]["n_per_tag"][t]))
+        cells += [str(geneval[labels[0]]["n_prompts_per_tag"][t]), str(geneval[labels[0]]["n_per_tag"][t])]
         lines.append("| " + " | ".join(cells) + " |")
     cells = ["**overall**"] + [_fmt_ci(geneval[lb]["overall"], geneval[lb]["overall_ci95"]) for lb in labels]
     if "difference" in out:
         cells.append(_fmt_ci(out["difference"]["overall"], out["difference"]["overall_ci95"], signed=True))
-    cells.append(str(sum(geneval[labels[0]]["n_per_tag"].values())))
+    cells += [str(geneval[labels[0]]["n_prompts"]), str(sum(geneval[labels[0]]["n_per_tag"].values()))]
     lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -160,8 +160,10 @@ def build_report(
     table: list[str] = [
         f"Prompt set: {out['prompt_set']}. Models: {models}. {per_prompt} image(s) per prompt.",
         "",
+        f"Sampling: {sampling_line(out['sampling'])}.",
+        "",
     ]
-    sections: list[tuple[str, Path | None, str]] = []
+    sections: list[tuple[str, Path | None, str | list[str]]] = []
     first = rows and (root / labels[0] / "00000" / "samples" / "00000.png")
     size = _thumb_size(first) if first and first.is_file() else 64
     scale = max(1, 96 // size)
@@ -175,13 +177,21 @@ def build_report(
         table += _geneval_table(out)
         table += [
             "",
-            "Accuracy per tag and overall (mean of the tag accuracies, GenEval's headline score), "
-            "95% bootstrap CIs over prompts within tags.",
+            "Accuracy per tag and overall (mean of the tag accuracies, GenEval's headline score), 95% "
+            "cluster-bootstrap CIs: distinct prompts resampled within tags, each with all its images.",
         ]
         bars = tag_bars({lb: out["models"][lb]["geneval"]["per_tag"] for lb in labels}, rep / "per_tag.png")
         sections.append(("Per-tag accuracy", bars, "GenEval rules on the detector's output; " + models))
         correct = {lb: {(r["prompt_index"], r["sample"]): r["correct"] for r in results[lb]} for lb in labels}
         tags = list(out["models"][labels[0]]["geneval"]["per_tag"])
+        sections.append(
+            (
+                "Samples per tag",
+                None,
+                f"First image of up to {per_tag} prompts per tag, one column each, the prompts listed in "
+                f"column order; green frame = judged correct, red = wrong.{pair_text}",
+            )
+        )
         for tag in tags:
             idx = [i for i, r in enumerate(rows) if r["tag"] == tag][:per_tag]
             thumbs = [
@@ -194,20 +204,13 @@ def build_report(
                 for i in idx
             ]
             grid = save_png(image_grid(np.stack(thumbs), len(idx), scale=scale), rep / f"grid_{tag}.png")
-            marks = "; ".join(
-                f"{c + 1}: {rows[i]['prompt']} ("
+            marks = [
+                f"{rows[i]['prompt']} ("
                 + ", ".join(f"{lb} {'correct' if correct[lb][(i, 0)] else 'wrong'}" for lb in labels)
                 + ")"
-                for c, i in enumerate(idx)
-            )
-            sections.append(
-                (
-                    f"{tag}: samples",
-                    grid,
-                    f"First image of {len(idx)} prompt(s); green frame = judged "
-                    f"correct, red = wrong.{pair_text} {marks}",
-                )
-            )
+                for i in idx
+            ]
+            sections.append((f"{tag}: samples", grid, marks))
     else:
         idx = list(range(min(per_tag * 2, len(rows))))
         thumbs = [
@@ -217,11 +220,11 @@ def build_report(
         sections.append(
             (
                 "Samples",
-                grid,
-                f"First image of the first {len(idx)} prompts.{pair_text} "
-                + "; ".join(f"{c + 1}: {rows[i]['prompt']}" for c, i in enumerate(idx)),
+                None,
+                f"First image of the first {len(idx)} prompts, listed in column order.{pair_text}",
             )
         )
+        sections.append(("Sample prompts", grid, [str(rows[i]["prompt"]) for i in idx]))
 
     if out.get("rewards"):
         table += [
@@ -253,55 +256,4 @@ def build_report(
                 sections.append(
                     (f"Win rates: {key}", wr, "Per-prompt win rate of compare over model; 0.5 = even.")
                 )
-    table_md = "\n".join(table)
-    page = write_report(rep, "diffalign eval", table_md, sections, dict(out))
-    # diffalign.report shows the summary as preformatted text; render its tables as HTML tables.
-    html = page.read_text()
-    pre = "<pre>" + escape(table_md) + "</pre>"
-    if pre in html:
-        html = html.replace(pre, markdown_tables_html(table_md), 1).replace(
-            "</head>", _TABLE_CSS + "</head>", 1
-        )
-        page.write_text(html)
-    return page
-
-
-_TABLE_CSS = (
-    "<style>table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{border:1px solid #ccc;"
-    "padding:3px 8px;text-align:right}th:first-child,td:first-child{text-align:left}"
-    "th{background:#f0f0f0}</style>"
-)
-
-
-def markdown_tables_html(md: str) -> str:
-    """Paragraphs and pipe tables of a small markdown text as HTML (all text escaped)."""
-    out: list[str] = []
-    lines = md.splitlines()
-    i = 0
-    while i < len(lines):
-        line = lines[i].strip()
-        if line.startswith("|"):
-            block = []
-            while i < len(lines) and lines[i].strip().startswith("|"):
-                block.append([c.strip() for c in lines[i].strip().strip("|").split("|")])
-                i += 1
-            rows = [r for r in block if not all(set(c) <= set("-: ") for c in r)]
-            head, body = rows[0], rows[1:]
-            out.append(
-                "<table><tr>"
-                + "".join(f"<th>{escape(c)}</th>" for c in head)
-                + "</tr>"
-                + "".join("<tr>" + "".join(f"<td>{_cell(c)}</td>" for c in r) + "</tr>" for r in body)
-                + "</table>"
-            )
-            continue
-        if line:
-            out.append(f"<p>{escape(line)}</p>")
-        i += 1
-    return "\n".join(out)
-
-
-def _cell(text: str) -> str:
-    if text.startswith("**") and text.endswith("**") and len(text) > 4:
-        return f"<b>{escape(text[2:-2])}</b>"
-    return escape(text)
+    return write_report(rep, "diffalign eval", "\n".join(table), sections, dict(out))

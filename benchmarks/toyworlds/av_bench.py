@@ -83,8 +83,9 @@ def evaluate_av(
     from tqdm.auto import tqdm
 
     from ...models.generate import generate_media
+    from ...synpic import image_seed
     from ..geneval.rules import summarize
-    from .evaluate import bootstrap_ci, image_seed
+    from ..geneval.stats import overall_ci as bootstrap_ci
 
     metas = w.prompts(split, n_prompts, seed)
     seeds = [image_seed(seed, i, j) for i in range(len(metas)) for j in range(per_prompt)]
@@ -156,8 +157,8 @@ def evaluate_and_report(
     from ...data.media import encode_audio
     from ...models.loading import default_device
     from ...report import save_gif, save_png, spectrogram_png, tag_bars, video_strips, write_report
-    from ..geneval.harness import load_model
-    from .evaluate import paired_difference
+    from ..geneval.generation import load_model
+    from ..geneval.stats import overall_gain as paired_difference
 
     device = default_device(device)
     rep.mkdir(parents=True, exist_ok=True)

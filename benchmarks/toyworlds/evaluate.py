@@ -1,9 +1,10 @@
 """Judged GenEval-style evaluation of a text-to-image pipeline on ShapesWorld prompts.
 
-Images are generated with fixed per-image seeds (prompt index, sample index), judged by the exact
-ShapesWorld detector + GenEval rules, and summarised GenEval's way (overall = mean of per-tag
-accuracies). Confidence intervals come from a stratified bootstrap over images; a paired bootstrap
-compares two models evaluated on the same prompts and seeds.
+Distinct prompts (``geneval.metadata.shapes_prompts``) are rendered with fixed per-image seeds
+(``diffalign.synpic.image_seed(seed, prompt index, sample index)``), judged by the exact ShapesWorld
+detector + GenEval rules, and summarised GenEval's way (overall = mean of per-tag accuracies) with
+cluster-bootstrap CIs over distinct prompts (``geneval.stats``: compare two models evaluated on the
+same prompts and seeds with ``stats.overall_gain`` / ``stats.paired_difference``).
 """
 
 from __future__ import annotations
@@ -14,13 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..geneval.rules import summarize
+from ...synpic import image_seed
+from ..geneval.metadata import shapes_prompts
+from ..geneval.stats import summarize_results
 from .judge import judge_image
-from .shapes import prompts as shapes_prompts
-
-
-def image_seed(seed: int, prompt_index: int, sample: int) -> int:
-    return int(np.random.SeedSequence([seed, prompt_index, sample]).generate_state(1)[0])
 
 
 @torch.no_grad()
@@ -62,7 +60,7 @@ def evaluate_pipeline(
     batch: int = 64,
     **call_kw: Any,
 ) -> dict[str, Any]:
-    metas = shapes_prompts(split, n_prompts, seed)  # type: ignore[arg-type]
+    metas = shapes_prompts(split, n_prompts, seed)  # distinct; fewer than asked if the split has fewer
     texts = [m["prompt"] for m in metas for _ in range(per_prompt)]
     seeds = [image_seed(seed, i, j) for i in range(len(metas)) for j in range(per_prompt)]
     images = generate(pipe, texts, seeds, steps, guidance, batch, **call_kw)
@@ -80,50 +78,6 @@ def evaluate_pipeline(
                 "reason": reason,
             }
         )
-    summary = summarize(results)
-    summary["overall_ci95"] = bootstrap_ci(results)
+    summary = summarize_results(results)
+    summary["n_prompts_requested"] = n_prompts
     return {"summary": summary, "results": results, "images": images}
-
-
-def _overall(correct: np.ndarray, tags: np.ndarray) -> float:
-    return float(np.mean([correct[tags == t].mean() for t in np.unique(tags)]))
-
-
-def bootstrap_ci(results: Sequence[dict[str, Any]], n: int = 2000, seed: int = 0) -> list[float]:
-    """95% CI of the overall score, resampling images within each tag."""
-    correct = np.array([r["correct"] for r in results], dtype=float)
-    tags = np.array([r["tag"] for r in results])
-    rng = np.random.default_rng(seed)
-    groups = [np.flatnonzero(tags == t) for t in np.unique(tags)]
-    stats = [np.mean([correct[rng.choice(g, len(g))].mean() for g in groups]) for _ in range(n)]
-    return [float(np.quantile(stats, 0.025)), float(np.quantile(stats, 0.975))]
-
-
-def paired_difference(
-    base: Sequence[dict[str, Any]], new: Sequence[dict[str, Any]], n: int = 2000, seed: int = 0
-) -> dict[str, float]:
-    """Overall(new) - overall(base) on the same prompts and seeds, with a paired stratified bootstrap CI.
-
-    Images are resampled within each tag, so the CI measures seed-to-seed variation for a fixed
-    trained model on this prompt population. On ShapesWorld's held-out split that population is
-    small (2 two-object, 2 counting, 4 colour and 4 position prompts; 108 colour-attribution ones),
-    so every sample of 60+ prompts covers all but colour attribution: resampling prompts as
-    clusters would add little and is ill-defined with two clusters. Training-seed variation is
-    not included."""
-    a = np.array([r["correct"] for r in base], dtype=float)
-    b = np.array([r["correct"] for r in new], dtype=float)
-    tags = np.array([r["tag"] for r in base])
-    assert [r["seed"] for r in base] == [r["seed"] for r in new], (
-        "paired comparison needs identical prompts and seeds"
-    )
-    rng = np.random.default_rng(seed)
-    groups = [np.flatnonzero(tags == t) for t in np.unique(tags)]
-    diffs = []
-    for _ in range(n):
-        idx = [rng.choice(g, len(g)) for g in groups]
-        diffs.append(np.mean([b[i].mean() for i in idx]) - np.mean([a[i].mean() for i in idx]))
-    return {
-        "diff": _overall(b, tags) - _overall(a, tags),
-        "ci95_low": float(np.quantile(diffs, 0.025)),
-        "ci95_high": float(np.quantile(diffs, 0.975)),
-    }

@@ -8,7 +8,8 @@ needs: ranked groups (rankdpo), best-vs-worst pairs (dpo, sft, mapo, kto, inpo),
 scores (smpo), pairs with a perturbed loser caption (dcpo); SPO gets a step-aware preference model
 trained on the pairs (``train_spm``) and samples online; online DPO trains toy-sd3 (flow) online.
 Each trains LoRA rank 8 for the same number of steps and batch, then base and aligned are judged on
-the same held-out prompts and seeds (60 x 4 images), with a paired bootstrap 95% CI on the gain.
+the same held-out prompts and seeds (60 distinct prompts x 4 images), with a paired 95% CI on the gain
+from a cluster bootstrap over distinct prompts (``geneval.stats``); the table states how many.
 Results are cached per objective in ``--out``, so an interrupted run continues.
 """
 
@@ -69,8 +70,9 @@ def score_range(pairs: Path, column: str) -> float:
 def pool(files: list[str | Path]) -> dict[str, Any]:
     """One paired gain and CI over several result files of the same trained run (e.g. the default
     held-out sample and an ``--eval-seed`` replicate): their per-image judgements are concatenated.
-    Like each file's own CI it covers image-seed variation only, not retraining."""
-    from diffalign.benchmarks.toyworlds.evaluate import paired_difference
+    A prompt judged in several files is one prompt of the bootstrap (its images resampled together).
+    Like each file's own CI it covers prompt and image-seed variation, not retraining."""
+    from diffalign.benchmarks.geneval.stats import overall_gain
 
     rows = [json.loads(Path(f).read_text()) for f in files]
     if len({(r["objective"], r["model"], json.dumps(r.get("settings"))) for r in rows}) != 1:
@@ -87,12 +89,13 @@ def pool(files: list[str | Path]) -> dict[str, Any]:
         raise SystemExit(
             "--pool: the files share images (same prompt and seed); pool independent samples only"
         )
-    base = [{"correct": i["base"], "tag": i["tag"], "seed": i["seed"]} for i in imgs]
-    new = [{"correct": i["aligned"], "tag": i["tag"], "seed": i["seed"]} for i in imgs]
-    d = paired_difference(base, new)
+    base = [{"correct": i["base"], "tag": i["tag"], "seed": i["seed"], "prompt": i["prompt"]} for i in imgs]
+    new = [{"correct": i["aligned"], "tag": i["tag"], "seed": i["seed"], "prompt": i["prompt"]} for i in imgs]
+    d = overall_gain(base, new)
     return {
         "objective": rows[0]["objective"],
         "images": len(imgs),
+        "prompts": d["n_prompts"],
         "gain": d["diff"],
         "ci95": [d["ci95_low"], d["ci95_high"]],
     }
@@ -137,7 +140,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.pool:
         r = pool(args.pool)
         print(
-            f"{r['objective']}: pooled over {r['images']} images: gain {r['gain']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]"
+            f"{r['objective']}: pooled over {r['images']} images of {r['prompts']} distinct prompts: "
+            f"gain {r['gain']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]"
         )
         return [r]
     extra: dict[str, list[str]] = {}
@@ -150,7 +154,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         extra.setdefault(name, []).append(ov)
 
     from diffalign._quiet import quiet_libraries
-    from diffalign.benchmarks.toyworlds.evaluate import evaluate_pipeline, paired_difference
+    from diffalign.benchmarks.geneval.stats import overall_gain
+    from diffalign.benchmarks.toyworlds.evaluate import evaluate_pipeline
     from diffalign.config import load_config, to_dict
     from diffalign.demo import asset, train_prompts
     from diffalign.models.loading import load_pipeline, load_trained_pipeline, pipeline_call_defaults
@@ -214,9 +219,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for name in [o.strip() for o in args.objectives.split(",") if o.strip()]:
         res_file = root / f"{name}{suffix}.json"
         if res_file.exists():
-            rows.append(json.loads(res_file.read_text()))
-            print(f"{name}: cached")
-            continue
+            cached = json.loads(res_file.read_text())
+            if "prompts" in cached:
+                rows.append(cached)
+                print(f"{name}: cached")
+                continue
+            # judged before distinct prompts and the cluster bootstrap: judge the trained run again
+            print(f"{name}: cached result predates distinct held-out prompts; judging again")
         model = toy_sd3 if name == "online_dpo" else toy_sd
         data = [f"data.path={pairs}"]
         obj = [f"objective.name={name}", f"objective.beta={args.beta}"]
@@ -299,7 +308,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         aligned.set_progress_bar_config(disable=True)
         res = evaluate_pipeline(aligned, **eval_kw, **pipeline_call_defaults(model))
         b = base_eval(model)
-        diff = paired_difference(b["results"], res["results"])
+        diff = overall_gain(b["results"], res["results"])
         row = {
             "objective": name,
             "model": Path(model).name,
@@ -307,6 +316,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             "aligned": res["summary"]["overall"],
             "gain": diff["diff"],
             "ci95": [diff["ci95_low"], diff["ci95_high"]],
+            "prompts": diff["n_prompts"],
             "per_tag_base": b["summary"]["per_tag"],
             "per_tag_aligned": res["summary"]["per_tag"],
             "train_s": train_s,
@@ -329,14 +339,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             f"{name}: gain {row['gain']:+.3f} [{row['ci95'][0]:+.3f}, {row['ci95'][1]:+.3f}], train {train_s:.0f} s"
         )
     lines = [
-        "| objective | model | base | aligned | gain [95% CI] | train wall time |",
-        "|---|---|---|---|---|---|",
+        "| objective | model | base | aligned | gain [95% CI] | prompts | train wall time |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: -r["gain"]):
         sig = "" if r["ci95"][0] > 0 else " (worse)" if r["ci95"][1] < 0 else " (n.s.)"
         lines.append(
             f"| `{r['objective']}` | {r['model']} | {r['base']:.3f} | {r['aligned']:.3f} | "
-            f"{r['gain']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]{sig} | {r['train_s'] / 60:.1f} min |"
+            f"{r['gain']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]{sig} | {r['prompts']} | "
+            f"{r['train_s'] / 60:.1f} min |"
         )
     table = "\n".join(lines)
     (root / f"table{suffix}.md").write_text(table + "\n")

@@ -1,0 +1,71 @@
+"""`diffalign eval` sampling settings (issue #25): printed in one line at the start, recorded in
+summary.json and the report header, and inherited by a compared run from the base run's earlier eval
+in the same folder; a value given on the command line that differs is refused in one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from diffalign.benchmarks.geneval import harness
+from diffalign.benchmarks.geneval.settings import EvalConfig, resolve_sampling
+from diffalign.demo import asset
+from diffalign.errors import ConfigError
+
+
+def _cfg(out, **kw) -> EvalConfig:
+    base = dict(model=asset("toy-sd"), out=str(out), toy="train", n_prompts=2, per_prompt=1, device="cpu")
+    return EvalConfig(**{**base, "n_boot": 50, **kw})
+
+
+def test_defaults_are_said_and_recorded(tmp_path, capsys):
+    """--metadata samples at GenEval's 50 steps / guidance 9, --toy at 20 / 4: the first lines say so."""
+    geneval = resolve_sampling(EvalConfig(model="m", out="o", metadata="x.jsonl"), {"models": {}})
+    assert (geneval["steps"], geneval["guidance"], geneval["source"]["steps"]) == (50, 9.0, "default")
+    from diffalign.cli import main
+
+    md = tmp_path / "shapes.jsonl"
+    md.write_text(
+        json.dumps(
+            {"tag": "single_object", "include": [{"class": "circle", "count": 1}], "prompt": "a circle"}
+        )
+        + "\n"
+    )
+    args = ["eval", "--model", asset("toy-sd"), "--metadata", str(md), "--detector", "shapes"]
+    assert main([*args, "--per-prompt", "1", "--no-report", "--out", str(tmp_path / "g")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    said = [ln for ln in lines if ln.startswith("sampling:")]
+    assert said == [
+        "sampling: 50 steps (default), guidance 9 (default), size the pipeline's (default), seed 0"
+    ]
+    assert lines.index(said[0]) == 1  # right after the line naming the prompt set
+    summary = json.loads((tmp_path / "g" / "summary.json").read_text())
+    assert summary["sampling"]["steps"] == 50 and summary["sampling"]["guidance"] == 9.0
+
+
+def test_compare_inherits_the_base_runs_settings(tmp_path):
+    root = tmp_path / "run"
+    said: list[str] = []
+    first = harness.run_eval(_cfg(root, steps=3, guidance=2.0), log=said.append)
+    assert first["sampling"]["source"] == {"steps": "given", "guidance": "given", "size": "default"}
+    assert "sampling: 3 steps (given), guidance 2 (given), size the pipeline's (default), seed 0" in said
+    # the aligned model added later, no sampling flags: the base run's settings, not --toy's 20 / 4
+    out = harness.run_eval(_cfg(root, compare=asset("toy-sd3")), log=lambda *a: None)
+    assert out["generated"] == {"model": 0, "compare": 2}
+    assert (out["sampling"]["steps"], out["sampling"]["guidance"]) == (3, 2.0)
+    assert out["sampling"]["source"] == dict.fromkeys(("steps", "guidance", "size"), "inherited")
+    manifest = json.loads((root / "eval.json").read_text())["models"]
+    assert (manifest["compare"]["steps"], manifest["compare"]["guidance"]) == (3, 2.0)
+    assert json.loads((root / "summary.json").read_text())["sampling"] == json.loads(
+        json.dumps(out["sampling"])
+    )
+    assert (
+        "Sampling: 3 steps (inherited), guidance 2 (inherited)" in (root / "report" / "report.md").read_text()
+    )
+    assert "difference" in out and out["difference"]["n_prompts"] == 2
+    # given explicitly and different from the images here: refused in one line that says how to inherit
+    with pytest.raises(ConfigError) as e:
+        harness.run_eval(_cfg(root, compare=asset("toy-sd3"), steps=5), log=lambda *a: None)
+    msg = str(e.value)
+    assert "steps 3 -> 5" in msg and "leave out --steps/--guidance/--size" in msg and "\n" not in msg
