@@ -1,6 +1,5 @@
-"""Performance paths change speed and memory, never the numbers: precomputed reference errors
-give the same losses and weights as a live reference (LoRA-off and frozen copy), also across a
-resume; channels-last trains the same model."""
+"""Performance paths change speed and memory, never the numbers: channels-last trains the same model
+(precomputed reference errors: tests/test_precompute_reference.py)."""
 
 from __future__ import annotations
 
@@ -8,49 +7,11 @@ import json
 
 import pytest
 import torch
-from test_train import run, trainable
+from test_train import run
 
 
 def losses(out) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.mark.parametrize("mode", ["lora", "full"])
-def test_precomputed_reference_equals_live_reference(tiny_models, pairs_parquet, tmp_path, mode):
-    extra = ["train.max_steps=3", "train.batch_size=2", "train.grad_accum=2"] + (
-        ["lora.rank=0", "train.lr=1e-3"] if mode == "full" else []
-    )
-    run(tiny_models["sd"], pairs_parquet, tmp_path / "live", *extra)
-    run(tiny_models["sd"], pairs_parquet, tmp_path / "pre", *extra, "train.precompute_reference=true")
-    assert losses(tmp_path / "live") == losses(tmp_path / "pre")  # bit-identical
-    a, b = trainable(tmp_path / "live"), trainable(tmp_path / "pre")
-    for n in a:
-        assert torch.equal(a[n], b[n]), n
-
-
-def test_precomputed_reference_survives_resume(tiny_models, pairs_parquet, tmp_path):
-    from test_train import overrides
-
-    from diffalign.config import load_config
-    from diffalign.train import train
-
-    extra = [
-        "train.max_steps=3",
-        "train.batch_size=2",
-        "lora.rank=0",
-        "train.lr=1e-3",
-        "train.precompute_reference=true",
-        "train.checkpoint_every=1",
-    ]
-    run(tiny_models["sd"], pairs_parquet, tmp_path / "full", *extra)
-    run(tiny_models["sd"], pairs_parquet, tmp_path / "cut", *extra, "train.halt_after_step=1")
-    train(
-        load_config(None, overrides(tiny_models["sd"], pairs_parquet, tmp_path / "cut", *extra)),
-        resume="latest",
-    )
-    a, b = trainable(tmp_path / "full"), trainable(tmp_path / "cut")
-    for n in a:
-        torch.testing.assert_close(a[n], b[n], atol=1e-6, rtol=0)
 
 
 def test_channels_last_trains_the_same(tiny_models, pairs_parquet, tmp_path):

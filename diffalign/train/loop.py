@@ -35,7 +35,7 @@ from ..models.loading import load_adapter
 from .checkpoint import checkpoint_step, load_checkpoint, resume_point, save_checkpoint
 from .guards import BadStepGuard
 from .provenance import RunLock, record_config, truncate_metrics
-from .reference import Reference, fingerprint, resolve_mode
+from .reference import Reference, fingerprint, reference_weights, resolve_mode
 from .stability import (
     AutoBeta,
     DivergenceMonitor,
@@ -149,8 +149,9 @@ def precompute_reference_errors(
     num_workers: int = 0,
 ) -> dict[tuple[int, int], Tensor]:
     """Reference errors ``[B,k]`` for every (step, micro-batch) of this rank in ``[first, last)``:
-    the same pairs, noise and t the training steps will draw (all derive from data positions), so
-    the loss equals the one with a live reference model. CPU tensors, a few bytes per pair."""
+    the same pairs, noise and t the training steps will draw (all derive from data positions), and
+    the same weights, dtype and (eval) mode as the live reference (``reference_weights``), so the
+    loss is bit-identical to the one with a live reference model. CPU tensors, a few bytes per pair."""
     from tqdm.auto import tqdm
 
     if hasattr(objective, "noised_inputs"):
@@ -161,17 +162,20 @@ def precompute_reference_errors(
     table = {}
     per_image = objective.per_image_captions
     batches = batch_stream(dataset, plan, first, last, rank, num_workers)
-    for step in tqdm(range(first, last), desc="reference pre-pass", unit="step", disable=not show):
-        for micro_i in range(accum):
-            batch = next(batches)
-            x0, cond, micro = prepare_batch(
-                adapter, batch, k, accelerator.device, per_image_captions=per_image
-            )
-            x_t, tt, target = noised_inputs(adapter, x0, batch["seed"])
-            with accelerator.autocast():
-                table[(step, micro_i)] = (
-                    group_errors(adapter, adapter.denoiser, x_t, tt, target, cond, micro, k).float().cpu()
+    steps = tqdm(range(first, last), desc="reference pre-pass", unit="step", disable=not show)
+    # the live reference computes with weights in the mixed-precision dtype (LoRA base or frozen copy)
+    with reference_weights(adapter.denoiser, DTYPES[accelerator.mixed_precision]) as ref_model:
+        for step in steps:
+            for micro_i in range(accum):
+                batch = next(batches)
+                x0, cond, micro = prepare_batch(
+                    adapter, batch, k, accelerator.device, per_image_captions=per_image
                 )
+                x_t, tt, target = noised_inputs(adapter, x0, batch["seed"])
+                with accelerator.autocast():
+                    table[(step, micro_i)] = (
+                        group_errors(adapter, ref_model, x_t, tt, target, cond, micro, k).float().cpu()
+                    )
     return table
 
 

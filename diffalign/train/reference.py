@@ -5,8 +5,18 @@
 - ``copy``: a frozen copy of the denoiser for full fine-tuning (Salesforce ``ref_unet``).
 - ``none``: reference-free objectives (SFT, MaPO); no forward, no memory.
 
-Reference forwards run under ``torch.inference_mode``; the result is cloned into a normal tensor
-so it can enter the loss next to policy tensors.
+Reference forwards run under ``torch.inference_mode`` and in eval mode; the result is cloned into
+a normal tensor so it can enter the loss next to policy tensors.
+
+A reference is a fixed function of its inputs, so the ``lora_off`` forward switches the (training)
+policy network to eval mode for its duration, like the ``copy`` model, which is always in eval mode,
+and the precomputed reference (``train.precompute_reference``, see ``reference_weights``). In train
+mode it differed from both: ModelScope's ``UNet3DConditionModel`` (text2video) has ``Dropout(0.1)``
+in its temporal convolutions, so the reference was noisy; and diffusers' ``ResnetBlock2D`` makes its
+input contiguous before the 1x1 ``conv_shortcut`` only when ``training`` (diffusers issue #12975),
+and a convolution rounds differently over channels-last and contiguous tensors (~1e-7 on CPU): the
+VAE's latents are channels-last-strided, and where no attention block (whose output is contiguous)
+comes first, as in SDXL's and AudioLDM's first down block, they reach a shortcut in that layout.
 """
 
 from __future__ import annotations
@@ -51,6 +61,45 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
         set_adapters_enabled(model, True)
 
 
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Every submodule in eval mode for the duration; each one's own flag is restored afterwards (a
+    policy in train mode stays in train mode, whatever submodules were in eval stay in eval)."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+@contextmanager
+def reference_weights(denoiser: nn.Module, dtype: torch.dtype) -> Iterator[nn.Module]:
+    """The freshly loaded (fp32) denoiser computing exactly as the live reference of the same run
+    will: in eval mode, with its floating-point weights and buffers cast to ``dtype``, the mixed-
+    precision weight dtype (the live reference is the base after ``lora_base_dtype`` with LoRA
+    disabled, or the ``copy`` cast to ``dtype``; autocast rounds matmul inputs the same either way,
+    but ops that autocast keeps in fp32, e.g. the norms, use the weights as stored, so fp32 weights
+    give errors ~1e-3 away from bf16 ones). The fp32 tensors are kept aside (peak memory 1.5x the
+    fp32 denoiser with bf16/fp16) and put back unchanged afterwards, so the policy starts from them."""
+    saved: list[tuple[nn.Module, str, bool, torch.Tensor]] = []
+    if dtype != torch.float32:
+        for m in denoiser.modules():
+            saved += [(m, n, True, p.data) for n, p in m._parameters.items() if p is not None]
+            saved += [(m, n, False, b) for n, b in m._buffers.items() if b is not None]
+        denoiser.to(dtype)  # what lora_base_dtype / Reference(copy) do: floating-point tensors only
+    try:
+        with eval_mode(denoiser):
+            yield denoiser
+    finally:
+        for m, n, is_param, t in saved:
+            if is_param:
+                m._parameters[n].data = t  # type: ignore[union-attr]
+            else:
+                m._buffers[n] = t
+
+
 class Reference:
     def __init__(self, mode: ReferenceMode, denoiser: nn.Module, dtype: torch.dtype | None = None) -> None:
         self.mode = mode
@@ -68,7 +117,9 @@ class Reference:
             assert self.model is not None
             yield self.model
         elif self.mode == "lora_off":
-            with adapters_disabled(self._policy):
+            # eval mode: the reference is a fixed function (no dropout) and computes exactly like the
+            # frozen copy and the precomputed reference (see the module docstring)
+            with adapters_disabled(self._policy), eval_mode(self._policy):
                 yield self._policy
         else:
             raise RuntimeError("no reference model in this run")
