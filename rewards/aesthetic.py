@@ -43,6 +43,8 @@ class AestheticV2(_ClipReward):
     """``path``: the CLIP ViT-L/14 (hub id or folder); ``head``: the MLP weights, a local file or
     ``repo_id:filename`` on the hub (``.pth`` read with ``weights_only=True``, or safetensors)."""
 
+    uses_text = False
+
     def __init__(
         self,
         path: str = "openai/clip-vit-large-patch14",

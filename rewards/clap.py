@@ -20,7 +20,7 @@ Preprocessing, per clip:
   device); we instead pass each clip's true ``is_longer`` flag, which only matters for fused
   checkpoints;
 - text: the tokenizer with padding and truncation to ``max_text_tokens`` (77, LAION-CLAP's text
-  context; ``None``: the tokenizer/model limit, 512 for RoBERTa).
+  context; ``None``: the tokenizer/model limit, 512 for RoBERTa); longer prompts warn once per reward.
 
 Scores: ``scores`` = raw cosine in [-1, 1]; sub-score ``"logit"`` = ``logit_scale_a.exp() * cos``
 (the diagonal of ``ClapModel``'s ``logits_per_audio``). Some papers report ``100 * max(cos, 0)``;
@@ -42,6 +42,7 @@ from torch import Tensor
 from diffalign.errors import ConfigError
 
 from .base import REWARDS, RewardOutput, batched, check_audio_inputs, is_local
+from .text import PromptTokenizer
 
 DEFAULT_CLAP = "laion/clap-htsat-unfused"
 LAION_TEXT_TOKENS = 77
@@ -143,6 +144,7 @@ class CLAPScore:
         # RoBERTa positions start after the pad id: 514 position embeddings hold 512 tokens
         limits = [self.tokenizer.model_max_length, tc.max_position_embeddings - (tc.pad_token_id or 0) - 1]
         self.text_tokens = min(limits + ([max_text_tokens] if max_text_tokens else []))
+        self.prompts = PromptTokenizer(self.tokenizer, self.text_tokens, "clap")
 
     @property
     def sampling_rate(self) -> int:
@@ -168,9 +170,7 @@ class CLAPScore:
         return F.normalize(emb.float(), dim=-1)
 
     def text_embeds(self, prompts: list[str]) -> Tensor:
-        tok = self.tokenizer(
-            list(prompts), padding=True, truncation=True, max_length=self.text_tokens, return_tensors="pt"
-        )
+        tok = self.prompts(list(prompts))  # input_ids, attention_mask [B,L], L <= text_tokens
         emb = _pooled(
             self.model.get_text_features(
                 input_ids=tok.input_ids.to(self.device), attention_mask=tok.attention_mask.to(self.device)
@@ -184,6 +184,7 @@ class CLAPScore:
     @torch.inference_mode()
     def __call__(self, audio: Tensor, prompts: list[str], sample_rate: int) -> RewardOutput:
         check_audio_inputs(audio, prompts, sample_rate)
+        self.prompts.check(list(prompts))
         sample_rate = int(sample_rate)
         cos = batched(partial(self.cosine, sample_rate=sample_rate), audio, list(prompts), self.batch_size)
         scale = self.model.logit_scale_a.detach().float().exp().cpu()

@@ -7,7 +7,8 @@ extra head; checkpoints ``HPS_v2_compressed.pt`` (v2.0) / ``HPS_v2.1_compressed.
 hub repo ``xswu/HPSv2`` hold an OpenCLIP state dict, loaded here with ``weights_only=True`` and
 mapped onto ``transformers.CLIPModel`` (``open_clip.py``; no open_clip/torchvision needed).
 
-Preprocessing (``preprocess_val`` with ``light_augmentation``): to tensor, resize the *longest*
+Preprocessing (``preprocess_val`` with ``light_augmentation``), on the PIL image (so our float
+input is first quantised to the uint8 grid): to tensor, resize the *longest*
 side to 224 (bicubic, on the tensor), zero-pad the short side symmetrically
 (left/top get ``pad // 2``), then OpenAI mean/std -- so pad pixels are black, not grey. The
 resize is antialiased, as torchvision >= 0.17 does on tensors by default. One deviation: the
@@ -19,6 +20,10 @@ Score: ``cos(image, text)`` of the L2-normalised features (``img_score.score``: 
 multiplies by 100, the scale of the README tables and ``evaluation.py``; ``scale="cosine"``
 returns the raw value that ``hpsv2.score`` and Diffusion-DPO's selector use. v2.0 and v2.1 scores
 are not comparable; the default here is v2.1 (``hpsv2.evaluate``'s default).
+
+Text: the fork's ``tokenize`` -- open_clip's cleaning (``ftfy.fix_text``, ``html.unescape`` twice,
+whitespace runs to one space, lowercase; ``text.open_clip_clean``), then CLIP BPE cut to 77 tokens
+with end-of-text last. ftfy is therefore required. Prompts over 77 tokens warn once per reward.
 """
 
 from __future__ import annotations
@@ -35,13 +40,17 @@ from diffalign.errors import ConfigError
 
 from .base import REWARDS, hub_file, is_local
 from .clip_family import OPENAI_MEAN, OPENAI_STD, _ClipReward
+from .preprocess import to_uint8
 
 CHECKPOINTS = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
 TOKENIZER_HUB_ID = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # the same CLIP BPE, in transformers format
 
 
 def pad_preprocess(images: Tensor, size: int, mean: list[float], std: list[float]) -> Tensor:
-    """``[B,3,H,W]`` in [0,1] -> ``[B,3,size,size]``: longest side to ``size``, zero pad, normalise."""
+    """``[B,3,H,W]`` in [0,1] -> ``[B,3,size,size]``: quantised as the PIL image the reference reads
+    (``round(255 x) / 255``), longest side to ``size`` (float bicubic, antialiased, unclamped, as
+    torchvision's tensor resize), zero pad, normalise."""
+    images = to_uint8(images).float().div_(255)  # [B,3,H,W] on the 1/255 grid
     H, W = images.shape[-2:]
     s = size / max(H, W)
     nh, nw = round(H * s), round(W * s)
@@ -55,7 +64,8 @@ def pad_preprocess(images: Tensor, size: int, mean: list[float], std: list[float
 
 
 def _tokenizer(source: str | None, folder: Path | None):
-    from transformers import CLIPTokenizer
+    # the fast tokenizer: under transformers 4.x ``CLIPTokenizer`` is the slow one (ftfy-dependent)
+    from transformers import CLIPTokenizerFast as CLIPTokenizer
 
     from .open_clip import clip_tokenizer_from_bpe, open_clip_bpe_file
 
@@ -102,7 +112,9 @@ class HPSv2(_ClipReward):
         batch_size: int = 32,
     ) -> None:
         from .open_clip import VIT_H_14, clip_model_from_open_clip, read_state_dict
+        from .text import require_ftfy
 
+        require_ftfy("hpsv2")
         if version not in CHECKPOINTS:
             raise ConfigError(f"hpsv2: unknown version {version!r}; choose one of {sorted(CHECKPOINTS)}")
         if scale not in ("x100", "cosine"):
@@ -130,7 +142,7 @@ class HPSv2(_ClipReward):
         )
         self.model = model.to(device=device, dtype=dtype)
         size = cfg.get("model_cfg", cfg)["vision_cfg"]["image_size"]
-        self.pre = {"size": size, "crop": size, "mean": OPENAI_MEAN, "std": OPENAI_STD}
+        self.pre = {"size": size, "crop": size, "mean": OPENAI_MEAN, "std": OPENAI_STD, "text": "open_clip"}
         self.device, self.dtype, self.batch_size, self.scale = torch.device(device), dtype, batch_size, scale
 
     def preprocess(self, images: Tensor) -> Tensor:

@@ -43,13 +43,14 @@ paper (``mlp.layers`` in the checkpoint). BLIP's contrastive projections (``blip
   at 0, 2, 4, 6, 7), kept in float32 (the official ``score()`` casts the feature to float).
 
 **Preprocessing** (in torch, on the whole batch), the torchvision ``Resize(224, BICUBIC)`` ->
-``CenterCrop(224)`` -> CLIP mean/std of the official transform: the shorter side goes to 224 and the
-longer to ``int(224 * long / short)`` (truncated, as torchvision computes it), bicubic with
-``antialias=True`` (PyTorch's antialiased bicubic uses PIL's kernel, a = -0.5), clamped to [0, 1] as the
-PIL uint8 result is; the crop offset is ``int(round((side - 224) / 2))``. Not reproduced: the uint8
-quantisation the official PIL route applies before and after the resize. Text uses BERT's
-``bert-base-uncased`` WordPiece tokenizer with BLIP's extra tokens (bos ``[DEC]``, additional
-``[ENC]``), ``padding='max_length', truncation=True, max_length=35``.
+``CenterCrop(224)`` -> CLIP mean/std of the official transform, which runs on the PIL image: the
+shorter side goes to 224 and the longer to ``int(224 * long / short)`` (truncated, as torchvision
+computes it), PIL's bicubic on the uint8 image (``preprocess.pil_resize``: quantised, resized with
+PyTorch's uint8 port of PIL's filter, within 1/255 of PIL); the crop offset is
+``int(round((side - 224) / 2))``. Text uses BERT's ``bert-base-uncased`` WordPiece tokenizer with
+BLIP's extra tokens (bos ``[DEC]``, additional ``[ENC]``), ``padding='max_length', truncation=True,
+max_length=35``, no other cleaning (as ``ImageReward.score``); prompts over 35 tokens warn once per
+reward.
 
 **Loading.** ``path`` is a hub id (default ``THUDM/ImageReward``; files fetched with
 ``huggingface_hub.hf_hub_download``, which honours ``HF_HUB_OFFLINE``) or a local folder holding
@@ -75,13 +76,14 @@ import re
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffalign.errors import ConfigError
 
 from .base import REWARDS, RewardOutput, batched, check_inputs, hub_file, is_local
 from .open_clip import read_state_dict
+from .preprocess import normalise, pil_resize
+from .text import PromptTokenizer
 
 REWARD_MEAN = 0.16717362830052426
 REWARD_STD = 1.0333394966054072
@@ -188,21 +190,15 @@ def official_name(name: str) -> str:
 
 
 def imagereward_preprocess(images: Tensor, size: int = 224) -> Tensor:
-    """``[B,3,H,W]`` in [0,1] -> normalised ``[B,3,size,size]`` with torchvision's Resize/CenterCrop geometry."""
+    """``[B,3,H,W]`` in [0,1] -> normalised ``[B,3,size,size]``: torchvision's Resize (PIL bicubic on the
+    uint8 image) and CenterCrop geometry."""
     H, W = images.shape[-2:]
     short, long = (W, H) if W <= H else (H, W)
     new_short, new_long = size, int(size * long / short)
     new_w, new_h = (new_short, new_long) if W <= H else (new_long, new_short)
-    if (new_h, new_w) != (H, W):
-        images = F.interpolate(
-            images, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True
-        )
-        images = images.clamp(0.0, 1.0)
+    images = pil_resize(images, (new_h, new_w))  # [B,3,new_h,new_w] on the 1/255 grid
     top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-    images = images[..., top : top + size, left : left + size]
-    mean = torch.tensor(CLIP_MEAN, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    return (images - mean) / std
+    return normalise(images[..., top : top + size, left : left + size], CLIP_MEAN, CLIP_STD)
 
 
 class ImageRewardNet(nn.Module):
@@ -307,7 +303,9 @@ def load_image_reward(
 
     source = str(folder) if folder is not None and (folder / "vocab.txt").is_file() else "bert-base-uncased"
     try:
-        tok = BertTokenizer.from_pretrained(source)
+        # uncased, as bert-base-uncased: stated, since transformers 5.0 did not lowercase a folder
+        # holding only vocab.txt
+        tok = BertTokenizer.from_pretrained(source, do_lower_case=True)
     except (OSError, ValueError) as e:
         raise ConfigError(
             f"image_reward: cannot load the BERT tokenizer from {source!r} ({type(e).__name__}); put "
@@ -366,15 +364,15 @@ class ImageReward:
         model.to(device=self.device, dtype=dtype)
         model.mlp.float()
         self.model = model
+        self.prompts = PromptTokenizer(self.tokenizer, MAX_LENGTH, "image_reward", padding="max_length")
 
     def score(self, images: Tensor, prompts: list[str]) -> Tensor:
         px = imagereward_preprocess(images.to(self.device, torch.float32), self.image_size).to(self.dtype)
-        tok = self.tokenizer(
-            prompts, padding="max_length", truncation=True, max_length=MAX_LENGTH, return_tensors="pt"
-        )
+        tok = self.prompts(prompts)  # input_ids, attention_mask [B,35]
         return self.model(px, tok.input_ids.to(self.device), tok.attention_mask.to(self.device))
 
     @torch.inference_mode()
     def __call__(self, images: Tensor, prompts: list[str]) -> RewardOutput:
         check_inputs(images, prompts)
+        self.prompts.check(prompts)
         return RewardOutput(batched(self.score, images, list(prompts), self.batch_size))

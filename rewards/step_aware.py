@@ -166,6 +166,7 @@ class StepAwarePM(_ClipReward):
     @torch.inference_mode()
     def __call__(self, images: Tensor, prompts: list[str], t: Tensor | int | None = None) -> RewardOutput:
         check_inputs(images, prompts)
+        self.prompts.check(prompts)
         B = images.shape[0]
         tt = self._times(t, B)
         out = [

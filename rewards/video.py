@@ -103,10 +103,7 @@ class VideoCLIPScore(_ClipReward):
 
     def text_features(self, prompts: list[str]) -> Tensor:
         """Normalised text embeddings ``[B,D]`` (truncated to the text tower's context)."""
-        ctx = min(self.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings)
-        tok = self.tokenizer(
-            list(prompts), padding=True, truncation=True, max_length=ctx, return_tensors="pt"
-        )
+        tok = self.prompts(list(prompts))  # input_ids, attention_mask [B,L], L <= the context
         txt = self.model.get_text_features(
             input_ids=tok.input_ids.to(self.device), attention_mask=tok.attention_mask.to(self.device)
         )
@@ -146,6 +143,7 @@ class VideoCLIPScore(_ClipReward):
                 f"got {videos.shape[1]}"
             )
         prompts = list(prompts)
+        self.prompts.check(prompts)
         parts = [
             self.clip_scores(videos[i : i + self.batch_size], prompts[i : i + self.batch_size])
             for i in range(0, videos.shape[0], self.batch_size)

@@ -205,7 +205,7 @@ def test_frame_mode_is_frame_average_plus_temporal_by_hand(tiny_clip):
     from diffalign.rewards import VideoCLIPScore
 
     B, Fr, w = 3, 5, 0.7
-    v = videos(B, Fr, 30, 30, seed=7)
+    v = (videos(B, Fr, 30, 30, seed=7) * 255).round() / 255  # saved frames: the reference reads uint8
     model = CLIPModel.from_pretrained(str(tiny_clip)).eval()
     tok = CLIPTokenizer.from_pretrained(str(tiny_clip))
     mean, std = torch.tensor(OPENAI_MEAN).view(3, 1, 1), torch.tensor(OPENAI_STD).view(3, 1, 1)
@@ -248,7 +248,7 @@ def test_fusion_mode_stacks_frames_frame_major_by_hand(fusion_clip):
 
     from diffalign.rewards import VideoCLIPScore
 
-    v = videos(3, FUSION_FRAMES, 16, 16, seed=9)
+    v = (videos(3, FUSION_FRAMES, 16, 16, seed=9) * 255).round() / 255  # saved frames (uint8)
     model = CLIPModel.from_pretrained(str(fusion_clip)).eval()
     tok = CLIPTokenizer.from_pretrained(str(fusion_clip))
     mean, std = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1), torch.tensor(OPENAI_STD).view(1, 3, 1, 1)

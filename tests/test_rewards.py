@@ -234,7 +234,7 @@ def test_hpsv2_parity_with_open_clip_formula(tiny_open_clip, hw):
     sd = torch.load(tiny_open_clip / "HPS_v2.1_compressed.pt", weights_only=True)["state_dict"]
     cfg = json.loads((tiny_open_clip / "open_clip_config.json").read_text())["model_cfg"]
     tok = CLIPTokenizer.from_pretrained(str(tiny_open_clip))
-    imgs = images(4, *hw, seed=1)
+    imgs = quantised(images(4, *hw, seed=1))  # the PIL image the reference reads
     px = torch.stack([(hps_resize_max_size(im, 28)[None] - OPENAI_MEAN)[0] / OPENAI_STD[0] for im in imgs])
     ids = open_clip_tokenize(tok, PROMPTS)
     assert ids[2, -1] == tok.eos_token_id and (ids[2] != 0).all()  # LONG is cut, ends in eot
@@ -271,7 +271,7 @@ def test_open_clip_folder_serves_clip_score(tmp_path, tiny_open_clip):
     sd = torch.load(d / "HPS_v2.1_compressed.pt", weights_only=True)["state_dict"]
     save_file({k: v.contiguous() for k, v in sd.items()}, str(d / "open_clip_model.safetensors"))
     (d / "HPS_v2.1_compressed.pt").unlink()
-    imgs = images(2, 28, 28)
+    imgs = quantised(images(2, 28, 28))
     cos = HPSv2(str(d), scale="cosine")(imgs, PROMPTS[:2]).scores  # 28x28 needs no resize: pad and crop agree
     torch.testing.assert_close(
         CLIPScore(str(d))(imgs, PROMPTS[:2]).scores, 100 * cos.clamp(min=0), atol=1e-4, rtol=1e-5
