@@ -136,12 +136,6 @@ def test_precomputed_reference_survives_resume(tiny_models, pairs_parquet, tmp_p
         torch.testing.assert_close(a[n], b[n], atol=1e-6, rtol=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="train() applies train.channels_last (memory_options) after the pre-pass: the pre-pass "
-    "convolves with contiguous weights, the live LoRA-off reference with channels-last ones (~2e-7); "
-    "fixed by applying the memory options before the pre-pass and the Reference copy",
-)
 def test_precomputed_reference_with_channels_last_lora(trained_tiny, monkeypatch, tmp_path):
     model, data = trained_tiny("sd")
     extra = ["train.max_steps=2", "train.batch_size=2", "train.channels_last=true"]

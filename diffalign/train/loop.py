@@ -416,6 +416,9 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
     # -- model
     adapter = load_adapter(cfg.model, accelerator.device, weight_dtype)
     denoiser = adapter.denoiser
+    # before the reference pre-pass and the frozen copy: all three then compute with the same layout
+    # (channels-last convolutions round differently from contiguous ones)
+    memory_options(denoiser, cfg)
     ref_table: dict[tuple[int, int], Tensor] | None = None
     if t.precompute_reference and objective.needs_reference:
         # before LoRA and before any checkpoint weights: the denoiser holds exactly the reference weights
@@ -444,7 +447,6 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
         resolve_mode(t.reference, cfg.lora.rank, objective.needs_reference) if ref_table is None else "none"
     )
     ref = Reference(ref_mode, denoiser, weight_dtype if weight_dtype != torch.float32 else None)
-    memory_options(denoiser, cfg)
     denoiser.train()
     trainable = {n: p for n, p in denoiser.named_parameters() if p.requires_grad}
     lr = t.lr * (t.batch_size * t.grad_accum * world if t.scale_lr else 1)
