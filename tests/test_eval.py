@@ -338,8 +338,9 @@ def test_clip_color_classifier_matches_a_by_hand_zero_shot(tiny_clip):
             e = model.get_text_features(**ids)
             text.append(F.normalize(F.normalize(getattr(e, "pooler_output", e), dim=-1).mean(0), dim=-1))
         crop = np.where(mask[..., None], img, 153)[10:30, 5:25]
-        x = torch.from_numpy(crop).permute(2, 0, 1)[None].float() / 255
-        x = F.interpolate(x, size=(30, 30), mode="bicubic", align_corners=False, antialias=True)
+        # PIL's bicubic resize of the uint8 crop (torch's uint8 kernel matches it), then [0, 1]
+        x = torch.from_numpy(crop).permute(2, 0, 1)[None].contiguous()
+        x = F.interpolate(x, size=(30, 30), mode="bicubic", align_corners=False, antialias=True).float() / 255
         x = (x - torch.tensor(clf.pre["mean"]).view(1, 3, 1, 1)) / torch.tensor(clf.pre["std"]).view(
             1, 3, 1, 1
         )
