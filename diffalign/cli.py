@@ -39,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
         "train",
         help="train with a YAML config and key=value overrides",
         formatter_class=raw,
-        description="Train a LoRA or the full denoiser with the objective named in the config, through the one\n"
+        description="Train a LoRA or the full denoiser with "
+        "the objective named in the config, through the one\n"
         "training loop. Everything that can be checked without weights is checked first (as `validate`).\n"
         "Checkpoints go to train.output_dir/checkpoints (export/ in each is plain diffusers format);\n"
         "metrics to metrics.jsonl and train.report_to (tensorboard, wandb or none).",
@@ -141,7 +142,8 @@ def _parser() -> argparse.ArgumentParser:
         help="score a pair parquet with rewards; write scores and an AI-feedback label as columns",
         formatter_class=raw,
         description="Score both images of every pair with each reward and write a copy of the parquet with\n"
-        "score_0.NAME / score_1.NAME columns and ai_label_0 from the rewards' vote (1 image 0 wins, 0 image 1\n"
+        "score_0.NAME / score_1.NAME columns and ai_label_0 "
+        "from the rewards' vote (1 image 0 wins, 0 image 1\n"
         "wins, 0.5 tie); the original columns are kept. The scores feed SmPO (data.score_column=NAME).\n"
         "Memory stays flat (one row group at a time); the output appears only when complete.",
         epilog="example:\n"
@@ -154,7 +156,8 @@ def _parser() -> argparse.ArgumentParser:
         "--reward",
         action="append",
         required=True,
-        help="NAME or NAME=PATH (repeatable); names as `diffalign ls rewards` lists them, e.g. pickscore, hpsv2",
+        help="NAME or NAME=PATH (repeatable); names as `diffalign "
+        "ls rewards` lists them, e.g. pickscore, hpsv2",
     )
     lb.add_argument(
         "--resize", type=int, default=None, help="resize images to this square size before scoring"
@@ -185,7 +188,8 @@ def _parser() -> argparse.ArgumentParser:
     de.add_argument(
         "--objective",
         default="rankdpo",
-        help="rankdpo (default), diffusion_dpo, kto, sft, or online_dpo (no Syn-Pic: the policy samples its own groups)",
+        help="rankdpo (default), diffusion_dpo, kto, sft, or "
+        "online_dpo (no Syn-Pic: the policy samples its own groups)",
     )
     de.add_argument("--beta", type=float, default=2000.0)
     de.add_argument(
@@ -266,7 +270,7 @@ def _one_or_each(values: list) -> Any:
     return values[0] if len(values) == 1 else values
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace) -> int:  # noqa: C901 (one branch per subcommand)
     from .config import load_config, validate
 
     if args.cmd == "ls":

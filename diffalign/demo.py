@@ -31,7 +31,8 @@ def asset(name: str) -> str:
     p = ASSETS / name
     if not (p / "model_index.json").exists() and not (p / "config.json").exists():
         raise ConfigError(
-            f"shipped toy asset {name!r} is missing at {p}; run `diffalign toy pretrain` and pass paths explicitly"
+            f"shipped toy asset {name!r} is missing at {p}; run "
+            "`diffalign toy pretrain` and pass paths explicitly"
         )
     return str(p)
 
@@ -49,7 +50,7 @@ def train_prompts(n: int, seed: int) -> list[str]:
     return [md["prompt"] for md in shapes_prompts("train", n, seed)]
 
 
-def run_demo(
+def run_demo(  # noqa: C901 (the demo pipeline, read top to bottom)
     out: str = "runs/demo",
     model: str | None = None,
     generators: list[str] | None = None,
@@ -86,8 +87,9 @@ def run_demo(
         from .registry import suggest
 
         raise ConfigError(
-            f"demo --objective {objective!r}: not one the demo wires up.{suggest(objective, list(DEMO_OBJECTIVES))} "
-            "Every objective runs in `python -m diffalign.benchmarks.toyworlds.objective_bench`."
+            f"demo --objective {objective!r}: not one the demo wires "
+            f"up.{suggest(objective, list(DEMO_OBJECTIVES))} Every objective "
+            "runs in `python -m diffalign.benchmarks.toyworlds.objective_bench`."
         )
     quiet_libraries()
     t_start = time.time()
@@ -300,11 +302,12 @@ def demo_table(sb: dict[str, Any], sa: dict[str, Any], gain: dict[str, Any]) -> 
         for t in sb["per_tag"]
     ]
     lines += [
-        f"| **overall** (95% CI) | {_with_ci(sb['overall'], sb['overall_ci95'])} | "
-        f"{_with_ci(sa['overall'], sa['overall_ci95'])} | {sb['n_prompts']} | {sum(sb['n_per_tag'].values())} |",
+        f"| **overall** (95% CI) | {_with_ci(sb['overall'], sb['overall_ci95'])} "
+        f"| {_with_ci(sa['overall'], sa['overall_ci95'])} | {sb['n_prompts']} | "
+        f"{sum(sb['n_per_tag'].values())} |",
         "",
-        f"gain: {_with_ci(gain['diff'], [gain['ci95_low'], gain['ci95_high']], '+.3f')} (95% paired bootstrap "
-        f"CI, resampling the {gain['n_prompts']} distinct held-out prompts with all their images)",
+        f"gain: {_with_ci(gain['diff'], [gain['ci95_low'], gain['ci95_high']], '+.3f')} (95% paired "
+        f"bootstrap CI, resampling the {gain['n_prompts']} distinct held-out prompts with all their images)",
     ]
     return "\n".join(lines)
 

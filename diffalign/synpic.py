@@ -14,7 +14,8 @@ Every image's seed is derived from (seed, prompt index, generator index, image i
 shard can be regenerated identically. Shards are written to a temporary file and renamed: a
 shard on disk is always complete, and a rerun after a crash continues at the first missing
 shard without duplicating or losing prompts; it refuses to continue if a local generator's weight
-files changed since the run started (the images already on disk would come from other weights). Processes started with ``accelerate launch`` (or
+files changed since the run started (the images already on disk would come from other weights).
+Processes started with ``accelerate launch`` (or
 any launcher setting RANK/WORLD_SIZE) take shards round-robin; whichever process finds every
 shard present writes ``index.json`` (the merge: shard list, row counts, SHA-256 of each shard),
 the marker that the dataset is complete. ``merge_shards`` rebuilds it by hand.
@@ -84,7 +85,8 @@ def read_prompts(path: str, dedup: bool = False) -> list[str]:
             if dedup:
                 continue
             raise ConfigError(
-                f"{path} line {ln}: duplicate prompt {text[:60]!r} (first on line {seen[text]}); pass --dedup to drop repeats"
+                f"{path} line {ln}: duplicate prompt {text[:60]!r} (first "
+                f"on line {seen[text]}); pass --dedup to drop repeats"
             )
         seen[text] = ln
         out.append(text)
@@ -210,7 +212,7 @@ def per_generator_counts(images_per_generator: int | list[int], n_generators: in
     return ks
 
 
-def run_synpic(cfg: SynPicConfig, rank: int | None = None, world: int | None = None, writer=None) -> Path:
+def run_synpic(cfg: SynPicConfig, rank: int | None = None, world: int | None = None, writer=None) -> Path:  # noqa: C901 (the dataset build loop, read top to bottom)
     """Build (or continue) the ranked dataset; returns the output folder."""
     from tqdm.auto import tqdm
 
@@ -250,8 +252,9 @@ def run_synpic(cfg: SynPicConfig, rank: int | None = None, world: int | None = N
         ):
             if was != now:
                 raise ConfigError(
-                    f"{out}: generator {g!r} has other weights than when this Syn-Pic run started "
-                    f"(fingerprint {was} -> {now}); its images on disk would mix two models; choose another --out"
+                    f"{out}: generator {g!r} has other weights than when this "
+                    f"Syn-Pic run started (fingerprint {was} -> {now}); its "
+                    "images on disk would mix two models; choose another --out"
                 )
     elif rank == 0:
         tmp = mf.with_name("manifest.json.tmp")
@@ -434,7 +437,8 @@ def export_pairs(ranked: str | Path, out: str | Path, mode: PairsMode = "best_wo
                     rows[f"score_1.{c[7:]}"].append(r[c][b])
     if short:
         print(
-            f"export-pairs: skipped {short} prompt(s) with fewer than {2 * n} ranked samples ({n} best vs {n} worst)",
+            f"export-pairs: skipped {short} prompt(s) with fewer "
+            f"than {2 * n} ranked samples ({n} best vs {n} worst)",
             file=sys.stderr,
         )
     out = Path(out)

@@ -81,7 +81,8 @@ def build_objective(ocfg: Any) -> Objective:
     for k, v in ocfg.params.items():
         if k not in fields:
             raise ConfigError(
-                f"objective {ocfg.name!r} has no hyperparameter {k!r}.{suggest(k, fields) if fields else ' It takes none.'}"
+                f"objective {ocfg.name!r} has no hyperparameter "
+                f"{k!r}.{suggest(k, fields) if fields else ' It takes none.'}"
             )
         kwargs[k] = coerce(v, hints[k], f"objective.{k}")
     try:

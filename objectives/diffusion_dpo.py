@@ -1,4 +1,5 @@
-"""Diffusion-DPO (Wallace et al., "Diffusion Model Alignment Using Direct Preference Optimization", CVPR 2024).
+"""Diffusion-DPO (Wallace et al., "Diffusion Model Alignment Using Direct Preference Optimization",
+CVPR 2024).
 
 Reference implementation: SalesforceAIResearch/DiffusionDPO@5233e75 ``train.py:1125-1146``.
 
@@ -46,9 +47,9 @@ def diffusion_dpo_loss(
 ) -> tuple[Tensor, Tensor]:
     """Per-sample Diffusion-DPO loss [B] and the logit ``inside`` [B].
 
-    ``hinge``: ``relu(1 - inside)``; ``ipo``: ``(d - 1/beta)^2`` with ``d = (e_ref_w - e_w) - (e_ref_l - e_l)``
-    (the diffusers SD1.5 variants rewritten in our beta convention; its ipo branch reads a
-    non-existent ``args.beta`` and crashes, ours does not)."""
+    ``hinge``: ``relu(1 - inside)``; ``ipo``: ``(d - 1/beta)^2``
+    with ``d = (e_ref_w - e_w) - (e_ref_l - e_l)`` (the diffusers SD1.5 variants rewritten in our
+    beta convention; its ipo branch reads a non-existent ``args.beta`` and crashes, ours does not)."""
     inside = dpo_inside(policy_w, policy_l, ref_w, ref_l, beta)
     if loss_type == "sigmoid":
         loss = -F.logsigmoid(inside)

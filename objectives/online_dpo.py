@@ -1,4 +1,5 @@
-"""Online DPO (flow_grpo ``scripts/train_sd3_dpo.py``, ``config/dpo.py``; yifan123/flow_grpo, Liu et al. 2025).
+"""Online DPO (flow_grpo ``scripts/train_sd3_dpo.py``, ``config/dpo.py``; yifan123/flow_grpo,
+Liu et al. 2025).
 
 Each round the policy generates ``group_size`` images per prompt (``sample_steps`` steps, CFG
 ``guidance_scale``): flow models with the Flow-GRPO SDE sampler (``noise_level``) as flow_grpo,
@@ -61,7 +62,8 @@ class OnlineDPO:
             or self.ref_refresh_every < 0
         ):
             raise ValueError(
-                "need beta > 0, group_size >= 2, sample_steps >= 1, noise_level >= 0, 0 <= eta <= 1, ref_refresh_every >= 0"
+                "need beta > 0, group_size >= 2, sample_steps >= 1, "
+                "noise_level >= 0, 0 <= eta <= 1, ref_refresh_every >= 0"
             )
 
     def __call__(self, policy_err: Tensor, ref_err: Tensor | None, batch: dict[str, Any]) -> ObjectiveOutput:

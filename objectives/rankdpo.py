@@ -1,10 +1,13 @@
-"""RankDPO (Karthik et al., "Scalable Ranked Preference Optimization for Text-to-Image Generation", ICCV 2025).
+"""RankDPO (Karthik et al., "Scalable Ranked Preference Optimization for Text-to-Image Generation",
+ICCV 2025).
 
 No official code was released; this follows the paper's Eq. 5-7 and Alg. 2 (arXiv 2410.18013v2).
 
 Notation (code -> paper), for k images of one prompt sharing t (and noise, as in the loop):
-    s = policy_err - ref_err            ->  s_i = ||eps_i - eps_theta(x^i_t)||^2 - ||eps_i - eps_ref(x^i_t)||^2
-    gain  = 2**phi - 1                  ->  G_i (phi: fraction of pairwise reward wins, diffalign.rewards.ensemble)
+    s = policy_err - ref_err            ->  s_i = ||eps_i - eps_theta(x^i_t)||^2
+                                                  - ||eps_i - eps_ref(x^i_t)||^2
+    gain  = 2**phi - 1                  ->  G_i (phi: fraction of pairwise reward wins,
+                                            diffalign.rewards.ensemble)
     rank  = fractional rank of phi      ->  tau(i), the true rank from phi (Alg. 2; 1 = best)
     disc  = log(1 + rank)               ->  D(tau(i))
     w_ij  = |G_i-G_j| * |1/D_i - 1/D_j| ->  Delta_ij (LambdaLoss / LiPO weight)

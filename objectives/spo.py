@@ -11,7 +11,8 @@ from the shared x_t (``samplers.stepwise_resample``), score each candidate's pre
 step-aware preference model (``rewards.step_aware``) at its timestep, keep (best, worst) when
 ``softmax([s_best, s_worst])`` differs by more than ``threshold``, continue from a random
 candidate. With ``num_inner_step`` = n > 0 (official SDXL: 3) the candidates first run n more steps
-each and are judged at the end of that segment; all n + 1 transitions become pairs with its label. Training (``diffalign.train.online``): with ``logp`` the DDIM transition log-prob
+each and are judged at the end of that segment; all n + 1 transitions become pairs with its label.
+Training (``diffalign.train.online``): with ``logp`` the DDIM transition log-prob
 (mean over C,H,W) under the CFG-combined prediction,
 
     r_w = clamp(exp(logp_theta(w) - logp_ref(w)), 1 - clip_eps, 1 + clip_eps)    (same for l)

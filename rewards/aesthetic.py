@@ -61,7 +61,8 @@ class AestheticV2(_ClipReward):
             file = hp
         elif is_local(head) or ":" not in head:
             raise ConfigError(
-                f"aesthetic: head weights {head!r} not found (a local .pth/.safetensors file or 'repo_id:filename')"
+                f"aesthetic: head weights {head!r} not found (a "
+                "local .pth/.safetensors file or 'repo_id:filename')"
             )
         else:
             repo, _, name = head.partition(":")

@@ -44,22 +44,26 @@ def check_inputs(images: Tensor, prompts: list[str] | tuple[str, ...]) -> None:
     lo, hi = float(images.min()), float(images.max())
     if lo < -1e-3 or hi > 1 + 1e-3:
         raise ConfigError(
-            f"reward input: images must be in [0,1], got values in [{lo:.3f}, {hi:.3f}] (convert from [-1,1] with x/2+0.5)"
+            "reward input: images must be in [0,1], got values in "
+            f"[{lo:.3f}, {hi:.3f}] (convert from [-1,1] with x/2+0.5)"
         )
     if len(prompts) != images.shape[0]:
         raise ConfigError(f"reward input: {images.shape[0]} images but {len(prompts)} prompts")
 
 
 def check_audio_inputs(audio: Tensor, prompts: list[str] | tuple[str, ...], sample_rate: int) -> None:
-    """One-line errors for audio rewards: ``audio`` is ``[B,S]`` mono float in [-1,1] at ``sample_rate`` Hz."""
+    """One-line errors for audio rewards: ``audio`` is ``[B,S]`` mono float in [-1,1] at
+    ``sample_rate`` Hz."""
     if not isinstance(audio, Tensor) or audio.ndim != 2:
         shape = tuple(audio.shape) if isinstance(audio, Tensor) else type(audio).__name__
         raise ConfigError(
-            f"reward input: audio must be a [B,S] mono waveform tensor, got {shape} (mix or pick channels first)"
+            "reward input: audio must be a [B,S] mono waveform "
+            f"tensor, got {shape} (mix or pick channels first)"
         )
     if not audio.is_floating_point():
         raise ConfigError(
-            f"reward input: audio must be float in [-1,1], got dtype {audio.dtype} (int16 PCM: divide by 32768)"
+            "reward input: audio must be float in [-1,1], got "
+            f"dtype {audio.dtype} (int16 PCM: divide by 32768)"
         )
     if (
         isinstance(sample_rate, bool)
@@ -79,7 +83,8 @@ def check_audio_inputs(audio: Tensor, prompts: list[str] | tuple[str, ...], samp
     lo, hi = float(audio.min()), float(audio.max())
     if lo < -1 - 1e-3 or hi > 1 + 1e-3:
         raise ConfigError(
-            f"reward input: audio must be in [-1,1], got values in [{lo:.3f}, {hi:.3f}] (int16 PCM: divide by 32768)"
+            "reward input: audio must be in [-1,1], got values "
+            f"in [{lo:.3f}, {hi:.3f}] (int16 PCM: divide by 32768)"
         )
     if len(prompts) != audio.shape[0]:
         raise ConfigError(f"reward input: {audio.shape[0]} waveforms but {len(prompts)} prompts")

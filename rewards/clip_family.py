@@ -89,7 +89,8 @@ def load_clip(path: str, device: str | torch.device = "cpu", dtype: torch.dtype 
 
 
 def clip_resize_size(H: int, W: int, size: int) -> tuple[int, int]:
-    """CLIPImageProcessor / torchvision geometry: short side = size, long side ``int(size * long / short)``."""
+    """CLIPImageProcessor / torchvision geometry: short side = size, long side
+    ``int(size * long / short)``."""
     return (size, int(size * W / H)) if H <= W else (int(size * H / W), size)
 
 
@@ -167,7 +168,7 @@ class _ClipReward:
 
 @REWARDS.register("pickscore")
 class PickScore(_ClipReward):
-    """PickScore: ``logit_scale.exp() * cos`` of CLIP-H embeddings (default ``yuvalkirstain/PickScore_v1``)."""
+    """PickScore: ``logit_scale.exp() * cos`` of CLIP-H embeddings (default ``yuvalkirstain/PickScore_v1``)."""  # noqa: E501 (`diffalign ls rewards` prints this line whole)
 
     def __init__(self, path: str = "yuvalkirstain/PickScore_v1", **kw) -> None:
         super().__init__(path, **kw)
@@ -178,7 +179,7 @@ class PickScore(_ClipReward):
 
 @REWARDS.register("clip_score")
 class CLIPScore(_ClipReward):
-    """CLIP score, torchmetrics convention ``100 * max(cos, 0)`` (default ``openai/clip-vit-large-patch14``)."""
+    """CLIP score, torchmetrics convention ``100 * max(cos, 0)`` (default ``openai/clip-vit-large-patch14``)."""  # noqa: E501 (`diffalign ls rewards` prints this line whole)
 
     def __init__(self, path: str = "openai/clip-vit-large-patch14", **kw) -> None:
         super().__init__(path, **kw)

@@ -158,7 +158,8 @@ def convert_imagereward_state_dict(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """Official ImageReward names -> :class:`ImageRewardNet` names; keys the score does not use are dropped.
 
     ``blip.visual_encoder.*`` -> ``vision.*`` (renamed to ``BlipVisionModel``; ``attn.qkv`` stays fused),
-    ``blip.text_encoder.*`` -> ``text.*`` (same names in ``BlipTextModel``), ``mlp.layers.N.*`` -> ``mlp.N.*``.
+    ``blip.text_encoder.*`` -> ``text.*`` (same names in ``BlipTextModel``),
+    ``mlp.layers.N.*`` -> ``mlp.N.*``.
     Dropped: ``blip.vision_proj``/``blip.text_proj``, any other head or momentum encoder, ``position_ids``.
     """
     out: dict[str, Tensor] = {}
@@ -336,8 +337,8 @@ def load_image_reward(
     if bad:
         k, got, want = bad[0]
         raise ConfigError(
-            f"image_reward: checkpoint {str(ckpt)!r} key {official_name(k)} has shape {got}, the "
-            f"configured architecture wants {want} ({len(bad)} mismatches; check med_config.json/{OVERRIDE_FILE})"
+            f"image_reward: checkpoint {str(ckpt)!r} key {official_name(k)} has shape {got}, the configured "
+            f"architecture wants {want} ({len(bad)} mismatches; check med_config.json/{OVERRIDE_FILE})"
         )
     model.load_state_dict({k: sd[k] for k in own}, strict=True)
     return model.eval(), tok, int(vcfg["image_size"])
@@ -348,7 +349,7 @@ class ImageReward:
     """ImageReward (Xu et al. 2023), normalised score ~N(0,1), higher is better (default ``THUDM/ImageReward``).
 
     ``vision_config`` / ``text_config`` override the architecture (see the module docstring).
-    """
+    """  # noqa: E501 (the first line is long: `diffalign ls rewards` prints it whole)
 
     def __init__(
         self,

@@ -25,7 +25,7 @@ def load_rewards(
         if modality is not None and kind != modality:
             raise ConfigError(
                 f"reward {name!r} scores {kind}, but the generators make {modality}; "
-                f"choose a {modality} reward ({', '.join(n for n in REWARDS.names() if getattr(REWARDS.get(n), 'modality', 'image') == modality)})"
+                f"choose a {modality} reward ({', '.join(n for n in REWARDS.names() if getattr(REWARDS.get(n), 'modality', 'image') == modality)})"  # noqa: E501 (an f-string expression cannot wrap before Python 3.12)
             )
         key = name if name not in out else f"{name}:{len(out)}"
         out[key] = cls(path, device=device) if path else cls(device=device)

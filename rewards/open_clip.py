@@ -56,7 +56,8 @@ VIT_L_14: dict[str, Any] = {
 
 
 def clip_config_from_open_clip(cfg: dict[str, Any], eos_token_id: int = 49407, bos_token_id: int = 49406):
-    """An OpenCLIP model config (``model_cfg`` of ``open_clip_config.json`` or a bare one) -> ``CLIPConfig``."""
+    """An OpenCLIP model config (``model_cfg`` of ``open_clip_config.json`` or a bare one) ->
+    ``CLIPConfig``."""
     from transformers import CLIPConfig
 
     cfg = cfg.get("model_cfg", cfg)

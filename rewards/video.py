@@ -6,7 +6,8 @@ The mode follows the checkpoint's vision tower:
 - **frame CLIP** (an ordinary image CLIP, ``vision_config.num_channels == 3``): every frame is
   preprocessed and embedded like an image by the CLIP rewards (``clip_family``), and
 
-      score = mean_f logit_scale.exp() * cos(frame_f, text)  +  temporal_weight * mean_f cos(frame_f, frame_f+1)
+      score = mean_f logit_scale.exp() * cos(frame_f, text)
+              +  temporal_weight * mean_f cos(frame_f, frame_f+1)
 
   i.e. the frame-averaged PickScore-style CLIP score (the "CLIP-SIM" of video generation papers) plus
   a temporal-consistency term, the mean cosine of consecutive frames' image embeddings (a one-frame
@@ -36,8 +37,9 @@ from .clip_family import _ClipReward
 DEFAULT_VIDEO_CLIP = "openai/clip-vit-large-patch14"
 
 
-def check_video_inputs(videos: Tensor, prompts: list[str] | tuple[str, ...]) -> None:
-    """One-line errors for video rewards: ``videos`` is ``[B,F,3,H,W]`` float in [0,1], one prompt per clip."""
+def check_video_inputs(videos: Tensor, prompts: list[str] | tuple[str, ...]) -> None:  # noqa: C901 (one branch per input check)
+    """One-line errors for video rewards: ``videos`` is ``[B,F,3,H,W]`` float in [0,1], one prompt
+    per clip."""
     if not isinstance(videos, Tensor) or videos.ndim != 5 or videos.shape[2] != 3:
         shape = tuple(videos.shape) if isinstance(videos, Tensor) else type(videos).__name__
         hint = ""
@@ -50,7 +52,8 @@ def check_video_inputs(videos: Tensor, prompts: list[str] | tuple[str, ...]) -> 
         raise ConfigError(f"reward input: videos must be a [B,F,3,H,W] tensor, got {shape}{hint}")
     if not videos.is_floating_point():
         raise ConfigError(
-            f"reward input: videos must be float in [0,1], got dtype {videos.dtype} (uint8 frames: divide by 255)"
+            "reward input: videos must be float in [0,1], got "
+            f"dtype {videos.dtype} (uint8 frames: divide by 255)"
         )
     if len(prompts) == 0:
         raise ConfigError("reward input: the prompt list is empty")
@@ -65,7 +68,8 @@ def check_video_inputs(videos: Tensor, prompts: list[str] | tuple[str, ...]) -> 
     lo, hi = float(videos.min()), float(videos.max())
     if lo < -1e-3 or hi > 1 + 1e-3:
         raise ConfigError(
-            f"reward input: videos must be in [0,1], got values in [{lo:.3f}, {hi:.3f}] (convert from [-1,1] with x/2+0.5)"
+            "reward input: videos must be in [0,1], got values in "
+            f"[{lo:.3f}, {hi:.3f}] (convert from [-1,1] with x/2+0.5)"
         )
     if len(prompts) != videos.shape[0]:
         raise ConfigError(f"reward input: {videos.shape[0]} videos but {len(prompts)} prompts")

@@ -72,7 +72,8 @@ def test_demo_plumbing_and_report(tmp_path, tiny_models, tiny_clip):
     assert (tmp_path / "again" / "results.jsonl").read_text() == (
         tmp_path / "demo" / "results.jsonl"
     ).read_text()
-    # a rerun into the same folder is refused (it would reuse the old Syn-Pic images), unless asked to overwrite
+    # a rerun into the same folder is refused (it would reuse the old Syn-Pic images), unless asked
+    # to overwrite
     kw = dict(
         model=str(tiny_models["sd"]),
         generators=[str(tiny_models["sd"])],

@@ -71,16 +71,18 @@ def test_metadata_round_trip(tmp_path):
             "'colour'",
         ),
         (
-            '{"tag": "position", "prompt": "p", "include": [{"class": "cat", "count": 1, "position": ["left of", 0]}]}',
+            '{"tag": "position", "prompt": "p", '
+            '"include": [{"class": "cat", "count": 1, "position": ["left of", 0]}]}',
             "earlier entry",
         ),
         (
-            '{"tag": "position", "prompt": "p", "include": [{"class": "a", "count": 1}, {"class": "b", "count": 1, '
-            '"position": ["near", 0]}]}',
+            '{"tag": "position", "prompt": "p", "include": [{"class": "a", "count": 1}, '
+            '{"class": "b", "count": 1, "position": ["near", 0]}]}',
             "relation",
         ),
         (
-            '{"tag": "counting", "prompt": "p", "include": [{"class": "cat", "count": 2}], "exclude": {"class": "cat"}}',
+            '{"tag": "counting", "prompt": "p", "include": [{"class": "cat", "count": 2}], '
+            '"exclude": {"class": "cat"}}',
             "'exclude' must be a list",
         ),
         ('["a list"]', "JSON object"),
@@ -155,7 +157,7 @@ def test_plain_prompt_files(tmp_path):
     assert [r["i"] for r in prompts.take_balanced(rows, 4, "tag")] == [0, 1, 4, 6]  # round-robin, file order
 
 
-# --------------------------------------------------------------------------- rules: edge cases not in test_geneval_rules
+# ---------------------------------------------------------------- rules: edge cases not in test_geneval_rules
 
 
 COUNT2 = {
@@ -510,7 +512,7 @@ def test_win_rate_by_hand():
     assert by["r"]["by_category"]["y"]["win_rate_mean"] == 1.0
 
 
-# --------------------------------------------------------------------------- the harness on the shipped toy models
+# ---------------------------------------------------------------------- the harness on the shipped toy models
 
 
 def toy_cfg(out: Path) -> harness.EvalConfig:

@@ -13,7 +13,8 @@ from diffalign.objectives import DiffusionKTO, kto_loss, mapo_loss
 
 def test_mapo_hand_derived():
     """e_w = 0.2, e_l = 0.4, gamma 0.5, T 1000, beta 0.1:
-    f(0.2) = 0.1 / (e^0.1 - 1) = 0.1 / 0.1051709 = 0.9508331;  f(0.4) = 0.2 / (e^0.2 - 1) = 0.2 / 0.2214028 = 0.9033311
+    f(0.2) = 0.1 / (e^0.1 - 1) = 0.1 / 0.1051709 = 0.9508331;
+    f(0.4) = 0.2 / (e^0.2 - 1) = 0.2 / 0.2214028 = 0.9033311
     log_odds = 0.0475020; T * log_odds = 47.502 -> logsigmoid ~ -2.3e-21 -> loss = 0.2 + ~0"""
     t = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
     loss, log_odds = mapo_loss(t(0.2), t(0.4))
@@ -62,7 +63,8 @@ def test_kto_reference_point_is_clamped_positive_mean():
 
 
 def test_kto_lambda_weights_hand_derived():
-    """policy [[0.1, 0.3]], ref [[0.2, 0.2]], beta 10: g = [0.1, -0.1], z = 0, both h = sigmoid(1) = 0.7310586;
+    """policy [[0.1, 0.3]], ref [[0.2, 0.2]], beta 10: g = [0.1, -0.1], z = 0,
+    both h = sigmoid(1) = 0.7310586;
     lambda_desirable 2 -> winner 2 * 0.2689414 = 0.5378828; lambda_undesirable 0.5 -> loser 0.1344707;
     the objective's per-pair loss is their mean, 0.3361767."""
     loss, _, _ = kto_loss(

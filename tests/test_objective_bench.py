@@ -1,4 +1,5 @@
-"""The objective benchmark's command line (the benchmark itself runs for ~30 min; see benchmarks/RESULTS.md)."""
+"""The objective benchmark's command line (the benchmark itself runs for ~30 min;
+see benchmarks/RESULTS.md)."""
 
 from __future__ import annotations
 

@@ -38,7 +38,8 @@ def test_dpo_equal_errors_give_log2_and_zero_margin():
 def _official_salesforce(model_w, model_l, ref_w, ref_l, beta_dpo):
     """SalesforceAIResearch/DiffusionDPO@5233e75 train.py:1125-1146, restated:
     model_diff = model_losses_w - model_losses_l; ref_diff = ref_losses_w - ref_losses_l
-    inside_term = -1 * 0.5 * beta_dpo * (model_diff - ref_diff); loss = -1 * F.logsigmoid(inside_term).mean()"""
+    inside_term = -1 * 0.5 * beta_dpo * (model_diff - ref_diff);
+    loss = -1 * F.logsigmoid(inside_term).mean()"""
     model_diff = model_w - model_l
     ref_diff = ref_w - ref_l
     scale_term = -0.5 * beta_dpo
@@ -116,7 +117,8 @@ def test_dcpo_is_the_official_line_hand_derived():
 
 
 def test_online_dpo_is_flow_grpos_line_hand_derived():
-    """flow_grpo scripts/train_sd3_dpo.py, restated: ``inside = -0.5 * beta * ((e_w - e_ref_w) - (e_l - e_ref_l))``,
+    """flow_grpo scripts/train_sd3_dpo.py, restated:
+    ``inside = -0.5 * beta * ((e_w - e_ref_w) - (e_l - e_ref_l))``,
     ``loss = -logsigmoid(inside)``, beta 100 (config/dpo.py). Velocity errors e_w = 0.30, e_l = 0.50,
     ref 0.32 / 0.49: (e_w - ref_w) - (e_l - ref_l) = -0.02 - 0.01 = -0.03 -> inside = 1.5,
     loss = log(1 + e^-1.5) = 0.2014133; accuracy 1; rewards/chosen = -50 * (-0.02) = 1.0."""

@@ -58,7 +58,8 @@ def test_normalised_weighted_sum():
 def _paper_rankdpo(policy_err, ref_err, phi, rank, beta_paper):
     """arXiv 2410.18013v2 Eq. 5-7 written out literally for one prompt (no diffalign code):
     L = -sum_{i above j} Delta_ij * log sigmoid(-beta_paper * (s_i - s_j)),
-    s_i = err_theta - err_ref, G_i = 2^phi_i - 1, D(r) = log(1 + r), Delta_ij = |G_i - G_j| |1/D_i - 1/D_j|."""
+    s_i = err_theta - err_ref, G_i = 2^phi_i - 1, D(r) = log(1 + r),
+    Delta_ij = |G_i - G_j| |1/D_i - 1/D_j|."""
     k = len(phi)
     s = [policy_err[i] - ref_err[i] for i in range(k)]
     loss = 0.0
@@ -87,7 +88,8 @@ def test_rankdpo_k2_is_the_official_dpo_line_times_the_gain_weight():
 
 
 def test_rankdpo_k3_hand_derived_with_nonzero_scores():
-    """phi = [1, .5, 0], ranks [1, 2, 3]: gains [1, 0.4142136, 0]; 1/log(1+rank) = [1.4426950, 0.9102392, 0.7213475]
+    """phi = [1, .5, 0], ranks [1, 2, 3]: gains [1, 0.4142136, 0];
+    1/log(1+rank) = [1.4426950, 0.9102392, 0.7213475]
     w01 = 0.5857864 * 0.5324558 = 0.3119054; w02 = 1 * 0.7213475; w12 = 0.4142136 * 0.1888917 = 0.0782415.
     s = policy - ref = [-0.002, 0, 0.001], beta 1000 (inside = -500 (s_i - s_j)):
     inside01 = 1.0 -> -logsig = 0.3132617; inside02 = 1.5 -> 0.2014133; inside12 = 0.5 -> 0.4740770

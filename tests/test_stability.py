@@ -169,8 +169,8 @@ def test_auto_beta_refuses_objective_without_beta(tiny_models, tmp_path):
         (
             "mapo",
             ["train.auto_beta_target=0.3"],
-            r"objective 'mapo' has no logistic loss on a beta-scaled margin \(supported: dcpo, diffusion_dpo, "
-            r"inpo, rankdpo, smpo, with loss_type=sigmoid",
+            r"objective 'mapo' has no logistic loss on a beta-scaled margin \(supported: "
+            r"dcpo, diffusion_dpo, inpo, rankdpo, smpo, with loss_type=sigmoid",
         ),
         ("diffusion_dpo", ["train.auto_beta_target=0.3", "objective.loss_type=hinge"], "no logistic loss"),
         ("kto", ["train.auto_beta_target=0.3"], "objective 'kto' has no logistic loss"),

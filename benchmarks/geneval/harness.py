@@ -71,7 +71,7 @@ def _check_names(cfg: EvalConfig, detector_spec: str | None) -> None:
         REWARDS.get(spec.partition("=")[0])
 
 
-def run_eval(cfg: EvalConfig, log=print) -> dict[str, Any]:
+def run_eval(cfg: EvalConfig, log=print) -> dict[str, Any]:  # noqa: C901 (the eval run read top to bottom: checks, generation, judging, summary)
     """Run (or continue) an evaluation; returns the contents of ``DIR/summary.json`` (plus
     ``generated``: images made by this call per model)."""
     from ..._quiet import quiet_libraries
@@ -367,7 +367,8 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 def run_av_cli(args: argparse.Namespace) -> int:
-    """``--toy-video`` / ``--toy-audio``: the toy video / audio worlds, judged exactly (see toyworlds/av_bench.py)."""
+    """``--toy-video`` / ``--toy-audio``: the toy video / audio worlds, judged exactly
+    (see toyworlds/av_bench.py)."""
     from ..toyworlds.av_bench import World, evaluate_and_report
 
     name, split = ("video", args.toy_video) if args.toy_video else ("audio", args.toy_audio)

@@ -152,7 +152,7 @@ def _check_count(entry: Mapping[str, Any], what: str) -> str | None:
     return None
 
 
-def check_metadata(md: Any) -> str | None:
+def check_metadata(md: Any) -> str | None:  # noqa: C901 (one branch per metadata rule)
     """Why ``md`` is not a valid GenEval metadata dict, or None if it is."""
     if not isinstance(md, dict):
         return f"expected a JSON object, got {type(md).__name__}"
@@ -167,7 +167,10 @@ def check_metadata(md: Any) -> str | None:
         if not isinstance(req, dict):
             return f"{what} must be an object"
         if extra := sorted(set(req) - _INCLUDE_KEYS):
-            return f"{what} has unknown key(s) {', '.join(map(repr, extra))} (valid: class, count, color, position)"
+            return (
+                f"{what} has unknown key(s) {', '.join(map(repr, extra))} "
+                "(valid: class, count, color, position)"
+            )
         if why := _check_count(req, what):
             return why
         if "color" in req and (not isinstance(req["color"], str) or not req["color"]):
@@ -181,9 +184,15 @@ def check_metadata(md: Any) -> str | None:
                 and isinstance(pos[1], int)
                 and not isinstance(pos[1], bool)
             ):
-                return f"{what} 'position' must be [relation, group index] with relation in {list(RELATIONS)}, got {pos!r}"
+                return (
+                    f"{what} 'position' must be [relation, group index] with relation in "
+                    f"{list(RELATIONS)}, got {pos!r}"
+                )
             if not 0 <= pos[1] < i:
-                return f"{what} 'position' refers to include[{pos[1]}]; it must name an earlier entry (0..{i - 1})"
+                return (
+                    f"{what} 'position' refers to include[{pos[1]}]; "
+                    f"it must name an earlier entry (0..{i - 1})"
+                )
     exclude = md.get("exclude", [])
     if not isinstance(exclude, list):
         return "'exclude' must be a list"
@@ -239,7 +248,7 @@ def _prompt_of(rec: Mapping[str, Any]) -> Any:
     return None
 
 
-def read_prompt_rows(path: str | Path) -> list[dict[str, Any]]:
+def read_prompt_rows(path: str | Path) -> list[dict[str, Any]]:  # noqa: C901 (one branch per file format)
     """Prompt rows ``{"prompt", "category"}`` from a .txt/.jsonl/.json/.tsv/.csv file.
 
     ``category`` is the row's ``Category``/``category`` column where there is one (PartiPrompts),

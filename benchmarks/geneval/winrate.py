@@ -33,7 +33,8 @@ def head_to_head(
     elif pairing == "seed":
         if a_.shape != b_.shape:
             raise ConfigError(
-                f"win rate with pairing='seed' needs as many images of each model, got {a_.size} and {b_.size}"
+                "win rate with pairing='seed' needs as many "
+                f"images of each model, got {a_.size} and {b_.size}"
             )
         d = b_ - a_
     else:

@@ -1,8 +1,8 @@
 """Reward scoring throughput: one batched call vs one image at a time, same reward, same images,
 in one process (the one-at-a-time loop is how ``hpsv2.score`` and ImageReward's ``score`` run).
 
-    python -m diffalign.benchmarks.perf.reward_bench [--reward pickscore=PATH] [--images 256] [--batch-size 64]
-        [--size 512] [--preprocess new|old|both]
+    python -m diffalign.benchmarks.perf.reward_bench [--reward pickscore=PATH] [--images 256]
+        [--batch-size 64] [--size 512] [--preprocess new|old|both]
 
 Defaults to the shipped toy CLIP (``toy-clip-a``) on ShapesWorld renders at 32x32 (``--size`` renders
 larger ones, e.g. 512 for real image sizes). Prints images/s for both and the ratio; checks that both

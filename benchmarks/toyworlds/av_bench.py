@@ -2,7 +2,8 @@
 
     python -m diffalign.benchmarks.toyworlds.av_bench video --out runs/av-video
     python -m diffalign.benchmarks.toyworlds.av_bench audio --out runs/av-audio
-    python -m diffalign.benchmarks.toyworlds.av_bench audio --out runs/av-audio --seed 0 1 2   # one run per seed + a table
+    python -m diffalign.benchmarks.toyworlds.av_bench audio --out runs/av-audio --seed 0 1 2
+        # one run per seed + a table
 
 The same pipeline as ``diffalign demo``, on clips instead of images:
 
@@ -126,7 +127,8 @@ def _table(names: Sequence[str], res: dict[str, dict[str, Any]], gains: dict[str
     lines.append(
         "| **overall** | "
         + " | ".join(
-            f"{res[n]['summary']['overall']:.3f} [{res[n]['summary']['overall_ci95'][0]:.3f}, {res[n]['summary']['overall_ci95'][1]:.3f}]"
+            f"{res[n]['summary']['overall']:.3f} [{res[n]['summary']['overall_ci95'][0]:.3f}, "
+            f"{res[n]['summary']['overall_ci95'][1]:.3f}]"
             for n in names
         )
         + " |"
@@ -253,7 +255,8 @@ def run_av_bench(
     t0 = time.time()
     (root / "prompts.txt").write_text("\n".join(unique_prompts(w, "train", n_train, seed)))
     print(
-        f"[1/4] Syn-Pic: {n_train} {name} prompts x {k} samples of {Path(base).name}, reward {reward.split('=')[0]}"
+        f"[1/4] Syn-Pic: {n_train} {name} prompts x {k} samples "
+        f"of {Path(base).name}, reward {reward.split('=')[0]}"
     )
     ranked = run_synpic(
         SynPicConfig(
@@ -423,7 +426,8 @@ def main(argv: list[str] | None = None) -> None:
         "--pairs",
         default=default["pairs_mode"],
         choices=PAIRS_MODES,
-        help="DPO pairs per prompt: best vs worst of the k ranked samples, or every pair with different scores",
+        help="DPO pairs per prompt: best vs worst of the k "
+        "ranked samples, or every pair with different scores",
     )
     ap.add_argument(
         "--pairs-n",

@@ -1,6 +1,7 @@
 """Every objective on the same toy data and budget: judged GenEval-style gain over base.
 
-    python -m diffalign.benchmarks.toyworlds.objective_bench --out runs/objective-bench [--objectives a,b] [--steps 150]
+    python -m diffalign.benchmarks.toyworlds.objective_bench --out runs/objective-bench
+        [--objectives a,b] [--steps 150]
 
 One Syn-Pic toy set (the demo's: held-in ShapesWorld prompts x toy-sd and toy-sd3 x 2 images, ranked
 by the two toy CLIP rewards; labels never come from the judge) feeds every objective in the form it
@@ -82,7 +83,8 @@ def pool(files: list[str | Path]) -> dict[str, Any]:
     missing = [str(f) for f, r in zip(files, rows, strict=True) if "per_image" not in r]
     if missing:
         raise SystemExit(
-            f"--pool: no per-image judgements in {', '.join(missing)} (written before they were kept; re-judge)"
+            f"--pool: no per-image judgements in {', '.join(missing)} "
+            "(written before they were kept; re-judge)"
         )
     imgs = [i for r in rows for i in r["per_image"]]
     if len({(i["prompt"], i["seed"]) for i in imgs}) != len(imgs):
@@ -101,7 +103,7 @@ def pool(files: list[str | Path]) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:  # noqa: C901 (the benchmark script, read top to bottom)
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="runs/objective-bench")
     ap.add_argument("--objectives", default=",".join(OBJECTIVES))
@@ -336,7 +338,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         res_file.write_text(json.dumps(row, indent=2))
         rows.append(row)
         print(
-            f"{name}: gain {row['gain']:+.3f} [{row['ci95'][0]:+.3f}, {row['ci95'][1]:+.3f}], train {train_s:.0f} s"
+            f"{name}: gain {row['gain']:+.3f} [{row['ci95'][0]:+.3f}, "
+            f"{row['ci95'][1]:+.3f}], train {train_s:.0f} s"
         )
     lines = [
         "| objective | model | base | aligned | gain [95% CI] | prompts | train wall time |",

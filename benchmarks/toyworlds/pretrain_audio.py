@@ -190,7 +190,7 @@ def audio_latent_scale(work: Path) -> float:
     return scale
 
 
-def train_audio_stage(
+def train_audio_stage(  # noqa: C901 (the one flat training loop, read top to bottom)
     stage: AudioStage,
     work: Path,
     minutes: float,

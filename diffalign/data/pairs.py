@@ -100,7 +100,8 @@ def check_columns(f: Path, required: tuple[str, ...], schema: str) -> None:
     missing = [c for c in required if c not in names]
     if missing:
         raise DataError(
-            f"{f}: missing column {missing[0]!r} ({schema} schema needs {', '.join(required)}; found {', '.join(names)})"
+            f"{f}: missing column {missing[0]!r} ({schema} schema "
+            f"needs {', '.join(required)}; found {', '.join(names)})"
         )
 
 
@@ -143,8 +144,8 @@ def check_hub_dataset(path: str) -> None:
         snapshot_download(path, repo_type="dataset", local_files_only=True)
     except Exception:  # LocalEntryNotFoundError, or an id the cache cannot even name
         raise DataError(
-            f"data.path {path!r} is a hub dataset id, HF_HUB_OFFLINE is set and it is not in the local cache; "
-            f"download it once online, or point data.path at a save_to_disk folder or parquet files"
+            f"data.path {path!r} is a hub dataset id, HF_HUB_OFFLINE is set and it is not in the local "
+            "cache; download it once online, or point data.path at a save_to_disk folder or parquet files"
         ) from None
 
 
@@ -211,7 +212,10 @@ class _Counts:
         self.empty_caption = 0
 
     def summary(self, kept: int, name: str) -> str:
-        return f"{name}: {kept} pairs kept; dropped {self.ties} ties, skipped {self.empty_caption} empty captions"
+        return (
+            f"{name}: {kept} pairs kept; dropped {self.ties} ties, "
+            f"skipped {self.empty_caption} empty captions"
+        )
 
 
 def _index_parquet(dcfg: DataConfig, counts: _Counts) -> tuple[list[PairRow], ParquetImages]:
@@ -312,7 +316,8 @@ def _index_jsonl(dcfg: DataConfig, counts: _Counts) -> tuple[list[PairRow], list
             a, b, lab = rec["image_0"], rec["image_1"], _check_label(rec["label_0"], where)
         else:
             raise DataError(
-                f"{where}: needs keys caption + chosen + rejected (or image_0, image_1, label_0); found {', '.join(rec)}"
+                f"{where}: needs keys caption + chosen + rejected (or "
+                f"image_0, image_1, label_0); found {', '.join(rec)}"
             )
         paths.append(
             tuple(
@@ -374,8 +379,8 @@ def _index_hf(dcfg: DataConfig, counts: _Counts) -> tuple[list[PairRow], Any]:
     except Exception as e:  # offline misses, unknown ids, corrupt folders: one line, not a traceback
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise DataError(
-            f"data.path {dcfg.path!r}: the datasets library could not load it ({type(e).__name__}: {msg[:200]}); "
-            f"check the id or folder (offline, only cached hub datasets load)"
+            f"data.path {dcfg.path!r}: the datasets library could not load it ({type(e).__name__}: "
+            f"{msg[:200]}); check the id or folder (offline, only cached hub datasets load)"
         ) from None
     if isinstance(ds, datasets.DatasetDict):
         if dcfg.split not in ds:
@@ -436,8 +441,9 @@ def sample_seed(seed: int, position: int, domain: int = 0) -> int:
 class PairDataset(torch.utils.data.Dataset):
     """Map-style dataset; ``ds[(index, seed)]`` returns one pair, winner first.
 
-    Item: ``pixels [2,3,R,R]`` in [-1,1] (``[2,F,3,R,R]`` for video clips, ``[2,S]`` for audio), ``caption`` (empty string when caption dropout hits),
-    ``micro [6]``, ``seed`` (for the loop's noise/timestep draws), ``index``, ``skipped``."""
+    Item: ``pixels [2,3,R,R]`` in [-1,1] (``[2,F,3,R,R]`` for video clips, ``[2,S]`` for audio),
+    ``caption`` (empty string when caption dropout hits), ``micro [6]``, ``seed`` (for the loop's
+    noise/timestep draws), ``index``, ``skipped``."""
 
     k = 2  # images per item
 
@@ -491,7 +497,8 @@ class PairDataset(torch.utils.data.Dataset):
                 a, b = (self._open(v) for v in self._raw(row))
             except DECODE_ERRORS as e:
                 print(
-                    f"warning: skipping pair {row.source}:{row.row} ({row.caption[:40]!r}): undecodable image ({type(e).__name__})"
+                    f"warning: skipping pair {row.source}:{row.row} "
+                    f"({row.caption[:40]!r}): undecodable image ({type(e).__name__})"
                 )
                 continue
             return (b, a, skipped) if row.swap else (a, b, skipped)

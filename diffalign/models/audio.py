@@ -137,7 +137,8 @@ class TokenAudioLDMPipeline(AudioLDMPipeline):
     ):
         if prompt_embeds is not None or negative_prompt_embeds is not None:
             raise ValueError(
-                "TokenAudioLDMPipeline encodes prompts itself; pass prompt (and negative_prompt), not embeddings"
+                "TokenAudioLDMPipeline encodes prompts itself; "
+                "pass prompt (and negative_prompt), not embeddings"
             )
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         embeds = self.encode_tokens(prompts, device).repeat_interleave(num_waveforms_per_prompt, dim=0)

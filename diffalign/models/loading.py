@@ -88,7 +88,8 @@ def resolve_family(mcfg: ModelConfig) -> Family:
         return mcfg.family
     if family is None:
         raise ModelLoadError(
-            f"model.path {mcfg.path!r} is a {cls or 'unknown pipeline'}; supported: {', '.join(PIPELINE_FAMILIES)}"
+            f"model.path {mcfg.path!r} is a {cls or 'unknown pipeline'}; "
+            f"supported: {', '.join(PIPELINE_FAMILIES)}"
         )
     return family
 
@@ -202,7 +203,8 @@ def load_pipeline(
     family = PIPELINE_FAMILIES.get(index.get("_class_name", ""))
     if family is None:
         raise ModelLoadError(
-            f"{path}: unsupported pipeline {index.get('_class_name')!r}; supported: {', '.join(PIPELINE_FAMILIES)}"
+            f"{path}: unsupported pipeline {index.get('_class_name')!r}; "
+            f"supported: {', '.join(PIPELINE_FAMILIES)}"
         )
     kw: dict[str, Any] = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None}
     if family == "sd":

@@ -14,7 +14,10 @@ import torch
 
 from .tokenizer import build_clip_tokenizer
 
-WORDS = "a an the photo of and left right above below red green blue yellow purple orange cat dog circle square triangle".split()
+WORDS = (
+    "a an the photo of and left right above below red green blue yellow purple orange "
+    "cat dog circle square triangle"
+).split()
 
 
 def _vae(latent_channels: int = 4, shift_factor: float | None = None):

@@ -39,9 +39,9 @@ class BadStepGuard:
         self.in_row += 1
         if self.in_row >= self.max_in_row:
             raise NumericError(
-                f"step {step}: loss {loss} / gradient norm {grad_norm} not finite for {self.in_row} steps in a "
-                f"row (train.max_bad_steps={self.max_in_row}); lower train.lr, raise beta, keep "
-                f"train.max_grad_norm > 0 or train in fp32; the last complete checkpoint is kept"
+                f"step {step}: loss {loss} / gradient norm {grad_norm} not finite for {self.in_row} "
+                f"steps in a row (train.max_bad_steps={self.max_in_row}); lower train.lr, raise beta, "
+                "keep train.max_grad_norm > 0 or train in fp32; the last complete checkpoint is kept"
             )
         return True
 
@@ -50,6 +50,6 @@ class BadStepGuard:
         bad = count_non_finite(params)
         if bad:
             raise NumericError(
-                f"step {step}: the update made {bad} trainable weights non-finite (lr {lr:g}); lower train.lr "
-                f"(or set train.max_grad_norm > 0); nothing of this step was saved or exported"
+                f"step {step}: the update made {bad} trainable weights non-finite (lr {lr:g}); lower "
+                "train.lr (or set train.max_grad_norm > 0); nothing of this step was saved or exported"
             )

@@ -268,7 +268,9 @@ def exporter(adapter: Adapter, lora: bool):
                 type(adapter.pipe).save_lora_weights(
                     str(folder), **{f"{adapter.denoiser_name}_lora_layers": layers}, safe_serialization=True
                 )
-            else:  # pipelines without diffusers' LoRA loader (AudioLDM, text-to-video): peft state dict + config
+            else:
+                # pipelines without diffusers' LoRA loader (AudioLDM, text-to-video):
+                # peft state dict + config
                 from safetensors.torch import save_file
 
                 save_file(
@@ -347,7 +349,7 @@ def train(cfg: Config, resume: str | None = None, allow_config_change: bool = Fa
             lock.release()
 
 
-def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[str, Any]:
+def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[str, Any]:  # noqa: C901 (the one flat training loop, read top to bottom)
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
@@ -403,8 +405,8 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
     if objective.needs_scores and not getattr(dataset, "has_scores", False):
         raise ConfigError(
             f"objective {cfg.objective.name!r} needs per-image reward scores: set data.score_column "
-            f"(e.g. pickscore for score_0.pickscore/score_1.pickscore written by `diffalign label`; not available "
-            f"with data.cache_dir) and match objective.score_range to the scores' scale"
+            "(e.g. pickscore for score_0.pickscore/score_1.pickscore written by `diffalign label`; "
+            "not available with data.cache_dir) and match objective.score_range to the scores' scale"
         )
     if objective.kind == "preference" and k != 2:
         raise ConfigError(
@@ -472,12 +474,14 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
             and not _close(st["reference_fingerprint"], ref_print)
         ):
             raise ConfigError(
-                f"--resume: the reference weights at {cfg.model.path} differ from the ones the run started with"
+                f"--resume: the reference weights at {cfg.model.path} "
+                "differ from the ones the run started with"
             )
         missing = set(trainable) - set(ck["trainable"])
         if missing:
             raise ConfigError(
-                f"--resume: checkpoint lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[0]}); was LoRA/rank changed?"
+                f"--resume: checkpoint lacks {len(missing)} trainable "
+                f"tensors (e.g. {sorted(missing)[0]}); was LoRA/rank changed?"
             )
         with torch.no_grad():
             for n, p in trainable.items():
@@ -565,7 +569,8 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
         if bad_step:
             if main:
                 print(
-                    f"warning: step {step + 1}: loss or gradients not finite; step skipped ({guard.total} so far)"
+                    f"warning: step {step + 1}: loss or gradients "
+                    f"not finite; step skipped ({guard.total} so far)"
                 )
         else:
             guard.check_weights(step + 1, trainable.values(), lr_sched.get_last_lr()[0])
@@ -658,7 +663,8 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
         summary = {"steps": t.max_steps, "seconds": elapsed, "config": to_dict(cfg), **last}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         print(
-            f"done: {t.max_steps} steps, final loss {last.get('loss', float('nan')):.4f}, checkpoint {run_dir / 'checkpoints'}"
+            f"done: {t.max_steps} steps, final loss "
+            f"{last.get('loss', float('nan')):.4f}, checkpoint {run_dir / 'checkpoints'}"
         )
     accelerator.end_training()
     return last

@@ -261,7 +261,7 @@ def group_pairs(
 # ----------------------------------------------------------------------------- the loop
 
 
-def train_online(cfg: Config, resume: str | None = None, allow_config_change: bool = False) -> dict[str, Any]:
+def train_online(cfg: Config, resume: str | None = None, allow_config_change: bool = False) -> dict[str, Any]:  # noqa: C901 (the one flat online training loop, read top to bottom)
     quiet_libraries()
     validate(cfg, check_data=False)
     from accelerate import Accelerator
@@ -302,7 +302,8 @@ def train_online(cfg: Config, resume: str | None = None, allow_config_change: bo
     ]
     if unsupported:
         raise ConfigError(
-            f"objective {name!r} (online) does not support {', '.join(unsupported)}; remove it from the config"
+            f"objective {name!r} (online) does not support "
+            f"{', '.join(unsupported)}; remove it from the config"
         )
     prompts = read_prompts(cfg.data.path)
     run_dir = Path(t.output_dir)
@@ -325,7 +326,8 @@ def train_online(cfg: Config, resume: str | None = None, allow_config_change: bo
     adapter = load_adapter(cfg.model, accelerator.device, weight_dtype)
     if name == "spo" and adapter.prediction_type != "epsilon":
         raise ConfigError(
-            f"spo samples with DDIM and needs an epsilon-prediction model; this one predicts {adapter.prediction_type}"
+            "spo samples with DDIM and needs an epsilon-prediction "
+            f"model; this one predicts {adapter.prediction_type}"
         )
     denoiser = adapter.denoiser
     from accelerate.utils import set_seed

@@ -143,8 +143,8 @@ class RunLock:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise ConfigError(
-                f"train.output_dir {self.path.parent} is in use by another run (pid {holder}); wait for it or "
-                f"choose another train.output_dir"
+                f"train.output_dir {self.path.parent} is in use by another run "
+                f"(pid {holder}); wait for it or choose another train.output_dir"
             ) from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
