@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from diffalign.errors import ConfigError
 
 from .base import REWARDS, hub_file, is_local
-from .clip_family import _ClipReward, load_clip
+from .clip_family import ClipReward, load_clip
 
 
 def aesthetic_mlp(dim: int = 768) -> nn.Sequential:
@@ -39,7 +39,7 @@ def aesthetic_mlp(dim: int = 768) -> nn.Sequential:
 
 
 @REWARDS.register("aesthetic")
-class AestheticV2(_ClipReward):
+class AestheticV2(ClipReward):
     """``path``: the CLIP ViT-L/14 (hub id or folder); ``head``: the MLP weights, a local file or
     ``repo_id:filename`` on the hub (``.pth`` read with ``weights_only=True``, or safetensors)."""
 

@@ -103,7 +103,7 @@ def clip_preprocess(images: Tensor, size: int, crop: int, mean: list[float], std
     return normalise(images[..., top : top + crop, left : left + crop], mean, std)
 
 
-class _ClipReward:
+class ClipReward:
     uses_text = True
     """False for rewards that ignore the prompt (the aesthetic predictor): no truncation warning."""
 
@@ -167,7 +167,7 @@ class _ClipReward:
 
 
 @REWARDS.register("pickscore")
-class PickScore(_ClipReward):
+class PickScore(ClipReward):
     """PickScore: ``logit_scale.exp() * cos`` of CLIP-H embeddings (default ``yuvalkirstain/PickScore_v1``)."""  # noqa: E501 (`diffalign ls rewards` prints this line whole)
 
     def __init__(self, path: str = "yuvalkirstain/PickScore_v1", **kw) -> None:
@@ -178,7 +178,7 @@ class PickScore(_ClipReward):
 
 
 @REWARDS.register("clip_score")
-class CLIPScore(_ClipReward):
+class CLIPScore(ClipReward):
     """CLIP score, torchmetrics convention ``100 * max(cos, 0)`` (default ``openai/clip-vit-large-patch14``)."""  # noqa: E501 (`diffalign ls rewards` prints this line whole)
 
     def __init__(self, path: str = "openai/clip-vit-large-patch14", **kw) -> None:

@@ -39,7 +39,7 @@ from torch import Tensor
 from diffalign.errors import ConfigError
 
 from .base import REWARDS, hub_file, is_local
-from .clip_family import OPENAI_MEAN, OPENAI_STD, _ClipReward
+from .clip_family import OPENAI_MEAN, OPENAI_STD, ClipReward
 from .preprocess import to_uint8
 
 CHECKPOINTS = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
@@ -92,7 +92,7 @@ def _tokenizer(source: str | None, folder: Path | None):
 
 
 @REWARDS.register("hpsv2")
-class HPSv2(_ClipReward):
+class HPSv2(ClipReward):
     """HPSv2 / v2.1 on ``CLIPModel``; ``path``: hub id, a checkpoint file, or a folder holding one.
 
     A folder may also hold ``open_clip_config.json`` (another architecture than ViT-H-14, e.g. a

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from diffalign.errors import ConfigError
 
 from .base import REWARDS, RewardOutput, check_inputs
-from .clip_family import _ClipReward, load_clip
+from .clip_family import ClipReward, load_clip
 
 TIME_FILE, META_FILE = "spm_time.safetensors", "spm.json"
 
@@ -112,7 +112,7 @@ class TimeConditioning(nn.Module):
 
 
 @REWARDS.register("step_aware")
-class StepAwarePM(_ClipReward):
+class StepAwarePM(ClipReward):
     """SPM: ``path`` is a saved SPM folder, or a CLIP folder/hub id (untrained time modules,
     i.e. exactly that CLIP until ``diffalign train-spm`` trains them). ``t`` is a call argument
     (default 0: clean images)."""

@@ -32,7 +32,7 @@ from torch import Tensor
 from diffalign.errors import ConfigError
 
 from .base import REWARDS, RewardOutput
-from .clip_family import _ClipReward
+from .clip_family import ClipReward
 
 DEFAULT_VIDEO_CLIP = "openai/clip-vit-large-patch14"
 
@@ -76,7 +76,7 @@ def check_video_inputs(videos: Tensor, prompts: list[str] | tuple[str, ...]) -> 
 
 
 @REWARDS.register("video_clip")
-class VideoCLIPScore(_ClipReward):
+class VideoCLIPScore(ClipReward):
     """Video CLIP score: frame-averaged CLIP score + ``temporal_weight`` * frame-to-frame consistency
     for an image CLIP, or one clip embedding for an early-fusion video CLIP (see the module doc)."""
 
