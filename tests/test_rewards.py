@@ -17,6 +17,9 @@ import torch.nn.functional as F
 from diffalign.errors import ConfigError
 from diffalign.rewards import REWARDS
 
+# several tests score long prompts on purpose; the truncation warning itself is tested in test_reward_text.py
+pytestmark = pytest.mark.filterwarnings("ignore:.*prompts were longer than:UserWarning")
+
 OPENAI_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
 OPENAI_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
 LONG = "a photo of " + " and ".join(["a red circle", "a blue square"] * 20)  # > 77 tokens: truncation matters
