@@ -20,12 +20,16 @@ printed as one line ``error: ...`` with exit code 2, never as a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from typing import Any
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffalign", description="Preference alignment for diffusion models.")
+    p.add_argument(
+        "--debug", action="store_true", help="show the Python traceback of an error instead of its one line"
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
 
     raw = argparse.RawDescriptionHelpFormatter
@@ -255,14 +259,38 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Problems the user can fix end as one ``error:`` line and exit code 2 (a traceback with
+    ``--debug``): config and data errors, missing or unwritable paths, a full disk."""
     args = _parser().parse_args(argv)
     from .config import ConfigError
 
+    user_errors = (ConfigError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
     try:
         return _run(args)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except user_errors as e:
+        if args.debug:
+            raise
+        _print_error(_one_line(e))
         return 2
+    except OSError as e:
+        if args.debug or e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        _print_error(f"{_one_line(e)} (free some space or write elsewhere; finished work is kept)")
+        return 2
+
+
+def _print_error(message: str) -> None:
+    """``error: ...`` on a line of its own, also right after a progress bar that was interrupted."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"error: {message}", file=sys.stderr)
+
+
+def _one_line(e: BaseException) -> str:
+    """The message on one line (OS errors name their file)."""
+    if isinstance(e, OSError) and e.filename is not None:
+        return f"{e.filename}: {e.strerror or type(e).__name__}"
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def _one_or_each(values: list) -> Any:

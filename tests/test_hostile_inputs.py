@@ -122,3 +122,116 @@ def test_non_finite_and_out_of_range_options_fail_validate_before_any_model_load
         with pytest.raises(ConfigError) as e:
             validate(load_config(None, [*base, override]), check_data=False)
         assert message in str(e.value) and "\n" not in str(e.value), (override, str(e.value))
+
+
+# ----------------------------------------------------------------------------- one error path (CLI)
+
+
+def _cli(*args: str, cwd: Path | None = None):
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "diffalign.cli", *args], capture_output=True, text=True, timeout=300, cwd=cwd
+    )
+
+
+def _one_error_line(res, *needles: str) -> str:
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    last = [ln for ln in res.stderr.splitlines() if ln.strip()][-1]
+    assert last.startswith("error: "), last
+    for n in needles:
+        assert n in last, (n, last)
+    return last
+
+
+def test_malformed_and_non_utf8_configs_are_one_line(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  path: x\ntrain: [unclosed\n")
+    _one_error_line(_cli("validate", str(bad)), str(bad), "line", "not valid YAML")
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("model:\n  path: caf\xe9\n".encode("latin-1"))
+    _one_error_line(_cli("validate", str(latin)), str(latin), "not UTF-8")
+    # --debug shows the traceback instead
+    res = _cli("--debug", "validate", str(bad))
+    assert res.returncode != 0 and "Traceback" in res.stderr
+
+
+def test_non_utf8_jsonl_and_truncated_parquet_are_one_line(tmp_path: Path, pairs_parquet: Path):
+    data = tmp_path / "d"
+    data.mkdir()
+    jl = data / "pairs.jsonl"
+    jl.write_bytes(b'{"caption": "a", "chosen": "a.png", "rejected": "b.png"}\n{"caption": "caf\xe9"}\n')
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  path: /no/such/model\n")
+    _one_error_line(
+        _cli("train", str(cfg), f"data.path={jl}", f"train.output_dir={tmp_path / 'r'}"),
+        f"{jl} line 2",
+        "not UTF-8",
+    )
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes(pairs_parquet.read_bytes()[:-300])  # the footer is gone
+    _one_error_line(_cli("validate", str(cfg), f"data.path={cut}"), str(cut), "not a readable parquet")
+
+
+def test_output_folder_that_is_a_file_is_one_line(tmp_path: Path, tiny_models, pairs_parquet):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("")
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file, not a folder")
+    res = _cli(
+        "train",
+        str(cfg),
+        f"model.path={tiny_models['sd']}",
+        f"data.path={pairs_parquet}",
+        "data.resolution=32",
+        f"train.output_dir={blocker}",
+    )
+    _one_error_line(res, str(blocker), "is a file")
+
+
+def test_a_full_disk_while_checkpointing_leaves_no_tmp_and_keeps_the_last_checkpoint(
+    tmp_path: Path, tiny_models, pairs_parquet, monkeypatch, capsys
+):
+    """ENOSPC in the middle of writing step 2's checkpoint (simulated: a tmpfs needs privileges the CI
+    may not have): one line, no ``.tmp`` folder left, step 1 intact and resumable."""
+    import errno
+
+    import torch
+
+    from diffalign import cli
+    from diffalign.train.checkpoint import verify_checkpoint
+
+    out = tmp_path / "run"
+    args = [
+        "train",
+        str(tmp_path / "c.yaml"),
+        f"model.path={tiny_models['sd']}",
+        f"data.path={pairs_parquet}",
+        "data.resolution=32",
+        "objective.beta=100",
+        "train.max_steps=2",
+        "train.checkpoint_every=1",
+        f"train.output_dir={out}",
+    ]
+    (tmp_path / "c.yaml").write_text("")
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def filling_disk(obj, f, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # optimizer.pt of the second checkpoint
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", filling_disk)
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.replace("\r", "\n").splitlines() if ln.startswith("error: ")]  # after a bar
+    assert len(errors) == 1 and "No space left on device" in errors[0] and "Traceback" not in err, err
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
+    assert ckpts == ["step-000001"]
+    assert verify_checkpoint(out / "checkpoints" / "step-000001") is None
+    monkeypatch.setattr(torch, "save", real_save)
+    assert cli.main([*args, "--resume"]) == 0
+    assert (out / "checkpoints" / "step-000002").is_dir()

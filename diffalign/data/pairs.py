@@ -96,7 +96,10 @@ def check_columns(f: Path, required: tuple[str, ...], schema: str) -> None:
     """One-line error naming the file and the first missing column."""
     import pyarrow.parquet as pq
 
-    names = pq.read_schema(f).names
+    try:
+        names = pq.read_schema(f).names
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid (a ValueError): truncated or not parquet
+        raise DataError(f"{f}: not a readable parquet file ({' '.join(str(e).split())[:160]})") from None
     missing = [c for c in required if c not in names]
     if missing:
         raise DataError(
@@ -301,10 +304,14 @@ def _index_jsonl(dcfg: DataConfig, counts: _Counts) -> tuple[list[PairRow], list
     p = Path(dcfg.path).expanduser()
     rows: list[PairRow] = []
     paths: list[tuple[Path, Path]] = []
-    for ln, line in enumerate(p.read_text().splitlines(), start=1):
+    for ln, raw in enumerate(p.read_bytes().splitlines(), start=1):
+        where = f"{p} line {ln}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
         if not line.strip():
             continue
-        where = f"{p} line {ln}"
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:

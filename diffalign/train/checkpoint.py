@@ -65,20 +65,26 @@ def save_checkpoint(
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(
-        {k: v.detach().float().contiguous().cpu() for k, v in trainable.items()},
-        tmp / "trainable.safetensors",
-    )
-    if ema is not None:
-        save_file({k: v.contiguous().cpu() for k, v in ema.items()}, tmp / "ema.safetensors")
-    for name, tensors in (extra or {}).items():
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / f"{name}.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    export(tmp / "export")
-    (tmp / "state.json").write_text(json.dumps(state, indent=2))
-    (tmp / MANIFEST).write_text(json.dumps(file_digests(tmp), indent=1))  # what "complete" means
+    try:
+        tmp.mkdir(parents=True)
+        save_file(
+            {k: v.detach().float().contiguous().cpu() for k, v in trainable.items()},
+            tmp / "trainable.safetensors",
+        )
+        if ema is not None:
+            save_file({k: v.contiguous().cpu() for k, v in ema.items()}, tmp / "ema.safetensors")
+        for name, tensors in (extra or {}).items():
+            save_file(
+                {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / f"{name}.safetensors"
+            )
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        export(tmp / "export")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        (tmp / MANIFEST).write_text(json.dumps(file_digests(tmp), indent=1))  # what "complete" means
+    except BaseException:  # a full disk, a kill signal turned exception: leave no half-written folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)  # the commit point
