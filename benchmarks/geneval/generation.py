@@ -105,23 +105,21 @@ def generate_missing(
     import torch
     from tqdm.auto import tqdm
 
-    todo = [
-        (i, k)
-        for i in range(len(rows))
-        for k in range(cfg.per_prompt)
-        if not sample_path(folder, i, k).is_file()
-    ]
-    if not todo:
+    # batches sit on a fixed grid of (prompt, sample) positions and a batch with any image missing is
+    # generated whole: a resumed run then calls the pipeline on exactly the batches an uninterrupted
+    # run does (CPU kernels round differently at other batch sizes), so its images are bit-identical
+    grid = [(i, k) for i in range(len(rows)) for k in range(cfg.per_prompt)]
+    batches = [grid[s : s + cfg.batch] for s in range(0, len(grid), cfg.batch)]
+    missing = sum(not sample_path(folder, i, k).is_file() for i, k in grid)
+    batches = [b for b in batches if any(not sample_path(folder, i, k).is_file() for i, k in b)]
+    if not batches:
         return 0
-    log(
-        f"  generating {len(todo)} images with {spec} ({len(rows) * cfg.per_prompt - len(todo)} already done)"
-    )
+    log(f"  generating {missing} images with {spec} ({len(grid) - missing} already done)")
     pipe, call_kw = load_model(spec, device)
     if sampling["size"] is not None:
         call_kw = {**call_kw, "height": sampling["size"], "width": sampling["size"]}
     made = 0
-    for s in tqdm(range(0, len(todo), cfg.batch), desc="generate", unit="batch", leave=False):
-        chunk = todo[s : s + cfg.batch]
+    for chunk in tqdm(batches, desc="generate", unit="batch", leave=False):
         gens = [torch.Generator().manual_seed(image_seed(cfg.seed, i, k)) for i, k in chunk]
         with torch.no_grad():
             imgs = pipe(
@@ -134,7 +132,8 @@ def generate_missing(
             ).images
         imgs = (np.clip(imgs, 0, 1) * 255).round().astype(np.uint8)
         for (i, k), img in zip(chunk, imgs, strict=True):
-            _atomic_png(img, sample_path(folder, i, k))
-            made += 1
+            if not sample_path(folder, i, k).is_file():  # those on disk are the same image already
+                _atomic_png(img, sample_path(folder, i, k))
+                made += 1
     del pipe
     return made
