@@ -6,7 +6,7 @@
     diffalign cache CONFIG [key=value ...]
     diffalign synpic --prompts F --generator G [--generator G2] --reward R --out DIR
     diffalign label PAIRS.parquet OUT.parquet --reward R [--reward R2]
-    diffalign export-pairs RANKED_DIR OUT.parquet [--mode best_worst|all] [--n N]
+    diffalign export-pairs RANKED_DIR OUT.parquet [--mode best_worst|all] [--n N] [--allow-incomplete]
     diffalign demo [--out runs/demo] [--steps N]
     diffalign toy pretrain [--quick] | toy eval MODEL
     diffalign eval --model M [--compare M2] (--metadata F | --toy SPLIT | --prompts F) --out DIR
@@ -173,6 +173,12 @@ def _parser() -> argparse.ArgumentParser:
     ep.add_argument("--mode", default="best_worst", choices=["best_worst", "all"])
     ep.add_argument(
         "--n", type=int, default=1, help="best_worst: each of the n best against each of the n worst"
+    )
+    ep.add_argument(
+        "--allow-incomplete",
+        action="store_true",
+        help="export the shards that verify when the set is unfinished or damaged (no valid index.json, "
+        "or shards that do not match it), saying how many were left out; without it such a set is refused",
     )
 
     de = sub.add_parser(
@@ -351,7 +357,7 @@ def _run(args: argparse.Namespace) -> int:  # noqa: C901 (one branch per subcomm
     if args.cmd == "export-pairs":
         from .synpic import export_pairs
 
-        print(f"pairs: {export_pairs(args.ranked, args.out, args.mode, args.n)}")
+        print(f"pairs: {export_pairs(args.ranked, args.out, args.mode, args.n, args.allow_incomplete)}")
         return 0
     if args.cmd == "demo":
         from .demo import run_demo

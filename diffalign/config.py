@@ -91,6 +91,10 @@ class DataConfig:
     num_workers: int = 0
     """DataLoader worker processes decoding and augmenting upcoming batches while the model trains
     (0: in the training process). The batches are identical either way."""
+    allow_incomplete: bool = False
+    """``format: ranked`` on a Syn-Pic folder: train on the shards that verify when the set is not
+    complete (no valid ``index.json``, or shards that do not match it), saying how many were left
+    out. False refuses such a set, naming the folder and the fix (rerun ``diffalign synpic``)."""
 
 
 @dataclass

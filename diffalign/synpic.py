@@ -5,26 +5,44 @@ vote phi and rank per prompt.
 
 Output folder::
 
-    manifest.json          generators (and a fingerprint of their weight files), rewards, sampler
-                           settings, seed, versions, shard layout
-    shard-00000.parquet    one row per prompt: prompt, images (PNG/JPEG bytes), generator, seed,
-                           scores.<reward>, phi, rank   (lists of length K = sum of the k's)
+    manifest.json               generators (and a fingerprint of their weight files), rewards, sampler
+                                settings, seed, versions, shard layout
+    shard-00000.parquet         one row per prompt: prompt, images (PNG/JPEG bytes), generator, seed,
+                                scores.<reward>, phi, rank   (lists of length K = sum of the k's)
+    shard-00000.parquet.json    the shard's checksum: file, rows, bytes, sha256
+    index.json                  written last, only when every shard verifies: the verified checksums
 
 Every image's seed is derived from (seed, prompt index, generator index, image index), so any
-shard can be regenerated identically. Shards are written to a temporary file and renamed: a
-shard on disk is always complete, and a rerun after a crash continues at the first missing
-shard without duplicating or losing prompts; it refuses to continue if a local generator's weight
+shard can be regenerated identically. It refuses to continue if a local generator's weight
 files changed since the run started (the images already on disk would come from other weights).
-Processes started with ``accelerate launch`` (or
-any launcher setting RANK/WORLD_SIZE) take shards round-robin; whichever process finds every
-shard present writes ``index.json`` (the merge: shard list, row counts, SHA-256 of each shard),
-the marker that the dataset is complete. ``merge_shards`` rebuilds it by hand.
+
+Integrity (crash-safe without locks or fsync). A shard is written as ``shard-N.parquet.tmp``; its
+SHA-256, size and row count are computed from the bytes on disk and written to the sidecar
+``shard-N.parquet.json`` (itself via a temporary file and a rename); only then is the shard renamed
+into place. So a shard visible under its name always has its checksum beside it, and a crash at
+any point leaves one of: nothing, a ``.tmp`` (ignored, overwritten), a sidecar without its shard
+(the shard is missing: generated), or both. Whatever else can happen to a file afterwards (flipped
+bytes, truncation, a lost sidecar, a rename that reached the disk before the data after a power
+loss) is caught by the check every rerun makes on every shard present: a shard whose bytes do not
+match its sidecar is reported on stderr (one line, counted) and regenerated; since the content is
+deterministic, the new shard equals the old one byte for byte. A shard whose sidecar is lost is
+checked against ``index.json`` instead when there is one (the sidecar is then restored, also for
+sets written before sidecars existed), else regenerated. ``index.json`` (shard list, rows,
+bytes, SHA-256 of each) is written only when every shard named by the manifest verifies; it is the
+marker that the dataset is complete, and what ``export_pairs`` and training on the folder
+(``data.format=ranked``) check the shards against before using them (see :func:`ranked_shards`).
+
+Processes started with ``accelerate launch`` (or any launcher setting RANK/WORLD_SIZE) take shards
+round-robin and each checks its own; whichever process finds every shard present and verified
+writes ``index.json``. ``merge_shards`` rebuilds it by hand.
 """
 
 from __future__ import annotations
 
-import io
+import hashlib
 import json
+import math
+import numbers
 import os
 import sys
 import time
@@ -212,8 +230,50 @@ def per_generator_counts(images_per_generator: int | list[int], n_generators: in
     return ks
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _shown(v: Any) -> str:
+    return " ".join(str(x) for x in v) if isinstance(v, list | tuple) else str(v)
+
+
+def check_options(cfg: SynPicConfig) -> None:
+    """Fail in one line naming the option on numbers no run can use, before anything is read or loaded."""
+    ks = (
+        cfg.images_per_generator if isinstance(cfg.images_per_generator, list) else [cfg.images_per_generator]
+    )
+    if not ks or not all(_is_int(k) and k >= 1 for k in ks):
+        raise ConfigError(
+            f"--images-per-generator {_shown(cfg.images_per_generator)}: every generator needs at least "
+            "1 image per prompt (a whole number >= 1)"
+        )
+    for flag, v in (
+        ("--steps", cfg.steps),
+        ("--shard-size", cfg.shard_size),
+        ("--batch-prompts", cfg.batch_prompts),
+    ):
+        if not (_is_int(v) and v >= 1):
+            raise ConfigError(f"{flag} {v}: must be a whole number >= 1")
+    if not (_is_int(cfg.seed) and cfg.seed >= 0):
+        raise ConfigError(f"--seed {cfg.seed}: must be a whole number >= 0")
+    gs = cfg.guidance if isinstance(cfg.guidance, list) else [cfg.guidance]
+    if not gs or not all(_is_number(g) and g >= 0 for g in gs):
+        raise ConfigError(f"--guidance {_shown(cfg.guidance)}: every scale must be a finite number >= 0")
+    if not all(_is_number(w) and w >= 0 for w in cfg.reward_weights):
+        raise ConfigError(
+            f"--reward-weight {_shown(cfg.reward_weights)}: every weight must be a finite number >= 0"
+        )
+
+
 def run_synpic(cfg: SynPicConfig, rank: int | None = None, world: int | None = None, writer=None) -> Path:  # noqa: C901 (the dataset build loop, read top to bottom)
     """Build (or continue) the ranked dataset; returns the output folder."""
+    check_options(cfg)  # before any import or load: a bad number fails in a second
+
     from tqdm.auto import tqdm
 
     from ._quiet import quiet_libraries
@@ -240,7 +300,12 @@ def run_synpic(cfg: SynPicConfig, rank: int | None = None, world: int | None = N
     manifest = manifest_for(cfg, prompts)
     mf = out / "manifest.json"
     if mf.exists():
-        old = json.loads(mf.read_text())
+        old = _read_json(mf)
+        if not isinstance(old, dict) or "config" not in old or "prompts_sha" not in old:
+            raise ConfigError(
+                f"{mf} is unreadable, so the shards beside it cannot be matched to these settings; "
+                "choose another --out"
+            )
         # where the prompt file and the run folder live does not matter (a moved or copied folder resumes);
         # the prompts' content (prompts_sha) and every other setting do
         if _resumable(old) != _resumable(manifest):
@@ -260,11 +325,9 @@ def run_synpic(cfg: SynPicConfig, rank: int | None = None, world: int | None = N
         tmp = mf.with_name("manifest.json.tmp")
         tmp.write_text(json.dumps(manifest, indent=2))
         os.replace(tmp, mf)
-    todo = [
-        s
-        for s in range(manifest["num_shards"])
-        if s % world == rank and not (out / f"shard-{s:05d}.parquet").exists()
-    ]
+    todo = _shards_to_make(
+        out, [s for s in range(manifest["num_shards"]) if s % world == rank], _expected_rows(manifest)
+    )
     if not todo:
         merge_shards(out, require_complete=False)
         return out
@@ -317,26 +380,175 @@ def run_synpic(cfg: SynPicConfig, rank: int | None = None, world: int | None = N
         }
         for name, sc in scores.items():
             rows[f"scores.{name}"] = sc.tolist()
-        _write_shard(out / f"shard-{s:05d}.parquet", rows, writer)
+        write_shard(out / shard_name(s), rows, writer)
     bar.close()
     merge_shards(out, require_complete=False)
     return out
 
 
+# ----------------------------------------------------------------------------- integrity
+
+
+def shard_name(s: int) -> str:
+    return f"shard-{s:05d}.parquet"
+
+
+def sidecar_path(shard: Path) -> Path:
+    """The checksum file beside a shard: ``shard-00000.parquet.json``."""
+    return shard.with_name(shard.name + ".json")
+
+
+def _hash_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_json(path: Path) -> Any:
+    """The parsed file, or None when it is missing, unreadable or not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2))
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _checksum(obj: Any, name: str | None) -> dict[str, Any] | None:
+    """A well-formed checksum record (file, rows, bytes, sha256) for shard ``name``, else None. Indexes
+    written before shards had sidecars have no ``bytes``: None there (the SHA-256 still decides)."""
+    if not isinstance(obj, dict) or obj.get("file") != name:
+        return None
+    sha, size = obj.get("sha256"), obj.get("bytes")
+    if not (isinstance(sha, str) and len(sha) == 64 and _is_int(obj.get("rows"))):
+        return None
+    if size is not None and not _is_int(size):
+        return None
+    return {"file": name, "rows": obj["rows"], "bytes": size, "sha256": sha}
+
+
+def _index_entries(folder: Path) -> dict[str, dict[str, Any]] | None:
+    """``index.json``'s checksum records by shard name; None when it is missing or malformed."""
+    index = _read_json(folder / "index.json")
+    if not (isinstance(index, dict) and isinstance(index.get("shards"), list)):
+        return None
+    parsed = [_checksum(e, e.get("file") if isinstance(e, dict) else None) for e in index["shards"]]
+    return {e["file"]: e for e in parsed if e is not None} if all(parsed) else None
+
+
+def read_sidecar(shard: Path) -> dict[str, Any] | None:
+    return _checksum(_read_json(sidecar_path(shard)), shard.name)
+
+
+def shard_problem(shard: Path, expected: dict[str, Any] | None, rows: int | None = None) -> str | None:
+    """Why ``shard`` does not match its checksum record ``expected`` (and ``rows``, the row count the
+    manifest implies, when known), in a few words; None when it verifies."""
+    if not shard.exists():
+        return "missing"
+    if expected is None:
+        return "checksum missing"
+    if rows is not None and expected["rows"] != rows:
+        return f"{expected['rows']} rows recorded, the manifest implies {rows}"
+    try:
+        size = shard.stat().st_size
+        if expected["bytes"] is not None and size != expected["bytes"]:
+            return (
+                f"truncated ({size} of {expected['bytes']} bytes)"
+                if size < expected["bytes"]
+                else f"{size} bytes, {expected['bytes']} recorded"
+            )
+        sha = _hash_file(shard)
+    except OSError as e:
+        return f"unreadable ({e.strerror or type(e).__name__})"
+    return None if sha == expected["sha256"] else "checksum mismatch"
+
+
+def _num_shards(manifest: Any) -> int | None:
+    n = manifest.get("num_shards") if isinstance(manifest, dict) else None
+    return n if _is_int(n) and n >= 0 else None
+
+
+def _expected_rows(manifest: Any) -> list[int | None]:
+    """Rows of each shard as the manifest implies them (None each where it does not say)."""
+    n = _num_shards(manifest) or 0
+    total = manifest.get("num_prompts") if isinstance(manifest, dict) else None
+    size = (manifest.get("config") or {}).get("shard_size") if isinstance(manifest, dict) else None
+    if not (_is_int(total) and _is_int(size) and size > 0):
+        return [None] * n
+    return [min(size, total - s * size) for s in range(n)]
+
+
+def _listed(bad: list[str], most: int = 4) -> str:
+    return ", ".join(bad[:most]) + (f" and {len(bad) - most} more" if len(bad) > most else "")
+
+
+def _shards_to_make(out: Path, mine: list[int], rows: list[int | None]) -> list[int]:
+    """This process's shards that are missing or do not verify against their sidecar (or, where the
+    sidecar is lost, against ``index.json``, which restores the sidecar). Those that do not verify
+    are reported in one line on stderr and removed (with ``index.json``, now stale)."""
+    todo: list[int] = []
+    bad: list[str] = []
+    restored = 0
+    index = _index_entries(out) or {}
+    for s in mine:
+        path = out / shard_name(s)
+        sidecar = read_sidecar(path)
+        expected = sidecar or index.get(path.name)
+        why = shard_problem(path, expected, rows[s])
+        if why is None:
+            if sidecar is None:  # verified against index.json (a lost sidecar, or a set from before sidecars)
+                _write_json(sidecar_path(path), {**expected, "bytes": path.stat().st_size})
+                restored += 1
+            continue
+        todo.append(s)
+        if why != "missing":
+            bad.append(f"{path.name}: {why}")
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass  # the regenerated shard replaces it
+    if restored:
+        print(
+            f"synpic: restored the checksum sidecar of {restored} shard(s) from index.json", file=sys.stderr
+        )
+    if bad:
+        print(
+            f"synpic: {len(bad)} shard(s) in {out} do not verify and are regenerated: {_listed(bad)}",
+            file=sys.stderr,
+        )
+        try:
+            (out / "index.json").unlink(missing_ok=True)
+        except OSError:
+            pass
+    return todo
+
+
 def merge_shards(out: str | Path, require_complete: bool = True) -> Path | None:
-    """Check that every shard named by the manifest is on disk and readable, then write
-    ``index.json`` atomically. Returns its path, or None when shards are still missing (other
-    ranks still working) and ``require_complete`` is False."""
-    import hashlib
-
-    import pyarrow.parquet as pq
-
+    """Verify every shard named by the manifest against its sidecar checksum (``index.json``'s where
+    the sidecar is lost), then write ``index.json`` (the verified checksums) atomically. Returns its
+    path, or None when shards are still missing (other ranks still working) or do not verify
+    (reported on stderr) and ``require_complete`` is False; with ``require_complete`` both are a
+    one-line error."""
     out = Path(out)
     mf = out / "manifest.json"
     if not mf.exists():
         raise ConfigError(f"{out} is not a Syn-Pic folder (no manifest.json)")
-    n = json.loads(mf.read_text())["num_shards"]
-    names = [f"shard-{s:05d}.parquet" for s in range(n)]
+    manifest = _read_json(mf)
+    n = _num_shards(manifest)
+    if n is None:
+        raise ConfigError(f"{mf} is unreadable or has no num_shards; rerun synpic with a new --out")
+    rows = _expected_rows(manifest)
+    names = [shard_name(s) for s in range(n)]
     missing = [x for x in names if not (out / x).exists()]
     if missing:
         if require_complete:
@@ -344,17 +556,25 @@ def merge_shards(out: str | Path, require_complete: bool = True) -> Path | None:
                 f"{out}: {len(missing)} of {n} shards missing (first: {missing[0]}); rerun synpic to finish"
             )
         return None
-    shards = []
-    for x in names:
-        data = (out / x).read_bytes()
-        shards.append(
-            {
-                "file": x,
-                "rows": pq.ParquetFile(io.BytesIO(data)).metadata.num_rows,
-                "sha256": hashlib.sha256(data).hexdigest(),
-            }
+    shards, bad = [], []
+    index = _index_entries(out) or {}  # where a sidecar is lost (another rank restores it)
+    for s, x in enumerate(names):
+        entry = read_sidecar(out / x) or index.get(x)
+        why = shard_problem(out / x, entry, rows[s])
+        if why is None:
+            shards.append({**entry, "bytes": (out / x).stat().st_size})
+        else:
+            bad.append(f"{x}: {why}")
+    if bad:
+        msg = (
+            f"{out}: {len(bad)} of {n} shards do not verify ({_listed(bad)}); index.json not written; "
+            "rerun synpic to regenerate them"
         )
-    index = {"num_rows": sum(s["rows"] for s in shards), "shards": shards}
+        if require_complete:
+            raise ConfigError(msg)
+        print(f"synpic: {msg}", file=sys.stderr)
+        return None
+    index = {"num_shards": n, "num_rows": sum(e["rows"] for e in shards), "shards": shards}
     tmp = out / f"index.json.{os.getpid()}.tmp"  # per-process name: two ranks may finish together
     tmp.write_text(json.dumps(index, indent=2))
     os.replace(tmp, out / "index.json")
@@ -368,19 +588,118 @@ def merge_shards(out: str | Path, require_complete: bool = True) -> Path | None:
     return out / "index.json"
 
 
-def _write_shard(path: Path, rows: dict[str, list], writer=None) -> None:
+def write_shard(path: Path, rows: dict[str, list], writer=None) -> dict[str, Any]:
+    """Write one shard crash-safely (module docstring): the parquet to ``.tmp``, its checksum to the
+    sidecar, then the rename that makes the shard visible. Returns the checksum record."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     tmp = path.with_name(path.name + ".tmp")
     try:
-        (writer or pq.write_table)(pa.table(rows), tmp)
-        os.replace(tmp, path)  # the commit point: a shard named *.parquet is complete
+        table = pa.table(rows)
+        (writer or pq.write_table)(table, tmp)
+        entry = {
+            "file": path.name,
+            "rows": table.num_rows,
+            "bytes": tmp.stat().st_size,
+            "sha256": _hash_file(tmp),
+        }
+        _write_json(sidecar_path(path), entry)
+        os.replace(tmp, path)  # the commit point: a shard named *.parquet is complete and has its checksum
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise ConfigError(
             f"writing {path.name} failed ({e.strerror or e}); nothing was left half-written"
         ) from None
+    return entry
+
+
+def write_ranked_set(out: str | Path, shards: list[dict[str, list]]) -> Path:
+    """Write ranked rows made elsewhere (one dict of columns per shard, the Syn-Pic schema) as a
+    checked Syn-Pic folder: manifest, shards with their checksums, ``index.json``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(
+        out / "manifest.json",
+        {
+            "source": "write_ranked_set",
+            "num_shards": len(shards),
+            "num_prompts": sum(len(r["prompt"]) for r in shards),
+        },
+    )
+    for s, rows in enumerate(shards):
+        write_shard(out / shard_name(s), rows)
+    merge_shards(out)
+    return out
+
+
+def is_synpic_folder(path: str | Path) -> bool:
+    """A folder written by Syn-Pic (or :func:`write_ranked_set`): it has a manifest, an index or shards."""
+    p = Path(path).expanduser()
+    return p.is_dir() and (
+        (p / "manifest.json").exists() or (p / "index.json").exists() or any(p.glob("shard-*.parquet"))
+    )
+
+
+def _set_status(folder: Path) -> tuple[list[Path], int, str | None]:
+    """(verified shards in order, shards the set should have, why the set is not complete or None)."""
+    manifest = _read_json(folder / "manifest.json")
+    n_manifest = _num_shards(manifest)
+    entries = _index_entries(folder)
+    reason = None
+    if not (folder / "index.json").exists():
+        reason = "no index.json: synpic has not finished"
+    elif entries is None:
+        reason = "index.json is unreadable or malformed"
+    elif n_manifest is not None and len(entries) != n_manifest:
+        reason = f"index.json lists {len(entries)} shards, manifest.json {n_manifest}"
+    if n_manifest is not None:
+        names = [shard_name(s) for s in range(n_manifest)]
+    elif entries:
+        names = list(entries)
+    else:
+        names = sorted(f.name for f in folder.glob("shard-*.parquet"))
+    rows = _expected_rows(manifest) if n_manifest is not None else [None] * len(names)
+    verified, bad = [], []
+    for name, r in zip(names, rows):
+        path = folder / name
+        expected = entries[name] if entries and name in entries else read_sidecar(path)
+        why = shard_problem(path, expected, r)
+        if why is None:
+            verified.append(path)
+        else:
+            bad.append(f"{name}: {why}")
+    if bad:
+        what = "do not match index.json" if reason is None else "are missing or do not verify"
+        reason = (
+            f"{reason + '; ' if reason else ''}{len(bad)} of {len(names)} shards {what} ({_listed(bad, 2)})"
+        )
+    return verified, len(names), reason
+
+
+def ranked_shards(folder: str | Path, allow_incomplete: bool, override: str) -> tuple[list[Path], str | None]:
+    """The shards of Syn-Pic folder ``folder`` to read: all of them when ``index.json`` is valid and
+    every shard matches it; otherwise a one-line error naming the folder and the fix, or, with
+    ``allow_incomplete``, the shards that verify (against the index, or their sidecars) and a note
+    saying how many were left out. ``override`` tells the user how to allow it (a flag or a key)."""
+    folder = Path(folder).expanduser()
+    fix = f"rerun `diffalign synpic` with the same settings and --out {folder} to finish or repair it"
+    if not folder.is_dir():
+        raise ConfigError(f"{folder}: no such Syn-Pic folder; run `diffalign synpic --out {folder}` first")
+    verified, n, reason = _set_status(folder)
+    if reason is None:
+        return verified, None
+    if not allow_incomplete:
+        raise ConfigError(
+            f"{folder} is not a complete Syn-Pic set: {reason}; {fix}, or {override} "
+            f"to use only the {len(verified)} verified shard(s)"
+        )
+    if not verified:
+        raise ConfigError(f"{folder}: no shard verifies: {reason}; {fix}")
+    return verified, (
+        f"{folder} is incomplete: {reason}; using the {len(verified)} verified shard(s), "
+        f"left out {n - len(verified)} of {n}"
+    )
 
 
 PairsMode = Literal["best_worst", "all"]
@@ -395,20 +714,33 @@ def check_pairs_mode(mode: str, n: int) -> None:
         raise ConfigError(f"n={n}: the n best vs the n worst needs n >= 1 and mode best_worst")
 
 
-def export_pairs(ranked: str | Path, out: str | Path, mode: PairsMode = "best_worst", n: int = 1) -> Path:
+def export_pairs(
+    ranked: str | Path,
+    out: str | Path,
+    mode: PairsMode = "best_worst",
+    n: int = 1,
+    allow_incomplete: bool = False,
+) -> Path:
     """Ranked shards -> one Pick-a-Pic style parquet (caption, jpg_0, jpg_1, label_0, label_1, plus
     ``score_0.<reward>``/``score_1.<reward>`` for every reward, e.g. for SmPO's ``data.score_column``).
     ``best_worst``: each of the ``n`` best against each of the ``n`` worst per prompt (``n`` = 1: rank 1
     vs rank k); ``all``: every pair with different phi. Pairs far apart in the ranking are labelled
-    more reliably by an imperfect reward than neighbours are, so ``n`` trades pairs for label noise."""
+    more reliably by an imperfect reward than neighbours are, so ``n`` trades pairs for label noise.
+
+    The folder must be a complete Syn-Pic set (``index.json`` valid, every shard matching it); with
+    ``allow_incomplete`` only the shards that verify are exported and the rest are counted on stderr.
+    The output appears only when complete (written to a temporary file and renamed)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     check_pairs_mode(mode, n)
+    files, note = ranked_shards(ranked, allow_incomplete, "pass --allow-incomplete")
+    if note:
+        print(f"export-pairs: {note}", file=sys.stderr)
 
     rows: dict[str, list] = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": [], "label_1": []}
     short = 0
-    for f in sorted(Path(ranked).glob("shard-*.parquet")):
+    for f in files:
         score_cols = [c for c in pq.read_schema(f).names if c.startswith("scores.")]
         for c in score_cols:
             rows.setdefault(f"score_0.{c[7:]}", [])
@@ -443,5 +775,10 @@ def export_pairs(ranked: str | Path, out: str | Path, mode: PairsMode = "best_wo
         )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table(rows), out)
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        pq.write_table(pa.table(rows), tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out

@@ -124,3 +124,84 @@ def test_cached_ranked_latents_give_the_same_loss(tiny_models, tmp_path):
     make_ranked(p, n=4, k=3)
     with pytest.raises(ConfigError, match=r"data.cache_dir .* is stale: data_fingerprint is '\w+' there"):
         CachedPairs(cfg.data, cfg.model)
+
+
+def ranked_rows(start: int, n: int, k: int = 3, broken: tuple[int, ...] = ()) -> dict[str, list]:
+    """Rows ``start..start+n`` of a ranked set; the images of the rows in ``broken`` are not images."""
+    rows: dict[str, list] = {"prompt": [], "images": [], "phi": [], "rank": []}
+    for i in range(start, start + n):
+        phi = [float(p) for p in np.random.default_rng(i).permutation(k) / (k - 1)]
+        rows["prompt"].append(f"a photo of {i} circles")
+        rows["images"].append([b"not an image" if i in broken else _png(100 * i + j) for j in range(k)])
+        rows["phi"].append(phi)
+        rows["rank"].append([int(r) for r in (np.argsort(np.argsort(-np.array(phi))) + 1)])
+    return rows
+
+
+def test_incomplete_synpic_set_is_refused_unless_allowed(tmp_path, capsys):
+    """A Syn-Pic folder is trained on only when index.json is valid and every shard matches it;
+    data.allow_incomplete=true trains on the verified shards and says how many were left out."""
+    from diffalign.synpic import write_ranked_set
+
+    out = write_ranked_set(tmp_path / "set", [ranked_rows(0, 2), ranked_rows(2, 2), ranked_rows(4, 2)])
+    assert len(RankedDataset(DataConfig(path=str(out), resolution=32, format="ranked"), verbose=False)) == 6
+    data = bytearray((out / "shard-00001.parquet").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (out / "shard-00001.parquet").write_bytes(bytes(data))
+    with pytest.raises(DataError) as e:
+        RankedDataset(DataConfig(path=str(out), resolution=32, format="ranked"))
+    msg = str(e.value)
+    assert "\n" not in msg and str(out) in msg and "1 of 3 shards do not match index.json" in msg
+    assert "rerun `diffalign synpic`" in msg and "data.allow_incomplete=true" in msg
+    ds = RankedDataset(DataConfig(path=str(out), resolution=32, format="ranked", allow_incomplete=True))
+    assert [r[2] for r in ds.rows] == [f"a photo of {i} circles" for i in (0, 1, 4, 5)]
+    assert "left out 1 of 3" in ds.summary and "left out 1 of 3" in capsys.readouterr().out
+    # an unfinished run (no index.json): refused too, and allowed on what verifies
+    (out / "index.json").unlink()
+    with pytest.raises(DataError, match=r"no index.json: synpic has not finished"):
+        RankedDataset(DataConfig(path=str(out), resolution=32, format="ranked"))
+    assert (
+        len(RankedDataset(DataConfig(path=str(out), resolution=32, format="ranked", allow_incomplete=True)))
+        == 4
+    )
+
+
+def test_training_refuses_or_allows_incomplete_ranked_set(tiny_models, tmp_path):
+    from diffalign.synpic import write_ranked_set
+
+    out = write_ranked_set(tmp_path / "set", [ranked_rows(0, 3), ranked_rows(3, 3)])
+    (out / "shard-00001.parquet").unlink()
+    base = [
+        f"model.path={tiny_models['sd']}",
+        f"data.path={out}",
+        "data.format=ranked",
+        "data.resolution=32",
+        "train.max_steps=1",
+        "train.batch_size=2",
+        "objective.name=rankdpo",
+        f"train.output_dir={tmp_path / 'run'}",
+    ]
+    with pytest.raises(DataError, match=r"1 of 2 shards .*shard-00001.parquet: missing"):
+        train(load_config(None, base))
+    m = train(load_config(None, [*base, "data.allow_incomplete=true", f"train.output_dir={tmp_path / 'ok'}"]))
+    assert np.isfinite(m["loss"])
+
+
+def test_broken_image_in_ranked_group_is_a_counted_skip(tmp_path, capsys):
+    """Like pairs: the group is replaced by the next readable one (same k, so the batch keeps its size)
+    and counted in ``skipped``; only a set with no readable group at all is an error."""
+    from diffalign.data.pairs import collate
+    from diffalign.synpic import write_ranked_set
+
+    out = write_ranked_set(tmp_path / "set", [ranked_rows(0, 4, broken=(1, 2))])
+    ds = RankedDataset(DataConfig(path=str(out), resolution=32, format="ranked"), verbose=False)
+    items = [ds[(i, 7)] for i in range(4)]
+    assert [it["skipped"] for it in items] == [0, 2, 1, 0]
+    assert [it["caption"] for it in items] == [f"a photo of {i} circles" for i in (0, 3, 3, 3)]
+    batch = collate(items)
+    assert batch["pixels"].shape == (4, 3, 3, 32, 32) and sum(batch["skipped"]) == 3
+    assert batch["rank"].tolist() == [[1, 2, 3]] * 4
+    assert "warning: skipping ranked group" in capsys.readouterr().out
+    bad = write_ranked_set(tmp_path / "bad", [ranked_rows(0, 2, broken=(0, 1))])
+    with pytest.raises(DataError, match="no ranked group with every image readable"):
+        RankedDataset(DataConfig(path=str(bad), resolution=32, format="ranked"), verbose=False)[(0, 0)]

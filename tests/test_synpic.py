@@ -318,7 +318,7 @@ def test_synpic_images_per_generator_can_differ(tmp_path, tiny_models, tiny_clip
 
 
 def test_export_pairs_n_best_against_n_worst(tmp_path, capsys):
-    import pyarrow as pa
+    from diffalign.synpic import write_ranked_set
 
     # hand-made ranked shard: prompt "p" has 5 samples ranked b, d, a, e, c (phi: higher is better,
     # a tie between d and a); prompt "q" has 3 samples, too few for the 2 best vs the 2 worst
@@ -329,9 +329,7 @@ def test_export_pairs_n_best_against_n_worst(tmp_path, capsys):
         "rank": [[3, 1, 5, 2, 4], [1, 2, 3]],
         "scores.r": [[0.3, 0.9, 0.1, 0.4, 0.2], [3.0, 2.0, 1.0]],
     }
-    ranked = tmp_path / "ranked"
-    ranked.mkdir()
-    pq.write_table(pa.table(rows), ranked / "shard-00000.parquet")
+    ranked = write_ranked_set(tmp_path / "ranked", [rows])  # a checked set: manifest, checksums, index
     got = pq.read_table(export_pairs(ranked, tmp_path / "n2.parquet", "best_worst", 2)).to_pylist()
     assert [(r["jpg_0"], r["jpg_1"]) for r in got] == [(b"b", b"e"), (b"b", b"c"), (b"d", b"e"), (b"d", b"c")]
     assert [(r["score_0.r"], r["score_1.r"]) for r in got][1] == (0.9, 0.1)
