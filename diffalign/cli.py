@@ -96,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Run the VAE and text encoders once over the config's data and store the results as\n"
         "sharded safetensors in data.cache_dir (resumable: rerun to continue). Train with the same\n"
         "data.cache_dir to skip both models during training; a cache made from other data or settings\n"
-        "is refused, naming the key that changed.",
+        "is refused, naming the file, weights or key that changed.",
         epilog="example:\n"
         "  diffalign cache configs/sd15_dpo_lora.yaml data.cache_dir=cache/pickapic\n"
         "  diffalign train configs/sd15_dpo_lora.yaml data.cache_dir=cache/pickapic",
