@@ -383,6 +383,8 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
     auto_beta = AutoBeta(t.auto_beta_target, t.auto_beta_rate) if t.auto_beta_target > 0 else None
     base_beta = check_supports_beta(objective, cfg.objective.name) if auto_beta else 0.0
     guard = BadStepGuard(t.max_bad_steps)
+    if t.lr == 0 and main:  # allowed (e.g. to snapshot the initial LoRA), but never by accident
+        print("warning: train.lr=0: the trainable weights will not change")
     divergence = DivergenceMonitor(t.divergence_window)
     weight_dtype = DTYPES[t.mixed_precision]
     ckpt_path = resume_point(run_dir, resume)
