@@ -17,6 +17,7 @@ random draw is derived from (seed, stream position), see ``diffalign.data.sample
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -82,8 +83,13 @@ def save_checkpoint(
         export(tmp / "export")
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
         (tmp / MANIFEST).write_text(json.dumps(file_digests(tmp), indent=1))  # what "complete" means
-    except BaseException:  # a full disk, a kill signal turned exception: leave no half-written folder
+    except BaseException as e:  # a full disk, a kill signal turned exception: leave no half-written folder
+        full = _disk_full(tmp) or (isinstance(e, OSError) and e.errno == errno.ENOSPC)
         shutil.rmtree(tmp, ignore_errors=True)
+        if full and not isinstance(e, OSError):  # torch.save reports a full disk as a RuntimeError
+            raise OSError(
+                errno.ENOSPC, f"No space left on device while writing checkpoint step {step}", str(tmp)
+            ) from e
         raise
     if final.exists():
         shutil.rmtree(final)
@@ -91,6 +97,14 @@ def save_checkpoint(
     write_atomic_text(run_dir / "checkpoints" / "latest", final.name)
     _prune(run_dir / "checkpoints", keep)
     return final
+
+
+def _disk_full(path: Path, margin: int = 1 << 20) -> bool:
+    """Less than ``margin`` bytes left where ``path`` lives (checked after a failed write)."""
+    try:
+        return shutil.disk_usage(path if path.exists() else path.parent).free < margin
+    except OSError:
+        return False
 
 
 def _prune(folder: Path, keep: int) -> None:
