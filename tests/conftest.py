@@ -135,3 +135,32 @@ def build_tiny_clip(out: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory) -> Path:
     return build_tiny_clip(tmp_path_factory.mktemp("clip") / "clip")
+
+
+def tiny_train_config(model: Path, data: Path, out: Path, *extra: str):
+    """A few-step training config on a tiny pipeline: 32 px, lr 1e-2, beta 100 (not for SFT, which
+    has none), a checkpoint every step; ``extra`` overrides come last and win."""
+    from diffalign.config import load_config
+
+    beta = [] if "objective.name=sft" in extra else ["objective.beta=100"]
+    return load_config(
+        None,
+        [
+            f"model.path={model}",
+            f"data.path={data}",
+            f"train.output_dir={out}",
+            "data.resolution=32",
+            "train.lr=1e-2",
+            *beta,
+            "train.checkpoint_every=1",
+            *extra,
+        ],
+    )
+
+
+def newest_weights(out: Path) -> dict:
+    """The trainable tensors of a run folder's newest complete checkpoint."""
+    from safetensors.torch import load_file
+
+    done = sorted(p for p in (out / "checkpoints").glob("step-*") if not p.name.endswith(".tmp"))
+    return load_file(done[-1] / "trainable.safetensors")

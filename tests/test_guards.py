@@ -10,27 +10,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffalign.config import load_config
 from diffalign.objectives.diffusion_dpo import DiffusionDPO
 from diffalign.train import train
 from diffalign.train.guards import NumericError
 
+from conftest import tiny_train_config
+
 
 def _cfg(model: Path, data: Path, out: Path, *extra: str):
-    return load_config(
-        None,
-        [
-            f"model.path={model}",
-            f"data.path={data}",
-            f"train.output_dir={out}",
-            "data.resolution=32",
-            "train.lr=1e-2",
-            "objective.beta=100",
-            "train.checkpoint_every=1",
-            "train.keep_checkpoints=10",
-            *extra,
-        ],
-    )
+    return tiny_train_config(model, data, out, "train.keep_checkpoints=10", *extra)
 
 
 def _poison(monkeypatch, bad_calls: set[int]) -> None:

@@ -9,34 +9,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from diffalign.config import ConfigError, load_config
+from diffalign.config import ConfigError
 from diffalign.train import train
 from diffalign.train.provenance import RunLock
 
+from conftest import newest_weights, tiny_train_config
+
 
 def _cfg(model: Path, data: Path, out: Path, *extra: str):
-    return load_config(
-        None,
-        [
-            f"model.path={model}",
-            f"data.path={data}",
-            f"train.output_dir={out}",
-            "data.resolution=32",
-            "train.lr=1e-2",
-            "objective.beta=100",
-            "train.checkpoint_every=1",
-            "train.keep_checkpoints=5",
-            "train.max_steps=3",
-            *extra,
-        ],
-    )
+    return tiny_train_config(model, data, out, "train.keep_checkpoints=5", "train.max_steps=3", *extra)
 
 
-def _final(out: Path) -> dict[str, torch.Tensor]:
-    done = sorted((out / "checkpoints").glob("step-*"))
-    return load_file(done[-1] / "trainable.safetensors")
+_final = newest_weights
 
 
 def test_resume_refuses_a_changed_run_and_records_an_allowed_change(tiny_models, pairs_parquet, tmp_path):

@@ -10,32 +10,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
-from diffalign.config import ConfigError, load_config, validate
+from diffalign.config import ConfigError, validate
 from diffalign.train import train
+
+from conftest import newest_weights, tiny_train_config
 
 
 def _cfg(model: Path, data: Path, out: Path, *extra: str):
-    return load_config(
-        None,
-        [
-            f"model.path={model}",
-            f"data.path={data}",
-            f"train.output_dir={out}",
-            "data.resolution=32",
-            "train.lr=1e-2",
-            *([] if "objective.name=sft" in extra else ["objective.beta=100"]),
-            "train.max_steps=2",
-            "train.checkpoint_every=1",
-            *extra,
-        ],
-    )
+    return tiny_train_config(model, data, out, "train.max_steps=2", *extra)
 
 
-def _weights(out: Path) -> dict[str, torch.Tensor]:
-    ck = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
-    return load_file(ck / "trainable.safetensors")
+_weights = newest_weights
 
 
 def _tb_tags(folder: Path) -> tuple[set[str], set[str]]:
