@@ -50,6 +50,56 @@ def train_prompts(n: int, seed: int) -> list[str]:
     return [md["prompt"] for md in shapes_prompts("train", n, seed)]
 
 
+def _bad(value: Any, lo: float, integer: bool, above: bool = False) -> bool:
+    """Not a number (or not an integer where one is needed), not finite, or below ``lo`` (or at it)."""
+    import math
+
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or (integer and not isinstance(value, int))
+    ):
+        return True
+    return not math.isfinite(value) or value < lo or (above and value == lo)
+
+
+def check_demo_options(
+    steps: int,
+    lr: float,
+    beta: float,
+    n_train: int,
+    n_eval: int,
+    per_prompt: int,
+    sample_steps: int,
+    guidance: float,
+    batch_size: int,
+    seed: int,
+    synpic_guidance: float | list[float] | None = None,
+) -> None:
+    """Every number the demo takes, in one line naming its option, before any file or minute of work
+    (beta too when the objective ignores it: a negative beta is a typo either way)."""
+    checks: list[tuple[str, Any, float, bool, bool]] = [  # option, value, lowest, integer, strictly above
+        ("--steps (train.max_steps)", steps, 1, True, False),
+        ("--lr (train.lr)", lr, 0, False, True),
+        ("--beta (objective.beta)", beta, 0, False, True),
+        ("--train-prompts", n_train, 1, True, False),
+        ("--eval-prompts", n_eval, 1, True, False),
+        ("--per-prompt", per_prompt, 1, True, False),
+        ("sample_steps", sample_steps, 1, True, False),
+        ("guidance", guidance, 0, False, False),
+        ("batch_size", batch_size, 1, True, False),
+        ("--seed", seed, 0, True, False),
+    ]
+    gs = synpic_guidance if isinstance(synpic_guidance, list) else [synpic_guidance]
+    checks += [("--synpic-guidance", g, 0, False, False) for g in gs if g is not None]
+    for flag, value, lo, integer, above in checks:
+        if _bad(value, lo, integer, above):
+            kind = "an integer" if integer else "a finite number"
+            raise ConfigError(f"demo {flag}: must be {kind} {'>' if above else '>='} {lo:g}, got {value!r}")
+    if lr > 1:
+        raise ConfigError(f"demo --lr (train.lr): must be <= 1, got {lr:g}")
+
+
 def run_demo(  # noqa: C901 (the demo pipeline, read top to bottom)
     out: str = "runs/demo",
     model: str | None = None,
@@ -73,6 +123,33 @@ def run_demo(  # noqa: C901 (the demo pipeline, read top to bottom)
     """``images_per_generator`` and ``synpic_guidance`` (Syn-Pic's guidance per generator; ``guidance``
     is the evaluation's) default to [2, 2, 1] and [guidance, guidance, 1] for the default generators
     (toy-sd, toy-sd3, the policy unguided), and to 2 and ``guidance`` for generators you pass."""
+    if objective not in DEMO_OBJECTIVES:  # before any work (and before the heavy imports)
+        from .registry import suggest
+
+        raise ConfigError(
+            f"demo --objective {objective!r}: not one the demo wires "
+            f"up.{suggest(objective, list(DEMO_OBJECTIVES))} Every objective "
+            "runs in `python -m diffalign.benchmarks.toyworlds.objective_bench`."
+        )
+    check_demo_options(
+        steps,
+        lr,
+        beta,
+        n_train,
+        n_eval,
+        per_prompt,
+        sample_steps,
+        guidance,
+        batch_size,
+        seed,
+        synpic_guidance,
+    )
+    root = Path(out)
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"demo --out {out!r} is a file, not a folder; give a folder for the demo's outputs")
+    local = model is not None and (model.startswith((".", "/", "~")) or model.count("/") != 1)
+    if local and not Path(model).expanduser().exists():
+        raise ConfigError(f"demo --model {model!r} does not exist (expected a pipeline folder or a hub id)")
     from ._quiet import quiet_libraries
     from .benchmarks.geneval.metadata import shapes_prompts
     from .benchmarks.geneval.stats import overall_gain
@@ -83,17 +160,8 @@ def run_demo(  # noqa: C901 (the demo pipeline, read top to bottom)
     from .synpic import SynPicConfig, run_synpic
     from .train import train
 
-    if objective not in DEMO_OBJECTIVES:  # before any work
-        from .registry import suggest
-
-        raise ConfigError(
-            f"demo --objective {objective!r}: not one the demo wires "
-            f"up.{suggest(objective, list(DEMO_OBJECTIVES))} Every objective "
-            "runs in `python -m diffalign.benchmarks.toyworlds.objective_bench`."
-        )
     quiet_libraries()
     t_start = time.time()
-    root = Path(out)
     online = objective == "online_dpo"  # the policy draws its own groups each step: no Syn-Pic stage
     model = model or asset("toy-sd")
     if online:

@@ -57,7 +57,15 @@ from ...errors import ConfigError
 from .detectors import Thresholds
 from .metadata import write_metadata
 from .prompts import prompt_set
-from .settings import EvalConfig, check_and_record, read_manifest, resolve_sampling, sampling_line, write_json
+from .settings import (
+    EvalConfig,
+    check_and_record,
+    check_options,
+    read_manifest,
+    resolve_sampling,
+    sampling_line,
+    write_json,
+)
 from .stats import paired_difference, summarize_results
 
 
@@ -74,6 +82,9 @@ def _check_names(cfg: EvalConfig, detector_spec: str | None) -> None:
 def run_eval(cfg: EvalConfig, log=print) -> dict[str, Any]:  # noqa: C901 (the eval run read top to bottom: checks, generation, judging, summary)
     """Run (or continue) an evaluation; returns the contents of ``DIR/summary.json`` (plus
     ``generated``: images made by this call per model)."""
+    t0 = time.time()
+    check_options(cfg)  # every option's range, the out folder and the models, before any work or import
+    rows, judged, description = prompt_set(cfg)
     from ..._quiet import quiet_libraries
     from ...models.loading import default_device
     from . import detectors
@@ -81,12 +92,6 @@ def run_eval(cfg: EvalConfig, log=print) -> dict[str, Any]:  # noqa: C901 (the e
     from .judging import judge_folder, reward_key, score_folder
 
     quiet_libraries()
-    t0 = time.time()
-    if cfg.per_prompt < 1:
-        raise ConfigError(f"--per-prompt must be >= 1, got {cfg.per_prompt}")
-    if cfg.pairing not in ("all", "seed"):
-        raise ConfigError(f"--pairing must be 'all' or 'seed', got {cfg.pairing!r}")
-    rows, judged, description = prompt_set(cfg)
     toy = cfg.toy is not None
     device = default_device(cfg.device)
     detector_spec = cfg.detector or ("shapes" if toy else "mask2former")

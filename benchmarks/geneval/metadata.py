@@ -207,13 +207,29 @@ def check_metadata(md: Any) -> str | None:  # noqa: C901 (one branch per metadat
     return None
 
 
+def _read_text(p: Path) -> str:
+    """A text file's contents; a binary or non-UTF-8 file is a one-line error naming the file and line."""
+    data = p.read_bytes()
+    if b"\0" in data:
+        line = data[: data.index(b"\0")].count(b"\n") + 1
+        raise MetadataError(f"{p}:{line}: holds NUL bytes: a binary file, not prompts text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise MetadataError(
+            f"{p}:{line}: not UTF-8 text (byte {e.start}); save the file as UTF-8 (a binary file cannot "
+            "hold prompts)"
+        ) from None
+
+
 def read_metadata(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a GenEval ``evaluation_metadata.jsonl`` (blank lines skipped), each checked."""
     p = Path(path)
     if not p.is_file():
         raise MetadataError(f"metadata file {str(path)!r} does not exist")
     rows = []
-    for ln, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+    for ln, line in enumerate(_read_text(p).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -257,7 +273,7 @@ def read_prompt_rows(path: str | Path) -> list[dict[str, Any]]:  # noqa: C901 (o
     p = Path(path)
     if not p.is_file():
         raise MetadataError(f"prompts file {str(path)!r} does not exist")
-    text = p.read_text(encoding="utf-8")
+    text = _read_text(p)
     raw: list[tuple[int, Any]] = []  # (line or item number, record)
     suffix = p.suffix.lower()
     if suffix == ".json":

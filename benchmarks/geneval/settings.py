@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,70 @@ class EvalConfig:
     device: str | None = None
     n_boot: int = 2000
     report: bool = True
+
+
+def _bad_number(value: Any, lo: float, hi: float | None, integer: bool) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return True
+    if integer and not isinstance(value, int):
+        return True
+    return not math.isfinite(value) or value < lo or (hi is not None and value > hi)
+
+
+def check_options(cfg: EvalConfig) -> None:
+    """Every option's range, in one line naming the option, before any folder, model or prompt is
+    touched (``None`` means "the default" and is always fine)."""
+    t = cfg.thresholds
+    # option, value, lowest, highest (None: unbounded), must be an integer, what it is
+    checks: list[tuple[str, Any, float, float | None, bool, str]] = [
+        ("--per-prompt", cfg.per_prompt, 1, None, True, "images per prompt"),
+        ("--n-prompts", cfg.n_prompts, 1, None, True, "prompts to use"),
+        ("--geneval-templates", cfg.templates, 1, None, True, "draws per tag"),
+        ("--steps", cfg.steps, 1, None, True, "sampling steps"),
+        ("--guidance", cfg.guidance, 0, None, False, "a CFG scale; 1 or less is no guidance"),
+        ("--size", cfg.size, 8, None, True, "image height and width in pixels"),
+        ("--seed", cfg.seed, 0, None, True, "a seed"),
+        ("--prompt-seed", cfg.prompt_seed, 0, None, True, "a seed"),
+        ("--batch", cfg.batch, 1, None, True, "images per batch"),
+        ("--bootstrap", cfg.n_boot, 1, None, True, "bootstrap resamples"),
+        ("--threshold", t.score, 0, 1, False, "a detection confidence"),
+        ("--counting-threshold", t.counting, 0, 1, False, "a detection confidence"),
+        ("--max-objects", t.max_objects, 1, None, True, "objects per class"),
+        ("--position-threshold", t.position, 0, 1, False, "a fraction of the image"),
+    ]
+    for flag, value, lo, hi, integer, what in checks:
+        if value is not None and _bad_number(value, lo, hi, integer):
+            span = f"in [{lo:g}, {hi:g}]" if hi is not None else f">= {lo:g}"
+            kind = "an integer" if integer else "a finite number"
+            raise ConfigError(f"{flag}: must be {kind} {span} ({what}), got {value!r}")
+    if cfg.size is not None and cfg.size % 8:
+        raise ConfigError(f"--size: must be a multiple of 8 (VAE downsampling), got {cfg.size}")
+    if cfg.pairing not in ("all", "seed"):
+        raise ConfigError(f"--pairing must be 'all' or 'seed', got {cfg.pairing!r}")
+    out = Path(cfg.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {cfg.out!r} is a file, not a folder; give a folder for the eval run")
+    for flag, spec in (("--model", cfg.model), ("--compare", cfg.compare)):
+        if spec is not None:
+            _check_model_spec(flag, spec)
+
+
+def _check_model_spec(flag: str, spec: str) -> None:
+    """A local model exists and is a pipeline or a diffalign run; anything else looks like a hub id."""
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        if not any((p / n).exists() for n in ("model_index.json", "checkpoints", "state.json")):
+            raise ConfigError(
+                f"{flag} {spec!r}: neither a diffusers pipeline folder (model_index.json) nor a diffalign "
+                "run or checkpoint folder"
+            )
+    elif p.exists():
+        raise ConfigError(f"{flag} {spec!r} is a file; give a pipeline folder, a run folder or a hub id")
+    elif spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise ConfigError(
+            f"{flag} {spec!r} does not exist (expected a pipeline folder, a diffalign run folder or a hub "
+            "id 'org/name')"
+        )
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
+
+from ...errors import ConfigError
 
 IMAGE_STAGES = ("vae", "sd", "sd3")
 AV_STAGES = ("video", "avae", "vocoder", "audio")
@@ -89,9 +92,40 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--seed", type=int, default=0)
 
 
+def _check_numbers(checks: list[tuple[str, object, float, bool]]) -> None:
+    """(option, value, lowest allowed, integer?): one line naming the first option out of range."""
+    for flag, value, lo, integer in checks:
+        ok_type = isinstance(value, int if integer else int | float) and not isinstance(value, bool)
+        if not ok_type or not math.isfinite(value) or value < lo:  # type: ignore[arg-type, operator]
+            kind = "an integer" if integer else "a finite number"
+            raise ConfigError(f"toy {flag}: must be {kind} >= {lo:g}, got {value!r}")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every number of ``toy pretrain`` / ``toy eval``, before any model loads or folder is written."""
+    if args.toy_cmd == "pretrain":
+        for m in [*args.minutes, *args.av_minutes]:
+            if not math.isfinite(m) or m <= 0:
+                raise ConfigError(f"toy pretrain --minutes/--av-minutes: must be finite and > 0, got {m!r}")
+        return
+    model = str(args.model)
+    if (model.startswith((".", "/", "~")) or model.count("/") != 1) and not Path(model).expanduser().exists():
+        raise ConfigError(f"toy eval: model {model!r} does not exist (give a pipeline folder or a hub id)")
+    _check_numbers(
+        [
+            ("eval --prompts", args.prompts, 1, True),
+            ("eval --per-prompt", args.per_prompt, 1, True),
+            ("eval --steps", args.steps, 1, True),
+            ("eval --guidance", args.guidance, 0, False),
+            ("eval --seed", args.seed, 0, True),
+        ]
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from ..._quiet import quiet_libraries
 
+    check_args(args)
     quiet_libraries()
     if args.toy_cmd == "pretrain":
         import torch
@@ -104,8 +138,8 @@ def run(args: argparse.Namespace) -> int:
         try:
             torch.empty(0, device=device)
         except (RuntimeError, AssertionError) as e:
-            raise SystemExit(
-                f"diffalign toy pretrain: --device {device!r} is not usable here ({str(e).splitlines()[0]})"
+            raise ConfigError(
+                f"toy pretrain --device {device!r} is not usable here ({str(e).splitlines()[0]})"
             ) from None
         minutes = dict(
             zip(

@@ -10,6 +10,10 @@ of the three, told apart by their bytes:
 
 Tensors handed to the training loop are in [-1, 1] like images; rewards get [0, 1] frames or
 [-1, 1] waveforms.
+
+Decoded images are always 8-bit RGB (:func:`to_rgb`), whatever their mode or bit depth: EXIF
+orientation applied, 16-bit greyscale scaled by its high byte (never clipped at 255), transparency
+(RGBA, LA, palette or colour-key) composited over white, CMYK/1-bit/greyscale/palette converted.
 """
 
 from __future__ import annotations
@@ -92,9 +96,44 @@ DECODE_ERRORS: tuple[type[BaseException], ...] = (
 """Everything a hostile or corrupt media file can raise while decoding: a counted skip, never an abort."""
 
 
+_ORIENTATION = 0x0112  # the EXIF tag that says how the camera was held
+_WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _exif_orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(_ORIENTATION, 1) or 1)
+    except Exception:  # a malformed EXIF block does not make the pixels unreadable: no rotation
+        return 1
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any decoded image -> 8-bit RGB with its full range: EXIF orientation applied; 16-bit (and
+    32-bit integer) greyscale reduced by its high byte, as Pillow reduces 16-bit RGB (65535 -> 255,
+    so a 16-bit PNG neither clips nor wraps); transparency (RGBA, LA, PA, a palette's or a colour
+    key's) composited over white; every other mode (CMYK, YCbCr, LAB, 1, L, P) by Pillow's
+    conversion. 32-bit float images raise ValueError (their range is not defined): a counted skip."""
+    if _exif_orientation(img) != 1:
+        from PIL import ImageOps
+
+        img = ImageOps.exif_transpose(img)
+    if img.mode == "RGB":
+        return img
+    if img.mode == "F":
+        raise ValueError("32-bit float image: its value range is not defined; save it as 8 or 16 bit")
+    if img.mode in _WIDE_GREY:
+        grey = (np.clip(np.asarray(img).astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
+        return Image.fromarray(np.repeat(grey[..., None], 3, axis=-1))
+    if img.has_transparency_data:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
 def decode_media(blob: bytes | bytearray | str) -> Media:
-    """Bytes (or a file path) -> ``Image`` / ``Clip`` / ``Audio``; corrupt data raises (OSError,
-    ValueError, wave.Error) here, not later in the loop."""
+    """Bytes (or a file path) -> ``Image`` (8-bit RGB, see :func:`to_rgb`) / ``Clip`` / ``Audio``;
+    corrupt data raises (one of :data:`DECODE_ERRORS`) here, not later in the loop."""
     if isinstance(blob, str):
         with open(blob, "rb") as f:
             blob = f.read()
@@ -108,12 +147,12 @@ def decode_media(blob: bytes | bytearray | str) -> Media:
     img.load()
     n = int(img.info.get("frames", 0)) if isinstance(img.info.get("frames", 0), str | int) else 0
     if n > 1:
-        arr = np.asarray(img.convert("RGB"))
+        arr = np.asarray(to_rgb(img))
         H, FW, _ = arr.shape
         if FW % n:
             raise ValueError(f"film strip {FW} px wide does not split into {n} frames")
         return Clip(arr.reshape(H, n, FW // n, 3).transpose(1, 0, 2, 3).copy())
-    return img
+    return to_rgb(img)
 
 
 def modality_of(x: Media) -> Modality:
@@ -134,8 +173,8 @@ def media_tensors(
     if len(kinds) > 1:
         raise DataError(f"one group mixes {sorted(kinds)}; a row must hold one modality")
     kind = kinds.pop()
-    if kind == "image":
-        return joint_transform(items, resolution, center_crop, flip, gen)
+    if kind == "image":  # images handed over already decoded (a datasets Image column) are normalised too
+        return joint_transform([to_rgb(x) for x in items], resolution, center_crop, flip, gen)
     if kind == "audio":
         n = min(len(a.wave) for a in items)
         x = torch.from_numpy(np.stack([a.wave[:n] for a in items])).float()  # [k, S]
