@@ -277,6 +277,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"config file {str(p)!r} is a folder; give the YAML file inside it")
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
         try:

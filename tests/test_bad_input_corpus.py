@@ -705,7 +705,6 @@ CASES: list[Case] = [
         "error",
         call=lambda e: _dataset(_jsonl(e, ['["a caption", "a.png", "b.png"]'])),
         needle=("pairs.jsonl line 1",),
-        xfail=f"{PAIRS_FILE}: _index_jsonl calls rec.get on a list",
     ),
     Case(
         "jsonl_missing_keys",
@@ -756,7 +755,6 @@ CASES: list[Case] = [
             and _dataset(str(e.tmp / "pf"))
         ),
         needle=("x.txt", "UTF-8"),
-        xfail=f"{PAIRS_FILE}: _index_folder reads captions with read_text()",
     ),
     # -- images: every mode and bit depth decodes to 8-bit RGB with its full range
     Case("image_png_16bit_grey", "ok", call=_img_png16_grey),

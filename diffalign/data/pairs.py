@@ -316,6 +316,10 @@ def _index_jsonl(dcfg: DataConfig, counts: _Counts) -> tuple[list[PairRow], list
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise DataError(
+                f"{where}: expected a JSON object with caption, chosen, rejected; got a {type(rec).__name__}"
+            )
         cap = rec.get("caption", rec.get("prompt"))
         if "chosen" in rec and "rejected" in rec:
             a, b, lab = rec["chosen"], rec["rejected"], 1.0
@@ -365,7 +369,10 @@ def _index_folder(dcfg: DataConfig, counts: _Counts) -> tuple[list[PairRow], lis
         if not rej:
             raise DataError(f"{img}: no matching rejected/{img.stem}.* image")
         txt = img.with_suffix(".txt")
-        cap = txt.read_text().strip() if txt.exists() else ""
+        try:
+            cap = txt.read_bytes().decode("utf-8").strip() if txt.exists() else ""
+        except UnicodeDecodeError as e:
+            raise DataError(f"{txt}: not UTF-8 text (byte {e.start}); save the caption as UTF-8") from None
         paths.append((img, rej[0]))
         _add_row(rows, counts, dcfg, cap, 1.0, len(paths) - 1, len(paths) - 1)
     return rows, paths

@@ -118,7 +118,10 @@ def resume_point(run_dir: Path, resume: str | None) -> Path | None:
     run, which must not mix with an earlier run in the same folder (checkpoints and appended metrics
     would interleave)."""
     if resume:
-        return find_checkpoint(run_dir, resume)
+        found = find_checkpoint(run_dir, resume)
+        if found is None:
+            print(f"note: --resume: {run_dir} has no checkpoint yet; starting from step 0", file=sys.stderr)
+        return found
     done = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if not p.name.endswith(".tmp"))
     old = done[-1] if done else None
     if old is not None:
