@@ -300,3 +300,15 @@ def test_a_real_full_disk_loses_nothing_that_was_complete(tmp_path: Path, tiny_m
         "--resume",
     )
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_validate_reads_every_jsonl_row(tmp_path: Path):
+    """validate parses the JSONL (rows, keys, labels, paths) without decoding images."""
+    path = _jsonl_pairs(tmp_path / "d", "a.png")
+    with path.open("a") as f:
+        f.write('["not", "an", "object"]\n')
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  path: /no/such/model\n")
+    _one_error_line(
+        _cli("validate", str(cfg), f"data.path={path}"), f"{path} line 3", "expected a JSON object"
+    )

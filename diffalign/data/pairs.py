@@ -127,6 +127,7 @@ def check_source(dcfg: DataConfig) -> None:
         p = Path(dcfg.path).expanduser()
         if not p.is_file():
             raise DataError(f"data.path {dcfg.path!r} does not exist")
+        _index_jsonl(dcfg, _Counts())  # every row's JSON, keys, label and paths (not the images)
     elif fmt == "hf":
         check_hub_dataset(dcfg.path)
 
