@@ -46,7 +46,8 @@ def epsilon_model(model_fn: Any, sched: Any, grid: list[int]) -> Any:
     converted with the latent the step starts from, as the official loop averages the raw model
     outputs and steps from there; that makes the average of the converted calls equal the
     conversion of the averaged outputs."""
-    r = grid[1] - grid[0] if len(grid) > 1 else 0
+    # one-step grid: the step starts below the grid (final_alpha_cumprod), as in invert_per_sample
+    r = grid[1] - grid[0] if len(grid) > 1 else len(sched.alphas_cumprod)
     start: dict[str, Any] = {}  # the current step's timesteps and starting latent
 
     def fn(x: Tensor, tt: Tensor, c: Any) -> Tensor:

@@ -188,8 +188,9 @@ def official_v_inversion(x0, t0, c, steps, renoise):
     return x, (x - a**0.5 * x0) / (1 - a) ** 0.5
 
 
-@pytest.mark.parametrize("renoise", [0, 1])
-def test_v_prediction_inversion_matches_diffusers_inverse_scheduler(renoise):
+@pytest.mark.parametrize("renoise,steps", [(0, 10), (1, 5), (0, 1), (1, 1)])
+def test_v_prediction_inversion_matches_diffusers_inverse_scheduler(renoise, steps):
+    """Also at one inversion step, where the first (only) step starts at ``final_alpha_cumprod``."""
     import dataclasses
 
     from diffusers import DDIMScheduler
@@ -201,7 +202,6 @@ def test_v_prediction_inversion_matches_diffusers_inverse_scheduler(renoise):
     x0 = torch.randn(3, 4, 5, 5, generator=g)
     t = torch.tensor([350, 999, 40])
     c = torch.tensor([0.5, -1.0, 2.0])
-    steps = 5 if renoise else 10
     grid = inversion_grid(1000, steps, 1)
     x, eps = invert_per_sample(
         epsilon_model(toy_model, sched, grid),
