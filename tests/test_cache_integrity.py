@@ -202,6 +202,32 @@ def test_old_format_index_is_refused(tiny_models, pairs_parquet, tmp_path, capsy
         CachedPairs(c.data, c.model)
 
 
+def test_rebuild_without_an_index_refuses_the_old_shards(tiny_models, tmp_path, capsys):
+    """Deleting only index.json (after a "stale" error) must not let a rebuild of other data skip the
+    old shards and file their latents under a new index: the build refuses, in one line."""
+    model, cache = tiny_models["sd"], tmp_path / "cache"
+    old = make_pairs_parquet(tmp_path / "a" / "pairs.parquet", n=6, seed=0)
+    build_cache(cfg(model, old, cache, tmp_path / "x"), shard_size=4)
+    (cache / "index.json").unlink()
+    new = make_pairs_parquet(tmp_path / "b" / "pairs.parquet", n=6, seed=1)
+    before = {p.name: p.read_bytes() for p in cache.iterdir()}
+    with pytest.raises(ConfigError) as e:
+        build_cache(cfg(model, new, cache, tmp_path / "x"), shard_size=4)
+    msg = str(e.value)
+    assert "\n" not in msg and "holds shards without an index (shard-00000.safetensors and 2 more)" in msg
+    assert "empty the folder or choose another data.cache_dir" in msg
+    assert {p.name: p.read_bytes() for p in cache.iterdir()} == before  # nothing written, no new index
+    (tmp_path / "e.yaml").write_text("")
+    line = cli_error(capsys, "cache", str(tmp_path / "e.yaml"), *ovs(model, new, cache, tmp_path / "x"))
+    assert "holds shards without an index" in line and not (cache / "index.json").exists()
+    # emptied, the folder builds the new data: no shard of the old build survives
+    shutil.rmtree(cache)
+    c = cfg(model, new, cache, tmp_path / "x")
+    build_cache(c, shard_size=4)
+    assert (cache / "shard-00000.safetensors").read_bytes() != before["shard-00000.safetensors"]
+    assert len(CachedPairs(c.data, c.model)) == 6
+
+
 # `diffalign cache` with a small shard size (the CLI's is 256; same function, same writes)
 BUILD = (
     "import sys; from diffalign.config import load_config; from diffalign.data.cache import build_cache; "

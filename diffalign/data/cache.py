@@ -33,7 +33,9 @@ were recorded (no ``version``) is refused: it cannot be checked.
 
 Shards and the index are written to a temporary name and renamed, so a killed ``cache`` (even
 ``kill -9``) resumes at the first missing shard and ends byte-identical to an uninterrupted run
-(tested). Training reads shards memory-mapped (``safe_open``), so memory stays flat. Cached latents
+(tested). The index is written before any shard, so a build that finds shards but no index (the
+index deleted by hand) refuses in one line rather than file old latents under a new identity.
+Training reads shards memory-mapped (``safe_open``), so memory stays flat. Cached latents
 are exactly what the uncached path computes (posterior mean, center crop, no flip), so a run gives the
 same loss either way (tested).
 """
@@ -321,6 +323,20 @@ def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _refuse_orphans(out: Path) -> None:
+    """The index is written before any shard, so shards (or an uncond embedding) without one were left
+    by another build whose index was deleted: their data and weights are unknown, and resuming would
+    file them under this build's identity."""
+    files = (*out.glob("shard-*.safetensors"), out / "uncond.safetensors")
+    left = sorted(p.name for p in files if p.exists())
+    if left:
+        raise ConfigError(
+            f"data.cache_dir {str(out)!r} holds shards without an index ({left[0]}"
+            f"{f' and {len(left) - 1} more' if len(left) > 1 else ''}); empty the folder or choose another "
+            f"data.cache_dir"
+        )
+
+
 def build_cache(cfg: Config, shard_size: int = 256) -> Path:
     from tqdm.auto import tqdm
 
@@ -345,6 +361,8 @@ def build_cache(cfg: Config, shard_size: int = 256) -> Path:
                 f"data.cache_dir {str(out)!r} holds shards of {index['shard_size']} rows, this run writes "
                 f"{shard_size}; {FIX}"
             )
+    else:  # a fresh build: shards left without their index are of unknown data, never resumed
+        _refuse_orphans(out)
     device = default_device()
     adapter = load_adapter(cfg.model, device)
     if index is None:
