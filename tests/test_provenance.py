@@ -99,3 +99,83 @@ def test_one_writer_per_run_folder(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="is a file"):
         RunLock(tmp_path / "file").acquire()
+
+
+def test_objective_defaults_count_as_written_and_added_keys_as_changes():
+    from diffalign.train.provenance import config_changes, trajectory_keys
+
+    base = {"objective": {"name": "diffusion_dpo"}, "train": {"lr": 1e-3, "lr_scheduler": "constant"}}
+    flat = {"objective.name": "diffusion_dpo", "train.lr": 1e-3, "train.lr_scheduler": "constant"}
+    added = {**base, "objective": {"name": "diffusion_dpo", "beta": 50.0}}
+    changes = config_changes(base, added)
+    assert changes == {"objective.beta": (5000.0, 50.0)}  # the default stands for the unwritten key
+    assert "objective.beta" in trajectory_keys(flat, {**flat, "objective.beta": 50.0})
+    assert config_changes(base, {**base, "objective": {"name": "diffusion_dpo", "beta": 5000.0}}) == {}
+    # a moved model is a change to allow and record; a cache only changes the numbers in low precision
+    assert "model.path" in trajectory_keys(flat, flat | {"model.path": "x"})
+    assert "data.cache_dir" not in trajectory_keys(flat | {"train.mixed_precision": "no"}, flat)
+    assert "data.cache_dir" in trajectory_keys(
+        flat | {"train.mixed_precision": "bf16", "data.cache_dir": None}, flat
+    )
+
+
+def test_resuming_another_folders_checkpoint_compares_with_and_keeps_that_runs_config(
+    tiny_models, pairs_parquet, tmp_path
+):
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(_cfg(tiny_models["sd"], pairs_parquet, a, "train.halt_after_step=1"))
+    ck = str(a / "checkpoints" / "step-000001")
+    with pytest.raises(ConfigError, match="train.lr"):
+        train(_cfg(tiny_models["sd"], pairs_parquet, b, "train.lr=5e-2"), resume=ck)
+    train(_cfg(tiny_models["sd"], pairs_parquet, b), resume=ck)
+    assert (b / "config.yaml").read_text() == (a / "config.yaml").read_text()
+    # b's later resumes are checked against that record too
+    with pytest.raises(ConfigError, match="train.seed"):
+        train(_cfg(tiny_models["sd"], pairs_parquet, b, "train.seed=3", "train.max_steps=4"), resume="latest")
+
+
+def test_a_forked_child_does_not_keep_a_killed_runs_lock(tmp_path):
+    """DataLoader workers are forked children of the trainer: after kill -9 of the trainer while a
+    worker lives on, the folder must be free for the resume at once."""
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    script = (
+        "import os, signal, sys, time\n"
+        "from pathlib import Path\n"
+        "from diffalign.train.provenance import RunLock\n"
+        f"RunLock(Path({str(run)!r})).acquire()\n"
+        "if os.fork() == 0:\n"
+        "    time.sleep(30); os._exit(0)\n"
+        "print('locked', flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    proc.wait(timeout=60)
+    time.sleep(0.2)
+    RunLock(run).acquire().release()  # the child still sleeps, yet the lock is free
+
+
+def test_divergence_monitor_state_round_trips():
+    from diffalign.train.stability import DivergenceMonitor
+
+    rows = [
+        {
+            "err/policy_w": 0.1 + 0.05 * i,
+            "err/ref_w": 0.1,
+            "err/policy_l": 0.1 + 0.05 * i,
+            "err/ref_l": 0.1,
+            "implicit_acc": 0.5,
+        }
+        for i in range(12)
+    ]
+    whole, cut = DivergenceMonitor(8), DivergenceMonitor(8)
+    a = [whole.update(r) for r in rows]
+    b = [cut.update(r) for r in rows[:5]]
+    resumed = DivergenceMonitor(8)
+    resumed.restore(cut.state())
+    b += [resumed.update(r) for r in rows[5:]]
+    assert a == b and any(a)

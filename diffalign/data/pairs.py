@@ -347,8 +347,8 @@ def _index_jsonl(dcfg: DataConfig, counts: _Counts) -> tuple[list[PairRow], list
 def _confined(root: Path, value: Any, where: str, allow_outside: bool) -> Path:
     """``root / value``, refused when it leaves ``root`` (``../``, absolute paths, symlinked folders)
     unless the user allowed it: a data file should not read whatever files it names."""
-    if not isinstance(value, str) or not value:
-        raise DataError(f"{where}: expected an image path (a non-empty string), got {value!r}")
+    if not isinstance(value, str) or not value or "\x00" in value:
+        raise DataError(f"{where}: expected an image path (a non-empty string without NUL), got {value!r}")
     path = root / value
     if not allow_outside and not path.resolve().is_relative_to(root.resolve()):
         raise DataError(

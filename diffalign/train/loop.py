@@ -390,7 +390,7 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
     ckpt_path = resume_point(run_dir, resume)
     resumed_step = checkpoint_step(ckpt_path)
     # every rank checks (same verdict everywhere), the main process writes the record
-    record_config(run_dir, cfg, resumed_step, allow_config_change, write=main)
+    record_config(run_dir, cfg, resumed_step, allow_config_change, write=main, checkpoint=ckpt_path)
 
     # -- data (before the model: bad data fails fast and cheaply)
     if cfg.data.cache_dir:
@@ -461,7 +461,7 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
     ema = EMA(trainable, t.ema_decay) if t.ema_decay > 0 else None
     ref_print = fingerprint(ref.base_parameters()) if ref.mode != "none" else None
 
-    start_step = 0
+    start_step, skipped_total = 0, 0
     if ckpt_path is not None:
         ck = load_checkpoint(ckpt_path)
         st = ck["state"]
@@ -493,7 +493,9 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
         if ema is not None and ck["ema"] is not None:
             ema.shadow = {n: v.to(accelerator.device) for n, v in ck["ema"].items()}
         start_step = int(st["step"])
-        guard.total = int(st.get("bad_steps", 0))
+        guard.total, guard.in_row = int(st.get("bad_steps", 0)), int(st.get("bad_in_row", 0))
+        divergence.restore(st.get("divergence", {}))
+        skipped_total = int(st.get("data_skipped", 0))  # metrics count skips over the whole run
         if auto_beta is not None:
             auto_beta.scale = float(st.get("beta_scale", 1.0))
             objective = with_beta_scale(objective, base_beta, auto_beta.scale)
@@ -506,7 +508,7 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         truncate_metrics(run_dir / "metrics.jsonl", start_step)  # rows a killed run wrote past its checkpoint
-        init_tracking(accelerator, cfg, flat_hparams(cfg), purge_step=start_step + 1 if start_step else None)
+        init_tracking(accelerator, cfg, flat_hparams(cfg), purge_step=start_step + 1)
     export = exporter(adapter, use_lora)
 
     # -- loop
@@ -519,7 +521,6 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
         unit="step",
     )
     last: dict[str, float] = {}
-    skipped_total = 0
     t0 = time.perf_counter()
     batches = batch_stream(dataset, plan, start_step, t.max_steps, rank, cfg.data.num_workers)
     for step in range(start_step, t.max_steps):
@@ -563,8 +564,12 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
             list(trainable.values()), t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
         )
         step_loss = accelerator.reduce(torch.cat(sums["loss"]).float().mean().to(accelerator.device), "mean")
-        bad_step = guard.skip(step + 1, step_loss.item(), float(grad_norm))  # same verdict on every rank
-        if not bad_step:
+        # fp16: the GradScaler skips an overflowing step itself and must see every step to back off,
+        # so its overflows are not bad steps (DeepSpeed steps inside backward and returns no norm)
+        scaled = accelerator.scaler is not None
+        norm = 0.0 if grad_norm is None or scaled else float(grad_norm)
+        bad_step = guard.skip(step + 1, step_loss.item(), norm)  # same verdict on every rank
+        if not bad_step or scaled:
             optimizer.step()
         lr_sched.step()  # the schedule follows the step count, skipped or not
         optimizer.zero_grad(set_to_none=True)
@@ -585,11 +590,11 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
             for n, v in sums.items()
         }
         logs.update(
-            grad_norm=float(grad_norm),
+            grad_norm=float("nan") if grad_norm is None else float(grad_norm),
             lr=lr_sched.get_last_lr()[0],
             **{"data/skipped": skipped_total, "train/bad_steps": guard.total},
         )
-        if auto_beta is not None:  # the factor of this step's batch, averaged over processes
+        if auto_beta is not None and not bad_step:  # the factor of this step's batch, averaged over processes
             if "margin" not in sums:
                 raise ConfigError(
                     f"train.auto_beta_target: objective {cfg.objective.name!r} reports no per-pair margin"
@@ -599,7 +604,7 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
             ).item()
             objective = with_beta_scale(objective, base_beta, auto_beta.update(g))
             logs.update({"stability/grad_factor": g, "stability/beta": base_beta * auto_beta.scale})
-        if divergence.update(logs):
+        if not bad_step and divergence.update(logs):
             logs["stability/diverging"] = 1.0
             if main and not divergence.warned:
                 divergence.warned = True
@@ -634,6 +639,9 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
                     "ranks_in_sync": in_sync,
                     "beta_scale": auto_beta.scale if auto_beta else 1.0,
                     "bad_steps": guard.total,
+                    "bad_in_row": guard.in_row,
+                    "divergence": divergence.state(),
+                    "data_skipped": skipped_total,
                     "lora": use_lora,
                     "family": adapter.family,
                     "model_path": cfg.model.path,

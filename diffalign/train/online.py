@@ -16,7 +16,6 @@ identity), swapped into the live model for its forward passes; ``online_dpo`` re
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -30,6 +29,7 @@ from ..config import Config, ConfigError, to_dict, validate
 from ..data.pairs import sample_seed
 from ..models.loading import FAMILY_MODALITY, load_adapter, resolve_family
 from .checkpoint import checkpoint_step, load_checkpoint, resume_point, save_checkpoint
+from .guards import BadStepGuard
 from .loop import (
     DTYPES,
     add_lora,
@@ -351,8 +351,11 @@ def train_online(cfg: Config, resume: str | None = None, allow_config_change: bo
         scorer = load_rewards([s.strip() for s in objective.rewards.split(",") if s.strip()], device)
 
     start_step = 0
+    guard = BadStepGuard(t.max_bad_steps)
     ckpt_path = resume_point(run_dir, resume)
-    record_config(run_dir, cfg, checkpoint_step(ckpt_path), allow_config_change, write=main)
+    record_config(
+        run_dir, cfg, checkpoint_step(ckpt_path), allow_config_change, write=main, checkpoint=ckpt_path
+    )
     if ckpt_path is not None:
         ck = load_checkpoint(ckpt_path)
         with torch.no_grad():
@@ -363,6 +366,16 @@ def train_online(cfg: Config, resume: str | None = None, allow_config_change: bo
         optimizer.load_state_dict(ck["optimizer"])
         lr_sched.load_state_dict(ck["scheduler"])
         start_step = int(ck["state"]["step"])
+        if int(ck["state"].get("world_size", world)) != world:
+            # sampling seeds derive from (step, process): another process count samples other groups
+            raise ConfigError(
+                f"--resume: the run used {ck['state']['world_size']} processes, this launch {world}; "
+                f"resume with the same number of processes"
+            )
+        guard.total, guard.in_row = (
+            int(ck["state"].get("bad_steps", 0)),
+            int(ck["state"].get("bad_in_row", 0)),
+        )
         if main:
             print(f"resumed from {ckpt_path} at step {start_step}")
 
@@ -370,7 +383,7 @@ def train_online(cfg: Config, resume: str | None = None, allow_config_change: bo
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         truncate_metrics(run_dir / "metrics.jsonl", start_step)  # rows a killed run wrote past its checkpoint
-        init_tracking(accelerator, cfg, flat_hparams(cfg), purge_step=start_step + 1 if start_step else None)
+        init_tracking(accelerator, cfg, flat_hparams(cfg), purge_step=start_step + 1)
     export = exporter(adapter, True)
     res = cfg.data.resolution
     latent_shape = (
@@ -452,16 +465,30 @@ def train_online(cfg: Config, resume: str | None = None, allow_config_change: bo
         grad_norm = accelerator.clip_grad_norm_(
             list(trainable.values()), t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
         )
-        optimizer.step()
+        # the same numeric guard as the offline loop, on the loss averaged over processes
+        local = torch.tensor(logs.get("loss", 0.0), dtype=torch.float32, device=accelerator.device)
+        scaled = accelerator.scaler is not None  # fp16: the GradScaler handles overflows itself
+        norm = 0.0 if grad_norm is None or scaled else float(grad_norm)
+        bad_step = guard.skip(step + 1, accelerator.reduce(local, "mean").item(), norm)
+        if not bad_step or scaled:
+            optimizer.step()
         lr_sched.step()
         optimizer.zero_grad(set_to_none=True)
+        if bad_step and main:
+            print(
+                f"warning: step {step + 1}: loss or gradients not finite; step skipped ({guard.total} so far)"
+            )
+        if not bad_step:
+            guard.check_weights(step + 1, trainable.values(), lr_sched.get_last_lr()[0])
         refresh = getattr(objective, "ref_refresh_every", 0)
         if refresh and (step + 1) % refresh == 0:
             reference = {n: p.detach().clone() for n, p in trainable.items()}
             logs["reference_refreshed"] = 1.0
-        logs.update(grad_norm=float(grad_norm), lr=lr_sched.get_last_lr()[0])
-        if "loss" in logs and not math.isfinite(logs["loss"]):
-            raise FloatingPointError(f"step {step + 1}: loss is {logs['loss']}")
+        logs.update(
+            grad_norm=float("nan") if grad_norm is None else float(grad_norm),
+            lr=lr_sched.get_last_lr()[0],
+            **{"train/bad_steps": guard.total},
+        )
         last = logs
         if main and ((step + 1) % t.log_every == 0 or step + 1 == t.max_steps):
             accelerator.log(logs, step=step + 1)
@@ -475,6 +502,8 @@ def train_online(cfg: Config, resume: str | None = None, allow_config_change: bo
                 state = {
                     "step": step + 1,
                     "world_size": world,
+                    "bad_steps": guard.total,
+                    "bad_in_row": guard.in_row,
                     "objective": name,
                     "lora": True,
                     "family": adapter.family,

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -28,7 +29,6 @@ from .checkpoint import write_atomic_text
 BOOKKEEPING_KEYS = frozenset(
     {
         "train.output_dir",  # a moved run folder
-        "model.path",  # a moved model: the reference weights' fingerprint is checked on resume
         "train.checkpoint_every",
         "train.keep_checkpoints",
         "train.log_every",
@@ -40,7 +40,6 @@ BOOKKEEPING_KEYS = frozenset(
         "train.max_bad_steps",
         "train.divergence_window",  # only decides when the warning fires
         "data.num_workers",  # the same batches in workers or not (tested)
-        "data.cache_dir",  # cached and uncached training are identical (tested)
         "train.precompute_reference",  # bit-identical to a live reference (tested)
     }
 )
@@ -53,33 +52,67 @@ def _flat(d: dict[str, Any]) -> dict[str, Any]:
     return {f"{sec}.{k}": v for sec, vals in d.items() for k, v in vals.items()}
 
 
-def trajectory_keys(old: dict[str, Any]) -> set[str]:
-    """Keys whose change alters the weights. ``train.max_steps`` only does when the LR schedule
-    depends on the horizon (linear, cosine): extending a constant-LR run is a plain continuation."""
+def trajectory_keys(old: dict[str, Any], new: dict[str, Any]) -> set[str]:
+    """Flattened keys whose change alters the weights. ``train.max_steps`` only does when the LR
+    schedule depends on the horizon (linear, cosine): extending a constant-LR run is a plain
+    continuation. ``data.cache_dir`` does not in fp32 (cached and uncached training are identical,
+    tested); under bf16/fp16 the uncached path encodes with low-precision VAE and text encoders.
+    ``model.path`` always does: another base model (or a moved one: allow and record it)."""
     free = set(BOOKKEEPING_KEYS)
     if old.get("train.lr_scheduler") in _SCHEDULES_WITHOUT_HORIZON:
         free.add("train.max_steps")
-    return set(old) - free
+    if old.get("train.mixed_precision", "no") == "no":
+        free.add("data.cache_dir")
+    return (set(old) | set(new)) - free
+
+
+def resolved(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A config dict with the objective's hyperparameter defaults filled in, so that writing a
+    default value out, or leaving it out, is no change, and adding a non-default one is."""
+    from ..objectives import OBJECTIVES
+
+    obj = dict(cfg.get("objective") or {})
+    name = obj.get("name")
+    if name not in OBJECTIVES.names():
+        return cfg
+    defaults = {
+        f.name: f.default
+        for f in dataclasses.fields(OBJECTIVES.get(name))
+        if f.default is not dataclasses.MISSING
+    }
+    return {**cfg, "objective": {**defaults, **obj}}
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """``key -> (old, new)`` for every flattened key that differs (a missing key reads as None)."""
-    a, b = _flat(old), _flat(new)
+    a, b = _flat(resolved(old)), _flat(resolved(new))
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
 def record_config(
-    run_dir: Path, cfg: Config, start_step: int, allow_change: bool, write: bool = True
+    run_dir: Path,
+    cfg: Config,
+    start_step: int,
+    allow_change: bool,
+    write: bool = True,
+    checkpoint: Path | None = None,
 ) -> None:
-    """At start: write ``config.yaml`` for a new run; on a resume, compare with it (refusing changes
-    that alter the trajectory unless ``allow_change``) and log what changed. ``write``: this process
-    writes (the main one); every process checks, so all of them stop alike."""
+    """At start: write ``config.yaml`` for a new run; on a resume, compare with the config of the
+    run the ``checkpoint`` belongs to (refusing changes that alter the trajectory unless
+    ``allow_change``) and log what changed. A resume from another run folder's checkpoint starts
+    this folder's record with that run's config. ``write``: this process writes (the main one);
+    every process checks, so all of them stop alike."""
     stored = run_dir / "config.yaml"
-    if start_step == 0 or not stored.is_file():
-        if start_step == 0 and write:
+    source = checkpoint.parent.parent / "config.yaml" if checkpoint is not None else stored
+    if start_step == 0 or not source.is_file():  # nothing trained yet, or a run from before records
+        if write and (start_step == 0 or not stored.is_file()):
             run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, stored)
         return
+    if write and not stored.is_file():  # resumed from another folder: keep how the first steps went
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic_text(stored, source.read_text())
+    stored = source
     try:
         old = yaml.safe_load(stored.read_text()) or {}
     except yaml.YAMLError as e:
@@ -87,7 +120,7 @@ def record_config(
     changes = config_changes(old, to_dict(cfg))
     if not changes:
         return
-    altering = sorted(set(changes) & trajectory_keys(_flat(old)))
+    altering = sorted(set(changes) & trajectory_keys(_flat(old), _flat(to_dict(cfg))))
     if altering and not allow_change:
         shown = ", ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in altering[:3])
         more = f" and {len(altering) - 3} more" if len(altering) > 3 else ""
@@ -114,6 +147,23 @@ def truncate_metrics(path: Path, step: int) -> None:
         if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
             kept.append(line)
     write_atomic_text(path, "".join(ln + "\n" for ln in kept))
+
+
+_HELD_FDS: set[int] = set()
+
+
+def _close_in_child() -> None:
+    """A forked child (a DataLoader worker) must not keep the run's lock alive after a kill -9 of
+    the trainer: it closes its copies of the lock descriptors."""
+    for fd in list(_HELD_FDS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
 
 
 class RunLock:
@@ -149,12 +199,14 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._fd = fd
+        _HELD_FDS.add(fd)
         return self
 
     def release(self) -> None:
         if self._fd is not None:
             import fcntl
 
+            _HELD_FDS.discard(self._fd)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None

@@ -171,6 +171,15 @@ class DivergenceMonitor:
             self.reason = "blow-up"
         return bool(self.reason)
 
+    def state(self) -> dict:
+        """What a checkpoint keeps, so a resumed run warns exactly when an uninterrupted one would."""
+        return {"history": [list(h) for h in self.history], "warned": self.warned}
+
+    def restore(self, state: dict) -> None:
+        self.history.clear()
+        self.history.extend(tuple(h) for h in state.get("history", []))
+        self.warned = bool(state.get("warned", False))
+
     def warning(self, step: int) -> str:
         """The one-line warning for the rule that fired at ``step``."""
         if self.reason == "blow-up":
