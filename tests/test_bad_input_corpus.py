@@ -299,8 +299,9 @@ def _save(im: Image.Image, fmt: str = "PNG", **kw: Any) -> bytes:
     return buf.getvalue()
 
 
-def _png_raw(arr: np.ndarray, colour_type: int) -> bytes:
-    """A 16-bit PNG written by hand (Pillow cannot write 16-bit RGB): greyscale (0) or RGB (2)."""
+def _png_raw(arr: np.ndarray, colour_type: int, trns: bytes | None = None) -> bytes:
+    """A 16-bit PNG written by hand (Pillow cannot write 16-bit RGB): greyscale (0) or RGB (2), with a
+    ``tRNS`` colour key when given."""
     h, w = arr.shape[:2]
     rows = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))
 
@@ -311,6 +312,7 @@ def _png_raw(arr: np.ndarray, colour_type: int) -> bytes:
     return (
         b"\x89PNG\r\n\x1a\n"
         + chunk(b"IHDR", head)
+        + (chunk(b"tRNS", trns) if trns is not None else b"")
         + chunk(b"IDAT", zlib.compress(rows))
         + chunk(b"IEND", b"")
     )
@@ -354,6 +356,50 @@ def _img_palette_transparency(env: Env) -> None:
     got = _decode(blob)
     assert np.abs(got - want).max() <= 1, (got[0], want[0])
     assert got[0, 0].tolist() == [255, 255, 255]  # the fully transparent red is white, not red
+
+
+def _img_rgb_colour_key(env: Env) -> None:
+    """An 8-bit RGB PNG with a tRNS colour key: the key's pixels (and only they) are white."""
+    rgb = (np.random.default_rng(11).random((8, 8, 3)) * 255).astype(np.uint8)
+    key = (10, 200, 30)
+    rgb[0, 0], rgb[2, 5], rgb[4, 4] = key, key, (10, 200, 31)  # two keyed, one a near miss
+    blob = _save(Image.fromarray(rgb), transparency=key)
+    opened = Image.open(io.BytesIO(blob))
+    assert opened.mode == "RGB" and opened.info["transparency"] == key
+    want = np.where((rgb == key).all(-1, keepdims=True), 255, rgb)
+    got = _decode(blob)
+    assert np.array_equal(got, want) and got[4, 4].tolist() == [10, 200, 31]
+
+
+def _img_png16_grey_colour_key(env: Env) -> None:
+    """A 16-bit grey PNG with a colour key: matched at full depth (not by the high byte), then white."""
+    arr = _grey16()
+    key = int(arr[3, 5])
+    arr[3, 6] = key ^ 1  # same high byte, other low byte: not transparent
+    arr[9, 1] = key
+    blob = _png_raw(arr, 0, trns=struct.pack(">H", key))
+    assert Image.open(io.BytesIO(blob)).info["transparency"] == key
+    want = np.where(arr == key, 255, arr >> 8).astype(np.uint8)
+    got = _decode(blob)
+    assert np.array_equal(got, np.repeat(want[..., None], 3, -1))
+    assert got[3, 5].tolist() == [255] * 3 and got[3, 6].tolist() == [key >> 8] * 3
+
+
+def _img_png16_rgb_unused_colour_key(env: Env) -> None:
+    """16-bit RGB with a key no pixel can have (none has its high bytes): decoded whole, nothing keyed,
+    though Pillow's 8-bit reduction would have matched the key (1, 1, 1) to the pixels 0x0100."""
+    arr = (np.random.default_rng(12).random((8, 8, 3)) * 65536).astype(np.uint16)
+    arr[:2] = 0x0100
+    got = _decode(_png_raw(arr, 2, trns=struct.pack(">HHH", 1, 1, 1)))
+    assert np.array_equal(got, (arr >> 8).astype(np.uint8)) and got[0, 0].tolist() == [1, 1, 1]
+
+
+def _png16_rgb_colour_key() -> bytes:
+    """16-bit RGB whose pixels have the key's high bytes: Pillow keeps only those, so which pixels are
+    keyed cannot be told; a counted skip, not a guess."""
+    arr = np.full((8, 8, 3), 0x0102, np.uint16)
+    arr[0, 0] = 0x0101  # the keyed pixel; the others differ from it only in the low byte
+    return _png_raw(arr, 2, trns=struct.pack(">HHH", 0x0101, 0x0101, 0x0101))
 
 
 def _img_la(env: Env) -> None:
@@ -760,6 +806,9 @@ CASES: list[Case] = [
     Case("image_png_16bit_grey", "ok", call=_img_png16_grey),
     Case("image_png_16bit_rgb", "ok", call=_img_png16_rgb),
     Case("image_palette_with_transparency", "ok", call=_img_palette_transparency),
+    Case("image_rgb_png_colour_key", "ok", call=_img_rgb_colour_key),
+    Case("image_png_16bit_grey_colour_key", "ok", call=_img_png16_grey_colour_key),
+    Case("image_png_16bit_rgb_unused_colour_key", "ok", call=_img_png16_rgb_unused_colour_key),
     Case("image_la_grey_alpha", "ok", call=_img_la),
     Case("image_rgba", "ok", call=_img_rgba),
     Case("image_cmyk_jpeg", "ok", call=_img_cmyk_jpeg),
@@ -777,6 +826,7 @@ CASES: list[Case] = [
     Case("image_truncated_png", "skip", call=lambda e: _bad_blob_pair(e, _truncated_png())),
     Case("image_wav_8bit", "skip", call=lambda e: _bad_blob_pair(e, _wav_8bit())),
     Case("image_float32_tiff", "skip", call=lambda e: _bad_blob_pair(e, _float_tiff())),
+    Case("image_png_16bit_rgb_colour_key", "skip", call=lambda e: _bad_blob_pair(e, _png16_rgb_colour_key())),
     Case("image_film_strip_bad_frame_count", "skip", call=lambda e: _bad_blob_pair(e, _bad_film_strip())),
     # -- run folders
     Case(

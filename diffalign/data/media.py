@@ -13,7 +13,9 @@ Tensors handed to the training loop are in [-1, 1] like images; rewards get [0, 
 
 Decoded images are always 8-bit RGB (:func:`to_rgb`), whatever their mode or bit depth: EXIF
 orientation applied, 16-bit greyscale scaled by its high byte (never clipped at 255), transparency
-(RGBA, LA, palette or colour-key) composited over white, CMYK/1-bit/greyscale/palette converted.
+(RGBA, LA, palette or colour-key) composited over white (a 16-bit RGB PNG's colour key is matched
+where it can be: Pillow drops the low bytes, so an image with pixels of the key's high bytes is a
+counted skip), CMYK/1-bit/greyscale/palette converted.
 """
 
 from __future__ import annotations
@@ -111,24 +113,41 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """Any decoded image -> 8-bit RGB with its full range: EXIF orientation applied; 16-bit (and
     32-bit integer) greyscale reduced by its high byte, as Pillow reduces 16-bit RGB (65535 -> 255,
     so a 16-bit PNG neither clips nor wraps); transparency (RGBA, LA, PA, a palette's or a colour
-    key's) composited over white; every other mode (CMYK, YCbCr, LAB, 1, L, P) by Pillow's
-    conversion. 32-bit float images raise ValueError (their range is not defined): a counted skip."""
+    key's: an L, RGB or 16-bit grey PNG's ``tRNS``, the 16-bit key matched at full depth) composited
+    over white; every other mode (CMYK, YCbCr, LAB, 1, L, P) by Pillow's conversion. 32-bit float
+    images raise ValueError (their range is not defined): a counted skip."""
     if _exif_orientation(img) != 1:
         from PIL import ImageOps
 
         img = ImageOps.exif_transpose(img)
-    if img.mode == "RGB":
+    if img.mode == "RGB" and "transparency" not in img.info:
         return img
     if img.mode == "F":
         raise ValueError("32-bit float image: its value range is not defined; save it as 8 or 16 bit")
     if img.mode in _WIDE_GREY:
-        grey = (np.clip(np.asarray(img).astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
+        raw = np.asarray(img).astype(np.int64)
+        grey = (np.clip(raw, 0, 65535) >> 8).astype(np.uint8)
+        key = img.info.get("transparency")
+        if isinstance(key, int):  # a colour key: binary alpha, so its pixels over white are white
+            grey[raw == key] = 255
         return Image.fromarray(np.repeat(grey[..., None], 3, axis=-1))
     if img.has_transparency_data:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+def _drop_wide_key(img: Image.Image) -> None:
+    """A 16-bit RGB PNG's colour key, on the 8-bit image Pillow makes of it (the high byte of each
+    sample): a keyed pixel has the key's high bytes, so where no pixel has them nothing is keyed and the
+    key is dropped (an 8-bit match on it would be wrong); otherwise the key cannot be told from its
+    neighbours: ValueError, a counted skip."""
+    key = np.array(img.info.pop("transparency"), np.int64) >> 8
+    if (np.asarray(img) == key).all(-1).any():
+        raise ValueError(
+            "16-bit RGB PNG whose colour key (tRNS) 8-bit decoding cannot match: save it with alpha"
+        )
 
 
 def decode_media(blob: bytes | bytearray | str) -> Media:
@@ -144,7 +163,10 @@ def decode_media(blob: bytes | bytearray | str) -> Media:
             pcm = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").reshape(-1, w.getnchannels())
             return Audio((pcm.mean(1) / 32767).astype(np.float32), w.getframerate())
     img = Image.open(io.BytesIO(blob))
+    wide_key = "transparency" in img.info and any(tile[3] == "RGB;16B" for tile in img.tile)
     img.load()
+    if wide_key:
+        _drop_wide_key(img)
     n = int(img.info.get("frames", 0)) if isinstance(img.info.get("frames", 0), str | int) else 0
     if n > 1:
         arr = np.asarray(to_rgb(img))
