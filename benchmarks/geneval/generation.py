@@ -1,9 +1,13 @@
 """``diffalign eval`` generation: load a model, lay out GenEval image folders, make the missing images.
 
 Images are generated with one fixed seed per (prompt, sample) (``image_seed(seed, i, k)``, see
-:func:`diffalign.synpic.image_seed`), so a batch's make-up does not change them and two models see
-the same initial noise. Each PNG is written to a temporary name and renamed, so an interrupted run
-leaves no half-written image.
+:func:`diffalign.synpic.image_seed`), so two models see the same initial noise. A batch's make-up
+still changes the images at bit level (CPU kernels round differently at other batch sizes), so they
+are made on a fixed grid of batches of ``--batch`` (prompt, sample) positions, ``--per-prompt`` per
+prompt: a resumed run makes exactly the batches an uninterrupted one does and its images are
+bit-identical. Both are recorded with the model folder's sampling settings (``settings.py``), and a
+rerun with other values is refused. Each PNG is written to a temporary name and renamed, so an
+interrupted run leaves no half-written image.
 """
 
 from __future__ import annotations

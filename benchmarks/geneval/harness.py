@@ -32,8 +32,9 @@ judgements and reward scores are cached per image, keyed by the image's hash):
                                   reward statistics and win rates
     DIR/report/                   report.md, index.html (self-contained), metrics.json, PNGs
 
-Sampling settings: given flags, else the base model's earlier eval in ``--out`` (a ``--compare``
-added later inherits them), else 20 steps / guidance 4 with ``--toy`` and GenEval's 50 / 9 otherwise;
+Sampling settings (steps, guidance, size, ``--per-prompt``, ``--batch``): given flags, else the base
+model's earlier eval in ``--out`` (a ``--compare`` added later inherits them), else 20 steps / guidance
+4 with ``--toy`` and GenEval's 50 / 9 otherwise, 4 images per prompt in batches of 16;
 printed in one line at the start, recorded in summary.json (``sampling``) and the report header (see
 ``settings.py``). Statistics resample distinct prompts with all their images (``stats.py``).
 
@@ -49,7 +50,7 @@ import argparse
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,8 @@ def run_eval(cfg: EvalConfig, log=print) -> dict[str, Any]:  # noqa: C901 (the e
     # a model's images already in this folder must have been made with the same settings
     manifest = read_manifest(root)
     sampling = resolve_sampling(cfg, manifest)
+    # images per prompt and batch size set the batch grid the images are made on: resolved like steps
+    cfg = replace(cfg, per_prompt=sampling["per_prompt"], batch=sampling["batch"])
     check_and_record(root, cfg, models, sampling, manifest)
     manifest.update(
         {
@@ -272,7 +275,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument(
         "--prompt-seed", type=int, default=None, help="seed of --toy (0) / --geneval-templates (43) prompts"
     )
-    ev.add_argument("--per-prompt", type=int, default=4, help="images per prompt (GenEval: 4)")
+    ev.add_argument(
+        "--per-prompt",
+        type=int,
+        default=None,
+        help="images per prompt (default: the base model's earlier eval in --out, else 4 as GenEval)",
+    )
     ev.add_argument(
         "--steps",
         type=int,
@@ -325,7 +333,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         choices=["all", "seed"],
         help="win-rate comparisons per prompt: every B image vs every A image, or same-seed pairs",
     )
-    ev.add_argument("--batch", type=int, default=16, help="images per generation / scoring batch")
+    ev.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="images per generation / scoring batch (default: the base model's earlier eval in --out, "
+        "else 16; images are made on a fixed batch grid, so a folder keeps its batch size)",
+    )
     ev.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ev.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for CIs")
     ev.add_argument("--no-report", action="store_true", help="skip the HTML/markdown report")
@@ -392,7 +406,7 @@ def run_av_cli(args: argparse.Namespace) -> int:
         Path(args.out),
         split,
         args.n_prompts or 60,
-        args.per_prompt,
+        args.per_prompt if args.per_prompt is not None else 4,
         args.seed if args.prompt_seed is None else args.prompt_seed,
         args.steps or 15,
         args.guidance if args.guidance is not None else 4.0,

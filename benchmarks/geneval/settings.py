@@ -1,12 +1,16 @@
 """``diffalign eval`` settings: the configuration, the sampling settings and the run folder's manifest.
 
-Sampling settings (steps, guidance, image size) come, each on its own, from the command line; else,
-when ``--out`` already holds the base model's images (``eval.json``) from an earlier eval of the same
-model, from that eval (so ``--compare`` added later inherits the base run's settings and the two are
-paired); else from the defaults: 20 steps and guidance 4 with ``--toy``, 50 steps and guidance 9
-otherwise (GenEval's generation script). The demo samples at 15 steps and guidance 4: pass
-``--steps 15 --guidance 4`` to judge its models as it did. A value given on the command line that
-differs from the images already in ``--out`` is refused in one line.
+Sampling settings (steps, guidance, image size, images per prompt, batch size) come, each on its own,
+from the command line; else, when ``--out`` already holds the base model's images (``eval.json``) from
+an earlier eval of the same model, from that eval (so ``--compare`` added later inherits the base run's
+settings and the two are paired); else from the defaults: 20 steps and guidance 4 with ``--toy``, 50
+steps and guidance 9 otherwise (GenEval's generation script), 4 images per prompt, batches of 16. The
+demo samples at 15 steps and guidance 4: pass ``--steps 15 --guidance 4`` to judge its models as it
+did. A value given on the command line that differs from the images already in ``--out`` is refused in
+one line. ``--per-prompt`` and ``--batch`` are among them because they set the fixed grid of batches
+the images are generated on (see ``generation.py``): a rerun on another grid would mix images made in
+other batches, which differ at bit level. A model folder recorded before they were (no ``per_prompt``
+/ ``batch`` in its entry) is not checked on them.
 """
 
 from __future__ import annotations
@@ -23,7 +27,13 @@ from ...errors import ConfigError
 from .detectors import Thresholds
 
 LABELS = ("model", "compare")
-SAMPLING_DEFAULTS = {"toy": {"steps": 20, "guidance": 4.0}, "geneval": {"steps": 50, "guidance": 9.0}}
+SAMPLING_DEFAULTS = {
+    "toy": {"steps": 20, "guidance": 4.0, "per_prompt": 4, "batch": 16},
+    "geneval": {"steps": 50, "guidance": 9.0, "per_prompt": 4, "batch": 16},
+}
+SAMPLING_KEYS = ("steps", "guidance", "size", "per_prompt", "batch")
+GRID_KEYS = ("per_prompt", "batch")  # recorded since the batch grid was; older entries lack them
+FLAGS = {k: "--" + k.replace("_", "-") for k in SAMPLING_KEYS}
 
 
 @dataclass
@@ -41,7 +51,8 @@ class EvalConfig:
     """Plain prompt files (reward-only evaluation)."""
     n_prompts: int | None = None
     prompt_seed: int | None = None
-    per_prompt: int = 4
+    per_prompt: int | None = None
+    """Default: the base model's earlier eval in ``out``, else 4 (GenEval)."""
     steps: int | None = None
     """Default: the base model's earlier eval in ``out``, else 20 for --toy, 50 otherwise."""
     guidance: float | None = None
@@ -55,7 +66,9 @@ class EvalConfig:
     thresholds: Thresholds = field(default_factory=Thresholds)
     rewards: list[str] = field(default_factory=list)
     pairing: str = "all"
-    batch: int = 16
+    batch: int | None = None
+    """Images per generation (and scoring) batch. Default: the base model's earlier eval in ``out``,
+    else 16. Part of the sampling settings: it sets the batch grid the images are made on."""
     device: str | None = None
     n_boot: int = 2000
     report: bool = True
@@ -138,10 +151,20 @@ def model_path(spec: str) -> str:
     return str(p.resolve()) if p.exists() else str(spec)
 
 
-def settings_for(cfg: EvalConfig, spec: str, steps: int, guidance: float, size: int | None = None) -> dict:
-    """What a model's images depend on: its weights (a run's checkpoint pinned) and sampling settings."""
+def settings_for(
+    cfg: EvalConfig,
+    spec: str,
+    steps: int,
+    guidance: float,
+    size: int | None = None,
+    per_prompt: int | None = None,
+    batch: int | None = None,
+) -> dict:
+    """What a model's images depend on: its weights (a run's checkpoint pinned) and sampling settings,
+    the batch grid (images per prompt, batch size) included."""
     p = Path(spec).expanduser()
     out = {"path": model_path(spec), "steps": steps, "guidance": guidance, "size": size, "seed": cfg.seed}
+    out.update(per_prompt=per_prompt, batch=batch)
     latest = p / "checkpoints" / "latest"
     if latest.is_file():  # a diffalign run: pin the checkpoint, so a run that trained further is not mixed in
         ck = p / "checkpoints" / latest.read_text().strip()
@@ -159,14 +182,15 @@ def read_manifest(root: Path) -> dict[str, Any]:
 
 
 def resolve_sampling(cfg: EvalConfig, manifest: dict[str, Any]) -> dict[str, Any]:
-    """``steps``, ``guidance``, ``size``, ``seed`` and ``source`` (per setting: 'given', 'inherited'
-    from the base model's earlier eval in this folder, or 'default'); see the module docstring."""
+    """``steps``, ``guidance``, ``size``, ``per_prompt``, ``batch``, ``seed`` and ``source`` (per setting:
+    'given', 'inherited' from the base model's earlier eval in this folder, or 'default'); see the
+    module docstring."""
     defaults = SAMPLING_DEFAULTS["toy" if cfg.toy is not None else "geneval"]
     base = manifest.get("models", {}).get("model")
     if base is not None and base.get("path") != model_path(cfg.model):
         base = None  # another base model: nothing to inherit (its images are refused anyway)
     out: dict[str, Any] = {"source": {}}
-    for key in ("steps", "guidance", "size"):
+    for key in SAMPLING_KEYS:
         given = getattr(cfg, key)
         if given is not None:
             out[key], out["source"][key] = given, "given"
@@ -179,13 +203,28 @@ def resolve_sampling(cfg: EvalConfig, manifest: dict[str, Any]) -> dict[str, Any
 
 
 def sampling_line(s: dict[str, Any]) -> str:
-    """One line, e.g. ``50 steps (default), guidance 9 (default), size: the pipeline's (default), seed 0``."""
+    """One line, e.g. ``50 steps (default), guidance 9 (default), size the pipeline's (default), seed 0,
+    4 images per prompt (default) in batches of 16 (default)``."""
     src = s["source"]
     size = f"{s['size']} px" if s["size"] is not None else "the pipeline's"
-    return (
+    line = (
         f"{s['steps']} steps ({src['steps']}), guidance {s['guidance']:g} ({src['guidance']}), "
         f"size {size} ({src['size']}), seed {s['seed']}"
     )
+    if "batch" in s:  # summaries written before the batch grid was recorded lack it
+        n = s["per_prompt"]
+        line += (
+            f", {n} image{'s' if n != 1 else ''} per prompt ({src['per_prompt']}) "
+            f"in batches of {s['batch']} ({src['batch']})"
+        )
+    return line
+
+
+def _changed(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The settings that differ; an entry recorded before the batch grid was (no ``per_prompt`` /
+    ``batch``) is not compared on those."""
+    keys = [*new, *(k for k in old if k not in new)]
+    return [k for k in keys if old.get(k) != new.get(k) and (k in old or k not in GRID_KEYS)]
 
 
 def check_and_record(
@@ -193,19 +232,15 @@ def check_and_record(
 ) -> dict[str, Any]:
     """Refuse (one line) when ``root`` holds images of a model made with other settings; record them."""
     for label, spec in models.items():
-        new = settings_for(cfg, spec, sampling["steps"], sampling["guidance"], sampling["size"])
+        new = settings_for(cfg, spec, *(sampling[k] for k in SAMPLING_KEYS))
         old = manifest["models"].get(label)
-        if old is not None and old != new:
-            diff = ", ".join(f"{k} {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k])
+        changed = _changed(old, new) if old is not None else []
+        if changed:
+            diff = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+            given = any(sampling["source"].get(k) == "given" for k in changed)
             raise ConfigError(
                 f"{root} holds {label} images made with other settings ({diff}); use another --out"
-                + (
-                    " (or leave out --steps/--guidance/--size to inherit the earlier ones)"
-                    if any(
-                        sampling["source"][k] == "given" and old.get(k) != new[k] for k in sampling["source"]
-                    )
-                    else ""
-                )
+                + (f" (or leave out {'/'.join(FLAGS.values())} to inherit the earlier ones)" if given else "")
             )
         manifest["models"][label] = new
     return manifest
