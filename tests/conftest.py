@@ -164,3 +164,25 @@ def newest_weights(out: Path) -> dict:
 
     done = sorted(p for p in (out / "checkpoints").glob("step-*") if not p.name.endswith(".tmp"))
     return load_file(done[-1] / "trainable.safetensors")
+
+
+def chromium_screenshot_cmd(url: str, shot: Path) -> list[str]:
+    """Debian's headless Chromium taking a screenshot of ``url`` with no network or profile state."""
+    import tempfile
+
+    return [
+        "chromium",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tempfile.mkdtemp()}",
+        f"--screenshot={shot}",
+        "--window-size=1100,1400",
+        "--enable-logging=stderr",
+        url,
+    ]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -43,6 +42,8 @@ from diffalign.benchmarks.geneval.winrate import (
     win_rates_by_reward,
 )
 from diffalign.demo import asset
+
+from conftest import chromium_screenshot_cmd
 
 
 def det(cls, x, y, size=10.0, *, color=None, score=1.0):
@@ -722,22 +723,7 @@ def test_report_renders_in_headless_chromium(toy_run, tmp_path):
 
     root, _ = toy_run
     shot = tmp_path / "shot.png"
-    cmd = [
-        "chromium",
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tempfile.mkdtemp()}",
-        f"--screenshot={shot}",
-        "--window-size=1100,1400",
-        "--enable-logging=stderr",
-        f"file://{root / 'report' / 'index.html'}",
-    ]
+    cmd = chromium_screenshot_cmd(f"file://{root / 'report' / 'index.html'}", shot)
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert "Page load failed" not in p.stderr and ":CONSOLE(" not in p.stderr, p.stderr[-2000:]
     img = np.asarray(Image.open(shot).convert("RGB"))

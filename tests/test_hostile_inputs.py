@@ -260,33 +260,8 @@ def test_a_real_full_disk_loses_nothing_that_was_complete(tmp_path: Path, tiny_m
         != 0
     ):
         pytest.skip("cannot mount a tmpfs here")
-    try:
-        out = mnt / "run"
-        (tmp_path / "c.yaml").write_text("")
-        res = _cli(
-            "train",
-            str(tmp_path / "c.yaml"),
-            f"model.path={tiny_models['sd']}",
-            f"data.path={pairs_parquet}",
-            "data.resolution=32",
-            "objective.beta=100",
-            "train.max_steps=40",
-            "train.checkpoint_every=1",
-            "train.keep_checkpoints=100",
-            "train.report_to=none",
-            f"train.output_dir={out}",
-        )
-        last = _one_error_line(res, "No space left on device")
-        done = sorted(p for p in (out / "checkpoints").glob("step-*"))
-        assert done and not [p for p in done if p.name.endswith(".tmp")], (last, done)
-        assert all(verify_checkpoint(p) is None for p in done)
-        # what was complete resumes on a disk with room
-        moved = tmp_path / "moved"
-        shutil.copytree(out, moved)
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
-    (moved / ".lock").unlink(missing_ok=True)
-    res = _cli(
+    (tmp_path / "c.yaml").write_text("")
+    args = [
         "train",
         str(tmp_path / "c.yaml"),
         f"model.path={tiny_models['sd']}",
@@ -297,9 +272,21 @@ def test_a_real_full_disk_loses_nothing_that_was_complete(tmp_path: Path, tiny_m
         "train.checkpoint_every=1",
         "train.keep_checkpoints=100",
         "train.report_to=none",
-        f"train.output_dir={moved}",
-        "--resume",
-    )
+    ]
+    try:
+        out = mnt / "run"
+        res = _cli(*args, f"train.output_dir={out}")
+        last = _one_error_line(res, "No space left on device")
+        done = sorted(p for p in (out / "checkpoints").glob("step-*"))
+        assert done and not [p for p in done if p.name.endswith(".tmp")], (last, done)
+        assert all(verify_checkpoint(p) is None for p in done)
+        # what was complete resumes on a disk with room
+        moved = tmp_path / "moved"
+        shutil.copytree(out, moved)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+    (moved / ".lock").unlink(missing_ok=True)
+    res = _cli(*args, f"train.output_dir={moved}", "--resume")
     assert res.returncode == 0, res.stderr[-3000:]
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import tempfile
 
 import numpy as np
 import pytest
 
 from diffalign.report import image_grid, save_png, tag_bars, write_report
+
+from conftest import chromium_screenshot_cmd
 
 
 def _report(tmp_path):
@@ -68,22 +69,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
 
     page = _report(tmp_path)
     shot = tmp_path / "shot.png"
-    cmd = [
-        "chromium",
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tempfile.mkdtemp()}",
-        f"--screenshot={shot}",
-        "--window-size=1100,1400",
-        "--enable-logging=stderr",
-        f"file://{page}",
-    ]
+    cmd = chromium_screenshot_cmd(f"file://{page}", shot)
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert "Page load failed" not in p.stderr and ":CONSOLE(" not in p.stderr, p.stderr[-2000:]
     img = np.asarray(Image.open(shot).convert("RGB"))
