@@ -188,10 +188,12 @@ def markdown_tables_html(md: str) -> str:
 _NUMBERED = re.compile(r"^\d+\. ")
 
 
+_BOLD = re.compile(r"\*\*(.+?)\*\*")
+
+
 def _cell(text: str) -> str:
-    if text.startswith("**") and text.endswith("**") and len(text) > 4:
-        return f"<b>{html.escape(text[2:-2])}</b>"
-    return html.escape(text)
+    """A table cell: escaped text with markdown ``**bold**`` spans (anywhere in the cell) as <b>."""
+    return _BOLD.sub(lambda m: f"<b>{m.group(1)}</b>", html.escape(text))
 
 
 def _list_html(items: Sequence[str]) -> str:

@@ -45,15 +45,15 @@ def test_report_renders_tables_captions_and_lists(tmp_path):
     page = write_report(
         tmp_path,
         "t",
-        "intro & more\n\n| tag | base |\n|---|---|\n| **overall** | 0.4 |",
+        "intro & more\n\n| tag | base |\n|---|---|\n| **overall** | 0.4 |\n| **overall** (95% CI) | <0.5> |",
         [("Pairs", [(img, "a <b> & c"), (img, "two")], ["first <x>", "second"])],
         {},
     )
     html = page.read_text()
     assert "<pre>" not in html and "<p>intro &amp; more</p>" in html
     assert (
-        "<table><tr><th>tag</th><th>base</th></tr><tr><td><b>overall</b></td><td>0.4</td></tr></table>"
-        in html
+        "<table><tr><th>tag</th><th>base</th></tr><tr><td><b>overall</b></td><td>0.4</td></tr>"
+        "<tr><td><b>overall</b> (95% CI)</td><td>&lt;0.5&gt;</td></tr></table>" in html
     )
     assert html.count("<figure>") == 2 and "<figcaption>a &lt;b&gt; &amp; c</figcaption>" in html
     assert "<ol><li>first &lt;x&gt;</li><li>second</li></ol>" in html and "<b> &" not in html
