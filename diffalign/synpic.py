@@ -54,6 +54,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
+from .files import sha256_file, write_json_atomic
 
 
 @dataclass
@@ -178,7 +179,6 @@ def weights_fingerprint(path: str | Path, chunks: int = 16, chunk_bytes: int = 1
     """A cheap fingerprint of a local model's weight files: names, sizes and ``chunks`` evenly spaced
     slices of each file (whole files under chunks*chunk_bytes). Retraining changes nearly every weight,
     so sampled slices catch it without reading gigabytes. Hub ids (not a local path) give ``""``."""
-    import hashlib
 
     root = Path(path)
     if not root.exists():
@@ -203,7 +203,6 @@ def weights_fingerprint(path: str | Path, chunks: int = 16, chunk_bytes: int = 1
 
 
 def _sha(prompts: list[str]) -> str:
-    import hashlib
 
     return hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
 
@@ -322,9 +321,7 @@ def run_synpic(cfg: SynPicConfig, rank: int | None = None, world: int | None = N
                     "images on disk would mix two models; choose another --out"
                 )
     elif rank == 0:
-        tmp = mf.with_name("manifest.json.tmp")
-        tmp.write_text(json.dumps(manifest, indent=2))
-        os.replace(tmp, mf)
+        write_json_atomic(mf, manifest)
     todo = _shards_to_make(
         out, [s for s in range(manifest["num_shards"]) if s % world == rank], _expected_rows(manifest)
     )
@@ -398,30 +395,12 @@ def sidecar_path(shard: Path) -> Path:
     return shard.with_name(shard.name + ".json")
 
 
-def _hash_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _read_json(path: Path) -> Any:
     """The parsed file, or None when it is missing, unreadable or not JSON."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         return None
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2))
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _checksum(obj: Any, name: str | None) -> dict[str, Any] | None:
@@ -467,7 +446,7 @@ def shard_problem(shard: Path, expected: dict[str, Any] | None, rows: int | None
                 if size < expected["bytes"]
                 else f"{size} bytes, {expected['bytes']} recorded"
             )
-        sha = _hash_file(shard)
+        sha = sha256_file(shard)
     except OSError as e:
         return f"unreadable ({e.strerror or type(e).__name__})"
     return None if sha == expected["sha256"] else "checksum mismatch"
@@ -507,7 +486,7 @@ def _shards_to_make(out: Path, mine: list[int], rows: list[int | None]) -> list[
         why = shard_problem(path, expected, rows[s])
         if why is None:
             if sidecar is None:  # verified against index.json (a lost sidecar, or a set from before sidecars)
-                _write_json(sidecar_path(path), {**expected, "bytes": path.stat().st_size})
+                write_json_atomic(sidecar_path(path), {**expected, "bytes": path.stat().st_size})
                 restored += 1
             continue
         todo.append(s)
@@ -575,9 +554,8 @@ def merge_shards(out: str | Path, require_complete: bool = True) -> Path | None:
         print(f"synpic: {msg}", file=sys.stderr)
         return None
     index = {"num_shards": n, "num_rows": sum(e["rows"] for e in shards), "shards": shards}
-    tmp = out / f"index.json.{os.getpid()}.tmp"  # per-process name: two ranks may finish together
-    tmp.write_text(json.dumps(index, indent=2))
-    os.replace(tmp, out / "index.json")
+    # per-process temporary name: two ranks may finish together
+    write_json_atomic(out / "index.json", index, tmp=out / f"index.json.{os.getpid()}.tmp")
     for stale in out.glob("index.json.*.tmp"):  # left by a process killed mid-write (not a live one's)
         try:
             os.kill(int(stale.name.split(".")[2]), 0)
@@ -602,9 +580,9 @@ def write_shard(path: Path, rows: dict[str, list], writer=None) -> dict[str, Any
             "file": path.name,
             "rows": table.num_rows,
             "bytes": tmp.stat().st_size,
-            "sha256": _hash_file(tmp),
+            "sha256": sha256_file(tmp),
         }
-        _write_json(sidecar_path(path), entry)
+        write_json_atomic(sidecar_path(path), entry)
         os.replace(tmp, path)  # the commit point: a shard named *.parquet is complete and has its checksum
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -619,7 +597,7 @@ def write_ranked_set(out: str | Path, shards: list[dict[str, list]]) -> Path:
     checked Syn-Pic folder: manifest, shards with their checksums, ``index.json``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(
+    write_json_atomic(
         out / "manifest.json",
         {
             "source": "write_ranked_set",

@@ -180,7 +180,7 @@ def test_a_failed_checksum_write_leaves_no_shard(tmp_path, monkeypatch):
     def full(path, obj):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(synpic, "_write_json", full)
+    monkeypatch.setattr(synpic, "write_json_atomic", full)
     with pytest.raises(ConfigError, match="No space left on device"):
         write_shard(tmp_path / "shard-00000.parquet", {"prompt": ["a"]})
     assert not list(tmp_path.iterdir())

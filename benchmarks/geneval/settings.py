@@ -18,12 +18,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ...errors import ConfigError
+from ...files import write_json_atomic
 from .detectors import Thresholds
 
 LABELS = ("model", "compare")
@@ -139,10 +139,8 @@ def _check_model_spec(flag: str, spec: str) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary name and rename it (an interrupted write leaves the old file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    """Write JSON atomically (an interrupted write leaves the old file); values JSON lacks as str."""
+    write_json_atomic(path, obj, default=str)
 
 
 def model_path(spec: str) -> str:

@@ -54,6 +54,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..config import Config, ConfigError, DataConfig, ModelConfig
+from ..files import sha256_file, write_atomic
 from ..synpic import WEIGHT_SUFFIXES
 from .pairs import PairDataset, ParquetImages
 
@@ -109,21 +110,13 @@ def _check_cacheable(dcfg: DataConfig) -> None:
 # ----------------------------------------------------------------------------- identity
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):  # streamed: a parquet shard can be GBs
-            h.update(block)
-    return h.hexdigest()
-
-
 def _record(path: Path) -> list[Any]:
     """``[resolved path, size, mtime_ns, sha256]`` of one file (a JSONL may name a missing image, which
     training skips: recorded as size -1, so it must stay missing)."""
     if not path.is_file():
         return [str(path.resolve()), -1, 0, ""]
     st = path.stat()
-    return [str(path.resolve()), st.st_size, st.st_mtime_ns, _sha256(path)]
+    return [str(path.resolve()), st.st_size, st.st_mtime_ns, sha256_file(path)]
 
 
 def _now(rec: list[Any], path: Path) -> tuple[int, str | None]:
@@ -138,7 +131,7 @@ def _now(rec: list[Any], path: Path) -> tuple[int, str | None]:
         return st.st_size, None
     if st.st_mtime_ns == mtime_ns and str(path.resolve()) == old_path:
         return size, sha
-    return size, _sha256(path)
+    return size, sha256_file(path)
 
 
 def source_files(ds: Any) -> list[Path]:
@@ -270,7 +263,7 @@ def _check_component(
     old_by_name = {rec[0]: rec for rec in old}  # rec: [name, path, size, mtime_ns, sha256]
     old_shas = {n: rec[4] for n, rec in old_by_name.items()}
     new_shas = {
-        n: _now(old_by_name[n][1:], path)[1] if n in old_by_name else _sha256(path) for n, path in now
+        n: _now(old_by_name[n][1:], path)[1] if n in old_by_name else sha256_file(path) for n, path in now
     }
     if new_shas == old_shas:
         return
@@ -280,7 +273,7 @@ def _check_component(
     what, first = ("weights", weights[0]) if weights else ("files", changed[0])
     how = "is gone" if first not in new_shas else "is new" if first not in old_shas else "changed"
     # a size change leaves the new sha unread (None); hash it now for the message
-    new = [(n, s or _sha256(dict(now)[n])) for n, s in sorted(new_shas.items())]
+    new = [(n, s or sha256_file(dict(now)[n])) for n, s in sorted(new_shas.items())]
     raise ConfigError(
         f"{where} was built with {comp} {what} {_digest(sorted(old_shas.items()))}, model.path {model!r} "
         f"now has {_digest(new)} ({first} {how}); {FIX}"
@@ -288,13 +281,6 @@ def _check_component(
 
 
 # ----------------------------------------------------------------------------- build
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write, then rename: a kill leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _encode_shard(adapter: Any, ds: Any, idx: range, device: str, ranked: bool) -> dict[str, torch.Tensor]:
@@ -375,7 +361,7 @@ def build_cache(cfg: Config, shard_size: int = 256) -> Path:
             "family": adapter.family,
             **identity,
         }
-        _write_atomic(out / "index.json", json.dumps(index, indent=1).encode())
+        write_atomic(out / "index.json", json.dumps(index, indent=1))
     if not (out / "uncond.safetensors").exists():
         uncond = {k: v.cpu().contiguous() for k, v in adapter.encode_prompts([""]).items()}
         _save_atomic(uncond, out / "uncond.safetensors")

@@ -30,16 +30,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import ConfigError
+from ..files import sha256_file, write_atomic
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step-{step:06d}"
-
-
-def write_atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def save_checkpoint(
@@ -94,7 +89,7 @@ def save_checkpoint(
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)  # the commit point
-    write_atomic_text(run_dir / "checkpoints" / "latest", final.name)
+    write_atomic(run_dir / "checkpoints" / "latest", final.name)
     _prune(run_dir / "checkpoints", keep)
     return final
 
@@ -137,17 +132,11 @@ MANIFEST = "manifest.json"
 
 def file_digests(folder: Path) -> dict[str, list]:
     """``relative path -> [size, sha256]`` of every file under ``folder`` but the manifest."""
-    import hashlib
-
-    out = {}
-    for f in sorted(folder.rglob("*")):
-        if f.is_file() and f.name != MANIFEST:
-            h = hashlib.sha256()
-            with f.open("rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 22), b""):
-                    h.update(chunk)
-            out[str(f.relative_to(folder))] = [f.stat().st_size, h.hexdigest()]
-    return out
+    return {
+        str(f.relative_to(folder)): [f.stat().st_size, sha256_file(f)]
+        for f in sorted(folder.rglob("*"))
+        if f.is_file() and f.name != MANIFEST
+    }
 
 
 def verify_checkpoint(path: Path) -> str | None:

@@ -24,7 +24,7 @@ import yaml
 
 from ..config import Config, dump_config, to_dict
 from ..errors import ConfigError
-from .checkpoint import write_atomic_text
+from ..files import write_atomic
 
 BOOKKEEPING_KEYS = frozenset(
     {
@@ -111,7 +111,7 @@ def record_config(
         return
     if write and not stored.is_file():  # resumed from another folder: keep how the first steps went
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic_text(stored, source.read_text())
+        write_atomic(stored, source.read_text())
     stored = source
     try:
         old = yaml.safe_load(stored.read_text()) or {}
@@ -146,7 +146,7 @@ def truncate_metrics(path: Path, step: int) -> None:
             continue  # the line a killed process was writing
         if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
             kept.append(line)
-    write_atomic_text(path, "".join(ln + "\n" for ln in kept))
+    write_atomic(path, "".join(ln + "\n" for ln in kept))
 
 
 _HELD_FDS: set[int] = set()
