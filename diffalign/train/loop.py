@@ -563,12 +563,16 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
         grad_norm = accelerator.clip_grad_norm_(
             list(trainable.values()), t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
         )
-        step_loss = accelerator.reduce(torch.cat(sums["loss"]).float().mean().to(accelerator.device), "mean")
+        # the step's metrics, averaged over micro-batches and processes (the guard reads the loss)
+        logs = {
+            n: accelerator.reduce(torch.cat(v).float().mean().to(accelerator.device), "mean").item()
+            for n, v in sums.items()
+        }
         # fp16: the GradScaler skips an overflowing step itself and must see every step to back off,
         # so its overflows are not bad steps (DeepSpeed steps inside backward and returns no norm)
         scaled = accelerator.scaler is not None
         norm = 0.0 if grad_norm is None or scaled else float(grad_norm)
-        bad_step = guard.skip(step + 1, step_loss.item(), norm)  # same verdict on every rank
+        bad_step = guard.skip(step + 1, logs["loss"], norm)  # same verdict on every rank
         if not bad_step or scaled:
             optimizer.step()
         lr_sched.step()  # the schedule follows the step count, skipped or not
@@ -584,11 +588,7 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
             if ema is not None:
                 ema.update(trainable)
 
-        # -- log (averaged over micro-batches and processes)
-        logs = {
-            n: accelerator.reduce(torch.cat(v).float().mean().to(accelerator.device), "mean").item()
-            for n, v in sums.items()
-        }
+        # -- log
         logs.update(
             grad_norm=float("nan") if grad_norm is None else float(grad_norm),
             lr=lr_sched.get_last_lr()[0],
