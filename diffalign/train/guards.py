@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -44,6 +45,37 @@ class BadStepGuard:
                 "keep train.max_grad_norm > 0 or train in fp32; the last complete checkpoint is kept"
             )
         return True
+
+    def update(
+        self,
+        step: int,
+        loss: float,
+        grad_norm: torch.Tensor | float | None,
+        optimizer: torch.optim.Optimizer,
+        lr_sched: Any,
+        params: Iterable[torch.Tensor],
+        scaled: bool,
+        main: bool,
+    ) -> bool:
+        """One optimizer update under the guard (both training loops call this); True: skipped.
+
+        ``scaled`` (fp16): the GradScaler skips an overflowing step itself and must see every step
+        to back off, so its overflows are not bad steps and the optimizer always steps (DeepSpeed
+        steps inside backward and reports no norm). The LR schedule follows the step count."""
+        norm = 0.0 if grad_norm is None or scaled else float(grad_norm)
+        bad = self.skip(step, loss, norm)  # the same verdict on every rank: reduced loss, all-reduced norm
+        if not bad or scaled:
+            optimizer.step()
+        lr_sched.step()
+        optimizer.zero_grad(set_to_none=True)
+        if bad:
+            if main:
+                print(
+                    f"warning: step {step}: loss or gradients not finite; step skipped ({self.total} so far)"
+                )
+        else:
+            self.check_weights(step, params, lr_sched.get_last_lr()[0])
+        return bad
 
     @staticmethod
     def check_weights(step: int, params: Iterable[torch.Tensor], lr: float) -> None:

@@ -568,25 +568,12 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
             n: accelerator.reduce(torch.cat(v).float().mean().to(accelerator.device), "mean").item()
             for n, v in sums.items()
         }
-        # fp16: the GradScaler skips an overflowing step itself and must see every step to back off,
-        # so its overflows are not bad steps (DeepSpeed steps inside backward and returns no norm)
         scaled = accelerator.scaler is not None
-        norm = 0.0 if grad_norm is None or scaled else float(grad_norm)
-        bad_step = guard.skip(step + 1, logs["loss"], norm)  # same verdict on every rank
-        if not bad_step or scaled:
-            optimizer.step()
-        lr_sched.step()  # the schedule follows the step count, skipped or not
-        optimizer.zero_grad(set_to_none=True)
-        if bad_step:
-            if main:
-                print(
-                    f"warning: step {step + 1}: loss or gradients "
-                    f"not finite; step skipped ({guard.total} so far)"
-                )
-        else:
-            guard.check_weights(step + 1, trainable.values(), lr_sched.get_last_lr()[0])
-            if ema is not None:
-                ema.update(trainable)
+        bad_step = guard.update(
+            step + 1, logs["loss"], grad_norm, optimizer, lr_sched, trainable.values(), scaled, main
+        )
+        if not bad_step and ema is not None:
+            ema.update(trainable)
 
         # -- log
         logs.update(

@@ -467,19 +467,9 @@ def train_online(cfg: Config, resume: str | None = None, allow_config_change: bo
         )
         # the same numeric guard as the offline loop, on the loss averaged over processes
         local = torch.tensor(logs.get("loss", 0.0), dtype=torch.float32, device=accelerator.device)
-        scaled = accelerator.scaler is not None  # fp16: the GradScaler handles overflows itself
-        norm = 0.0 if grad_norm is None or scaled else float(grad_norm)
-        bad_step = guard.skip(step + 1, accelerator.reduce(local, "mean").item(), norm)
-        if not bad_step or scaled:
-            optimizer.step()
-        lr_sched.step()
-        optimizer.zero_grad(set_to_none=True)
-        if bad_step and main:
-            print(
-                f"warning: step {step + 1}: loss or gradients not finite; step skipped ({guard.total} so far)"
-            )
-        if not bad_step:
-            guard.check_weights(step + 1, trainable.values(), lr_sched.get_last_lr()[0])
+        loss = accelerator.reduce(local, "mean").item()
+        scaled = accelerator.scaler is not None
+        guard.update(step + 1, loss, grad_norm, optimizer, lr_sched, trainable.values(), scaled, main)
         refresh = getattr(objective, "ref_refresh_every", 0)
         if refresh and (step + 1) % refresh == 0:
             reference = {n: p.detach().clone() for n, p in trainable.items()}
