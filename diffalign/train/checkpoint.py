@@ -90,7 +90,7 @@ def save_checkpoint(
         shutil.rmtree(final)
     os.replace(tmp, final)  # the commit point
     write_atomic(run_dir / "checkpoints" / "latest", final.name)
-    _prune(run_dir / "checkpoints", keep)
+    _prune(run_dir, keep)
     return final
 
 
@@ -102,8 +102,13 @@ def _disk_full(path: Path, margin: int = 1 << 20) -> bool:
         return False
 
 
-def _prune(folder: Path, keep: int) -> None:
-    done = sorted(p for p in folder.glob("step-*") if not p.name.endswith(".tmp"))
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """A run's checkpoint folders that were committed (renamed from ``.tmp``), oldest first."""
+    return sorted(p for p in (run_dir / "checkpoints").glob("step-*") if not p.name.endswith(".tmp"))
+
+
+def _prune(run_dir: Path, keep: int) -> None:
+    done = complete_checkpoints(run_dir)
     for old in done[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -117,7 +122,7 @@ def resume_point(run_dir: Path, resume: str | None) -> Path | None:
         if found is None:
             print(f"note: --resume: {run_dir} has no checkpoint yet; starting from step 0", file=sys.stderr)
         return found
-    done = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if not p.name.endswith(".tmp"))
+    done = complete_checkpoints(run_dir)
     old = done[-1] if done else None
     if old is not None:
         raise ConfigError(
@@ -169,7 +174,7 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
     """``resume`` is ``latest`` (the newest checkpoint of ``run_dir`` that verifies, or None) or a
     folder (which must verify). A damaged newest checkpoint is reported and skipped."""
     if resume == "latest":
-        done = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if not p.name.endswith(".tmp"))
+        done = complete_checkpoints(run_dir)
         for p in reversed(done):
             problem = verify_checkpoint(p)
             if problem is None:
