@@ -56,6 +56,21 @@ def ddim_timesteps(scheduler_config: Any, num_steps: int) -> list[int]:
     return [int(t) for t in ddim.timesteps]
 
 
+def ddim_mean_std(
+    pred: Tensor, x: Tensor, t: int, t_prev: int, sched: NoiseSchedule, eta: float = 0.0
+) -> tuple[Tensor, float]:
+    """The DDIM step's Gaussian from ``t`` to ``t_prev``: ``(mean [B,...], sigma_t)`` with
+    ``sigma_t = eta * sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))`` and
+    ``mean = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma_t^2) eps_hat`` (differentiable in
+    ``pred``; ``t_prev = -1`` is the final alpha)."""
+    a, a_prev = sched.abar(t), sched.abar(t_prev)
+    eps, x0 = sched.eps_x0(pred, x, a)
+    var = (1 - a_prev) / (1 - a) * (1 - a / a_prev)
+    sigma = eta * var**0.5
+    mean = a_prev**0.5 * x0 + (1 - a_prev - sigma**2) ** 0.5 * eps
+    return mean, sigma
+
+
 def ddim_step(
     pred: Tensor,
     x: Tensor,
@@ -66,11 +81,7 @@ def ddim_step(
     noise: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """One DDIM step. Returns ``(x_prev, log_prob [B] or None, mean)``."""
-    a, a_prev = sched.abar(t), sched.abar(t_prev)
-    eps, x0 = sched.eps_x0(pred, x, a)
-    var = (1 - a_prev) / (1 - a) * (1 - a / a_prev)
-    sigma = eta * var**0.5
-    mean = a_prev**0.5 * x0 + (1 - a_prev - sigma**2) ** 0.5 * eps
+    mean, sigma = ddim_mean_std(pred, x, t, t_prev, sched, eta)
     if sigma == 0:
         return mean, None, mean
     assert noise is not None, "a stochastic step (eta > 0) needs noise"
@@ -78,20 +89,29 @@ def ddim_step(
     return x_prev, gaussian_log_prob(x_prev, mean, sigma), mean
 
 
+def ddim_transition(
+    pred: Tensor, x_t: Tensor, x_prev: Tensor, t: int, t_prev: int, sched: NoiseSchedule, eta: float = 1.0
+) -> tuple[Tensor, Tensor, float]:
+    """A given stochastic DDIM transition ``x_t -> x_prev`` under the prediction ``pred`` (ddpo-pytorch's
+    ``ddim_step_with_logprob`` with ``prev_sample`` given, as DDPO / DanceGRPO-SD train on it).
+    Returns ``(log_prob [B], mean [B,...], sigma_t)``: the Gaussian log-density of ``x_prev``
+    (detached) under ``N(mean, sigma_t^2)`` averaged over non-batch dims, differentiable in ``pred``;
+    the step's mean; its std ``sigma_t`` (the KL to a reference's mean divides by ``2 sigma_t^2``).
+    A deterministic step (``sigma_t = 0``: eta = 0, or the last step into ``abar = 1``) has no
+    log-prob: ValueError."""
+    mean, sigma = ddim_mean_std(pred, x_t, t, t_prev, sched, eta)
+    if sigma == 0:
+        raise ValueError("a deterministic step (eta = 0) has no log-prob")
+    return gaussian_log_prob(x_prev, mean, sigma), mean, sigma
+
+
 def ddim_transition_log_prob(
     pred: Tensor, x_t: Tensor, x_prev: Tensor, t: int, t_prev: int, sched: NoiseSchedule, eta: float = 1.0
 ) -> Tensor:
     """log p_theta(x_prev | x_t) of a given stochastic DDIM transition (the step's Gaussian), ``[B]``,
     averaged over non-batch dims; differentiable in ``pred`` (SPO/D3PO's ``ddim_step_with_logprob``
-    with ``prev_sample`` given)."""
-    a, a_prev = sched.abar(t), sched.abar(t_prev)
-    eps, x0 = sched.eps_x0(pred, x_t, a)
-    var = (1 - a_prev) / (1 - a) * (1 - a / a_prev)
-    sigma = eta * var**0.5
-    if sigma == 0:
-        raise ValueError("a deterministic step (eta = 0) has no log-prob")
-    mean = a_prev**0.5 * x0 + (1 - a_prev - sigma**2) ** 0.5 * eps
-    return gaussian_log_prob(x_prev, mean, sigma)
+    with ``prev_sample`` given). ``ddim_transition``'s first output."""
+    return ddim_transition(pred, x_t, x_prev, t, t_prev, sched, eta)[0]
 
 
 def ddim_sample(

@@ -26,6 +26,30 @@ from torch import Tensor
 from .base import ModelFn, SampleOutput, gaussian_log_prob, guided, randn_like
 
 
+def flow_sde_coefficients(
+    sigma: float, sigma_next: float, noise_level: float, sigma_max: float | None = None
+) -> tuple[float, float, float]:
+    """``(g, dt, scale)`` of the Flow-GRPO SDE step from ``sigma`` to ``sigma_next``: the diffusion
+    coefficient ``g = noise_level * sqrt(sigma / (1 - sigma))`` (flow_grpo's ``std_dev_t``; at
+    sigma = 1, ``sigma_max`` replaces sigma in the denominator, default ``sigma_next``), the step
+    ``dt = sigma_next - sigma`` (< 0) and the transition's std ``scale = g * sqrt(-dt)``."""
+    if sigma >= 1:
+        sigma_max = sigma_next if sigma_max is None else sigma_max
+        if not 0 <= sigma_max < 1:
+            raise ValueError(f"flow_sde_step: sigma_max must be in [0, 1) at sigma = 1, got {sigma_max}")
+        g = noise_level * (sigma / (1 - sigma_max)) ** 0.5
+    else:
+        g = noise_level * (sigma / (1 - sigma)) ** 0.5
+    dt = sigma_next - sigma
+    return g, dt, g * (-dt) ** 0.5
+
+
+def flow_sde_mean(v: Tensor, x: Tensor, sigma: float, g: float, dt: float) -> Tensor:
+    """The SDE step's mean ``x (1 + g^2 dt / (2 sigma)) + v (1 + g^2 (1 - sigma) / (2 sigma)) dt``
+    (``[B,...]``, in the dtype of ``x`` and ``v``; differentiable in ``v``)."""
+    return x * (1 + g**2 / (2 * sigma) * dt) + v * (1 + g**2 * (1 - sigma) / (2 * sigma)) * dt
+
+
 def flow_sde_step(
     v: Tensor,
     x: Tensor,
@@ -37,21 +61,45 @@ def flow_sde_step(
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """One Flow-GRPO SDE step from ``sigma`` to ``sigma_next``. ``sigma_max``: the grid's second sigma,
     used in the std's denominator when ``sigma == 1`` (default ``sigma_next``, which it is for the
-    first step of a grid starting at 1)."""
-    if sigma >= 1:
-        sigma_max = sigma_next if sigma_max is None else sigma_max
-        if not 0 <= sigma_max < 1:
-            raise ValueError(f"flow_sde_step: sigma_max must be in [0, 1) at sigma = 1, got {sigma_max}")
-        std = noise_level * (sigma / (1 - sigma_max)) ** 0.5
-    else:
-        std = noise_level * (sigma / (1 - sigma)) ** 0.5
-    dt = sigma_next - sigma
-    mean = x * (1 + std**2 / (2 * sigma) * dt) + v * (1 + std**2 * (1 - sigma) / (2 * sigma)) * dt
-    scale = std * (-dt) ** 0.5
+    first step of a grid starting at 1). Computes in the dtype of ``v`` / ``x``; a training loop that
+    needs ratio == 1 exactly recomputes the rollout log-prob with ``flow_sde_log_prob`` (fp32)."""
+    g, dt, scale = flow_sde_coefficients(sigma, sigma_next, noise_level, sigma_max)
+    mean = flow_sde_mean(v, x, sigma, g, dt)
     if noise is None or scale == 0:
         return mean, None, mean
     x_next = mean + scale * noise
     return x_next, gaussian_log_prob(x_next, mean, scale), mean
+
+
+def flow_sde_log_prob(
+    v: Tensor,
+    x: Tensor,
+    x_next: Tensor,
+    sigma: float,
+    sigma_next: float,
+    noise_level: float,
+    sigma_max: float | None = None,
+) -> tuple[Tensor, Tensor, float]:
+    """log p_theta(x_next | x) of a given Flow-GRPO SDE transition (flow_grpo ``sde_step_with_logprob``
+    with ``prev_sample`` given). Returns ``(log_prob [B], mean [B,...], g)``:
+
+    - ``log_prob``: the Gaussian log-density of ``x_next`` under ``N(mean, (g sqrt(-dt))^2)``,
+      averaged over the non-batch dims, fp32 (v, x and x_next are cast to fp32 first, as flow_grpo:
+      "bf16 can overflow here"); ``x_next`` is detached, the gradient flows through ``v`` only.
+    - ``mean``: the step's mean ``[B,...]`` fp32 (for Flow-GRPO's KL to the reference's mean).
+    - ``g``: the diffusion coefficient ``noise_level * sqrt(sigma / (1 - sigma))`` with the sigma = 1
+      substitution (flow_grpo's ``std_dev_t``, *without* ``sqrt(-dt)``: the KL divides by 2 g^2).
+
+    Use it at rollout too (on the sampled ``x_next``), so the stored old log-prob and the training
+    one are the same computation. ``noise_level = 0`` (the ODE step) has no log-prob: ValueError."""
+    g, dt, scale = flow_sde_coefficients(sigma, sigma_next, noise_level, sigma_max)
+    if scale <= 0:
+        raise ValueError(
+            f"flow_sde_log_prob: a deterministic step (noise_level={noise_level}, sigma={sigma} -> "
+            f"{sigma_next}) has no log-prob; need noise_level > 0 and sigma_next < sigma"
+        )
+    mean = flow_sde_mean(v.float(), x.float(), sigma, g, dt)  # [B,...] fp32
+    return gaussian_log_prob(x_next.float(), mean, scale), mean, g
 
 
 def flow_sample(
