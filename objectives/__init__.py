@@ -1,9 +1,26 @@
 """Preference objectives. This file is the menu: every registered method is imported here."""
 
-from . import dcpo, diffusion_dpo, inpo, kto, mapo, online_dpo, rankdpo, sft, smpo, spo  # noqa: F401  (registration by import)
+from . import (  # noqa: F401  (registration by import)
+    dcpo,
+    diffusion_dpo,
+    diffusion_nft,
+    flow_grpo,
+    grpo,
+    inpo,
+    kto,
+    mapo,
+    online_dpo,
+    rankdpo,
+    sft,
+    smpo,
+    spo,
+)
 from .base import OBJECTIVES, Objective, ObjectiveOutput, build_objective
 from .dcpo import DCPO
 from .diffusion_dpo import DiffusionDPO, diffusion_dpo_loss, dpo_inside
+from .diffusion_nft import DiffusionNFT, nft_loss, nft_optimality, old_policy_decay
+from .flow_grpo import FlowGRPO
+from .grpo import GRPO, group_advantages, grpo_loss
 from .inpo import InPO, inversion_inputs
 from .kto import DiffusionKTO, kto_loss
 from .mapo import MaPO, mapo_loss
@@ -22,6 +39,14 @@ __all__ = [
     "DiffusionDPO",
     "diffusion_dpo_loss",
     "dpo_inside",
+    "DiffusionNFT",
+    "nft_loss",
+    "nft_optimality",
+    "old_policy_decay",
+    "FlowGRPO",
+    "GRPO",
+    "group_advantages",
+    "grpo_loss",
     "InPO",
     "inversion_inputs",
     "DiffusionKTO",
