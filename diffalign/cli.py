@@ -24,6 +24,12 @@ import errno
 import sys
 from typing import Any
 
+TINY_CHOICES = (
+    *("sd", "sdxl", "sd3", "sd35", "flux", "flux-schnell", "wan", "qwenimage"),
+    *("animatediff", "text2video", "audioldm"),
+)
+"""``diffalign tiny`` names (= ``models.tiny.TINY_NAMES``, kept here so parsing imports no torch)."""
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffalign", description="Preference alignment for diffusion models.")
@@ -258,9 +264,18 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     ti = sub.add_parser("tiny", help="build a tiny random-weight pipeline (for tests and dry runs)")
-    ti.add_argument("family", choices=["sd", "sdxl", "sd3"])
+    ti.add_argument(
+        "family",
+        choices=TINY_CHOICES,
+        help="one per family; sd35 (SD3.5-M: dual attention, qk-norm) and flux-schnell are variants",
+    )
     ti.add_argument("out_dir")
-    ti.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"])
+    ti.add_argument(
+        "--prediction-type",
+        default="epsilon",
+        choices=["epsilon", "v_prediction"],
+        help="DDPM families (sd, sdxl, animatediff, text2video, audioldm) only",
+    )
     return p
 
 

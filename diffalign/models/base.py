@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-Family = Literal["sd", "sdxl", "sd3", "animatediff", "text2video", "audioldm"]
+Family = Literal["sd", "sdxl", "sd3", "animatediff", "text2video", "audioldm", "flux", "wan", "qwenimage"]
 Modality = Literal["image", "video", "audio"]
 PredictionType = Literal["epsilon", "v_prediction", "flow_matching"]
 

@@ -16,7 +16,7 @@ import torch
 
 from ..data.media import Modality
 
-VIDEO_PIPELINES = ("AnimateDiffPipeline", "TextToVideoSDPipeline")
+VIDEO_PIPELINES = ("AnimateDiffPipeline", "TextToVideoSDPipeline", "WanPipeline")
 AUDIO_PIPELINES = ("AudioLDMPipeline", "TokenAudioLDMPipeline")
 
 

@@ -24,6 +24,9 @@ PIPELINE_FAMILIES: dict[str, Family] = {
     "AnimateDiffPipeline": "animatediff",
     "TextToVideoSDPipeline": "text2video",
     "AudioLDMPipeline": "audioldm",
+    "FluxPipeline": "flux",
+    "WanPipeline": "wan",
+    "QwenImagePipeline": "qwenimage",
 }
 FAMILY_PIPELINE: dict[Family, str] = {f: c for c, f in PIPELINE_FAMILIES.items()}
 FAMILY_MODALITY: dict[Family, Modality] = {
@@ -33,7 +36,12 @@ FAMILY_MODALITY: dict[Family, Modality] = {
     "animatediff": "video",
     "text2video": "video",
     "audioldm": "audio",
+    "flux": "image",
+    "wan": "video",
+    "qwenimage": "image",
 }
+FLOW_FAMILIES: tuple[Family, ...] = ("sd3", "flux", "wan", "qwenimage")
+"""Rectified-flow families: velocity target ``eps - x0``, sigma-indexed timesteps."""
 # the trainable module's class per family (full fine-tuning export / reload)
 DENOISER_CLASS: dict[Family, tuple[str, str]] = {
     "sd": ("unet", "UNet2DConditionModel"),
@@ -42,6 +50,9 @@ DENOISER_CLASS: dict[Family, tuple[str, str]] = {
     "animatediff": ("unet", "UNetMotionModel"),
     "text2video": ("unet", "UNet3DConditionModel"),
     "audioldm": ("unet", "UNet2DConditionModel"),
+    "flux": ("transformer", "FluxTransformer2DModel"),
+    "wan": ("transformer", "WanTransformer3DModel"),
+    "qwenimage": ("transformer", "QwenImageTransformer2DModel"),
 }
 
 
@@ -95,7 +106,7 @@ def resolve_family(mcfg: ModelConfig) -> Family:
 
 
 def _check_prediction_type(mcfg: ModelConfig, family: Family, scheduler: Any) -> PredictionType:
-    if family == "sd3":
+    if family in FLOW_FAMILIES:
         found: PredictionType = "flow_matching"
     else:
         found = scheduler.config.prediction_type
@@ -120,13 +131,14 @@ def load_adapter(
     are upcast), then the frozen parts are cast to ``dtype``.
     ``dtype`` applies to the frozen parts (VAE, text encoders); the denoiser stays fp32 so the
     loop can decide (LoRA keeps fp32 adapters on a low-precision base)."""
-    import diffusers
-
     from .audio import AudioLDMAdapter, MelConfig
+    from .flux import FluxAdapter
+    from .qwenimage import QwenImageAdapter
     from .sd import SDAdapter
     from .sd3 import SD3Adapter
     from .sdxl import SDXLAdapter
     from .video import TextToVideoAdapter, VideoAdapter
+    from .wan import WanAdapter
 
     family = resolve_family(mcfg)
     kw: dict[str, Any] = {"revision": mcfg.revision, "variant": mcfg.variant}
@@ -138,8 +150,7 @@ def load_adapter(
     pipe = pipeline_class(family, mcfg.path).from_pretrained(
         mcfg.path, torch_dtype=torch.float32, **nulls, **kw
     )
-    sched_cls = diffusers.FlowMatchEulerDiscreteScheduler if family == "sd3" else diffusers.DDPMScheduler
-    sched = sched_cls.from_pretrained(mcfg.path, subfolder="scheduler", **kw)
+    sched = training_scheduler(family, pipe, mcfg.path, kw)
     cls: type[Adapter] = {
         "sd": SDAdapter,
         "sdxl": SDXLAdapter,
@@ -147,10 +158,13 @@ def load_adapter(
         "animatediff": VideoAdapter,
         "text2video": TextToVideoAdapter,
         "audioldm": AudioLDMAdapter,
+        "flux": FluxAdapter,
+        "wan": WanAdapter,
+        "qwenimage": QwenImageAdapter,
     }[family]
     pred = _check_prediction_type(mcfg, family, sched)
     sampling = mcfg.timestep_sampling
-    if sampling == "auto":
+    if sampling == "auto":  # each family's training-script default (see the adapters' docstrings)
         sampling = "logit_normal" if family == "sd3" else "uniform"
     extra = {"mel": MelConfig(**model_settings(mcfg.path).get("mel", {}))} if family == "audioldm" else {}
     adapter = cls(pipe, sched, pred, sampling, mcfg.logit_mean, mcfg.logit_std, **extra)
@@ -162,6 +176,23 @@ def load_adapter(
         m.eval()
     adapter.to(device, dtype)
     return adapter
+
+
+def training_scheduler(family: Family, pipe: Any, path: str, kw: dict[str, Any]) -> Any:
+    """The scheduler whose grid training draws from: DDPM for epsilon/v families; the checkpoint's
+    ``FlowMatchEulerDiscreteScheduler`` for SD3/FLUX/Qwen-Image (static shift applied, dynamic shift
+    not: see ``flux.py``); for Wan, whose pipeline samples with UniPC, a flow-matching grid with the
+    checkpoint's static ``flow_shift`` (``wan.py``)."""
+    import diffusers
+
+    if family not in FLOW_FAMILIES:
+        return diffusers.DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
+    if family == "wan" and not isinstance(pipe.scheduler, diffusers.FlowMatchEulerDiscreteScheduler):
+        cfg = pipe.scheduler.config
+        return diffusers.FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=cfg.num_train_timesteps, shift=cfg.get("flow_shift") or 1.0
+        )
+    return diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", **kw)
 
 
 def model_settings(path: str | Path) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Tiny random-weight pipelines of the three supported families, built from configs.
+"""Tiny random-weight pipelines of every supported family, built from configs.
 
 Same classes as the real checkpoints (diffusers ``get_dummy_components`` style), saved with
 ``save_pretrained`` so tests go through the real ``from_pretrained`` path with nothing downloaded.
@@ -8,7 +8,7 @@ The tokenizers are real CLIP BPE tokenizers with a small offline vocabulary.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -57,8 +57,17 @@ def _clip_text(hidden: int, projection: int | None, vocab_size: int, eos: int, b
     return CLIPTextModelWithProjection(cfg) if projection else CLIPTextModel(cfg)
 
 
+TinyName = Literal[
+    "sd", "sdxl", "sd3", "sd35", "flux", "flux-schnell", "wan", "qwenimage",
+    "animatediff", "text2video", "audioldm",
+]  # fmt: skip
+TINY_NAMES: tuple[str, ...] = get_args(TinyName)
+"""What ``diffalign tiny`` builds: one per family, plus SD3.5-M (family ``sd3``: dual attention and
+qk-norm) and FLUX.1-schnell (family ``flux``: no guidance embedding) as variants."""
+
+
 def build_tiny_pipeline(
-    family: Literal["sd", "sdxl", "sd3", "animatediff", "text2video", "audioldm"],
+    family: TinyName,
     out_dir: str | Path | None = None,
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon",
     seed: int = 0,
@@ -66,9 +75,21 @@ def build_tiny_pipeline(
     text_conditioning: Literal["pooled", "tokens"] = "pooled",
 ):
     """Build (and optionally save) a tiny pipeline; ``sample_size`` is the latent side (x8 pixels).
-    ``text_conditioning`` applies to ``audioldm`` (see ``models/audio.py``)."""
+    ``text_conditioning`` applies to ``audioldm`` (see ``models/audio.py``); ``prediction_type`` and
+    ``sample_size`` to the DDPM families and ``sd3`` (the flow families of ``tiny_dit.py`` have theirs)."""
     import diffusers
 
+    if family in ("sd35", "flux", "flux-schnell", "wan", "qwenimage"):
+        import json
+
+        from .tiny_dit import build_tiny_dit
+
+        pipe, settings = build_tiny_dit(family, list(WORDS), seed)
+        if out_dir is not None:
+            pipe.save_pretrained(str(out_dir), safe_serialization=True)
+            if settings:
+                (Path(out_dir) / "diffalign.json").write_text(json.dumps(settings))
+        return pipe
     torch.manual_seed(seed)
     tok = build_clip_tokenizer(WORDS)
     V, eos, bos = len(tok), tok.eos_token_id, tok.bos_token_id
@@ -173,9 +194,7 @@ def build_tiny_pipeline(
     elif family in ("animatediff", "text2video", "audioldm"):
         pipe = _tiny_av(family, sample_size, prediction_type, V, eos, bos, tok, text_conditioning)
     else:
-        raise ValueError(
-            f"unknown family {family!r}; valid choices: sd, sdxl, sd3, animatediff, text2video, audioldm"
-        )
+        raise ValueError(f"unknown tiny model {family!r}; valid choices: {', '.join(TINY_NAMES)}")
     if out_dir is not None:
         pipe.save_pretrained(str(out_dir), safe_serialization=True)
         if family == "audioldm":  # the mel front end matching the 8-bin vocoder (see models/audio.py)

@@ -125,3 +125,52 @@ def build_roberta_tokenizer(words: Iterable[str] = (), model_max_length: int = 5
     return RobertaTokenizer(
         vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=model_max_length
     )
+
+
+def build_t5_tokenizer(words: Iterable[str] = (), model_max_length: int = 512):
+    """A genuine T5 SentencePiece-Unigram tokenizer (``T5Tokenizer``) with a small vocabulary, for the
+    tiny FLUX (T5-XXL) and Wan (UMT5-XXL) pipelines.
+
+    Layout as in ``t5-base``: ``<pad>=0, </s>=1, <unk>=2``, then one ``▁word`` piece per word of
+    ``words`` (score -1), the bare ASCII letters and digits (score -5, so unknown words still
+    tokenize, letter by letter) and ``▁`` alone; no ``<extra_id_*>`` sentinels."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [("▁" + w, -1.0) for w in sorted({w.lower() for w in words})]
+    pieces += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789"] + [("▁", -3.0)]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
+
+
+QWEN_TEMPLATE_WORDS = (
+    "system user assistant Describe the image by detailing color shape size texture quantity text "
+    "spatial relationships of objects and background"
+).split()
+"""The words of Qwen-Image's prompt template (``pipeline_qwenimage.py``): one token each, so the
+template's system part is exactly the 34 tokens the pipeline drops, as with the real tokenizer."""
+
+
+def build_qwen2_tokenizer(words: Iterable[str] = ()):
+    """A genuine Qwen2 byte-level BPE tokenizer (``Qwen2Tokenizer``) with a small vocabulary, for the
+    tiny Qwen-Image pipeline: the 256 byte symbols, one token per word of ``words`` and of the
+    pipeline's prompt template (bare and ``Ġ``-prefixed, case kept), then the chat special tokens
+    ``<|endoftext|>``, ``<|im_start|>`` and ``<|im_end|>``."""
+    from transformers import AddedToken, Qwen2Tokenizer
+
+    symbols = byte_symbols()
+    space = symbols[ord(" ")]  # "Ġ"
+    vocab: list[str] = list(symbols)
+    rank: dict[tuple[str, str], int] = {}
+    known = set(vocab)
+    for word in sorted({w.lower() for w in words} | set(QWEN_TEMPLATE_WORDS)):
+        if word.isascii() and word.isalpha() and len(word) > 1:
+            for start in (list(word), [space] + list(word)):
+                _add_word(start, rank, vocab, known)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Qwen2Tokenizer(
+        vocab={t: i for i, t in enumerate(vocab + specials)},
+        merges=sorted(rank, key=rank.get),
+        model_max_length=32768,
+    )
+    tok.add_special_tokens({"additional_special_tokens": [AddedToken(s, special=True) for s in specials[1:]]})
+    return tok
