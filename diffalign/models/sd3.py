@@ -1,4 +1,5 @@
-"""SD3-style models: ``SD3Transformer2DModel`` (MMDiT) trained with rectified flow matching.
+"""SD3-style models: ``SD3Transformer2DModel`` (MMDiT) trained with rectified flow matching; SD3-Medium,
+SD3.5-Medium and SD3.5-Large share the pipeline, the scheduler (static shift 3) and this adapter.
 
     x_t    = (1 - sigma) * x0 + sigma * eps
     target = eps - x0                        (the velocity the transformer predicts)
@@ -8,6 +9,12 @@ shift 3 for SD3), at an index drawn logit-normally by default (``u = sigmoid(N(0
 ``idx = floor(u * 1000)``), as in flow_grpo ``scripts/train_sd3_dpo.py``. No loss weighting
 (both public flow-DPO implementations use none). ``t = sigma * num_train_timesteps`` is what
 the transformer receives, exactly as in the pipeline.
+
+SD3.5 adds RMS qk-norm (inside the attention, nothing to adapt) and, on 3.5-Medium, an image-only
+self-attention ``attn2`` in the first 13 blocks (``dual_attention_layers``). The diffusers script's
+LoRA list (``attn.to_q`` ...) never matches ``attn2.*``, so those layers stay frozen unless listed:
+:data:`SD35_LORA_TARGETS` lists them. diffalign's default ``to_q, to_k, to_v, to_out.0`` (suffix
+match) covers ``attn`` and ``attn2`` alike. Skip-layer guidance is sampling-only and left off.
 """
 
 from __future__ import annotations
@@ -16,6 +23,21 @@ import torch
 from torch import Tensor, nn
 
 from .base import Adapter
+
+SD3_LORA_TARGETS = [
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+]
+"""``train_dreambooth_lora_sd3.py``'s default (also flow_grpo's and DiffusionNFT's): joint attention,
+image and text streams."""
+SD35_LORA_TARGETS = [*SD3_LORA_TARGETS, "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
+"""The same plus SD3.5-Medium's dual-attention layers (``attn2``, image tokens only)."""
 
 
 class SD3Adapter(Adapter):
