@@ -5,6 +5,8 @@ per-sample denoising errors to a per-sample loss:
 
     objective(policy_err [B, k], ref_err [B, k] | None, batch) -> ObjectiveOutput(loss [B], metrics)
 
+(policy-gradient objectives receive dicts of per-sample terms instead of errors; see ``terms``).
+
 ``k`` is the number of images per prompt (2 for pairs, winner first). Errors are the mean squared
 error of the model prediction against the adapter's target over every non-batch dimension (see
 ``diffalign.models.base.per_sample_error``), so one beta convention holds for all families.
@@ -44,8 +46,29 @@ class Objective(Protocol):
     loops read them directly, never with a fallback default."""
 
     needs_reference: ClassVar[bool]
-    """False: the loop never runs (or even builds) a reference model."""
+    """False: the loop never runs (or even builds) a reference model. Objectives whose need depends
+    on a hyperparameter (GRPO's KL weight) declare it as a read-only property instead."""
     kind: ClassVar[Literal["preference", "ranked", "unpaired", "online", "supervised"]]
+    source: ClassVar[Literal["dataset", "rollout"]]
+    """Where training groups come from: ``dataset`` (pairs / ranked sets from files,
+    ``train.sources.DatasetSource``) or ``rollout`` (sampled by the current policy and scored by
+    rewards, ``train.rollout``)."""
+    terms: ClassVar[Literal["errors", "transition_log_probs", "sde_steps", "velocities"]]
+    """What the per-sample terms handed to ``__call__`` are (the source computes them, for the policy
+    with gradients and for the reference in inference mode):
+
+    - ``errors``: denoising errors ``[B, k]`` (``models.base.per_sample_error``);
+    - ``transition_log_probs``: sampler transition log-probs ``[B, 2]``, winner first (SPO);
+    - ``sde_steps``: ``{"log_prob": [B], "mean": [B, ...]}`` of one stochastic sampling step (GRPO);
+      the reference gives ``{"mean"}``;
+    - ``velocities``: ``{"velocity": [B, ...]}`` at forward-process points (DiffusionNFT)."""
+    noises_inputs: ClassVar[bool]
+    """True: the objective builds the noised inputs itself, with the current model
+    (``noised_inputs(adapter, model, x0 [B,k,...], cond, micro, seeds) -> (x_t, t, target)``;
+    InPO/SmPO's DDIM inversion); False: the dataset source draws shared noise and timesteps."""
+    ref_refresh_every: ClassVar[int]
+    """> 0: the reference is a snapshot of the trained weights, refreshed every that many optimizer
+    steps (online DPO); 0: the reference is fixed. A dataclass field where it is a hyperparameter."""
     winner_only: ClassVar[bool]
     """True: only the first image of each group is forwarded (SFT)."""
     per_image_captions: ClassVar[bool]

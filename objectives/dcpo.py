@@ -31,6 +31,10 @@ class DCPO:
 
     needs_reference: ClassVar[bool] = True
     kind: ClassVar[str] = "preference"
+    source: ClassVar[str] = "dataset"
+    terms: ClassVar[str] = "errors"
+    noises_inputs: ClassVar[bool] = False
+    ref_refresh_every: ClassVar[int] = 0
     winner_only: ClassVar[bool] = False
     per_image_captions: ClassVar[bool] = True
     needs_scores: ClassVar[bool] = False

@@ -158,6 +158,8 @@ class DiffusionNFT:
     old_decay: Literal["linear", "none"] = "linear"
     """Old-policy update after each rollout (``old_policy_decay``): "linear" = decay_type 1,
     ``d = min(0.001 step, 0.5)``; "none" = decay_type 0, a plain copy."""
+    updates_per_rollout: int = 1
+    """Optimizer steps per rollout round (official: accumulation over the whole epoch, 1; OCR: 2)."""
 
     kind: ClassVar[str] = "online"
     source: ClassVar[str] = "rollout"
@@ -194,6 +196,7 @@ class DiffusionNFT:
             (self.beta > 0, f"beta > 0 (NFT's mixing coefficient; the loss divides by it), got {self.beta}"),
             (self.kl_beta >= 0, f"kl_beta >= 0, got {self.kl_beta}"),
             (self.adv_clip > 0, f"adv_clip > 0, got {self.adv_clip}"),
+            (self.updates_per_rollout >= 1, f"updates_per_rollout >= 1, got {self.updates_per_rollout}"),
             (0 < self.timestep_fraction <= 1, f"0 < timestep_fraction <= 1, got {self.timestep_fraction}"),
             (self.train_steps >= 1, "int(sample_steps * timestep_fraction) >= 1 (at least one trained step)"),
         )

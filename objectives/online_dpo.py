@@ -45,6 +45,9 @@ class OnlineDPO:
 
     needs_reference: ClassVar[bool] = True
     kind: ClassVar[str] = "online"
+    source: ClassVar[str] = "rollout"
+    terms: ClassVar[str] = "errors"
+    noises_inputs: ClassVar[bool] = False
     winner_only: ClassVar[bool] = False
     per_image_captions: ClassVar[bool] = False
     needs_scores: ClassVar[bool] = False

@@ -87,6 +87,10 @@ class RankDPO:
 
     needs_reference: ClassVar[bool] = True
     kind: ClassVar[str] = "ranked"
+    source: ClassVar[str] = "dataset"
+    terms: ClassVar[str] = "errors"
+    noises_inputs: ClassVar[bool] = False
+    ref_refresh_every: ClassVar[int] = 0
     winner_only: ClassVar[bool] = False
     per_image_captions: ClassVar[bool] = False
     needs_scores: ClassVar[bool] = False

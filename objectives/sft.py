@@ -26,6 +26,10 @@ class SFT:
 
     needs_reference: ClassVar[bool] = False
     kind: ClassVar[str] = "supervised"
+    source: ClassVar[str] = "dataset"
+    terms: ClassVar[str] = "errors"
+    noises_inputs: ClassVar[bool] = False
+    ref_refresh_every: ClassVar[int] = 0
     winner_only: ClassVar[bool] = True
     per_image_captions: ClassVar[bool] = False
     needs_scores: ClassVar[bool] = False

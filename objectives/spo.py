@@ -12,7 +12,7 @@ step-aware preference model (``rewards.step_aware``) at its timestep, keep (best
 ``softmax([s_best, s_worst])`` differs by more than ``threshold``, continue from a random
 candidate. With ``num_inner_step`` = n > 0 (official SDXL: 3) the candidates first run n more steps
 each and are judged at the end of that segment; all n + 1 transitions become pairs with its label.
-Training (``diffalign.train.online``): with ``logp`` the DDIM transition log-prob
+Training (``diffalign.train.spo_rollout``, through the one loop): with ``logp`` the DDIM transition log-prob
 (mean over C,H,W) under the CFG-combined prediction,
 
     r_w = clamp(exp(logp_theta(w) - logp_ref(w)), 1 - clip_eps, 1 + clip_eps)    (same for l)
@@ -69,6 +69,10 @@ class SPO:
 
     needs_reference: ClassVar[bool] = True
     kind: ClassVar[str] = "online"
+    source: ClassVar[str] = "rollout"
+    terms: ClassVar[str] = "transition_log_probs"
+    noises_inputs: ClassVar[bool] = False
+    ref_refresh_every: ClassVar[int] = 0
     winner_only: ClassVar[bool] = False
     per_image_captions: ClassVar[bool] = False
     needs_scores: ClassVar[bool] = False

@@ -13,7 +13,7 @@ import torch
 from diffalign.config import ModelConfig
 from diffalign.models.loading import load_adapter
 from diffalign.objectives import SPO
-from diffalign.train.online import spo_logps, spo_pairs
+from diffalign.train.spo_rollout import spo_logps, spo_pairs
 
 
 class Bright:

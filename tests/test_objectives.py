@@ -145,9 +145,19 @@ def test_objective_declares_every_capability(name):
     assert {"reports_margin", "logistic_margin", "reported_metrics"} <= set(declared)
     for k in declared:
         assert k in vars(cls), f"{name} does not declare {k}"
-    for k in ("needs_reference", "winner_only", "per_image_captions", "needs_scores", "reports_margin"):
+    for k in ("winner_only", "per_image_captions", "needs_scores", "reports_margin", "noises_inputs"):
         assert isinstance(vars(cls)[k], bool), (name, k)
+    # a bool, or a property computed from the hyperparameters (GRPO: only when the KL weight is > 0)
+    need_ref = vars(cls)["needs_reference"]
+    assert isinstance(need_ref, bool) or isinstance(need_ref, property), name
+    assert isinstance(build_objective(ObjectiveConfig(name)).needs_reference, bool)
     assert cls.kind in ("preference", "ranked", "unpaired", "online", "supervised")
+    assert cls.source in ("dataset", "rollout") and isinstance(cls.ref_refresh_every, int)
+    assert cls.terms in ("errors", "transition_log_probs", "sde_steps", "velocities")
+    assert (cls.source == "dataset") == (cls.kind != "online"), name
+    if cls.source == "dataset":  # a dataset source computes denoising errors only
+        assert cls.terms == "errors", name
+    assert cls.noises_inputs == callable(vars(cls).get("noised_inputs")), name
     assert isinstance(cls.reported_metrics, frozenset)
     assert cls.reports_margin == ("margin" in cls.reported_metrics)
     if cls.logistic_margin:  # auto-beta rescales a beta field and reads the margin
@@ -161,28 +171,25 @@ def test_objective_declares_every_capability(name):
 @pytest.mark.parametrize("name", OBJECTIVES.names())
 def test_objective_contract(name):
     obj = build_objective(ObjectiveConfig(name))
-    k = 1 if obj.winner_only else 2
     B = 5
     g = torch.Generator().manual_seed(0)
-    # errors near a fine-tuned model's: policy = reference + a small deviation, so beta*margin is O(1)
-    # and no default beta saturates the sigmoid to an exactly-zero gradient
-    base = torch.rand(B, k, generator=g) * 0.3 + 0.05
-    policy = (base + 1e-4 * torch.randn(B, k, generator=g)).requires_grad_(True)
-    ref = base.clone() if obj.needs_reference else None
-    batch = {"scores": torch.rand(B, 2, generator=g)} if obj.needs_scores else {}
+    policy, ref, batch = contract_inputs(obj, B, g)
     out = obj(policy, ref, batch)
     assert out.loss.shape == (B,)
     assert torch.isfinite(out.loss).all()
     out.loss.sum().backward()
-    assert policy.grad is not None and torch.isfinite(policy.grad).all() and policy.grad.abs().sum() > 0
+    leaves = list(policy.values()) if isinstance(policy, dict) else [policy]
+    grads = [p.grad for p in leaves if p.grad is not None]
+    assert grads and all(torch.isfinite(gr).all() for gr in grads)
+    assert sum(gr.abs().sum() for gr in grads) > 0
     assert obj.reported_metrics <= set(out.metrics), obj.reported_metrics - set(out.metrics)
     for v in out.metrics.values():
         assert not v.requires_grad  # metrics are detached
         assert v.shape in ((B,), ()) and torch.isfinite(v).all()
     if obj.reports_margin:
         assert out.metrics["margin"].shape == (B,)  # per sample: the margin cap zeroes samples
-    if ref is not None:
-        assert not ref.requires_grad  # gradients flow only through policy terms
+    for r in ref.values() if isinstance(ref, dict) else [ref] if ref is not None else []:
+        assert not r.requires_grad  # gradients flow only through policy terms
     # config round trip
     again = build_objective(ObjectiveConfig(name, dataclasses.asdict(obj)))
     assert again == obj
@@ -200,3 +207,45 @@ def test_unknown_hyperparameter_names_choices():
         build_objective(ObjectiveConfig("diffusion_dpo", {"beta": -1.0}))
     with pytest.raises(ConfigError, match="valid choices: sigmoid, hinge, ipo"):
         build_objective(ObjectiveConfig("diffusion_dpo", {"loss_type": "logistic"}))
+
+
+def contract_inputs(obj, B: int, g: torch.Generator):
+    """Per-sample terms of the kind the objective declares (``Objective.terms``), near a fine-tuned
+    model's: policy = reference + a small deviation, so beta*margin is O(1) and no default beta
+    saturates a sigmoid to an exactly-zero gradient."""
+    if obj.terms in ("errors", "transition_log_probs"):
+        k = 1 if obj.winner_only else 2
+        base = torch.rand(B, k, generator=g) * 0.3 + 0.05
+        policy = (base + 1e-4 * torch.randn(B, k, generator=g)).requires_grad_(True)
+        ref = base.clone() if obj.needs_reference else None
+        batch = {"scores": torch.rand(B, 2, generator=g)} if obj.needs_scores else {}
+        return policy, ref, batch
+    shape = (B, 4, 2, 2)
+    if obj.terms == "sde_steps":
+        old = -1.0 + 0.1 * torch.randn(B, generator=g)
+        mean = torch.randn(shape, generator=g)
+        policy = {
+            "log_prob": (old + 1e-5 * torch.randn(B, generator=g)).requires_grad_(True),
+            "mean": (mean + 1e-3 * torch.randn(shape, generator=g)).requires_grad_(True),
+        }
+        ref = {"mean": mean} if obj.needs_reference else None
+        batch = {
+            "old_log_prob": old,
+            "advantage": torch.randn(B, generator=g),
+            "kl_std": torch.full((B,), 0.7),
+        }
+        return policy, ref, batch
+    v_old = torch.randn(shape, generator=g)
+    policy = {"velocity": (v_old + 0.1 * torch.randn(shape, generator=g)).requires_grad_(True)}
+    ref = {"velocity": v_old.clone()} if obj.needs_reference else None
+    x0 = torch.randn(shape, generator=g)
+    sigma = torch.rand(B, generator=g) * 0.8 + 0.1
+    x_t = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * torch.randn(shape, generator=g)
+    batch = {
+        "old_velocity": v_old,
+        "x0": x0,
+        "x_t": x_t,
+        "sigma": sigma,
+        "optimality": torch.rand(B, generator=g),
+    }
+    return policy, ref, batch

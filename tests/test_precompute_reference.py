@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from test_av_models import make_av_parquet
 from test_train import overrides, run, trainable
 
-import diffalign.train.loop as loop
+import diffalign.train.sources as loop
 from diffalign.config import load_config
 from diffalign.train import train
 

@@ -208,8 +208,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         "scheduler": torch.load(path / "scheduler.pt", weights_only=True),
         "state": json.loads((path / "state.json").read_text()),
         "ema": load_file(path / "ema.safetensors") if (path / "ema.safetensors").exists() else None,
-        "reference": load_file(path / "reference.safetensors")
-        if (path / "reference.safetensors").exists()
-        else None,
+        # what save_checkpoint's ``extra`` wrote: a snapshot reference, a rollout source's state
+        **{
+            name: load_file(path / f"{name}.safetensors") if (path / f"{name}.safetensors").exists() else None
+            for name in ("reference", "source")
+        },
     }
     return out

@@ -1,15 +1,21 @@
-"""The training loop: one explicit function, read it top to bottom.
+"""The training loop: one explicit function for every objective, read it top to bottom.
 
-    setup: validate config -> accelerator -> objective -> adapter (+ LoRA) -> reference
-           -> optimizer / LR schedule / EMA -> data plan -> resume
+    setup: validate config -> accelerator -> objective -> data (dataset source) -> adapter
+           -> (reference pre-pass) -> LoRA -> reference -> (rollout source) -> optimizer / LR
+           schedule / EMA -> resume (weights, optimizer, reference snapshot, source state)
     for each optimizer step:
-        for each micro-batch:   pairs -> latents -> shared noise & t (or the objective's
-                                inversion) -> policy errors [B,k]
-                                -> reference errors [B,k] (inference mode) -> objective -> backward
-        clip -> optimizer step -> LR step -> EMA -> log -> checkpoint (atomic)
+        for each micro-batch of the source (``source.micro_batches``):
+            batch <- source (a dataset source reads pairs and noises them; a rollout source samples
+                     a round with the current policy when one starts, scores it with rewards)
+            reference terms (inference mode) -> policy terms (``source.terms``: errors [B,k],
+            log-probs, velocities, as ``objective.terms`` declares) -> objective -> backward
+        clip -> optimizer step -> LR step -> EMA -> source.after_step -> (reference refresh)
+        -> log -> checkpoint (atomic; includes what the source needs to resume exactly)
 
-Every random draw is derived from (seed, stream position) (``diffalign.data.sampler``), which is
-what makes gradient accumulation, multi-process runs and resumes reproduce a single-process run.
+Variation comes from what the loop is fed (``train.sources``, ``train.rollout``) and from the
+objective's declared capabilities (``objectives.base.Objective``), never from its name. Every random
+draw is derived from (seed, stream position) (``diffalign.data.sampler``), which is what makes
+gradient accumulation, multi-process runs and resumes reproduce a single-process run.
 """
 
 from __future__ import annotations
@@ -18,7 +24,6 @@ import json
 import os
 import time
 from collections import defaultdict
-from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -28,14 +33,15 @@ from torch import Tensor
 
 from .._quiet import quiet_libraries
 from ..config import Config, ConfigError, to_dict, validate
-from ..data.pairs import PairDataset, collate
+from ..data.pairs import PairDataset
 from ..data.sampler import StepPlan
-from ..models.base import Adapter, per_sample_error
+from ..models.base import Adapter
 from ..models.loading import load_adapter
 from .checkpoint import checkpoint_step, load_checkpoint, resume_point, save_checkpoint
 from .guards import BadStepGuard
 from .provenance import RunLock, record_config, truncate_metrics
-from .reference import Reference, fingerprint, reference_weights, resolve_mode
+from .reference import Reference, fingerprint, reference_weights, resolve_mode, swap_weights
+from .sources import DatasetSource
 from .stability import (
     AutoBeta,
     DivergenceMonitor,
@@ -49,104 +55,15 @@ from .tracking import init_tracking, log_samples, log_with
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-# ----------------------------------------------------------------------------- one micro-batch
-
-
-def noised_inputs(adapter: Adapter, x0: Tensor, seeds: list[int]) -> tuple[Tensor, Tensor, Tensor]:
-    """x0 ``[B,k,C,h,w]`` -> (x_t ``[B*k,...]``, t ``[B*k]``, target ``[B*k,...]``).
-
-    Noise and timestep are drawn once per group from the group's own generator and shared by its
-    k images (winner and loser see the same eps and t, as in every reference implementation)."""
-    B, k = x0.shape[:2]
-    noise, ts = [], []
-    for s in seeds:
-        g = torch.Generator().manual_seed(s)
-        ts.append(adapter.sample_timestep(g))
-        noise.append(torch.randn(x0.shape[2:], generator=g))
-    eps = torch.stack(noise).to(x0.device, x0.dtype)[:, None].expand_as(x0).flatten(0, 1)  # [B*k,C,h,w]
-    t = torch.stack(ts).to(x0.device).repeat_interleave(k)  # [B*k]
-    x0f = x0.flatten(0, 1)
-    return adapter.add_noise(x0f, eps, t), t, adapter.target(x0f, eps, t)
-
-
-def group_errors(
-    adapter: Adapter,
-    model: torch.nn.Module,
-    x_t: Tensor,
-    t: Tensor,
-    target: Tensor,
-    cond: dict[str, Tensor],
-    micro: Tensor | None,
-    k: int,
-) -> Tensor:
-    """One fused forward over all B*k images; returns per-sample errors ``[B, k]``."""
-    pred = adapter.predict(x_t, t, cond, micro, model=model)
-    return per_sample_error(pred, target).view(-1, k)
-
-
-def prepare_batch(
-    adapter: Adapter, batch: dict[str, Any], k: int, device: torch.device, per_image_captions: bool = False
-) -> tuple[Tensor, dict[str, Tensor], Tensor]:
-    """Latents ``[B,k,C,h,w]``, text conditioning per image ``[B*k,...]``, micro ids ``[B*k,6]``.
-
-    One caption per group is encoded once and repeated for its k images; with
-    ``per_image_captions`` (DCPO) every image gets its own caption from ``batch['captions']``."""
-    if "latents" in batch:  # from `diffalign cache`
-        x0 = batch["latents"][:, :k].to(device)
-    else:
-        pix = batch["pixels"][:, :k]  # [B,k,3,R,R]
-        x0 = adapter.encode_images(pix.flatten(0, 1).to(device)).unflatten(0, pix.shape[:2])
-    if per_image_captions:
-        if "captions" not in batch:
-            raise ConfigError("this objective needs per-image captions: data columns caption_0 and caption_1")
-        cond = adapter.encode_prompts(
-            [c for caps in batch["captions"] for c in caps[:k]]
-        )  # b-major: [B*k,...]
-    else:
-        cond = batch["cond"] if "latents" in batch else adapter.encode_prompts(batch["caption"])
-        cond = {n: v.to(device).repeat_interleave(k, 0) for n, v in cond.items()}
-    micro = batch["micro"].to(device).repeat_interleave(k, 0)
-    return x0, cond, micro
-
-
-def batch_stream(
-    dataset: Any, plan: StepPlan, first: int, last: int, rank: int, num_workers: int = 0
-) -> Iterator[dict]:
-    """This rank's collated micro-batches for steps ``[first, last)`` in loop order (step-major, then
-    micro-batch). ``num_workers`` > 0 decodes and augments them in DataLoader worker processes, ahead
-    of the loop; the batches are the same either way (every key carries its own seed)."""
-    if num_workers <= 0:
-        return (collate([dataset[key] for key in keys]) for keys in plan.batches(first, last, rank))
-    from torch.utils.data import DataLoader
-
-    # its own generator: starting workers draws a base seed, which from the global RNG would shift
-    # whatever is initialised from it afterwards (LoRA weights after the reference pre-pass)
-    return iter(
-        DataLoader(
-            dataset,
-            batch_sampler=list(plan.batches(first, last, rank)),
-            num_workers=num_workers,
-            collate_fn=collate,
-            prefetch_factor=2,
-            generator=torch.Generator().manual_seed(0),
-        )
-    )
-
-
 @torch.inference_mode()
-def precompute_reference_errors(
-    adapter: Adapter,
-    dataset: Any,
-    plan: StepPlan,
+def precompute_reference(
+    source: DatasetSource,
     objective: Any,
-    k: int,
+    adapter: Adapter,
     first: int,
     last: int,
-    accum: int,
-    rank: int,
     accelerator: Any,
     show: bool = True,
-    num_workers: int = 0,
 ) -> dict[tuple[int, int], Tensor]:
     """Reference errors ``[B,k]`` for every (step, micro-batch) of this rank in ``[first, last)``:
     the same pairs, noise and t the training steps will draw (all derive from data positions), and
@@ -154,28 +71,21 @@ def precompute_reference_errors(
     loss is bit-identical to the one with a live reference model. CPU tensors, a few bytes per pair."""
     from tqdm.auto import tqdm
 
-    if hasattr(objective, "noised_inputs"):
+    if objective.noises_inputs:
         raise ConfigError(
             "train.precompute_reference: this objective builds its inputs with the current model "
             "(inversion); its reference errors cannot be computed ahead"
         )
     table = {}
-    per_image = objective.per_image_captions
-    batches = batch_stream(dataset, plan, first, last, rank, num_workers)
     steps = tqdm(range(first, last), desc="reference pre-pass", unit="step", disable=not show)
     # the live reference computes with weights in the mixed-precision dtype (LoRA base or frozen copy)
     with reference_weights(adapter.denoiser, DTYPES[accelerator.mixed_precision]) as ref_model:
+        batches = source.batches(first, last, ref_model)
         for step in steps:
-            for micro_i in range(accum):
+            for micro_i in range(source.micro_batches):
                 batch = next(batches)
-                x0, cond, micro = prepare_batch(
-                    adapter, batch, k, accelerator.device, per_image_captions=per_image
-                )
-                x_t, tt, target = noised_inputs(adapter, x0, batch["seed"])
                 with accelerator.autocast():
-                    table[(step, micro_i)] = (
-                        group_errors(adapter, ref_model, x_t, tt, target, cond, micro, k).float().cpu()
-                    )
+                    table[(step, micro_i)] = source.terms(ref_model, batch).float().cpu()
     return table
 
 
@@ -312,16 +222,7 @@ class EMA:
 
     def swap(self, params: dict[str, Tensor]) -> None:
         """Exchange live weights and shadow (call twice to undo)."""
-        swap_weights(params, self.shadow)
-
-
-@torch.no_grad()
-def swap_weights(live: dict[str, Tensor], store: dict[str, Tensor]) -> None:
-    """Exchange live parameters with a stored set (fp32 copies) in place; call twice to undo."""
-    for n, p in live.items():
-        current = p.detach().float().clone()
-        p.copy_(store[n].to(p.dtype))
-        store[n] = current
+        swap_weights(params, self.shadow)  # fp32 shadow: the live dtype is restored on the way in
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -334,19 +235,85 @@ def train(cfg: Config, resume: str | None = None, allow_config_change: bool = Fa
     quiet_libraries()
     from ..objectives import OBJECTIVES
 
-    online = OBJECTIVES.get(cfg.objective.name).kind == "online"  # spo, online_dpo: sample, then train
-    validate(cfg, check_data=not online)  # everything that can fail without weights fails here
+    rollout = OBJECTIVES.get(cfg.objective.name).source == "rollout"  # prompts, not pair files
+    validate(cfg, check_data=not rollout)  # everything that can fail without weights fails here
     # one writer per run folder: the main process of this launch holds the lock (RANK: accelerate launch)
     lock = RunLock(Path(cfg.train.output_dir)).acquire() if int(os.environ.get("RANK", "0")) == 0 else None
     try:
-        if online:
-            from .online import train_online
-
-            return train_online(cfg, resume, allow_config_change)
         return _train(cfg, resume, allow_config_change)
     finally:
         if lock is not None:
             lock.release()
+
+
+def load_dataset(cfg: Config, objective: Any, world: int, main: bool) -> tuple[Any, StepPlan, int]:
+    """The dataset source's rows and step plan (before the model: bad data fails fast and cheaply)."""
+    t = cfg.train
+    if cfg.data.cache_dir:
+        from ..data.cache import CachedPairs
+
+        dataset: Any = CachedPairs(cfg.data, cfg.model)
+    elif cfg.data.format == "ranked":
+        from ..data.ranked import RankedDataset
+
+        dataset = RankedDataset(cfg.data, verbose=main)
+    else:
+        dataset = PairDataset(cfg.data, verbose=main)
+    k = 1 if objective.winner_only else dataset.k
+    if objective.needs_scores and not getattr(dataset, "has_scores", False):
+        raise ConfigError(
+            f"objective {cfg.objective.name!r} needs per-image reward scores: set data.score_column "
+            "(e.g. pickscore for score_0.pickscore/score_1.pickscore written by `diffalign label`; "
+            "not available with data.cache_dir) and match objective.score_range to the scores' scale"
+        )
+    if objective.kind == "preference" and k != 2:
+        raise ConfigError(
+            f"objective {cfg.objective.name!r} trains on pairs but the data has {k} images per prompt; "
+            f"use objective.name=rankdpo or export the ranked set to pairs"
+        )
+    return dataset, StepPlan(len(dataset), t.seed, t.batch_size, t.grad_accum, world), k
+
+
+def check_rollout_config(cfg: Config, objective: Any) -> None:
+    """Settings a rollout source cannot honour fail before any model loads."""
+    from ..models.loading import FAMILY_MODALITY, resolve_family
+
+    t, name = cfg.train, cfg.objective.name
+    unsupported = [
+        key
+        for key, bad in (
+            ("train.precompute_reference", t.precompute_reference),  # the samples do not exist yet
+            ("data.cache_dir", bool(cfg.data.cache_dir)),
+        )
+        if bad
+    ]
+    if unsupported:
+        raise ConfigError(
+            f"objective {name!r} samples its training groups online and does not support "
+            f"{', '.join(unsupported)}; remove it from the config"
+        )
+    family = resolve_family(cfg.model)  # reads model_index.json only
+    if FAMILY_MODALITY[family] != "image":  # groups are scored by image rewards on [B,3,H,W]
+        raise ConfigError(
+            f"objective {name!r} (online) trains image models (sd, sdxl, sd3); {cfg.model.path} is a "
+            f"{FAMILY_MODALITY[family]} model ({family!r})"
+        )
+
+
+def build_rollout_source(
+    cfg: Config, objective: Any, adapter: Adapter, accelerator: Any, trainable: dict[str, Tensor]
+) -> Any:
+    """The rollout source for the objective's declared terms."""
+    from .rollout import GRPORollouts, NFTRollouts, PairRollouts
+    from .spo_rollout import StepwiseRollouts
+
+    if objective.terms == "errors":
+        return PairRollouts(objective, adapter, cfg, accelerator)
+    if objective.terms == "transition_log_probs":
+        return StepwiseRollouts(objective, adapter, cfg, accelerator)
+    if objective.terms == "sde_steps":
+        return GRPORollouts(objective, adapter, cfg, accelerator)
+    return NFTRollouts(objective, adapter, cfg, accelerator, trainable)
 
 
 def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[str, Any]:  # noqa: C901 (the one flat training loop, read top to bottom)
@@ -378,8 +345,9 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
         raise ConfigError(
             "train.grad_accum: must be 1 under DeepSpeed; raise batch_size or use DDP/FSDP for accumulation"
         )
-    set_seed(t.seed)  # global RNGs (e.g. LoRA dropout); re-seeded per micro-step below
+    set_seed(t.seed)  # global RNGs (LoRA's initial A matrices, dropout); re-seeded per micro-step below
     objective = build_objective(cfg.objective)
+    rollout = objective.source == "rollout"
     auto_beta = AutoBeta(t.auto_beta_target, t.auto_beta_rate) if t.auto_beta_target > 0 else None
     base_beta = check_supports_beta(objective, cfg.objective.name) if auto_beta else 0.0
     guard = BadStepGuard(t.max_bad_steps)
@@ -393,29 +361,12 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
     record_config(run_dir, cfg, resumed_step, allow_config_change, write=main, checkpoint=ckpt_path)
 
     # -- data (before the model: bad data fails fast and cheaply)
-    if cfg.data.cache_dir:
-        from ..data.cache import CachedPairs
-
-        dataset: Any = CachedPairs(cfg.data, cfg.model)
-    elif cfg.data.format == "ranked":
-        from ..data.ranked import RankedDataset
-
-        dataset = RankedDataset(cfg.data, verbose=main)
+    if rollout:
+        check_rollout_config(cfg, objective)
+        global_batch = t.batch_size * t.grad_accum * world  # prompts per optimizer step (or round)
     else:
-        dataset = PairDataset(cfg.data, verbose=main)
-    k = 1 if objective.winner_only else dataset.k
-    if objective.needs_scores and not getattr(dataset, "has_scores", False):
-        raise ConfigError(
-            f"objective {cfg.objective.name!r} needs per-image reward scores: set data.score_column "
-            "(e.g. pickscore for score_0.pickscore/score_1.pickscore written by `diffalign label`; "
-            "not available with data.cache_dir) and match objective.score_range to the scores' scale"
-        )
-    if objective.kind == "preference" and k != 2:
-        raise ConfigError(
-            f"objective {cfg.objective.name!r} trains on pairs but the data has {k} images per prompt; "
-            f"use objective.name=rankdpo or export the ranked set to pairs"
-        )
-    plan = StepPlan(len(dataset), t.seed, t.batch_size, t.grad_accum, world)
+        dataset, plan, k = load_dataset(cfg, objective, world, main)
+        global_batch = plan.global_batch
 
     # -- model
     adapter = load_adapter(cfg.model, accelerator.device, weight_dtype)
@@ -423,52 +374,55 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
     # before the reference pre-pass and the frozen copy: all three then compute with the same layout
     # (channels-last convolutions round differently from contiguous ones)
     memory_options(denoiser, cfg)
-    ref_table: dict[tuple[int, int], Tensor] | None = None
+    source: Any = None
+    if not rollout:
+        source = DatasetSource(
+            dataset, plan, objective, adapter, k, rank, accelerator.device, cfg.data.num_workers
+        )
+    ref_table: dict[tuple[int, int], Any] | None = None
     if t.precompute_reference and objective.needs_reference:
         # before LoRA and before any checkpoint weights: the denoiser holds exactly the reference weights
         first = int(load_checkpoint(ckpt_path)["state"]["step"]) if ckpt_path is not None else 0
-        ref_table = precompute_reference_errors(
-            adapter,
-            dataset,
-            plan,
-            objective,
-            k,
-            first,
-            t.max_steps,
-            t.grad_accum,
-            rank,
-            accelerator,
-            show=main,
-            num_workers=cfg.data.num_workers,
-        )
+        ref_table = precompute_reference(source, objective, adapter, first, t.max_steps, accelerator, main)
     use_lora = cfg.lora.rank > 0
     if use_lora:
         add_lora(denoiser, cfg)
         lora_base_dtype(denoiser, weight_dtype)
     else:
         denoiser.requires_grad_(True)
-    ref_mode = (
-        resolve_mode(t.reference, cfg.lora.rank, objective.needs_reference) if ref_table is None else "none"
-    )
-    ref = Reference(ref_mode, denoiser, weight_dtype if weight_dtype != torch.float32 else None)
-    denoiser.train()
     trainable = {n: p for n, p in denoiser.named_parameters() if p.requires_grad}
+    ref_mode = (
+        resolve_mode(t.reference, cfg.lora.rank, objective.needs_reference, objective.ref_refresh_every)
+        if ref_table is None
+        else "none"
+    )
+    ref = Reference(ref_mode, denoiser, weight_dtype if weight_dtype != torch.float32 else None, trainable)
+    denoiser.train()
+    if rollout:
+        source = build_rollout_source(cfg, objective, adapter, accelerator, trainable)
     lr = t.lr * (t.batch_size * t.grad_accum * world if t.scale_lr else 1)
     optimizer = make_optimizer(cfg, list(trainable.values()), lr)
     lr_sched = get_scheduler(
         t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps
     )
     ema = EMA(trainable, t.ema_decay) if t.ema_decay > 0 else None
-    ref_print = fingerprint(ref.base_parameters()) if ref.mode != "none" else None
+    # a fixed reference must stay fixed (checked at every checkpoint); a snapshot moves on purpose
+    ref_print = fingerprint(ref.base_parameters()) if ref.mode in ("lora_off", "copy") else None
 
     start_step, skipped_total = 0, 0
     if ckpt_path is not None:
         ck = load_checkpoint(ckpt_path)
         st = ck["state"]
-        if st["global_batch"] != plan.global_batch:
+        if st["global_batch"] != global_batch:
             raise ConfigError(
-                f"--resume: checkpoint used global batch {st['global_batch']}, this run {plan.global_batch} "
+                f"--resume: checkpoint used global batch {st['global_batch']}, this run {global_batch} "
                 f"(batch_size x grad_accum x processes must match to resume exactly)"
+            )
+        if int(st.get("world_size", world)) != world and rollout:
+            # a round's groups are split over the processes: another count cuts them differently
+            raise ConfigError(
+                f"--resume: the run used {st['world_size']} processes, this launch {world}; "
+                f"resume with the same number of processes"
             )
         if (
             ref_print is not None
@@ -492,6 +446,9 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
         lr_sched.load_state_dict(ck["scheduler"])
         if ema is not None and ck["ema"] is not None:
             ema.shadow = {n: v.to(accelerator.device) for n, v in ck["ema"].items()}
+        if ref.mode == "snapshot" and ck["reference"] is not None:
+            ref.snapshot = {n: v.to(accelerator.device) for n, v in ck["reference"].items()}
+        source.load_state_dict(ck["source"] or {})
         start_step = int(st["step"])
         guard.total, guard.in_row = int(st.get("bad_steps", 0)), int(st.get("bad_in_row", 0))
         divergence.restore(st.get("divergence", {}))
@@ -522,43 +479,35 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
     )
     last: dict[str, float] = {}
     t0 = time.perf_counter()
-    batches = batch_stream(dataset, plan, start_step, t.max_steps, rank, cfg.data.num_workers)
+    n_micro = source.micro_batches
+    batches = source.batches(start_step, t.max_steps, model)  # lazily: a rollout samples when reached
     for step in range(start_step, t.max_steps):
         sums: dict[str, list[Tensor]] = defaultdict(list)
-        for micro_i in range(t.grad_accum):
+        for micro_i in range(n_micro):
             batch = next(batches)
-            skipped_total += sum(batch["skipped"])
-            torch.manual_seed(batch["seed"][0])  # any global-RNG use (dropout) is tied to the data position
-            sync = micro_i == t.grad_accum - 1
+            skipped_total += batch["skipped"]
+            torch.manual_seed(batch["seed"])  # any global-RNG use (dropout) is tied to the data position
+            sync = micro_i == n_micro - 1
             with nullcontext() if sync else accelerator.no_sync(model):
-                x0, cond, micro = prepare_batch(
-                    adapter,
-                    batch,
-                    k,
-                    accelerator.device,
-                    per_image_captions=objective.per_image_captions,
-                )
-                if hasattr(objective, "noised_inputs"):  # InPO/SmPO: inversion with the current model
-                    x_t, tt, target = objective.noised_inputs(adapter, model, x0, cond, micro, batch["seed"])
-                else:
-                    x_t, tt, target = noised_inputs(adapter, x0, batch["seed"])
-                with accelerator.autocast():
-                    policy_err = group_errors(adapter, model, x_t, tt, target, cond, micro, k)  # [B,k]
-                ref_err = None
+                # the reference first: a snapshot reference swaps weights the policy graph would save
+                ref_terms = None
                 if ref_table is not None:
-                    ref_err = ref_table[(step, micro_i)].to(policy_err.device)
+                    ref_terms = ref_table[(step, micro_i)].to(accelerator.device)
                 elif ref.mode != "none":
                     with torch.inference_mode(), ref.active() as ref_model, accelerator.autocast():
-                        ref_err = group_errors(adapter, ref_model, x_t, tt, target, cond, micro, k)
-                    ref_err = ref_err.clone()  # leave inference mode: a plain constant for the loss
-                out = objective(policy_err, ref_err, batch)
-                loss = cap_margins(
-                    out.loss, out.metrics.get("margin"), t.margin_cap
-                ).mean()  # mean over the micro-batch; / accum below -> mean over the global batch
-                accelerator.backward(loss / t.grad_accum)
-            sums["loss"].append(out.loss.detach())
+                        ref_terms = source.terms(ref_model, batch)
+                    ref_terms = _clone(ref_terms)  # leave inference mode: plain constants for the loss
+                with accelerator.autocast():
+                    policy_terms = source.terms(model, batch)  # [B,k] errors, or a dict of terms
+                out = objective(policy_terms, ref_terms, batch)
+                loss = cap_margins(out.loss, out.metrics.get("margin"), t.margin_cap).mean()
+                # / n_micro: the mean over the step's micro-batches (and, through DDP, over processes)
+                accelerator.backward(batch["loss_weight"] * loss / n_micro)
+            sums["loss"].append(out.loss.detach() * batch["loss_weight"])
             for name, v in out.metrics.items():
                 sums[name].append(v.detach().reshape(-1))
+        for name, v in source.step_metrics().items():  # what the step's rollouts measured
+            sums[name].append(v.to(accelerator.device))
         # clip_grad_norm_ with an infinite bound only measures the norm (max_grad_norm = 0: no clipping)
         grad_norm = accelerator.clip_grad_norm_(
             list(trainable.values()), t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
@@ -574,6 +523,10 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
         )
         if not bad_step and ema is not None:
             ema.update(trainable)
+        source.after_step(step, trainable)
+        if objective.ref_refresh_every and (step + 1) % objective.ref_refresh_every == 0:
+            ref.refresh()
+            logs["reference_refreshed"] = 1.0
 
         # -- log
         logs.update(
@@ -604,6 +557,7 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
             bar.set_postfix(
                 loss=f"{logs['loss']:.4f}",
                 **({"acc": f"{logs['implicit_acc']:.2f}"} if "implicit_acc" in logs else {}),
+                **({"reward": f"{logs['reward']:.3f}"} if "reward" in logs else {}),
             )
         bar.update(1)
 
@@ -618,8 +572,9 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
             if main:
                 state = {
                     "step": step + 1,
-                    "global_batch": plan.global_batch,
+                    "global_batch": global_batch,
                     "world_size": world,
+                    "objective": cfg.objective.name,
                     "reference_mode": ref.mode,
                     "reference_fingerprint": ref_print,
                     "reference_unchanged": True,
@@ -637,6 +592,9 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
                 exp = export
                 if ema is not None:
                     exp = _with_ema(ema, trainable, export)
+                extra = {"source": source.state_dict()}
+                if ref.mode == "snapshot":
+                    extra["reference"] = ref.snapshot
                 save_checkpoint(
                     run_dir,
                     step + 1,
@@ -647,6 +605,7 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
                     state,
                     exp,
                     keep=t.keep_checkpoints,
+                    extra={k: v for k, v in extra.items() if v},
                 )
                 log_samples(accelerator, adapter, cfg, step + 1)
             accelerator.wait_for_everyone()
@@ -665,6 +624,12 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
         )
     accelerator.end_training()
     return last
+
+
+def _clone(terms: Tensor | dict[str, Tensor]) -> Tensor | dict[str, Tensor]:
+    if isinstance(terms, dict):
+        return {k: v.clone() for k, v in terms.items()}
+    return terms.clone()
 
 
 def _with_ema(ema: EMA, trainable: dict[str, Tensor], export):

@@ -1,5 +1,8 @@
-"""The reference model, three ways (plus none):
+"""The reference model, four ways (plus none):
 
+- ``snapshot``: a copy of the trainable weights, swapped into the live network for its forwards and
+  refreshed every ``objective.ref_refresh_every`` optimizer steps (online DPO); saved in every
+  checkpoint, so a resumed run keeps the same reference.
 - ``lora_off``: the same network with its LoRA adapters disabled (diffusers DPO ports). No second
   copy in memory; the reference is exactly the base weights, which resume reloads from the path.
 - ``copy``: a frozen copy of the denoiser for full fine-tuning (Salesforce ``ref_unet``).
@@ -29,12 +32,16 @@ from typing import Literal
 import torch
 from torch import nn
 
-ReferenceMode = Literal["lora_off", "copy", "none"]
+ReferenceMode = Literal["lora_off", "copy", "snapshot", "none"]
 
 
-def resolve_mode(requested: str, lora_rank: int, needs_reference: bool) -> ReferenceMode:
+def resolve_mode(
+    requested: str, lora_rank: int, needs_reference: bool, refresh_every: int = 0
+) -> ReferenceMode:
     if not needs_reference:
         return "none"
+    if refresh_every > 0:  # a moving reference: a snapshot of the trained weights
+        return "snapshot"
     if requested == "auto":
         return "lora_off" if lora_rank > 0 else "copy"
     if requested == "none":
@@ -100,15 +107,38 @@ def reference_weights(denoiser: nn.Module, dtype: torch.dtype) -> Iterator[nn.Mo
                 m._buffers[n] = t
 
 
+@torch.no_grad()
+def swap_weights(live: dict[str, torch.Tensor], store: dict[str, torch.Tensor]) -> None:
+    """Exchange live parameters with a stored set in place; call twice to undo."""
+    for n, p in live.items():
+        current = p.detach().clone()
+        p.copy_(store[n].to(p.dtype))
+        store[n] = current.to(store[n].dtype)
+
+
 class Reference:
-    def __init__(self, mode: ReferenceMode, denoiser: nn.Module, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        mode: ReferenceMode,
+        denoiser: nn.Module,
+        dtype: torch.dtype | None = None,
+        trainable: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         self.mode = mode
         self.model: nn.Module | None = None
+        self.snapshot: dict[str, torch.Tensor] = {}
+        self._trainable = trainable or {}
         if mode == "copy":
             self.model = copy.deepcopy(denoiser).requires_grad_(False).eval()
             if dtype is not None:
                 self.model.to(dtype)
+        if mode == "snapshot":
+            self.refresh()
         self._policy = denoiser
+
+    def refresh(self) -> None:
+        """``snapshot``: the reference becomes the current trained weights."""
+        self.snapshot = {n: p.detach().clone() for n, p in self._trainable.items()}
 
     @contextmanager
     def active(self) -> Iterator[nn.Module]:
@@ -116,6 +146,15 @@ class Reference:
         if self.mode == "copy":
             assert self.model is not None
             yield self.model
+        elif self.mode == "snapshot":
+            # swapped in before the policy's forward of the same micro-batch (the loop computes the
+            # reference first): swapping after it would modify tensors its graph saved
+            swap_weights(self._trainable, self.snapshot)
+            try:
+                with eval_mode(self._policy):
+                    yield self._policy
+            finally:
+                swap_weights(self._trainable, self.snapshot)
         elif self.mode == "lora_off":
             # eval mode: the reference is a fixed function (no dropout) and computes exactly like the
             # frozen copy and the precomputed reference (see the module docstring)
@@ -129,7 +168,7 @@ class Reference:
         if self.mode == "copy":
             assert self.model is not None
             yield from self.model.parameters()
-        elif self.mode == "lora_off":
+        elif self.mode in ("lora_off", "snapshot"):  # snapshot: the frozen base under the trained set
             for n, p in self._policy.named_parameters():
                 if "lora_" not in n:
                     yield p

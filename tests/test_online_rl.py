@@ -1,0 +1,215 @@
+"""Flow-GRPO, GRPO for UNets and DiffusionNFT through the one training loop (rollout sources).
+
+Behaviour, not formulas (those are in ``test_policy_gradient.py``): the first optimizer step after a
+rollout sees a policy ratio of exactly 1 (the rollout and the training forward agree bit for bit);
+later steps of the same round do not; a run stopped inside a round resumes to the same weights as
+an uninterrupted one; refusals name what would work instead."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from diffalign.config import ConfigError, load_config
+from diffalign.train import train
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    f = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    f.write_text("a red circle\na blue square\ntwo green triangles\na yellow circle above a red square\n")
+    return f
+
+
+def rl_cfg(name, model, prompts, clip, out, *extra):
+    return load_config(
+        None,
+        [
+            f"model.path={model}",
+            f"data.path={prompts}",
+            f"train.output_dir={out}",
+            "data.resolution=32",
+            f"objective.name={name}",
+            f"objective.rewards=clip_score={clip}",
+            "objective.sample_steps=4",
+            "objective.group_size=4",
+            "train.batch_size=2",
+            "train.lr=1e-2",
+            "train.checkpoint_every=1",
+            *extra,
+        ],
+    )
+
+
+def metrics(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_flow_grpo_ratio_is_one_on_the_first_step_of_each_round(
+    tiny_models, tiny_clip, prompts_file, tmp_path
+):
+    out = tmp_path / "r"
+    train(
+        rl_cfg(
+            "flow_grpo",
+            tiny_models["sd3"],
+            prompts_file,
+            tiny_clip,
+            out,
+            "train.max_steps=4",
+            "objective.updates_per_rollout=2",
+            "objective.beta=0.04",
+            "objective.clip_range=1e-2",
+            "train.lr=3e-2",
+        )
+    )
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for r in rows[0::2]:  # a round's first step: the weights that sampled it are the ones training
+        assert r["ratio"] == 1.0 and r["clipfrac"] == 0.0, r
+    assert rows[0]["kl"] == 0.0  # LoRA B starts at zero: policy mean = reference mean
+    assert any(r["ratio"] != 1.0 for r in rows[1::2])  # the second step sees moved weights
+    assert rows[1]["kl"] > 0
+    for r in rows:
+        assert math.isfinite(r["loss"]) and math.isfinite(r["reward"])
+
+
+def test_flow_grpo_resumes_inside_a_round_exactly(tiny_models, tiny_clip, prompts_file, tmp_path):
+    from test_train import trainable
+
+    args = ("train.max_steps=4", "objective.updates_per_rollout=2", "objective.clip_range=1e-2")
+    full = train(rl_cfg("flow_grpo", tiny_models["sd3"], prompts_file, tiny_clip, tmp_path / "full", *args))
+    # stopped after step 3: the middle of round 2, whose buffer only the checkpoint holds
+    train(
+        rl_cfg(
+            "flow_grpo",
+            tiny_models["sd3"],
+            prompts_file,
+            tiny_clip,
+            tmp_path / "cut",
+            *args,
+            "train.halt_after_step=3",
+        )
+    )
+    again = train(
+        rl_cfg("flow_grpo", tiny_models["sd3"], prompts_file, tiny_clip, tmp_path / "cut", *args),
+        resume="latest",
+    )
+    assert again["loss"] == full["loss"] and again["ratio"] == full["ratio"]
+    a, b = trainable(tmp_path / "full"), trainable(tmp_path / "cut")
+    assert a.keys() == b.keys() and len(a) > 0
+    for n in a:
+        assert torch.equal(a[n], b[n]), n
+    assert metrics(tmp_path / "full") == metrics(tmp_path / "cut")  # logs included
+
+
+def test_flow_grpo_fast_window_trains_only_its_steps(tiny_models, tiny_clip, prompts_file, tmp_path):
+    import diffalign.train.rollout as rollout
+
+    seen = []
+    real = rollout.GRPORollouts.terms
+
+    def spy(self, model, batch):
+        seen.append(batch["step_index"])
+        return real(self, model, batch)
+
+    rollout.GRPORollouts.terms = spy
+    try:
+        train(
+            rl_cfg(
+                "flow_grpo",
+                tiny_models["sd3"],
+                prompts_file,
+                tiny_clip,
+                tmp_path / "fast",
+                "train.max_steps=2",
+                "objective.sample_steps=6",
+                "objective.sde_window=2",
+                "objective.window_hi=4",
+                "objective.beta=0",
+            )
+        )
+    finally:
+        rollout.GRPORollouts.terms = real
+    # per step: 2 window steps x 1 micro-batch, policy only (beta 0: no reference forward)
+    assert len(seen) == 4
+    for first, second in (seen[0:2], seen[2:4]):
+        assert second == first + 1 and 0 <= first <= 4 - 2
+
+
+def test_grpo_for_unets_trains_with_ddim_log_probs(tiny_models, tiny_clip, prompts_file, tmp_path):
+    from test_train import trainable
+
+    out = tmp_path / "g"
+    m = train(
+        rl_cfg(
+            "grpo",
+            tiny_models["sd"],
+            prompts_file,
+            tiny_clip,
+            out,
+            "train.max_steps=2",
+            "objective.guidance_scale=2",
+            "objective.timestep_fraction=0.5",
+        )
+    )
+    rows = metrics(out)
+    assert rows[0]["ratio"] == 1.0 and math.isfinite(m["loss"])
+    moved = [n for n, v in trainable(out).items() if "lora_B" in n and v.abs().sum() > 0]
+    assert moved
+
+
+def test_diffusion_nft_trains_and_updates_its_old_policy(tiny_models, tiny_clip, prompts_file, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "nft"
+    m = train(
+        rl_cfg(
+            "diffusion_nft",
+            tiny_models["sd3"],
+            prompts_file,
+            tiny_clip,
+            out,
+            "train.max_steps=2",
+            "objective.guidance_scale=1",
+        )
+    )
+    assert math.isfinite(m["loss"])
+    src = load_file(out / "checkpoints/step-000002/source.safetensors")
+    old = {k: v for k, v in src.items() if k.startswith("old.")}
+    lora = load_file(out / "checkpoints/step-000002/trainable.safetensors")
+    assert old and any(v.abs().sum() > 0 for k, v in old.items() if "lora_B" in k)  # moved toward theta
+    assert any(not torch.equal(old["old." + k], v) for k, v in lora.items())  # but is not theta
+
+
+@pytest.mark.parametrize(
+    "name,family,match",
+    [
+        ("flow_grpo", "sd", "use objective.name=grpo"),
+        ("grpo", "sd3", "use objective.name=flow_grpo"),
+        ("diffusion_nft", "sd", "use objective.name=grpo"),
+    ],
+)
+def test_policy_gradient_methods_refuse_the_wrong_model_kind(
+    tiny_models, tiny_clip, prompts_file, tmp_path, name, family, match
+):
+    with pytest.raises(ConfigError, match=match):
+        train(rl_cfg(name, tiny_models[family], prompts_file, tiny_clip, tmp_path / "x", "train.max_steps=1"))
+
+
+def test_rollout_micro_batches_must_split_evenly(tiny_models, tiny_clip, prompts_file, tmp_path):
+    with pytest.raises(ConfigError, match="equal micro-batches"):
+        train(
+            rl_cfg(
+                "flow_grpo",
+                tiny_models["sd3"],
+                prompts_file,
+                tiny_clip,
+                tmp_path / "x",
+                "train.max_steps=1",
+                "objective.updates_per_rollout=3",
+            )
+        )
