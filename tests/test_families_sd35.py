@@ -90,3 +90,13 @@ def test_one_pipeline_step_equals_the_adapter_prediction(sd35):
     with torch.no_grad():
         v = a.predict(x, torch.tensor([1000.0]), a.encode_prompts(["a red circle"]))
     torch.testing.assert_close(out, x - v, rtol=1e-4, atol=1e-5)
+
+
+def test_sampling_sigmas_are_the_pipelines(sd35):
+    """Static shift 3 on the default ``set_timesteps(n)`` grid: what online methods roll out on."""
+    from diffalign.models.loading import load_pipeline
+
+    a = adapter(sd35)
+    pipe, call = load_pipeline(sd35)
+    pipe(["a red circle"], num_inference_steps=3, height=32, width=32, output_type="latent", **call)
+    torch.testing.assert_close(a.sampling_sigmas(3, 4, 4), pipe.scheduler.sigmas.float())

@@ -178,7 +178,8 @@ def test_qwen_first_pipeline_step_equals_the_adapter_prediction(models):
         callback_on_step_end=grab,
     )
     s0, s1 = (float(s) for s in pipe.scheduler.sigmas[:2])
-    assert s0 == 1.0
+    assert s0 == 1.0 and s1 == pytest.approx(0.02)  # stretched to shift_terminal
+    torch.testing.assert_close(a.sampling_sigmas(2, 4, 4), pipe.scheduler.sigmas.float())
     with torch.no_grad():
         v = a.predict(x, torch.tensor([1000.0]), a.encode_prompts(["a red circle"]))
     torch.testing.assert_close(unpack_latents(seen[0], 4, 4), x + (s1 - s0) * v, rtol=1e-4, atol=1e-5)

@@ -19,7 +19,8 @@ Training timesteps follow the diffusers script: ``sigma = scheduler.sigmas[floor
 ``use_dynamic_shifting=True``, whose training grid is unshifted (the shift depends on the image size
 and is applied only at ``set_timesteps``), so the script trains on uniform sigma. Sampling uses the
 resolution-dependent shift: :func:`calculate_mu` and :meth:`FluxAdapter.sampling_sigmas` give the
-sigmas the pipeline steps through, which online methods evaluating rollout timesteps must use.
+sigmas the pipeline steps through, which online methods evaluating rollout timesteps must use
+(``set_timesteps(n)`` alone raises under dynamic shifting: it needs ``mu``).
 """
 
 from __future__ import annotations
@@ -144,16 +145,11 @@ class FluxAdapter(SD3Adapter):
         )[0]
         return unpack_latents(out, h, w)
 
-    def sampling_sigmas(self, num_steps: int, height: int, width: int) -> Tensor:
-        """The sigmas ``FluxPipeline`` steps through at ``height x width`` pixels: ``linspace(1, 1/n, n)``
-        shifted by ``sigma' = e^mu / (e^mu + 1/sigma - 1)`` with the resolution's ``mu`` (dynamic
-        shifting), or the scheduler's static shift; a final 0 appended (``[n+1]``)."""
-        return flow_sampling_sigmas(self.pipe.scheduler, num_steps, packed_tokens(height, width))
-
-
-def packed_tokens(height: int, width: int, vae_factor: int = 8) -> int:
-    """Image tokens after the VAE (8x) and 2x2 packing: ``(H/16) * (W/16)``."""
-    return (height // (vae_factor * 2)) * (width // (vae_factor * 2))
+    def sampling_sigmas(self, num_steps: int, h: int, w: int) -> Tensor:
+        """The sigmas ``FluxPipeline`` steps through for latents ``h x w`` (pixels / 8):
+        ``linspace(1, 1/n, n)`` shifted by ``sigma' = e^mu / (e^mu + 1/sigma - 1)`` with the resolution's
+        ``mu`` (dynamic shifting) or the scheduler's static shift; a final 0 appended (``[n+1]``)."""
+        return flow_sampling_sigmas(self.pipe.scheduler, num_steps, (h // 2) * (w // 2))
 
 
 def flow_sampling_sigmas(scheduler: object, num_steps: int, image_seq_len: int) -> Tensor:

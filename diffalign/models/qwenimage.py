@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .flux import check_even, pack_latents, unpack_latents
+from .flux import check_even, flow_sampling_sigmas, pack_latents, unpack_latents
 from .sd3 import SD3Adapter
 
 QWEN_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
@@ -64,6 +64,12 @@ class QwenImageAdapter(SD3Adapter):
         mean, std = self._stats(z)
         image = vae.decode(z * std + mean).sample[:, :, 0].float()
         return (image / 2 + 0.5).clamp(0, 1)
+
+    def sampling_sigmas(self, num_steps: int, h: int, w: int) -> Tensor:
+        """``QwenImagePipeline``'s sigmas for latents ``h x w``: ``linspace(1, 1/n, n)``, dynamic shift with
+        ``mu`` of ``(h/2)(w/2)`` tokens (base/max 0.5/0.9 over 256-8192 tokens on the hub config),
+        stretched to ``shift_terminal``; a final 0 appended."""
+        return flow_sampling_sigmas(self.pipe.scheduler, num_steps, (h // 2) * (w // 2))
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:

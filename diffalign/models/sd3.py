@@ -70,6 +70,17 @@ class SD3Adapter(Adapter):
     def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         return noise - x0
 
+    def sampling_sigmas(self, num_steps: int, h: int, w: int) -> Tensor:
+        """The sigmas the pipeline steps through for latents ``h x w`` in ``num_steps`` steps (``[n+1]``,
+        final 0): ``StableDiffusion3Pipeline`` calls ``set_timesteps(n)`` on its static-shift scheduler.
+        FLUX and Qwen-Image override this with their resolution-dependent shift; online methods sample
+        flow rollouts on it."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        sched = FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
+        sched.set_timesteps(num_steps)
+        return sched.sigmas.float()
+
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> dict[str, Tensor]:
         p = list(prompts)
