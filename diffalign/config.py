@@ -155,6 +155,20 @@ class TrainConfig:
     into ``<output_dir>/samples/step-N.png`` and the tracker; empty: off."""
     sample_steps: int = 20
     sample_guidance: float = 5.0
+    max_minutes: float = 0.0
+    """Wall-clock budget in minutes: the first step that ends past it is checkpointed and training
+    stops there (resume with the same config to go on towards ``max_steps``); 0: no budget."""
+    guard_every: int = 0
+    """Over-optimisation guard (``train.overopt``): every this many steps (and at the last), sample
+    ``guard_prompts`` with the current weights and score them with the ``guard_gold`` rewards (a
+    scorer other than the training reward) and the training reward; 0: off."""
+    guard_prompts: str = ""
+    """Held-out prompts file (one per line, or JSONL with ``prompt``) for the guard."""
+    guard_gold: str = ""
+    """Gold reward specs for the guard, comma-separated ``name=path`` (e.g. another reward model, or
+    the exact judge in the toy worlds)."""
+    guard_images: int = 2
+    """Images per guard prompt (fixed seeds: every evaluation sees the same noise)."""
     halt_after_step: int | None = None
     """Testing aid: stop right after this step's checkpoint, as a killed job would."""
 
@@ -351,6 +365,9 @@ def validate(cfg: Config, *, check_data: bool = True) -> None:  # noqa: C901 (on
         ("train.warmup_steps", t.warmup_steps, 0),
         ("train.keep_checkpoints", t.keep_checkpoints, 1),
         ("train.max_bad_steps", t.max_bad_steps, 1),
+        ("train.max_minutes", t.max_minutes, 0.0),
+        ("train.guard_every", t.guard_every, 0),
+        ("train.guard_images", t.guard_images, 1),
         ("train.divergence_window", t.divergence_window, 0),
         ("train.lr", t.lr, 0.0),
         ("train.weight_decay", t.weight_decay, 0.0),
@@ -386,6 +403,13 @@ def validate(cfg: Config, *, check_data: bool = True) -> None:  # noqa: C901 (on
         raise ConfigError("train.margin_cap must be >= 0 and train.auto_beta_rate > 0")
     if not 0.0 <= t.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay: must be in [0, 1), got {t.ema_decay}")
+    if t.guard_every and not (t.guard_prompts and t.guard_gold):
+        raise ConfigError(
+            "train.guard_every: the over-optimisation guard needs train.guard_prompts (held-out prompts) "
+            "and train.guard_gold (reward specs other than the training reward)"
+        )
+    if t.guard_every and not Path(t.guard_prompts).is_file():
+        raise ConfigError(f"train.guard_prompts: {t.guard_prompts!r} does not exist")
     if t.reference == "none" and objective.needs_reference and not t.precompute_reference:
         raise ConfigError(
             f"train.reference: 'none' but objective {cfg.objective.name!r} needs a reference model; "

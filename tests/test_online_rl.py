@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -213,3 +214,66 @@ def test_rollout_micro_batches_must_split_evenly(tiny_models, tiny_clip, prompts
                 "objective.updates_per_rollout=3",
             )
         )
+
+
+def test_overoptimisation_guard_logs_gold_keeps_best_and_does_not_change_training(
+    tiny_models, tiny_clip, prompts_file, tmp_path
+):
+    from diffusers import DiffusionPipeline
+    from test_train import trainable
+
+    args = ("train.max_steps=3", "objective.clip_range=1e-2", "train.lr=3e-2")
+    guard = (
+        "train.guard_every=2",
+        f"train.guard_prompts={prompts_file}",
+        f"train.guard_gold=pickscore={tiny_clip}",
+        "train.sample_steps=3",
+        "train.sample_guidance=2",
+    )
+    train(rl_cfg("flow_grpo", tiny_models["sd3"], prompts_file, tiny_clip, tmp_path / "plain", *args))
+    train(rl_cfg("flow_grpo", tiny_models["sd3"], prompts_file, tiny_clip, tmp_path / "g", *args, *guard))
+    a, b = trainable(tmp_path / "plain"), trainable(tmp_path / "g")
+    for n in a:
+        assert torch.equal(a[n], b[n]), n  # sampling for the guard leaves the training stream alone
+    rows = [r for r in metrics(tmp_path / "g") if "guard/gold" in r]
+    assert [r["step"] for r in rows] == [0, 2, 3]  # the start, every 2 steps, the last
+    for r in rows:
+        assert {"guard/proxy", "guard/diversity", "guard/drift", "guard/gold/pickscore"} <= set(r)
+    assert rows[0]["guard/drift"] == 0.0 and rows[0]["guard/diversity"] > 0
+    best = max(rows, key=lambda r: r["guard/gold"])
+    info = json.loads((tmp_path / "g/best_gold.json").read_text())
+    assert info["step"] == best["step"]
+    pipe = DiffusionPipeline.from_pretrained(str(tiny_models["sd3"]), text_encoder_3=None, tokenizer_3=None)
+    pipe.load_lora_weights(str(tmp_path / "g/best_gold"))  # the best weights load in plain diffusers
+
+
+def test_overoptimisation_warning_fires_when_gold_falls_while_proxy_rises():
+    from diffalign.train.overopt import OverOptGuard
+
+    g = OverOptGuard.__new__(OverOptGuard)
+    g.run_dir, g.warned = Path("run"), False
+    g.history = [{"step": 0.0, "guard/gold": 0.50, "guard/proxy": 1.0}]
+    g.history.append({"step": 10.0, "guard/gold": 0.60, "guard/proxy": 1.2})
+    assert g.check(10) is None  # improving: the best so far
+    g.history.append({"step": 20.0, "guard/gold": 0.59, "guard/proxy": 1.5})
+    assert g.check(20) is None  # within the tolerance
+    g.history.append({"step": 30.0, "guard/gold": 0.40, "guard/proxy": 1.1})
+    assert g.check(30) is None  # gold fell, but so did the proxy: not over-optimisation
+    g.history.append({"step": 40.0, "guard/gold": 0.40, "guard/proxy": 1.9})
+    msg = g.check(40)
+    assert msg is not None and "0.600 (step 10) to 0.400" in msg and "1.200 to 1.900" in msg
+    assert g.check(40) is None  # once per run
+
+
+def test_max_minutes_stops_with_a_checkpoint_and_resume_goes_on(
+    tiny_models, tiny_clip, prompts_file, tmp_path
+):
+    out = tmp_path / "t"
+    args = ("train.max_steps=3", "objective.beta=0")
+    m = train(
+        rl_cfg("flow_grpo", tiny_models["sd3"], prompts_file, tiny_clip, out, *args, "train.max_minutes=1e-9")
+    )
+    assert json.loads((out / "summary.json").read_text())["steps"] == 1 and math.isfinite(m["loss"])
+    assert (out / "checkpoints/step-000001/export").is_dir()
+    train(rl_cfg("flow_grpo", tiny_models["sd3"], prompts_file, tiny_clip, out, *args), resume="latest")
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3]

@@ -467,6 +467,19 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
         truncate_metrics(run_dir / "metrics.jsonl", start_step)  # rows a killed run wrote past its checkpoint
         init_tracking(accelerator, cfg, flat_hparams(cfg), purge_step=start_step + 1)
     export = exporter(adapter, use_lora)
+    overopt = None  # the over-optimisation guard: main process only, outside the DDP forward
+    if t.guard_every and main:
+        from .overopt import OverOptGuard
+
+        overopt = OverOptGuard(cfg, adapter, source.rewards, accelerator.device)
+        if ckpt_path is not None:
+            st = load_checkpoint(ckpt_path)["state"]
+            overopt.restore(st.get("guard", []), bool(st.get("guard_warned", False)))
+        else:  # the starting point: what gold, proxy and pixel statistics are compared against
+            row = overopt.evaluate(0, accelerator.autocast)
+            overopt.keep_best(export)
+            with (run_dir / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps({"step": 0, **row}) + "\n")
 
     # -- loop
     metrics_file = run_dir / "metrics.jsonl"
@@ -534,6 +547,13 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
             lr=lr_sched.get_last_lr()[0],
             **{"data/skipped": skipped_total, "train/bad_steps": guard.total},
         )
+        out_of_time = t.max_minutes > 0 and (time.perf_counter() - t0) / 60 >= t.max_minutes
+        done = step + 1 == t.max_steps or out_of_time
+        if overopt is not None and overopt.due(step + 1, done):
+            logs.update(overopt.evaluate(step + 1, accelerator.autocast))
+            overopt.keep_best(exp_with_ema(ema, trainable, export))
+            if (warning := overopt.check(step + 1)) is not None:
+                print(warning)
         if auto_beta is not None and not bad_step:  # the factor of this step's batch, averaged over processes
             if "margin" not in sums:
                 raise ConfigError(
@@ -562,7 +582,6 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
         bar.update(1)
 
         # -- checkpoint
-        done = step + 1 == t.max_steps
         if (step + 1) % t.checkpoint_every == 0 or done or t.halt_after_step == step + 1:
             in_sync = _ranks_in_sync(accelerator, trainable)
             if ref_print is not None and not _close(fingerprint(ref.base_parameters()), ref_print):
@@ -588,10 +607,10 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
                     "family": adapter.family,
                     "model_path": cfg.model.path,
                     "metrics": logs,
+                    "guard": overopt.state() if overopt else [],
+                    "guard_warned": overopt.warned if overopt else False,
                 }
-                exp = export
-                if ema is not None:
-                    exp = _with_ema(ema, trainable, export)
+                exp = exp_with_ema(ema, trainable, export)
                 extra = {"source": source.state_dict()}
                 if ref.mode == "snapshot":
                     extra["reference"] = ref.snapshot
@@ -613,13 +632,18 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
             bar.close()
             accelerator.end_training()
             return {"halted_at": step + 1, **last}
+        if out_of_time:
+            if main:
+                print(f"train.max_minutes={t.max_minutes:g} reached after step {step + 1}; resume to go on")
+            break
     bar.close()
     elapsed = time.perf_counter() - t0
+    steps_done = step + 1 if t.max_steps > start_step else start_step
     if main:
-        summary = {"steps": t.max_steps, "seconds": elapsed, "config": to_dict(cfg), **last}
+        summary = {"steps": steps_done, "seconds": elapsed, "config": to_dict(cfg), **last}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         print(
-            f"done: {t.max_steps} steps, final loss "
+            f"done: {steps_done} steps, final loss "
             f"{last.get('loss', float('nan')):.4f}, checkpoint {run_dir / 'checkpoints'}"
         )
     accelerator.end_training()
@@ -632,7 +656,11 @@ def _clone(terms: Tensor | dict[str, Tensor]) -> Tensor | dict[str, Tensor]:
     return terms.clone()
 
 
-def _with_ema(ema: EMA, trainable: dict[str, Tensor], export):
+def exp_with_ema(ema: EMA | None, trainable: dict[str, Tensor], export):
+    """The exporter writing the EMA weights when there is an EMA (swapped in for the export)."""
+    if ema is None:
+        return export
+
     def run(folder: Path) -> None:
         ema.swap(trainable)
         try:

@@ -37,6 +37,11 @@ BOOKKEEPING_KEYS = frozenset(
         "train.sample_steps",
         "train.sample_guidance",
         "train.halt_after_step",
+        "train.max_minutes",  # where a run pauses, not what it computes
+        "train.guard_every",  # the guard samples with a forked RNG (tested: the same weights)
+        "train.guard_prompts",
+        "train.guard_gold",
+        "train.guard_images",
         "train.max_bad_steps",
         "train.divergence_window",  # only decides when the warning fires
         "data.num_workers",  # the same batches in workers or not (tested)

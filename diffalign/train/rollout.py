@@ -79,6 +79,7 @@ class RolloutSource:
         self.latent_shape = (adapter.denoiser.config.in_channels, self.res // f, self.res // f)
         self.device = accelerator.device
         self._metrics: dict[str, list[Tensor]] = {}
+        self.rewards: dict[str, Any] = {}  # the training reward (set by each source that has one)
 
     # -- per round ---------------------------------------------------------------------
     def round_prompts(self, r: int) -> list[str]:

@@ -35,6 +35,8 @@ from ..models.base import Adapter, per_sample_error
 
 class Source(Protocol):
     micro_batches: int
+    rewards: dict[str, Any]
+    """The training reward models (rollout sources; empty for datasets): the guard's proxy."""
 
     def batches(
         self, first_step: int, last_step: int, model: torch.nn.Module
@@ -163,6 +165,7 @@ class DatasetSource:
         self.dataset, self.plan, self.objective, self.adapter = dataset, plan, objective, adapter
         self.k, self.rank, self.device, self.num_workers = k, rank, device, num_workers
         self.micro_batches = plan.A  # grad_accum
+        self.rewards: dict[str, Any] = {}
 
     def batches(self, first_step: int, last_step: int, model: torch.nn.Module) -> Iterator[dict[str, Any]]:
         """Collated rows -> latents, conditioning and the noised inputs, one micro-batch at a time
