@@ -80,8 +80,6 @@ def test_one_pipeline_step_equals_the_adapter_prediction(sd35):
     out = pipe(
         ["a red circle"],
         num_inference_steps=1,
-        height=32,
-        width=32,
         guidance_scale=1.0,
         latents=x.clone(),
         output_type="latent",
@@ -98,5 +96,5 @@ def test_sampling_sigmas_are_the_pipelines(sd35):
 
     a = adapter(sd35)
     pipe, call = load_pipeline(sd35)
-    pipe(["a red circle"], num_inference_steps=3, height=32, width=32, output_type="latent", **call)
+    pipe(["a red circle"], num_inference_steps=3, output_type="latent", **call)  # 32 px
     torch.testing.assert_close(a.sampling_sigmas(3, 4, 4), pipe.scheduler.sigmas.float())

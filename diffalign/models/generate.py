@@ -49,6 +49,12 @@ def generate_media(
         "generator": gens,
         **call_kw,
     }
+    if name == "QwenImagePipeline":
+        # no distilled guidance: the scale is true CFG (`true_cfg_scale`), which runs only with a
+        # negative prompt (" ", as the pipeline's docs suggest) and rescales to the conditional norm
+        kw.update(guidance_scale=None, true_cfg_scale=guidance)
+        if guidance > 1:
+            kw.setdefault("negative_prompt", [" "] * len(prompts))
     with torch.inference_mode():
         if name in VIDEO_PIPELINES:
             # TextToVideoSD makes one video per prompt, and AnimateDiff checks a generator list against

@@ -242,13 +242,15 @@ def build_tiny_dit(name: str, words: list[str], seed: int = 0):
     """The tiny pipeline of ``name`` (``sd35``, ``flux``, ``flux-schnell``, ``wan``, ``qwenimage``) and
     the ``diffalign.json`` settings its folder needs (sampling defaults sized for it)."""
     torch.manual_seed(seed)
-    if name == "sd35":  # no T5 (as the tiny sd3): its zero tokens only need to exist, 16 of them
-        return tiny_sd35(words), {"call_defaults": {"max_sequence_length": T5_LENGTH}}
+    # 32 px (the pipelines' own defaults are 480-1024 px); SD3.5 has no T5 here (as the tiny sd3): its
+    # zero tokens only need to exist, 16 of them
+    call = {"max_sequence_length": T5_LENGTH, "height": 32, "width": 32}
+    if name == "sd35":
+        return tiny_sd35(words), {"call_defaults": call}
     if name in ("flux", "flux-schnell"):
-        pipe = tiny_flux(words, guidance_embeds=name == "flux")
-        return pipe, {"call_defaults": {"max_sequence_length": T5_LENGTH}}
+        return tiny_flux(words, guidance_embeds=name == "flux"), {"call_defaults": call}
     if name == "wan":
-        return tiny_wan(words), {"call_defaults": {"max_sequence_length": T5_LENGTH, "num_frames": 5}}
+        return tiny_wan(words), {"call_defaults": {**call, "num_frames": 5}}
     if name == "qwenimage":
-        return tiny_qwenimage(words), {"call_defaults": {"max_sequence_length": T5_LENGTH}}
+        return tiny_qwenimage(words), {"call_defaults": call}
     raise ValueError(f"unknown tiny model {name!r}; valid choices: sd35, flux, flux-schnell, wan, qwenimage")
