@@ -28,7 +28,9 @@ from .registry import suggest
 class ModelConfig:
     path: str = ""
     """Hub id (``org/name``) or a local diffusers pipeline folder (with ``model_index.json``)."""
-    family: Literal["auto", "sd", "sdxl", "sd3", "animatediff", "text2video", "audioldm"] = "auto"
+    family: Literal[
+        "auto", "sd", "sdxl", "sd3", "animatediff", "text2video", "audioldm", "flux", "wan", "qwenimage"
+    ] = "auto"
     """``auto`` reads the pipeline class from ``model_index.json``."""
     prediction_type: Literal["auto", "epsilon", "v_prediction", "flow_matching"] = "auto"
     """``auto`` reads it from the scheduler config; an explicit value must agree with it."""

@@ -89,7 +89,8 @@ def inversion_inputs(
     if adapter.prediction_type not in ("epsilon", "v_prediction"):
         raise ConfigError(
             f"inversion objectives (inpo, smpo) need an epsilon- or v-prediction model (DDIM inversion); "
-            f"this one predicts {adapter.prediction_type}"
+            f"this one predicts {adapter.prediction_type}; on flow models (sd3, flux, qwenimage, wan) use "
+            "diffusion_dpo, rankdpo, kto, mapo or sft"
         )
     B, k = x0.shape[:2]
     ts = torch.stack([adapter.sample_timestep(torch.Generator().manual_seed(s)) for s in seeds])

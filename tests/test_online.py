@@ -237,7 +237,7 @@ def test_online_dpo_group_sampler_is_ddim_for_epsilon_models(tiny_models, monkey
         32 // adapter.pipe.vae_scale_factor,
         32 // adapter.pipe.vae_scale_factor,
     )
-    pairs, phi = group_pairs(
+    pairs, phi, _ = group_pairs(
         obj,
         adapter,
         adapter.denoiser,

@@ -295,8 +295,8 @@ def check_rollout_config(cfg: Config, objective: Any) -> None:
     family = resolve_family(cfg.model)  # reads model_index.json only
     if FAMILY_MODALITY[family] != "image":  # groups are scored by image rewards on [B,3,H,W]
         raise ConfigError(
-            f"objective {name!r} (online) trains image models (sd, sdxl, sd3); {cfg.model.path} is a "
-            f"{FAMILY_MODALITY[family]} model ({family!r})"
+            f"objective {name!r} (online) trains image models (sd, sdxl, sd3, flux, qwenimage); "
+            f"{cfg.model.path} is a {FAMILY_MODALITY[family]} model ({family!r})"
         )
 
 
@@ -495,6 +495,7 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
     n_micro = source.micro_batches
     batches = source.batches(start_step, t.max_steps, model)  # lazily: a rollout samples when reached
     for step in range(start_step, t.max_steps):
+        t_step = time.perf_counter()
         sums: dict[str, list[Tensor]] = defaultdict(list)
         for micro_i in range(n_micro):
             batch = next(batches)
@@ -521,6 +522,7 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
                 sums[name].append(v.detach().reshape(-1))
         for name, v in source.step_metrics().items():  # what the step's rollouts measured
             sums[name].append(v.to(accelerator.device))
+        sums["time/step_s"].append(torch.tensor([time.perf_counter() - t_step]))  # data/rollout + train
         # clip_grad_norm_ with an infinite bound only measures the norm (max_grad_norm = 0: no clipping)
         grad_norm = accelerator.clip_grad_norm_(
             list(trainable.values()), t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
@@ -569,11 +571,16 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
             if main and not divergence.warned:
                 divergence.warned = True
                 print(divergence.warning(step + 1))
+        # wall-clock timings go to the tracker and timing.jsonl, never to metrics.jsonl, whose rows
+        # a resumed run reproduces exactly
+        timing = {n: logs.pop(n) for n in [n for n in logs if n.startswith("time/")]}
         last = logs
         if main and ((step + 1) % t.log_every == 0 or step + 1 == t.max_steps):
-            accelerator.log(logs, step=step + 1)
+            accelerator.log({**logs, **timing}, step=step + 1)
             with metrics_file.open("a") as f:
                 f.write(json.dumps({"step": step + 1, **logs}) + "\n")
+            with (run_dir / "timing.jsonl").open("a") as f:
+                f.write(json.dumps({"step": step + 1, **timing}) + "\n")
             bar.set_postfix(
                 loss=f"{logs['loss']:.4f}",
                 **({"acc": f"{logs['implicit_acc']:.2f}"} if "implicit_acc" in logs else {}),

@@ -23,6 +23,7 @@ policy) travels in the checkpoint (``state_dict``).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -146,13 +147,11 @@ def total_reward(scores: dict[str, Tensor]) -> Tensor:
     return torch.stack(list(scores.values())).sum(0)
 
 
-def flow_grid(adapter: Adapter, steps: int) -> list[float]:
-    """The pipeline's shifted sigmas for ``steps`` sampling steps, ending at 0."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    sch = FlowMatchEulerDiscreteScheduler.from_config(adapter.pipe.scheduler.config)
-    sch.set_timesteps(steps)
-    return [float(s) for s in sch.sigmas]
+def flow_grid(adapter: Adapter, steps: int, latent_shape: tuple[int, ...]) -> list[float]:
+    """The sigmas the family's pipeline steps through for these latents in ``steps`` steps, ending at
+    0 (SD3: the static shift; FLUX / Qwen-Image: the resolution-dependent mu)."""
+    h, w = latent_shape[-2:]
+    return [float(s) for s in adapter.sampling_sigmas(steps, h, w)]
 
 
 # ----------------------------------------------------------------------------- online DPO
@@ -169,10 +168,10 @@ def group_pairs(
     uncond: dict,
     latent_shape: tuple[int, ...],
     gens: torch.Generator | list[torch.Generator],
-) -> tuple[Tensor, Tensor]:
-    """``group_size`` samples per prompt -> (best, worst) clean latents ``[B, 2, ...]`` and phi
-    ``[B, G]``. Flow models sample with the Flow-GRPO SDE (``noise_level``), DDPM-family models
-    with DDIM (``eta``) on the pipeline's noise schedule."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``group_size`` samples per prompt -> (best, worst) clean latents ``[B, 2, ...]``, phi
+    ``[B, G]`` and the summed raw rewards ``[B*G]``. Flow models sample with the Flow-GRPO SDE
+    (``noise_level``), DDPM-family models with DDIM (``eta``) on the pipeline's noise schedule."""
     from ..rewards.ensemble import vote_phi
     from ..samplers.base import randn_like
 
@@ -188,7 +187,7 @@ def group_pairs(
         x0 = flow_sample(
             fn,
             x_T,
-            flow_grid(adapter, obj.sample_steps),
+            flow_grid(adapter, obj.sample_steps, latent_shape),
             (urep, rep),
             obj.guidance_scale,
             obj.noise_level,
@@ -207,7 +206,8 @@ def group_pairs(
     phi = vote_phi(scores)  # [B, G]
     ar = torch.arange(B)
     x0 = x0.view(B, G, *latent_shape)
-    return torch.stack([x0[ar, phi.argmax(1)], x0[ar, phi.argmin(1)]], dim=1), phi
+    pairs = torch.stack([x0[ar, phi.argmax(1)], x0[ar, phi.argmin(1)]], dim=1)
+    return pairs, phi, total_reward({n: v.flatten() for n, v in scores.items()})
 
 
 class PairRollouts(RolloutSource):
@@ -225,7 +225,7 @@ class PairRollouts(RolloutSource):
                 prompts = self.round_prompts(r)
                 cond, uncond = self.encode(prompts)
                 with eval_mode(model), self.accelerator.autocast():
-                    x0, phi = group_pairs(
+                    x0, phi, reward = group_pairs(
                         self.obj,
                         self.adapter,
                         model,
@@ -237,6 +237,7 @@ class PairRollouts(RolloutSource):
                         self.generators(r, len(prompts) * self.obj.group_size),
                     )
                 self.log("phi_spread", (phi.max(1).values - phi.min(1).values).mean())
+                self.log("reward", reward.mean())
                 first = (r * self.world + self.rank) * len(prompts)
                 seeds = [sample_seed(self.seed, first + i, domain=PAIR_NOISE) for i in range(len(prompts))]
                 x_t, t, target = noised_inputs(self.adapter, x0, seeds)
@@ -324,7 +325,7 @@ class GRPORollouts(RolloutSource):
             )
         self.n = n
         if self.flow:
-            self.sigmas = flow_grid(adapter, obj.sample_steps)
+            self.sigmas = flow_grid(adapter, obj.sample_steps, self.latent_shape)
             self.stochastic_all = list(range(obj.sample_steps - 1))  # the last step lands on sigma 0
         else:
             from ..samplers.ddim import NoiseSchedule, ddim_timesteps
@@ -408,6 +409,7 @@ class GRPORollouts(RolloutSource):
     def rollout(self, r: int, model: torch.nn.Module) -> None:
         from ..samplers.base import randn_like
 
+        t0 = time.perf_counter()
         obj, G = self.obj, self.obj.group_size
         prompts = self.round_prompts(r)
         cond, uncond = self.encode(prompts)
@@ -441,8 +443,11 @@ class GRPORollouts(RolloutSource):
                 stds.append(row_std)
                 finals.append(x)
         x0 = torch.cat(finals)  # [N, C, h, w]
+        t1 = time.perf_counter()
         texts = [p for p in prompts for _ in range(G)]
         scores = self.score(self.rewards, x0, texts)
+        self.log("time/sampling_s", t1 - t0)
+        self.log("time/scoring_s", time.perf_counter() - t1)
         reward = total_reward(scores)  # [N]
         adv = advantages_for(reward.view(-1, G), self.accelerator, self.rank, obj.global_std, obj.adv_clip)
         self.log("reward", reward.mean())
@@ -546,7 +551,7 @@ class NFTRollouts(RolloutSource):
                 f"({self.grad_accum}) equal micro-batches"
             )
         self.n = n
-        self.sigmas = flow_grid(adapter, obj.sample_steps)
+        self.sigmas = flow_grid(adapter, obj.sample_steps, self.latent_shape)
         self.n_train = obj.train_steps
         self.micro_batches = self.grad_accum * self.n_train
         self.trainable = trainable
@@ -559,6 +564,7 @@ class NFTRollouts(RolloutSource):
         from ..samplers.base import randn_like
         from ..samplers.flow import flow_sample
 
+        t0 = time.perf_counter()
         obj, G = self.obj, self.obj.group_size
         prompts = self.round_prompts(r)
         cond, _ = self.encode(prompts)
@@ -585,7 +591,10 @@ class NFTRollouts(RolloutSource):
         finally:
             swap_weights(self.trainable, self.old)
         x0 = torch.cat(finals)
+        t1 = time.perf_counter()
         scores = self.score(self.rewards, x0, [p for p in prompts for _ in range(G)])
+        self.log("time/sampling_s", t1 - t0)
+        self.log("time/scoring_s", time.perf_counter() - t1)
         reward = total_reward(scores)
         adv = advantages_for(reward.view(-1, G), self.accelerator, self.rank, obj.global_std, obj.adv_clip)
         self.log("reward", reward.mean())

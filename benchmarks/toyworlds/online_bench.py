@@ -1,0 +1,353 @@
+"""Online RL on ShapesWorld: Flow-GRPO recipes, Flow-GRPO-Fast, DiffusionNFT, GRPO for UNets and
+online DPO at equal wall-clock, judged on held-in and held-out prompts.
+
+    python -m diffalign.benchmarks.toyworlds.online_bench --out runs/online-bench \\
+        [--recipes grpo-a,grpo-b,...] [--minutes 12] [--throughput]
+
+The reward is the exact ShapesWorld judge (``judge_reward.ShapesJudge``, strict 0/1: the toy
+analogue of Flow-GRPO's GenEval reward) on ``--n-train`` distinct held-in prompts, or a toy CLIP
+reward as a proxy (recipes ending in ``-clip``, where the over-optimisation guard's gold curve is the
+judge on held-out prompts). Each recipe trains LoRA rank 8 for ``--minutes`` of wall-clock
+(``train.max_minutes``) on the same machine, one after another; base and aligned are then judged on
+the same prompts and seeds: the training prompts (held-in) and ``--n-eval`` distinct held-out
+prompts, ``--per-prompt`` images each, with paired 95% CIs from a cluster bootstrap over distinct
+prompts (``geneval.stats.overall_gain``). Results are cached per recipe in ``--out``.
+
+``--throughput`` measures rollout sampling instead: every sample of a round batched through the
+pipeline in chunks (as the rollout source samples, in micro-batch chunks) against one pipeline call
+per prompt, at two group sizes. Each recipe's row also reports the share of a step spent sampling
+and scoring (``timing.jsonl`` of the run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+# name -> (objective, model asset, overrides). Levers (issue #21's calibration): clip range, learning
+# rate, group size, timestep subset / SDE window, CFG, optimizer steps per rollout round.
+RECIPES: dict[str, tuple[str, str, list[str]]] = {
+    # the official 1-GPU shape scaled down: 8 prompts x 8, clip 1e-4, one update per round
+    "grpo-a": ("flow_grpo", "toy-sd3", ["train.batch_size=8", "objective.group_size=8", "train.lr=1e-3"]),
+    # a wider trust region and a larger step
+    "grpo-b": (
+        "flow_grpo",
+        "toy-sd3",
+        ["train.batch_size=8", "objective.group_size=8", "train.lr=3e-3", "objective.clip_range=1e-3"],
+    ),
+    # sample reuse: 4 optimizer steps per round (flow_grpo's 2 per epoch, more)
+    "grpo-c": (
+        "flow_grpo",
+        "toy-sd3",
+        [
+            "train.batch_size=8",
+            "objective.group_size=8",
+            "train.lr=3e-3",
+            "objective.clip_range=1e-3",
+            "objective.updates_per_rollout=4",
+        ],
+    ),
+    # larger groups, fewer prompts
+    "grpo-d": (
+        "flow_grpo",
+        "toy-sd3",
+        ["train.batch_size=4", "objective.group_size=16", "train.lr=3e-3", "objective.clip_range=1e-3"],
+    ),
+    # half the trained steps (the high-noise half): cheaper updates
+    "grpo-e": (
+        "flow_grpo",
+        "toy-sd3",
+        [
+            "train.batch_size=8",
+            "objective.group_size=8",
+            "train.lr=3e-3",
+            "objective.clip_range=1e-3",
+            "objective.timestep_fraction=0.5",
+        ],
+    ),
+    # Flow-GRPO-Fast: an SDE window of 2 steps in the first half, the rest ODE
+    "fast": (
+        "flow_grpo",
+        "toy-sd3",
+        [
+            "train.batch_size=8",
+            "objective.group_size=8",
+            "train.lr=3e-3",
+            "objective.clip_range=1e-3",
+            "objective.sde_window=2",
+            "objective.window_hi=5",
+        ],
+    ),
+    "nft": (
+        "diffusion_nft",
+        "toy-sd3",
+        ["train.batch_size=8", "objective.group_size=8", "train.lr=1e-3", "objective.guidance_scale=1"],
+    ),
+    "online-dpo": (
+        "online_dpo",
+        "toy-sd3",
+        [
+            "train.batch_size=8",
+            "objective.group_size=4",
+            "train.lr=1e-3",
+            "objective.beta=100",
+            "objective.ref_refresh_every=50",
+        ],
+    ),
+    "grpo-unet": (
+        "grpo",
+        "toy-sd",
+        [
+            "train.batch_size=8",
+            "objective.group_size=8",
+            "objective.sample_steps=10",
+            "objective.guidance_scale=4",
+            "train.lr=3e-3",
+            "objective.clip_range=1e-3",
+            "objective.timestep_fraction=0.5",
+        ],
+    ),
+}
+CLIP_PROXY = "-clip"  # a recipe name + this suffix: the same recipe with the toy CLIP reward
+
+
+def recipe(name: str) -> tuple[str, str, list[str], bool]:
+    proxy = name.endswith(CLIP_PROXY)
+    base = name[: -len(CLIP_PROXY)] if proxy else name
+    if base not in RECIPES:
+        raise SystemExit(
+            f"unknown recipe {name!r}; choose from {', '.join(RECIPES)} (optionally + {CLIP_PROXY})"
+        )
+    objective, model, ovs = RECIPES[base]
+    return objective, model, ovs, proxy
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:  # noqa: C901 (the benchmark script, read top to bottom)
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="runs/online-bench")
+    ap.add_argument("--recipes", default="grpo-a,grpo-b,grpo-c,grpo-d,grpo-e,fast")
+    ap.add_argument("--minutes", type=float, default=12.0)
+    ap.add_argument("--n-train", type=int, default=40)
+    ap.add_argument("--n-eval", type=int, default=60)
+    ap.add_argument("--per-prompt", type=int, default=2)
+    ap.add_argument("--sample-steps", type=int, default=10, help="rollout and evaluation steps")
+    ap.add_argument("--guidance", type=float, default=4.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--throughput", action="store_true")
+    args = ap.parse_args(argv)
+    if args.throughput:
+        return throughput(Path(args.out), args.sample_steps, args.guidance)
+
+    import diffalign.benchmarks.toyworlds.judge_reward  # noqa: F401  (registers shapes_judge)
+    from diffalign._quiet import quiet_libraries
+    from diffalign.benchmarks.geneval.metadata import shapes_prompts
+    from diffalign.benchmarks.geneval.stats import overall_gain
+    from diffalign.benchmarks.toyworlds.evaluate import evaluate_pipeline
+    from diffalign.config import load_config
+    from diffalign.demo import asset
+    from diffalign.models.loading import load_pipeline, load_trained_pipeline, pipeline_call_defaults
+    from diffalign.train import train
+
+    quiet_libraries()
+    root = Path(args.out)
+    root.mkdir(parents=True, exist_ok=True)
+    train_rows = shapes_prompts("train", args.n_train, args.seed)
+    prompts = root / "prompts.jsonl"  # GenEval metadata lines: the rollout prompts and the judge's key
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in train_rows))
+    guard_prompts = root / "guard_prompts.jsonl"  # held-out prompts for the guard (gold = the judge)
+    guard_rows = shapes_prompts("heldout", 24, args.seed + 2000)
+    guard_prompts.write_text("".join(json.dumps(r) + "\n" for r in guard_rows))
+    judge_all = root / "judge_all.jsonl"  # the judge must know the guard's prompts too
+    judge_all.write_text(prompts.read_text() + guard_prompts.read_text())
+    evals = {
+        "held_in": dict(split="train", n_prompts=args.n_train, seed=args.seed),
+        "held_out": dict(split="heldout", n_prompts=args.n_eval, seed=args.seed + 1000),
+    }
+    common = dict(per_prompt=args.per_prompt, steps=args.sample_steps, guidance=args.guidance)
+    base: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def judged(pipe: Any, model: str, which: str, call_kw: dict[str, Any]) -> dict[str, Any]:
+        return evaluate_pipeline(pipe, **evals[which], **common, **call_kw)
+
+    rows = []
+    for name in [r.strip() for r in args.recipes.split(",") if r.strip()]:
+        objective, model_name, ovs, proxy = recipe(name)
+        res_file = root / f"{name}.json"
+        if res_file.exists():
+            rows.append(json.loads(res_file.read_text()))
+            print(f"{name}: cached")
+            continue
+        model = asset(model_name)
+        reward = f"pickscore={asset('toy-clip-a')}" if proxy else f"shapes_judge={judge_all}"
+        run_dir = root / "runs" / name
+        cfg = load_config(
+            None,
+            [
+                f"model.path={model}",
+                f"data.path={prompts}",
+                "data.resolution=32",
+                f"train.output_dir={run_dir}",
+                f"objective.name={objective}",
+                f"objective.rewards={reward}",
+                f"objective.sample_steps={args.sample_steps}",
+                f"objective.guidance_scale={args.guidance}",
+                "objective.beta=0" if objective in ("flow_grpo", "grpo") else "objective.beta=1.0",
+                "lora.rank=8",
+                f"train.seed={args.seed}",
+                "train.max_steps=100000",
+                f"train.max_minutes={args.minutes}",
+                "train.checkpoint_every=100000",
+                "train.warmup_steps=0",
+                "train.lr_scheduler=constant",
+                "train.log_every=1",
+                "train.guard_every=25",
+                f"train.guard_prompts={guard_prompts}",
+                f"train.guard_gold=shapes_judge={judge_all}",
+                f"train.sample_steps={args.sample_steps}",
+                f"train.sample_guidance={args.guidance}",
+                *ovs,
+            ],
+        )
+        t0 = time.time()
+        if not (run_dir / "summary.json").exists():
+            print(
+                f"[{name}] {objective} on {model_name}, {args.minutes:g} min, reward {reward.split('=')[0]}"
+            )
+            train(cfg)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        t_train = time.time() - t0
+        aligned = load_trained_pipeline(run_dir)
+        aligned.set_progress_bar_config(disable=True)
+        row: dict[str, Any] = {
+            "recipe": name,
+            "objective": objective,
+            "model": model_name,
+            "reward": "toy-clip-a (proxy)" if proxy else "shapes judge",
+            "overrides": ovs,
+            "minutes": args.minutes,
+            "steps": summary["steps"],
+            "train_seconds": summary["seconds"],
+        }
+        rollout_rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        rewards = [r["reward"] for r in rollout_rows if "reward" in r]
+        row["rollout_reward_first_last"] = [rewards[0], rewards[-1]] if rewards else None
+        row["samples"] = len(rewards) * _samples_per_round(ovs)
+        for which in evals:
+            key = (model_name, which)
+            if key not in base:
+                pipe, call_kw = load_pipeline(model)
+                base[key] = judged(pipe, model, which, call_kw)
+            res = judged(aligned, model, which, pipeline_call_defaults(model))
+            gain = overall_gain(base[key]["results"], res["results"])
+            row[which] = {
+                "base": base[key]["summary"]["overall"],
+                "aligned": res["summary"]["overall"],
+                "gain": gain["diff"],
+                "ci95": [gain["ci95_low"], gain["ci95_high"]],
+                "prompts": gain["n_prompts"],
+            }
+        timing = [json.loads(x) for x in (run_dir / "timing.jsonl").read_text().splitlines()]
+        rounds = [t for t in timing if "time/sampling_s" in t]
+        total = sum(t["time/step_s"] for t in timing)
+        row["share_sampling"] = sum(t["time/sampling_s"] for t in rounds) / total if total else None
+        row["share_scoring"] = sum(t["time/scoring_s"] for t in rounds) / total if total else None
+        guard = [r for r in rollout_rows if "guard/gold" in r]
+        row["guard"] = [{k: r[k] for k in ("step", "guard/gold", "guard/proxy") if k in r} for r in guard]
+        row["wall_seconds"] = t_train
+        res_file.write_text(json.dumps(row, indent=1))
+        rows.append(row)
+        print(_line(row))
+    print("\n| recipe | objective | steps | samples | held-in gain [95% CI] | held-out gain [95% CI] |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(_line(r))
+    return rows
+
+
+def _samples_per_round(ovs: list[str]) -> int:
+    kv = dict(o.split("=", 1) for o in ovs)
+    return int(kv.get("train.batch_size", 1)) * int(kv.get("objective.group_size", 1))
+
+
+def _line(r: dict[str, Any]) -> str:
+    def g(x: dict[str, Any]) -> str:
+        return (
+            f"{x['base']:.3f} -> {x['aligned']:.3f}: {x['gain']:+.3f} "
+            f"[{x['ci95'][0]:+.3f}, {x['ci95'][1]:+.3f}] ({x['prompts']} prompts)"
+        )
+
+    return (
+        f"| {r['recipe']} | {r['objective']} | {r['steps']} | {r['samples']} | {g(r['held_in'])} | "
+        f"{g(r['held_out'])} |"
+    )
+
+
+def throughput(out: Path, steps: int, guidance: float) -> list[dict[str, Any]]:
+    """Batched rollouts (``GRPORollouts.rollout``: chunks of the round) vs one pipeline call per
+    prompt (``num_images_per_prompt = G``, the way a per-prompt loop samples), samples per second,
+    at two group sizes; interleaved repeats, median ratio."""
+    import statistics
+
+    import torch
+
+    from diffalign.demo import asset
+    from diffalign.models.loading import load_pipeline
+
+    torch.set_num_threads(2)
+    pipe, call_kw = load_pipeline(asset("toy-sd3"))
+    pipe.set_progress_bar_config(disable=True)
+    from diffalign.benchmarks.geneval.metadata import shapes_prompts
+
+    prompts = [r["prompt"] for r in shapes_prompts("train", 8, 0)]
+    rows = []
+    for G in (4, 16):
+
+        def per_prompt(G: int = G) -> float:
+            t0 = time.perf_counter()
+            for p in prompts:
+                pipe(
+                    p,
+                    num_images_per_prompt=G,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
+                    output_type="pt",
+                    **call_kw,
+                )
+            return len(prompts) * G / (time.perf_counter() - t0)
+
+        def batched(G: int = G) -> float:
+            t0 = time.perf_counter()
+            chunk = 32
+            texts = [p for p in prompts for _ in range(G)]
+            for i in range(0, len(texts), chunk):
+                pipe(
+                    texts[i : i + chunk],
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
+                    output_type="pt",
+                    **call_kw,
+                )
+            return len(texts) / (time.perf_counter() - t0)
+
+        a, b = [], []
+        for _ in range(3):  # interleaved A/B
+            a.append(per_prompt())
+            b.append(batched())
+        row = {
+            "group_size": G,
+            "per_prompt_samples_per_s": statistics.median(a),
+            "batched_samples_per_s": statistics.median(b),
+        }
+        row["ratio"] = row["batched_samples_per_s"] / row["per_prompt_samples_per_s"]
+        rows.append(row)
+        print(row)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "throughput.json").write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
