@@ -204,15 +204,19 @@ def _parser() -> argparse.ArgumentParser:
     de.add_argument(
         "--objective",
         default="rankdpo",
-        help="rankdpo (default), diffusion_dpo, kto, sft, or "
-        "online_dpo (no Syn-Pic: the policy samples its own groups)",
+        help="rankdpo (default), diffusion_dpo, kto, sft, or online: online_dpo, flow_grpo (toy-sd3), "
+        "grpo (toy-sd), diffusion_nft (toy-sd3): no Syn-Pic, the policy samples its own groups; the "
+        "policy-gradient ones are rewarded by the exact ShapesWorld judge unless --reward is given",
     )
-    de.add_argument("--beta", type=float, default=2000.0)
+    de.add_argument(
+        "--beta", type=float, default=None, help="objective.beta (default 2000; online RL: its recipe's)"
+    )
     de.add_argument(
         "--steps",
         type=int,
-        default=800,
-        help="training steps of 8 (the budget knob; 800 take ~4 min on 2 cores)",
+        default=None,
+        help="training steps of 8 (the budget knob; default 800, ~4 min on 2 cores; online RL: 40 "
+        "steps of 8 prompts x 8 samples, ~10 min)",
     )
     de.add_argument("--lr", type=float, default=1e-3)
     de.add_argument("--train-prompts", type=int, default=100)
@@ -328,8 +332,9 @@ def _run(args: argparse.Namespace) -> int:  # noqa: C901 (one branch per subcomm
 
             for name, cls in OBJECTIVES.items():
                 doc = (cls.__doc__ or "").strip().splitlines()[0]
-                ref = "reference" if cls.needs_reference else "no reference"
-                print(f"{name:16s} {cls.kind:11s} {ref:13s} {doc}")
+                need = vars(cls)["needs_reference"]  # a bool, or a property of the hyperparameters
+                ref = "reference" if need is True else "no reference" if need is False else "ref. if KL>0"
+                print(f"{name:14s} {cls.kind:11s} {cls.source:8s} {ref:13s} {doc}")
         elif args.kind in ("rewards", "samplers"):
             from .rewards import REWARDS
             from .samplers import SAMPLERS

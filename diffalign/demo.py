@@ -39,8 +39,38 @@ def asset(name: str) -> str:
 
 # Objectives the demo trains with its shared recipe (beta, lr, steps); the others need their own data
 # or settings (MaPO's beta, SmPO's scores, DCPO's pairs, SPO's step model): see objective_bench.
-DEMO_OBJECTIVES = ("rankdpo", "diffusion_dpo", "kto", "sft", "online_dpo")
-DEMO_OUTPUTS = ("prompts.txt", "synpic", "pairs.parquet", "cache", "run", "report", "results.jsonl")
+DEMO_OBJECTIVES = (
+    "rankdpo",
+    "diffusion_dpo",
+    "kto",
+    "sft",
+    "online_dpo",
+    "flow_grpo",
+    "grpo",
+    "diffusion_nft",
+)
+DEMO_OUTPUTS = (
+    "prompts.txt",
+    "prompts.jsonl",
+    "synpic",
+    "pairs.parquet",
+    "cache",
+    "run",
+    "report",
+    "results.jsonl",
+)
+# Online RL in the demo: the policy model, the default number of steps (each samples and judges
+# batch_size x group_size images) and the recipe. The reward is the exact ShapesWorld judge on the
+# training prompts (the toy analogue of Flow-GRPO's GenEval reward) unless --reward is given.
+RL_RECIPES: dict[str, tuple[str, int, list[str]]] = {
+    "flow_grpo": ("toy-sd3", 40, ["objective.group_size=8", "objective.clip_range=1e-3", "objective.beta=0"]),
+    "grpo": (
+        "toy-sd",
+        40,
+        ["objective.group_size=8", "objective.clip_range=1e-3", "objective.timestep_fraction=0.5"],
+    ),
+    "diffusion_nft": ("toy-sd3", 40, ["objective.group_size=8", "objective.guidance_scale=1"]),
+}
 
 
 def train_prompts(n: int, seed: int) -> list[str]:
@@ -66,7 +96,7 @@ def _bad(value: Any, lo: float, integer: bool, above: bool = False) -> bool:
 def check_demo_options(
     steps: int,
     lr: float,
-    beta: float,
+    beta: float | None,
     n_train: int,
     n_eval: int,
     per_prompt: int,
@@ -81,7 +111,7 @@ def check_demo_options(
     checks: list[tuple[str, Any, float, bool, bool]] = [  # option, value, lowest, integer, strictly above
         ("--steps (train.max_steps)", steps, 1, True, False),
         ("--lr (train.lr)", lr, 0, False, True),
-        ("--beta (objective.beta)", beta, 0, False, True),
+        *([("--beta (objective.beta)", beta, 0, False, True)] if beta is not None else []),
         ("--train-prompts", n_train, 1, True, False),
         ("--eval-prompts", n_eval, 1, True, False),
         ("--per-prompt", per_prompt, 1, True, False),
@@ -106,8 +136,8 @@ def run_demo(  # noqa: C901 (the demo pipeline, read top to bottom)
     generators: list[str] | None = None,
     rewards: list[str] | None = None,
     objective: str = "rankdpo",
-    beta: float = 2000.0,
-    steps: int = 800,
+    beta: float | None = None,
+    steps: int | None = None,
     lr: float = 1e-3,
     batch_size: int = 8,
     n_train: int = 100,
@@ -122,7 +152,9 @@ def run_demo(  # noqa: C901 (the demo pipeline, read top to bottom)
 ) -> dict[str, Any]:
     """``images_per_generator`` and ``synpic_guidance`` (Syn-Pic's guidance per generator; ``guidance``
     is the evaluation's) default to [2, 2, 1] and [guidance, guidance, 1] for the default generators
-    (toy-sd, toy-sd3, the policy unguided), and to 2 and ``guidance`` for generators you pass."""
+    (toy-sd, toy-sd3, the policy unguided), and to 2 and ``guidance`` for generators you pass.
+    ``beta`` and ``steps`` default to 2000 and 800, and for the online RL objectives (``RL_RECIPES``)
+    to their recipe's (the judge-rewarded policy-gradient methods sample every step)."""
     if objective not in DEMO_OBJECTIVES:  # before any work (and before the heavy imports)
         from .registry import suggest
 
@@ -131,6 +163,9 @@ def run_demo(  # noqa: C901 (the demo pipeline, read top to bottom)
             f"up.{suggest(objective, list(DEMO_OBJECTIVES))} Every objective "
             "runs in `python -m diffalign.benchmarks.toyworlds.objective_bench`."
         )
+    rl = RL_RECIPES.get(objective)  # online RL: its own model, step count and recipe
+    steps = steps if steps is not None else rl[1] if rl else 800
+    beta = beta if beta is not None or rl else 2000.0
     check_demo_options(
         steps,
         lr,
@@ -162,8 +197,11 @@ def run_demo(  # noqa: C901 (the demo pipeline, read top to bottom)
 
     quiet_libraries()
     t_start = time.time()
-    online = objective == "online_dpo"  # the policy draws its own groups each step: no Syn-Pic stage
-    model = model or asset("toy-sd")
+    from .objectives import OBJECTIVES
+
+    online = OBJECTIVES.get(objective).source == "rollout"  # the policy samples its own groups: no Syn-Pic
+    model = model or asset(rl[0] if rl else "toy-sd")
+    judge = rl is not None and rewards is None  # the exact judge as reward (needs prompt metadata)
     if online:
         generators = []
     elif generators is None:  # the two toy models, plus the policy unguided as a source of clear losers
@@ -176,7 +214,19 @@ def run_demo(  # noqa: C901 (the demo pipeline, read top to bottom)
 
     run_dir = root / "run"
     ranked = root / "synpic"
-    if online:
+    if judge:
+        import diffalign.benchmarks.toyworlds.judge_reward  # noqa: F401  (registers shapes_judge)
+
+        rewards = [f"shapes_judge={root / 'prompts.jsonl'}"]
+    if rl:
+        data_ovs = [f"data.path={root / 'prompts.jsonl'}"]
+        obj_ovs = [
+            f"objective.rewards={','.join(rewards)}",
+            f"objective.sample_steps={sample_steps}",
+            f"objective.guidance_scale={guidance}",
+            *rl[2],
+        ]
+    elif online:
         data_ovs = [f"data.path={root / 'prompts.txt'}"]
         obj_ovs = [
             f"objective.rewards={','.join(rewards)}",
@@ -193,7 +243,7 @@ def run_demo(  # noqa: C901 (the demo pipeline, read top to bottom)
         data_ovs.append(f"data.cache_dir={root / 'cache'}")
     obj_ovs = [
         f"objective.name={objective}",
-        *([f"objective.beta={beta}"] if objective != "sft" else []),
+        *([f"objective.beta={beta}"] if objective != "sft" and beta is not None else []),
         *obj_ovs,
     ]
     cfg = load_config(
@@ -230,6 +280,11 @@ def run_demo(  # noqa: C901 (the demo pipeline, read top to bottom)
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     root.mkdir(parents=True, exist_ok=True)
     (root / "prompts.txt").write_text("\n".join(train_prompts(n_train, seed)))
+    if rl:  # GenEval metadata lines: the rollout prompts, and what the judge checks each image against
+        from .benchmarks.geneval.metadata import shapes_prompts as metadata
+
+        rows = metadata("train", n_train, seed)
+        (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     if online:
         print(f"[1/4] Syn-Pic: skipped ({objective} samples {n_train} prompts with the policy as it trains)")
@@ -336,7 +391,11 @@ def run_demo(  # noqa: C901 (the demo pipeline, read top to bottom)
                 "same seed; the same images as two grids in base.png and aligned.png.",
             ),
             ("Per-tag accuracy", bars, "judged by the exact ShapesWorld detector with GenEval's rules"),
-            ("Training curves", curve, f"{objective}, beta {beta}, lr {lr}, {steps} steps"),
+            (
+                "Training curves",
+                curve,
+                f"{objective}, beta {beta if beta is not None else 'default'}, lr {lr}, {steps} steps",
+            ),
             (f"Held-out prompts ({sb['n_prompts']} distinct)", None, prompt_list),
         ],
         metrics,

@@ -127,3 +127,26 @@ def test_demo_online_dpo_skips_synpic_and_reports(tmp_path, tiny_models, tiny_cl
     assert m["settings"]["objective"] == "online_dpo" and m["settings"]["generators"] == []
     assert len(m["aligned"]["per_tag"]) == 5
     assert (tmp_path / "on" / "run" / "checkpoints" / "latest").exists()
+
+
+def test_demo_flow_grpo_runs_the_online_rl_path_with_the_judge_as_reward(tmp_path, tiny_models):
+    """`diffalign demo --objective flow_grpo`: no Syn-Pic, prompts with GenEval metadata, the exact
+    ShapesWorld judge as the reward, a report."""
+    m = run_demo(
+        out=str(tmp_path / "rl"),
+        model=str(tiny_models["sd3"]),
+        objective="flow_grpo",
+        steps=1,
+        n_train=4,
+        n_eval=5,
+        per_prompt=2,
+        sample_steps=2,
+        batch_size=2,
+    )
+    root = tmp_path / "rl"
+    assert not (root / "synpic").exists() and (root / "report" / "index.html").exists()
+    assert m["settings"]["rewards"] == [f"shapes_judge={root / 'prompts.jsonl'}"]
+    rows = [json.loads(x) for x in (root / "prompts.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all("include" in r for r in rows)
+    logged = json.loads((root / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert 0.0 <= logged["reward"] <= 1.0 and logged["ratio"] == 1.0
