@@ -279,3 +279,61 @@ def test_max_minutes_stops_with_a_checkpoint_and_resume_goes_on(
     assert (out / "checkpoints/step-000001/export").is_dir()
     train(rl_cfg("flow_grpo", tiny_models["sd3"], prompts_file, tiny_clip, out, *args), resume="latest")
     assert [r["step"] for r in metrics(out)] == [1, 2, 3]
+
+
+def test_two_processes_equal_one_for_flow_grpo(tiny_models, tiny_clip, prompts_file, tmp_path):
+    """accelerate launch --num_processes 2 (CPU, gloo) samples the same groups as one process at the
+    same global group count (one global prompt draw per round, per-sample seeds from global indices,
+    advantages over the gathered rewards) and ends with the same weights."""
+    import os
+    import subprocess
+    import sys
+
+    from test_train import REPO, final_ckpt, trainable
+
+    args = ["train.max_steps=2", "objective.clip_range=1e-2", "train.lr=3e-2", "objective.beta=0.04"]
+    one = tmp_path / "one"
+    train(
+        rl_cfg(
+            "flow_grpo",
+            tiny_models["sd3"],
+            prompts_file,
+            tiny_clip,
+            one,
+            *args,
+            "train.batch_size=2",
+            "train.grad_accum=2",
+        )
+    )
+    two = tmp_path / "two"
+    cfg = rl_cfg("flow_grpo", tiny_models["sd3"], prompts_file, tiny_clip, two, *args, "train.batch_size=1")
+    from diffalign.config import dump_config
+
+    dump_config(cfg, tmp_path / "two.yaml")
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "configs/accelerate/cpu2.yaml"),
+        "-m",
+        "diffalign.cli",
+        "train",
+        str(tmp_path / "two.yaml"),
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = json.loads((final_ckpt(two) / "state.json").read_text())
+    assert state["world_size"] == 2 and state["ranks_in_sync"] is True
+    m1, m2 = metrics(one), metrics(two)
+    for key in ("reward", "loss", "ratio", "kl", "advantage", "clipfrac"):  # step 1: the same groups
+        assert m1[0][key] == pytest.approx(m2[0][key], rel=1e-5, abs=1e-7), key
+    assert m1[1]["reward"] == pytest.approx(m2[1]["reward"], rel=1e-4)
+    # Adam's first steps move every entry by about lr * sign(gradient): where a gradient entry is at
+    # the float noise of the summation order (DDP all-reduce vs local accumulation, 1 vs 2 threads)
+    # its sign can differ, so most entries agree to 1e-5 and the rest by at most 2 lr per step
+    w1, w2 = trainable(one), trainable(two)
+    diffs = torch.cat([(w1[n] - w2[n]).abs().flatten() for n in w1])
+    assert (diffs <= 1e-5).float().mean() > 0.9 and diffs.max() <= 2 * 3e-2 * 2
