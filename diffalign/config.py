@@ -449,7 +449,11 @@ def validate(cfg: Config, *, check_data: bool = True) -> None:  # noqa: C901 (on
 
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ConfigError("train.optimizer: 'adamw8bit' needs bitsandbytes (pip install bitsandbytes)")
-    if check_data:
+    if check_data and objective.source == "rollout":  # data.path is a prompts file
+        from .synpic import read_prompts
+
+        read_prompts(cfg.data.path)
+    elif check_data:
         from .data.pairs import check_source
 
         check_source(cfg.data)

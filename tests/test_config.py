@@ -39,7 +39,7 @@ def test_yaml_scientific_notation_is_a_number(tmp_path):
             r"train.mixed_precision: 'fp8' is not a valid choice; valid choices: no, fp16, bf16",
         ),
         ("train.batch_size=two", r"train.batch_size: expected an integer"),
-        ("model.family=flux", r"model.family: 'flux' is not a valid choice"),
+        ("model.family=fluxx", r"model.family: 'fluxx' is not a valid choice"),
         ("train.lr", r"must look like key=value"),
     ],
 )
@@ -79,9 +79,10 @@ def test_shipped_configs_exist():
     assert {"sd15_dpo_lora.yaml", "sdxl_dpo_lora.yaml", "sd3_dpo_lora.yaml"} <= names
 
 
-# objectives defined only for one family: InPO/SmPO invert with DDIM and SPO samples with DDIM
-# (epsilon models); online_dpo runs on both (flow SDE or DDIM groups)
-ONLY_SDXL, ONLY_SD3 = {"inpo", "smpo", "spo"}, set()
+# objectives defined only for one kind of model: InPO/SmPO invert with DDIM and SPO and GRPO sample
+# with DDIM (epsilon / v models); Flow-GRPO and DiffusionNFT are flow-matching methods; online_dpo
+# runs on both (flow SDE or DDIM groups)
+ONLY_SDXL, ONLY_SD3 = {"inpo", "smpo", "spo", "grpo"}, {"flow_grpo", "diffusion_nft"}
 
 
 def test_every_objective_has_sdxl_and_sd3_configs():

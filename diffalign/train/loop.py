@@ -233,10 +233,7 @@ def train(cfg: Config, resume: str | None = None, allow_config_change: bool = Fa
     ``allow_config_change``: accept (and record) settings that differ from the resumed run's.
     Returns final metrics. The run folder is locked while this runs (``provenance.RunLock``)."""
     quiet_libraries()
-    from ..objectives import OBJECTIVES
-
-    rollout = OBJECTIVES.get(cfg.objective.name).source == "rollout"  # prompts, not pair files
-    validate(cfg, check_data=not rollout)  # everything that can fail without weights fails here
+    validate(cfg)  # everything that can fail without weights fails here (a prompts file for rollouts)
     # one writer per run folder: the main process of this launch holds the lock (RANK: accelerate launch)
     lock = RunLock(Path(cfg.train.output_dir)).acquire() if int(os.environ.get("RANK", "0")) == 0 else None
     try:
