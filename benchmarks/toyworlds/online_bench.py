@@ -112,9 +112,54 @@ RECIPES: dict[str, tuple[str, str, list[str]]] = {
     ),
 }
 CLIP_PROXY = "-clip"  # a recipe name + this suffix: the same recipe with the toy CLIP reward
+OFFLINE = "rankdpo"
+"""The offline comparator at the same wall-clock: the demo's recipe (Syn-Pic from toy-sd, toy-sd3 and
+the policy unguided on the same held-in prompts, ranked by the two toy CLIP rewards, then RankDPO),
+on toy-sd3 with beta 100 (toy-sd3's velocity errors; objective_bench's validated online-DPO value);
+the Syn-Pic minutes count against the budget."""
+
+
+def offline_rankdpo(
+    root: Path, prompts: Path, minutes: float, steps: int, guidance: float, seed: int
+) -> list[str]:
+    """Build the Syn-Pic set (timed) and return the config overrides that train RankDPO on it for
+    the rest of the budget."""
+    from diffalign.demo import asset
+    from diffalign.synpic import SynPicConfig, read_prompts, run_synpic
+
+    texts = root / "prompts_offline.txt"
+    texts.write_text("\n".join(read_prompts(str(prompts))))
+    t0 = time.time()
+    ranked = run_synpic(
+        SynPicConfig(
+            prompts=str(texts),
+            generators=[asset("toy-sd"), asset("toy-sd3"), asset("toy-sd3")],
+            rewards=[f"pickscore={asset('toy-clip-a')}", f"pickscore={asset('toy-clip-b')}"],
+            out=str(root / "synpic"),
+            images_per_generator=[2, 2, 1],
+            steps=steps,
+            guidance=[guidance, guidance, 1.0],
+            seed=seed,
+            shard_size=64,
+            batch_prompts=32,
+        )
+    )
+    spent = (time.time() - t0) / 60
+    (root / "synpic_minutes.json").write_text(json.dumps({"minutes": spent}))
+    return [
+        f"data.path={ranked}",
+        "data.format=ranked",
+        "objective.name=rankdpo",
+        "objective.beta=100",
+        "train.batch_size=8",
+        "train.lr=1e-3",
+        f"train.max_minutes={max(0.1, minutes - spent)}",
+    ]
 
 
 def recipe(name: str) -> tuple[str, str, list[str], bool]:
+    if name == OFFLINE:
+        return "rankdpo", "toy-sd3", [], False
     proxy = name.endswith(CLIP_PROXY)
     base = name[: -len(CLIP_PROXY)] if proxy else name
     if base not in RECIPES:
@@ -211,6 +256,25 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:  # noqa: C901 (
                 *ovs,
             ],
         )
+        if name == OFFLINE:  # a dataset source: Syn-Pic first, then RankDPO for the rest of the budget
+            offline = offline_rankdpo(
+                root, prompts, args.minutes, args.sample_steps, args.guidance, args.seed
+            )
+            cfg = load_config(
+                None,
+                [
+                    f"model.path={model}",
+                    "data.resolution=32",
+                    f"train.output_dir={run_dir}",
+                    "lora.rank=8",
+                    f"train.seed={args.seed}",
+                    "train.max_steps=100000",
+                    "train.checkpoint_every=100000",
+                    "train.warmup_steps=0",
+                    "train.lr_scheduler=constant",
+                    *offline,
+                ],
+            )
         t0 = time.time()
         if not (run_dir / "summary.json").exists():
             print(
@@ -235,6 +299,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:  # noqa: C901 (
         rewards = [r["reward"] for r in rollout_rows if "reward" in r]
         row["rollout_reward_first_last"] = [rewards[0], rewards[-1]] if rewards else None
         row["samples"] = len(rewards) * _samples_per_round(ovs)
+        if name == OFFLINE:
+            row["samples"] = 5 * args.n_train  # Syn-Pic images
+            row["synpic_minutes"] = json.loads((root / "synpic_minutes.json").read_text())["minutes"]
         for which in evals:
             key = (model_name, which)
             if key not in base:
@@ -251,7 +318,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:  # noqa: C901 (
             }
         timing = [json.loads(x) for x in (run_dir / "timing.jsonl").read_text().splitlines()]
         rounds = [t for t in timing if "time/sampling_s" in t]
-        total = sum(t["time/step_s"] for t in timing)
+        total = sum(t["time/step_s"] for t in timing) or None
         row["share_sampling"] = sum(t["time/sampling_s"] for t in rounds) / total if total else None
         row["share_scoring"] = sum(t["time/scoring_s"] for t in rounds) / total if total else None
         guard = [r for r in rollout_rows if "guard/gold" in r]
