@@ -81,6 +81,7 @@ class RolloutSource:
         self.device = accelerator.device
         self._metrics: dict[str, list[Tensor]] = {}
         self.rewards: dict[str, Any] = {}  # the training reward (set by each source that has one)
+        self.buffer: dict[str, Any] | None = None  # the current round (sources with rounds)
 
     # -- per round ---------------------------------------------------------------------
     def round_prompts(self, r: int) -> list[str]:
@@ -111,6 +112,35 @@ class RolloutSource:
         """Rewards ``{name: [N]}`` of clean latents ``x0 [N,...]`` (decoded here)."""
         imgs = self.adapter.decode_latents(x0).cpu()
         return {n: r(imgs, prompts).scores.float() for n, r in rewards.items()}
+
+    def round_split(self, name: str) -> tuple[int, int]:
+        """(samples per round, samples per micro-batch): ``batch_size x group_size`` samples split
+        into ``updates_per_rollout`` optimizer steps of ``grad_accum`` equal chunks."""
+        obj = self.obj
+        n = self.batch_size * obj.group_size
+        chunk, rem = divmod(n, obj.updates_per_rollout * self.grad_accum)
+        if rem or chunk == 0:
+            raise ConfigError(
+                f"{name}: train.batch_size x objective.group_size = {n} samples per round must split into "
+                f"objective.updates_per_rollout ({obj.updates_per_rollout}) x train.grad_accum "
+                f"({self.grad_accum}) equal micro-batches"
+            )
+        return n, chunk
+
+    def rollout(self, r: int, model: torch.nn.Module) -> None:
+        """Sample, score and store round ``r`` in ``self.buffer`` (sources that train in rounds)."""
+        raise NotImplementedError
+
+    def round_buffer(self, step: int, model: torch.nn.Module) -> tuple[dict[str, Any], int, int]:
+        """The buffer of the round that optimizer step ``step`` trains on (sampled now when the step
+        starts a round), the round and the step's index inside it."""
+        r, u = divmod(step, self.obj.updates_per_rollout)
+        if self.buffer is None or int(self.buffer["round"]) != r:
+            if u != 0:  # only a resume can start mid-round, and the checkpoint carries the buffer
+                raise RuntimeError(f"step {step + 1}: the rollout buffer of round {r} is missing")
+            self.rollout(r, model)
+        assert self.buffer is not None
+        return self.buffer, r, u
 
     def log(self, name: str, value: Tensor | float) -> None:
         self._metrics.setdefault(name, []).append(torch.as_tensor(value, dtype=torch.float32).reshape(-1))
@@ -314,16 +344,7 @@ class GRPORollouts(RolloutSource):
                 f"too (the ratio compares the two): set objective.guidance_scale=1 (got {obj.guidance_scale})"
             )
         self.rewards = load_reward_specs(obj.rewards, self.device, name)
-        n = self.batch_size * obj.group_size
-        per_step, rem = divmod(n, obj.updates_per_rollout)
-        self.chunk, rem2 = divmod(per_step, self.grad_accum) if rem == 0 else (0, 1)
-        if rem or rem2 or self.chunk == 0:
-            raise ConfigError(
-                f"{name}: train.batch_size x objective.group_size = {n} samples per round must split into "
-                f"objective.updates_per_rollout ({obj.updates_per_rollout}) x train.grad_accum "
-                f"({self.grad_accum}) equal micro-batches"
-            )
-        self.n = n
+        self.n, self.chunk = self.round_split(name)
         if self.flow:
             self.sigmas = flow_grid(adapter, obj.sample_steps, self.latent_shape)
             self.stochastic_all = list(range(obj.sample_steps - 1))  # the last step lands on sigma 0
@@ -337,7 +358,6 @@ class GRPORollouts(RolloutSource):
             ]  # the final step into alpha_bar = 1 is deterministic
         self.n_train = max(1, int(obj.sample_steps * obj.timestep_fraction))
         self.micro_batches = self.grad_accum * self.steps_per_round_trained()
-        self.buffer: dict[str, Any] | None = None
 
     # -- the step grid -----------------------------------------------------------------
     def _ddim_std(self, i: int) -> float:
@@ -469,13 +489,7 @@ class GRPORollouts(RolloutSource):
     def batches(self, first_step: int, last_step: int, model: torch.nn.Module) -> Iterator[dict[str, Any]]:
         U = self.obj.updates_per_rollout
         for step in range(first_step, last_step):
-            r, u = divmod(step, U)
-            if self.buffer is None or int(self.buffer["round"]) != r:
-                if u != 0:
-                    raise RuntimeError(f"step {step + 1}: the rollout buffer of round {r} is missing")
-                self.rollout(r, model)
-            buf = self.buffer
-            assert buf is not None
+            buf, r, u = self.round_buffer(step, model)
             cond = {k[5:]: v for k, v in buf.items() if k.startswith("cond.")}
             uncond = {k[7:]: v for k, v in buf.items() if k.startswith("uncond.")}
             per_step = self.n // U
@@ -541,22 +555,12 @@ class NFTRollouts(RolloutSource):
                 "set 1"
             )
         self.rewards = load_reward_specs(obj.rewards, self.device, "diffusion_nft")
-        n = self.batch_size * obj.group_size
-        per_step, rem = divmod(n, obj.updates_per_rollout)
-        self.chunk, rem2 = divmod(per_step, self.grad_accum) if rem == 0 else (0, 1)
-        if rem or rem2 or self.chunk == 0:
-            raise ConfigError(
-                f"diffusion_nft: train.batch_size x objective.group_size = {n} samples per round must split "
-                f"into objective.updates_per_rollout ({obj.updates_per_rollout}) x train.grad_accum "
-                f"({self.grad_accum}) equal micro-batches"
-            )
-        self.n = n
+        self.n, self.chunk = self.round_split("diffusion_nft")
         self.sigmas = flow_grid(adapter, obj.sample_steps, self.latent_shape)
         self.n_train = obj.train_steps
         self.micro_batches = self.grad_accum * self.n_train
         self.trainable = trainable
         self.old = {k: v.detach().clone() for k, v in trainable.items()}  # theta_old = theta at start
-        self.buffer: dict[str, Tensor] | None = None
 
     @torch.no_grad()
     def rollout(self, r: int, model: torch.nn.Module) -> None:
@@ -611,13 +615,7 @@ class NFTRollouts(RolloutSource):
         U = self.obj.updates_per_rollout
         grid = torch.tensor(self.sigmas[:-1])  # the sampling grid's sigmas (t = timesteps / 1000)
         for step in range(first_step, last_step):
-            r, u = divmod(step, U)
-            if self.buffer is None or int(self.buffer["round"]) != r:
-                if u != 0:
-                    raise RuntimeError(f"step {step + 1}: the rollout buffer of round {r} is missing")
-                self.rollout(r, model)
-            buf = self.buffer
-            assert buf is not None
+            buf, r, u = self.round_buffer(step, model)
             cond = {k[5:]: v for k, v in buf.items() if k.startswith("cond.")}
             per_step = self.n // U
             for a in range(self.grad_accum):
