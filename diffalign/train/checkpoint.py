@@ -41,7 +41,7 @@ def save_checkpoint(
     run_dir: Path,
     step: int,
     trainable: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | dict[str, Any],
     scheduler: Any,
     ema: dict[str, torch.Tensor] | None,
     state: dict[str, Any],
@@ -50,7 +50,8 @@ def save_checkpoint(
     extra: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """``extra``: more named tensor sets saved as ``<name>.safetensors`` (e.g. an online
-    objective's reference snapshot), inside the same atomic commit."""
+    objective's reference snapshot), inside the same atomic commit. ``optimizer``: the optimizer or
+    its state dict (a sharded run passes the consolidated one, ``engines.consolidated_optimizer``)."""
     from .guards import NumericError, count_non_finite
 
     bad = count_non_finite(trainable.values())
@@ -73,7 +74,8 @@ def save_checkpoint(
             save_file(
                 {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / f"{name}.safetensors"
             )
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        opt_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+        torch.save(opt_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         export(tmp / "export")
         (tmp / "state.json").write_text(json.dumps(state, indent=2))

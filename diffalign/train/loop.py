@@ -24,7 +24,7 @@ import json
 import os
 import time
 from collections import defaultdict
-from contextlib import nullcontext
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from ..data.pairs import PairDataset
 from ..data.sampler import StepPlan
 from ..models.base import Adapter
 from ..models.loading import load_adapter
+from . import engines
 from .checkpoint import checkpoint_step, load_checkpoint, resume_point, save_checkpoint
 from .guards import BadStepGuard
 from .provenance import RunLock, record_config, truncate_metrics
@@ -195,6 +196,27 @@ def exporter(adapter: Adapter, lora: bool):
     return export
 
 
+def exporter_from(export, denoiser: torch.nn.Module, weights: dict[str, Tensor], lora: bool):
+    """``export`` writing consolidated ``weights`` (gathered from a sharded run; main process) instead
+    of the live, sharded module: the denoiser's ``state_dict`` returns them for the duration, so
+    diffusers and peft write exactly the files a DDP run writes (split into files as they split)."""
+
+    def run(folder: Path) -> None:
+        if lora:  # the adapters alone (peft picks the lora_ keys); the frozen base is not exported
+            full = dict(weights)
+        else:  # every parameter is trainable; buffers are never sharded
+            full = {k: weights.get(k, v) for k, v in denoiser.state_dict().items()}
+            if any(engines.is_dtensor(v) for v in full.values()):
+                raise RuntimeError("export: a sharded tensor outside the trainable set was not gathered")
+        denoiser.state_dict = lambda *a, **k: full  # type: ignore[method-assign]
+        try:
+            export(folder)
+        finally:
+            del denoiser.state_dict  # the class's method again
+
+    return run
+
+
 def has_lora_loader(pipe: Any) -> bool:
     """diffusers can save and load this pipeline's denoiser LoRA itself."""
     den = getattr(pipe, "transformer", None) or pipe.unet
@@ -329,13 +351,18 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state()
+    engine = engines.engine_from_launch()  # what the launch config asked for; refused, never replaced
+    if engine.shards:
+        engines.check_fsdp_config(cfg)
     # cpu=True without CUDA lets `accelerate launch --num_processes N` form a gloo group on CPUs
-    accelerator = Accelerator(
-        mixed_precision=t.mixed_precision,
-        log_with=log_with(cfg),
-        project_dir=str(run_dir),
-        cpu=not torch.cuda.is_available(),
-    )
+    with engines.accelerator_env(engine):  # fsdp2: accelerate stays in DDP mode, diffalign shards
+        accelerator = Accelerator(
+            mixed_precision=t.mixed_precision,
+            log_with=log_with(cfg),
+            project_dir=str(run_dir),
+            cpu=not torch.cuda.is_available(),
+        )
+    engines.check_accelerator(engine, accelerator)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     if accelerator.distributed_type.value == "DEEPSPEED" and t.grad_accum > 1:
         # DeepSpeed steps inside backward(); diffalign's own accumulation would double-count
@@ -394,6 +421,23 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
         else "none"
     )
     ref = Reference(ref_mode, denoiser, weight_dtype if weight_dtype != torch.float32 else None, trainable)
+    units = 0
+    if engine.shards:
+        # after LoRA (the adapters are sharded too) and the frozen copy (taken of the whole denoiser),
+        # before the optimizer: the parameters become new DTensor objects under the same names
+        param_dtype = weight_dtype if weight_dtype != torch.float32 else None
+        units = engines.shard(
+            denoiser, adapter.family, accelerator.device, world, param_dtype, engine.reshard_after_forward
+        )
+        if ref.model is not None:  # the frozen copy (full fine-tuning): sharded like the policy
+            engines.shard(
+                ref.model, adapter.family, accelerator.device, world, None, engine.reshard_after_forward
+            )
+        trainable = {n: p for n, p in denoiser.named_parameters() if p.requires_grad}
+        if ref.mode == "snapshot":  # its copy must be of the sharded parameters it swaps with
+            ref = Reference("snapshot", denoiser, None, trainable)
+    if main:
+        print(engines.startup_line(engine, accelerator, units))
     denoiser.train()
     if rollout:
         source = build_rollout_source(cfg, objective, adapter, accelerator, trainable)
@@ -404,7 +448,10 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
     )
     ema = EMA(trainable, t.ema_decay) if t.ema_decay > 0 else None
     # a fixed reference must stay fixed (checked at every checkpoint); a snapshot moves on purpose
-    ref_print = fingerprint(ref.base_parameters()) if ref.mode in ("lora_off", "copy") else None
+    # (fingerprints of whole tensors: a sharded run gathers them, and matches any other engine)
+    ref_print = (
+        fingerprint(engines.full_tensors(ref.base_parameters())) if ref.mode in ("lora_off", "copy") else None
+    )
 
     start_step, skipped_total = 0, 0
     if ckpt_path is not None:
@@ -436,16 +483,20 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
                 f"--resume: checkpoint lacks {len(missing)} trainable "
                 f"tensors (e.g. {sorted(missing)[0]}); was LoRA/rank changed?"
             )
+        # checkpoints hold whole tensors; under fsdp2 each process keeps its shards of them
         with torch.no_grad():
             for n, p in trainable.items():
-                p.copy_(ck["trainable"][n].to(p.dtype))
-        optimizer.load_state_dict(ck["optimizer"])
+                p.copy_(engines.shard_like(ck["trainable"][n].to(p.dtype), p))
+        if engine.shards:
+            engines.load_optimizer(optimizer, ck["optimizer"])
+        else:
+            optimizer.load_state_dict(ck["optimizer"])
         lr_sched.load_state_dict(ck["scheduler"])
         if ema is not None and ck["ema"] is not None:
-            ema.shadow = {n: v.to(accelerator.device) for n, v in ck["ema"].items()}
+            ema.shadow = engines.sharded_state({n: v.float() for n, v in ck["ema"].items()}, trainable)
         if ref.mode == "snapshot" and ck["reference"] is not None:
-            ref.snapshot = {n: v.to(accelerator.device) for n, v in ck["reference"].items()}
-        source.load_state_dict(ck["source"] or {})
+            ref.snapshot = engines.sharded_state(ck["reference"], trainable)
+        source.load_state_dict(engines.sharded_state(ck["source"] or {}, trainable))
         start_step = int(st["step"])
         guard.total, guard.in_row = int(st.get("bad_steps", 0)), int(st.get("bad_in_row", 0))
         divergence.restore(st.get("divergence", {}))
@@ -456,7 +507,10 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
         if main:
             print(f"resumed from {ckpt_path} at step {start_step}")
 
-    model, optimizer = accelerator.prepare(denoiser, optimizer)
+    if engine.shards:  # sharded in place above; accelerate (DDP mode) must not wrap it again
+        model, optimizer = denoiser, accelerator.prepare(optimizer)
+    else:
+        model, optimizer = accelerator.prepare(denoiser, optimizer)
     if t.compile:
         model = torch.compile(model)
     if main:
@@ -499,7 +553,7 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
             skipped_total += batch["skipped"]
             torch.manual_seed(batch["seed"])  # any global-RNG use (dropout) is tied to the data position
             sync = micro_i == n_micro - 1
-            with nullcontext() if sync else accelerator.no_sync(model):
+            with engines.gradient_sync(model, accelerator, engine, sync):
                 # the reference first: a snapshot reference swaps weights the policy graph would save
                 ref_terms = None
                 if ref_table is not None:
@@ -521,9 +575,11 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
             sums[name].append(v.to(accelerator.device))
         sums["time/step_s"].append(torch.tensor([time.perf_counter() - t_step]))  # data/rollout + train
         # clip_grad_norm_ with an infinite bound only measures the norm (max_grad_norm = 0: no clipping)
-        grad_norm = accelerator.clip_grad_norm_(
-            list(trainable.values()), t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
-        )
+        max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
+        if engine.shards and accelerator.scaler is None:  # the norm over all shards, as a plain tensor
+            grad_norm = engines.clip_grad_norm(list(trainable.values()), max_norm)
+        else:
+            grad_norm = accelerator.clip_grad_norm_(list(trainable.values()), max_norm)
         # the step's metrics, averaged over micro-batches and processes (the guard reads the loss)
         logs = {
             n: accelerator.reduce(torch.cat(v).float().mean().to(accelerator.device), "mean").item()
@@ -587,16 +643,28 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
 
         # -- checkpoint
         if (step + 1) % t.checkpoint_every == 0 or done or t.halt_after_step == step + 1:
-            in_sync = _ranks_in_sync(accelerator, trainable)
-            if ref_print is not None and not _close(fingerprint(ref.base_parameters()), ref_print):
+            in_sync = _ranks_in_sync(accelerator, engines.full_tensors(trainable.values()))
+            ref_now = fingerprint(engines.full_tensors(ref.base_parameters())) if ref_print else None
+            if ref_print is not None and not _close(ref_now, ref_print):
                 raise RuntimeError(
                     "the reference weights changed during training (a frozen parameter received updates)"
                 )
+            whole = None
+            if engine.shards:  # every process takes part in gathering; the main process writes
+                whole = {
+                    "trainable": engines.consolidated(trainable, main),
+                    "ema": engines.consolidated(ema.shadow, main) if ema else None,
+                    "optimizer": engines.consolidated_optimizer(optimizer, main),
+                    "reference": engines.consolidated(ref.snapshot, main) if ref.mode == "snapshot" else None,
+                    "source": engines.consolidated(source.state_dict(), main),
+                }
             if main:
                 state = {
                     "step": step + 1,
                     "global_batch": global_batch,
                     "world_size": world,
+                    "engine": engine.name,
+                    "parameters": engines.describe(trainable),  # the live layout (DTensor shards or not)
                     "objective": cfg.objective.name,
                     "reference_mode": ref.mode,
                     "reference_fingerprint": ref_print,
@@ -614,17 +682,26 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
                     "guard": overopt.state() if overopt else [],
                     "guard_warned": overopt.warned if overopt else False,
                 }
-                exp = exp_with_ema(ema, trainable, export)
-                extra = {"source": source.state_dict()}
-                if ref.mode == "snapshot":
-                    extra["reference"] = ref.snapshot
+                if whole is None:
+                    exp = exp_with_ema(ema, trainable, export)
+                    extra = {"source": source.state_dict()}
+                    if ref.mode == "snapshot":
+                        extra["reference"] = ref.snapshot
+                    weights, opt_state, ema_w = trainable, optimizer, ema.shadow if ema else None
+                else:  # consolidated: the same files as a DDP run's
+                    ema_w = whole["ema"]
+                    exp = exporter_from(
+                        export, denoiser, whole["trainable"] if ema_w is None else ema_w, use_lora
+                    )
+                    extra = {"source": whole["source"], "reference": whole["reference"]}
+                    weights, opt_state = whole["trainable"], whole["optimizer"]
                 save_checkpoint(
                     run_dir,
                     step + 1,
-                    trainable,
-                    optimizer,
+                    weights,
+                    opt_state,
                     lr_sched,
-                    ema.shadow if ema else None,
+                    ema_w,
                     state,
                     exp,
                     keep=t.keep_checkpoints,
@@ -681,11 +758,12 @@ def _close(a: list[float], b: list[float], rtol: float = 1e-9) -> bool:
     )
 
 
-def _ranks_in_sync(accelerator: Any, trainable: dict[str, Tensor]) -> bool:
-    """All processes must hold identical trainable weights (DDP invariant); checked at checkpoints."""
+def _ranks_in_sync(accelerator: Any, trainable: Iterator[Tensor]) -> bool:
+    """All processes must hold identical trainable weights (DDP invariant; under fsdp2: the gathered
+    weights, i.e. every process assembles the same model from the shards); checked at checkpoints."""
     if accelerator.num_processes == 1:
         return True
-    fp = torch.tensor(fingerprint(iter(trainable.values())), dtype=torch.float64, device=accelerator.device)
+    fp = torch.tensor(fingerprint(trainable), dtype=torch.float64, device=accelerator.device)
     allfp = accelerator.gather(fp[None]).cpu()
     return bool(torch.allclose(allfp, allfp[0:1].expand_as(allfp), rtol=1e-9, atol=0))
 

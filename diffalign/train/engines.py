@@ -1,0 +1,318 @@
+"""Which distributed engine runs a training launch, and FSDP2 sharding of the denoiser.
+
+The engine is what the launch asked for (``accelerate launch --config_file configs/accelerate/...``
+sets ``ACCELERATE_USE_FSDP`` / ``ACCELERATE_USE_DEEPSPEED``), never a silent fallback: the loop
+prints one start-up line naming it, refuses what it cannot honour, and records it in every
+checkpoint's ``state.json`` together with how a live trainable parameter is laid out.
+
+    single    one process
+    ddp       accelerate's DistributedDataParallel (gloo on CPU, NCCL on GPUs)
+    fsdp2     torch's ``fully_shard`` applied by diffalign itself, the same code on CPU (gloo) and on
+              GPUs: accelerate turns an FSDP config into plain DDP when it runs on CPUs
+              (``Accelerator(cpu=True)``), so the accelerator is kept in its DDP mode and never
+              prepares (wraps) the denoiser
+    deepspeed accelerate's DeepSpeed integration (GPUs only: accelerate ignores DeepSpeed on CPU)
+
+FSDP2 wraps per family: each block of the denoiser's block lists (``WRAP_UNITS``: UNet
+down/mid/up blocks, transformer blocks) is one unit whose parameters are all-gathered for its forward
+and its gradients reduce-scattered after its backward, then the root takes the rest (embeddings,
+norms, projections). LoRA is injected before sharding, so the adapters are sharded too. Parameters
+become ``DTensor``s sharded on dim 0 over the processes; checkpoints and exports are consolidated
+(full tensors, the same files as under DDP), so a run can resume under another engine.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+
+EngineName = Literal["single", "ddp", "fsdp2", "deepspeed"]
+
+# the block lists whose elements become FSDP units, per family (found by attribute on the denoiser)
+UNET_BLOCKS = ("down_blocks", "mid_block", "up_blocks")
+WRAP_UNITS: dict[str, tuple[str, ...]] = {
+    "sd": UNET_BLOCKS,
+    "sdxl": UNET_BLOCKS,
+    "animatediff": UNET_BLOCKS,
+    "text2video": UNET_BLOCKS,
+    "audioldm": UNET_BLOCKS,
+    "sd3": ("transformer_blocks",),
+    "flux": ("transformer_blocks", "single_transformer_blocks"),
+    "wan": ("blocks",),
+    "qwenimage": ("transformer_blocks",),
+}
+
+
+@dataclass(frozen=True)
+class Engine:
+    name: EngineName
+    world: int
+    reshard_after_forward: bool = True  # fsdp2: free the gathered block after its forward (ZeRO-3)
+
+    @property
+    def shards(self) -> bool:
+        return self.name == "fsdp2"
+
+
+def engine_from_launch(env: Mapping[str, str] = os.environ) -> Engine:
+    """The engine the launch asked for (the environment ``accelerate launch`` sets from its config)."""
+    world = int(env.get("WORLD_SIZE", "1"))
+    if env.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        version = env.get("FSDP_VERSION", "1")
+        if version != "2":
+            raise ConfigError(
+                f"accelerate config fsdp_config.fsdp_version: {version}; diffalign runs FSDP2 only, "
+                "set fsdp_version: 2 (configs/accelerate/fsdp.yaml)"
+            )
+        if world < 2:
+            raise ConfigError(
+                "accelerate config: FSDP with num_processes 1 has nothing to shard; launch 2 or more "
+                "processes, or train without --config_file"
+            )
+        reshard = env.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() not in ("false", "0")
+        return Engine("fsdp2", world, reshard)
+    if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        if not torch.cuda.is_available():
+            # accelerate ignores DeepSpeed when it runs on CPUs and would train plain DDP instead
+            raise ConfigError(
+                "accelerate config distributed_type: DEEPSPEED needs CUDA GPUs; on CPUs launch with "
+                "configs/accelerate/fsdp_cpu2.yaml (FSDP2) or configs/accelerate/cpu2.yaml (DDP)"
+            )
+        return Engine("deepspeed", world)
+    return Engine("ddp" if world > 1 else "single", world)
+
+
+@contextmanager
+def accelerator_env(engine: Engine) -> Iterator[None]:
+    """While the ``Accelerator`` is built under fsdp2: hide the FSDP request from accelerate, which
+    would prepare the model with its own FSDP on GPUs (and ignore it on CPUs); diffalign shards."""
+    if not engine.shards:
+        yield
+        return
+    saved = os.environ.pop("ACCELERATE_USE_FSDP", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["ACCELERATE_USE_FSDP"] = saved
+
+
+def check_accelerator(engine: Engine, accelerator: Any) -> None:
+    """What accelerate built must be what the engine needs (no silent DDP under an FSDP config)."""
+    kind = accelerator.distributed_type.value
+    want = {"single": ("NO",), "deepspeed": ("DEEPSPEED",)}.get(engine.name, ("MULTI_CPU", "MULTI_GPU"))
+    if kind not in want:
+        raise RuntimeError(f"engine {engine.name}: accelerate set up {kind}, expected one of {want}")
+
+
+def startup_line(engine: Engine, accelerator: Any, units: int = 0) -> str:
+    """The one line saying which engine trains (printed by the main process)."""
+    device = accelerator.device.type
+    if engine.name == "fsdp2":
+        return (
+            f"engine: fsdp2 (torch fully_shard, {engine.world} processes on {device}, {units} block units "
+            f"+ root, reshard_after_forward={engine.reshard_after_forward})"
+        )
+    if engine.name == "ddp":
+        return f"engine: ddp ({engine.world} processes on {device}, {accelerator.distributed_type.value})"
+    if engine.name == "deepspeed":
+        return f"engine: deepspeed ({engine.world} processes on {device})"
+    return f"engine: single process on {device}"
+
+
+def check_fsdp_config(cfg: Any) -> None:
+    """Settings that run a forward on the main process alone would hang the other processes at the
+    first all-gather under fsdp2; they fail before any model loads."""
+    t = cfg.train
+    for key, bad in (
+        ("train.sample_prompts", bool(t.sample_prompts)),
+        ("train.guard_every", bool(t.guard_every)),
+    ):
+        if bad:
+            raise ConfigError(
+                f"{key}: runs the denoiser on the main process only, which FSDP2 cannot shard; "
+                "remove it under the FSDP launch config (or train with DDP)"
+            )
+
+
+# ----------------------------------------------------------------------------- FSDP2 wrapping
+
+
+def wrap_units(denoiser: nn.Module, family: str) -> list[nn.Module]:
+    """The modules that become FSDP units: each block of the family's block lists."""
+    names = WRAP_UNITS.get(family)
+    if names is None:
+        raise ConfigError(f"FSDP2: no wrap policy for family {family!r}; known: {', '.join(WRAP_UNITS)}")
+    units: list[nn.Module] = []
+    for name in names:
+        block = getattr(denoiser, name, None)
+        if isinstance(block, nn.ModuleList):
+            units += list(block)
+        elif isinstance(block, nn.Module):
+            units.append(block)
+    if not units:
+        raise ConfigError(
+            f"FSDP2: {type(denoiser).__name__} has none of {names} (family {family!r}); nothing to wrap"
+        )
+    return units
+
+
+def shard(
+    module: nn.Module,
+    family: str,
+    device: torch.device,
+    world: int,
+    param_dtype: torch.dtype | None,
+    reshard_after_forward: bool = True,
+) -> int:
+    """``fully_shard`` every block unit, then the root, in place; returns the number of units.
+
+    ``param_dtype`` (mixed precision): parameters are all-gathered and computed in it, gradients are
+    reduce-scattered in fp32 and the sharded master weights stay as they were (fp32 LoRA or full
+    weights; a LoRA's frozen base is already in the low dtype). Call after LoRA injection and before
+    the optimizer is built: the module's parameters are replaced by new ``DTensor`` parameters with
+    the same names."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (world,))
+    mp = MixedPrecisionPolicy(
+        param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype is not None else None
+    )
+    units = wrap_units(module, family)
+    for unit in units:
+        fully_shard(unit, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    # A first forward under torch.inference_mode (the reference, rollouts) would allocate the
+    # gathered parameters as inference tensors, which no later training forward may write into; one
+    # gather outside it allocates them as normal tensors for the rest of the run.
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, FSDPModule):
+                m.unshard()
+                m.reshard()
+    return len(units)
+
+
+@contextmanager
+def gradient_sync(model: nn.Module, accelerator: Any, engine: Engine, sync: bool) -> Iterator[None]:
+    """Gradient accumulation: reduce gradients over the processes only on the step's last micro-batch
+    (DDP's ``no_sync``; FSDP2 keeps unsharded gradients locally until the synced backward)."""
+    if engine.shards:
+        model.set_requires_gradient_sync(sync)  # type: ignore[operator]
+        yield
+        return
+    with nullcontext() if sync else accelerator.no_sync(model):
+        yield
+
+
+def clip_grad_norm(params: list[Tensor], max_norm: float) -> Tensor:
+    """Global gradient norm over the shards (and clipping to ``max_norm``) for DTensor parameters."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return norm.full_tensor() if is_dtensor(norm) else norm
+
+
+# ----------------------------------------------------------------------------- consolidation
+
+
+def is_dtensor(t: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def full(t: Tensor) -> Tensor:
+    """The whole tensor (an all-gather for a sharded one: every process must call it)."""
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+def full_tensors(tensors: Iterable[Tensor]) -> Iterator[Tensor]:
+    """One gathered tensor at a time (peak memory: one parameter), e.g. for fingerprints."""
+    for t in tensors:
+        yield full(t.detach())
+
+
+def consolidated(tensors: Mapping[str, Tensor], main: bool) -> dict[str, Tensor] | None:
+    """Full CPU copies of sharded tensors on the main process (None elsewhere); every process calls
+    it in the same order. Gathered one tensor at a time, so only the main process ever holds the
+    whole set (on CPU)."""
+    out: dict[str, Tensor] = {}
+    for name, t in tensors.items():
+        whole = full(t.detach())
+        if main:
+            out[name] = whole.cpu()
+    return out if main else None
+
+
+def consolidated_optimizer(optimizer: torch.optim.Optimizer, main: bool) -> dict[str, Any] | None:
+    """The optimizer's ``state_dict`` with every sharded state tensor (Adam moments) gathered: the
+    same file as a DDP run's."""
+    sd = optimizer.state_dict()
+    state = {}
+    for idx in sorted(sd["state"]):
+        row = {}
+        for key, value in sd["state"][idx].items():
+            whole = full(value) if isinstance(value, Tensor) else value
+            row[key] = whole.cpu() if isinstance(whole, Tensor) else whole
+        state[idx] = row
+    return {"state": state, "param_groups": sd["param_groups"]} if main else None
+
+
+def shard_like(whole: Tensor, like: Tensor) -> Tensor:
+    """``whole`` laid out as ``like`` (its local shard when ``like`` is a DTensor; no communication:
+    every process read the same checkpoint)."""
+    if not is_dtensor(like) or is_dtensor(whole):
+        return whole.to(like.device)
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(
+        whole.to(like.device, like.dtype), like.device_mesh, like.placements, src_data_rank=None
+    )
+
+
+def sharded_state(state: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A checkpoint's full tensors laid out like the parameters they belong to: a key that is a
+    parameter's name, or ends with ``.`` + one (a rollout source's ``old.<name>``), with its shape."""
+    out = {}
+    for key, value in state.items():
+        name = key if key in params else next((n for n in params if key.endswith("." + n)), None)
+        like = params.get(name) if name is not None else None
+        fits = like is not None and tuple(value.shape) == tuple(like.shape)
+        out[key] = shard_like(value, like) if fits else value  # type: ignore[arg-type]
+    return out
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, sd: dict[str, Any]) -> None:
+    """Load a consolidated optimizer state into an optimizer over sharded parameters."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {}
+    for idx, row in sd["state"].items():
+        p = params[int(idx)]
+        state[idx] = {
+            k: shard_like(v, p) if isinstance(v, Tensor) and tuple(v.shape) == tuple(p.shape) else v
+            for k, v in row.items()
+        }
+    optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+
+
+def describe(params: Mapping[str, Tensor]) -> dict[str, Any]:
+    """How the live trainable parameters are laid out (recorded in ``state.json``): type, placement,
+    and local vs global element counts; a test that FSDP really shards reads this."""
+    first = next(iter(params.values()), None)
+    local = sum((p.to_local() if is_dtensor(p) else p).numel() for p in params.values())
+    out: dict[str, Any] = {
+        "type": type(first).__name__ if first is not None else "none",
+        "local_numel": local,
+        "numel": sum(p.numel() for p in params.values()),
+    }
+    if first is not None and is_dtensor(first):
+        out["placements"] = [str(x) for x in first.placements]  # type: ignore[union-attr]
+    return out
