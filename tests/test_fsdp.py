@@ -262,3 +262,46 @@ def test_fsdp_killed_three_times_equals_uninterrupted(tiny_models, pairs_parquet
     ob = torch.load(final_ckpt(cut) / "optimizer.pt", weights_only=True)
     assert all(torch.equal(oa["state"][i]["exp_avg_sq"], ob["state"][i]["exp_avg_sq"]) for i in oa["state"])
     assert (ref / "metrics.jsonl").read_text() == (cut / "metrics.jsonl").read_text()
+
+
+# ----------------------------------------------------------------------------- online
+
+
+def test_fsdp_two_processes_equal_one_for_flow_grpo(tiny_models, tiny_clip, tmp_path):
+    """The online path under FSDP2: rollouts sample with the sharded policy on both processes (the
+    same number of forwards each, so their all-gathers pair up) and give the one-process groups;
+    bounds as the DDP test's (tests/test_online_rl.py), Adam's sign steps on float-noise gradients."""
+    from test_online_rl import metrics, rl_cfg
+
+    from diffalign.config import dump_config
+    from diffalign.train import train
+
+    prompts = tmp_path / "prompts.txt"
+    lines = ["a red circle", "a blue square", "two green triangles", "a yellow circle above a red square"]
+    prompts.write_text("\n".join(lines) + "\n")
+    args = ["train.max_steps=2", "objective.clip_range=1e-2", "train.lr=3e-2", "objective.beta=0.04"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    extra_one = ("train.batch_size=2", "train.grad_accum=2")
+    train(rl_cfg("flow_grpo", tiny_models["sd3"], prompts, tiny_clip, one, *args, *extra_one))
+    dump_config(
+        rl_cfg("flow_grpo", tiny_models["sd3"], prompts, tiny_clip, two, *args, "train.batch_size=1"),
+        tmp_path / "two.yaml",
+    )
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP2)]
+    proc = subprocess.run(
+        [*cmd, "-m", "diffalign.cli", "train", str(tmp_path / "two.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=ENV,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = json.loads((final_ckpt(two) / "state.json").read_text())
+    assert state["engine"] == "fsdp2" and state["parameters"]["type"] == "DTensor"
+    m1, m2 = metrics(one), metrics(two)
+    for key in ("reward", "loss", "ratio", "kl", "advantage", "clipfrac"):  # step 1: the same groups
+        assert m1[0][key] == pytest.approx(m2[0][key], rel=1e-5, abs=1e-7), key
+    assert m1[1]["reward"] == pytest.approx(m2[1]["reward"], rel=1e-4)
+    w1, w2 = weights(one), weights(two)
+    diffs = torch.cat([(w1[n] - w2[n]).abs().flatten() for n in w1])
+    assert (diffs <= 1e-5).float().mean() > 0.9 and diffs.max() <= 2 * 3e-2 * 2
