@@ -227,6 +227,57 @@ def judge(
     return correct, "\n".join(reasons)
 
 
+def partial_credit(
+    detections: Iterable[Detection],
+    metadata: Mapping[str, Any],
+    *,
+    position_margin: float = POSITION_THRESHOLD,
+    score_threshold: float = SCORE_THRESHOLD,
+    counting_threshold: float = COUNTING_THRESHOLD,
+    max_objects: int = MAX_OBJECTS,
+    nms_iou: float = NMS_IOU,
+) -> float:
+    """The dense training reward of Flow-GRPO's GenEval setting (DiffusionNFT ``flow_grpo/gen_eval.py``
+    L220-283, as described in ``../shared/reference/online-rl.md`` §8): the mean credit over the
+    prompt's clauses, on the same detections ``judge`` selects:
+
+    - count: ``max(0, 1 - |count - found| / count)`` per include entry (found = all detections of the
+      class kept for this tag, so too many counts against it as too few);
+    - colour: the share of the entry's ``count`` kept objects with the asked colour;
+    - position: 1 when the relation holds to the target group (``judge``'s check), else 0;
+    - exclude: 1 when fewer than ``count`` objects of the class were found, else 0.
+
+    1.0 exactly when ``judge`` accepts the image (tested); evaluation stays strict (``judge``)."""
+    objects = select_detections(
+        detections,
+        str(metadata.get("tag", "")),
+        score_threshold=score_threshold,
+        counting_threshold=counting_threshold,
+        max_objects=max_objects,
+        nms_iou=nms_iou,
+    )
+    credits: list[float] = []
+    groups: list[list[Detection] | None] = []
+    for req in metadata.get("include", []):
+        cls, count = req["class"], req["count"]
+        every = objects.get(cls, [])
+        found = every[:count]
+        exact = len(found) >= count
+        credits.append(max(0.0, 1.0 - abs(count - len(every)) / count) if count else 1.0)
+        if "color" in req:
+            right = [d.color for d in found].count(req["color"])
+            credits.append(right / count)
+            exact = exact and right >= count
+        if "position" in req:
+            ok = exact and _check_position(req, found, groups, position_margin) is None
+            credits.append(float(ok))
+            exact = ok
+        groups.append(found if exact else None)
+    for req in metadata.get("exclude", []):
+        credits.append(float(len(objects.get(req["class"], [])) < req["count"]))
+    return float(np.mean(credits)) if credits else 1.0
+
+
 def summarize(results: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """GenEval's summary of per-image results (each with 'tag' and 'correct').
 

@@ -1,8 +1,9 @@
 """The ShapesWorld exact judge as a reward: the toy analogue of Flow-GRPO's GenEval reward.
 
 ``shapes_judge=PROMPTS.jsonl`` scores an image 1.0 when the exact detector + GenEval rules
-(``judge.judge_image``) accept it for its prompt's metadata, else 0.0 (GenEval's strict accuracy;
-flow_grpo trains on a partial-credit variant, see ``../shared/reference/online-rl.md`` §8). The
+(``judge.judge_image``) accept it for its prompt's metadata, else 0.0 (GenEval's strict accuracy).
+``shapes_partial=PROMPTS.jsonl`` gives the dense partial credit Flow-GRPO trains on (the mean
+per-clause credit, ``geneval.rules.partial_credit``; 1.0 exactly when the strict judge accepts). The
 prompts file is the one the rollout source reads (GenEval metadata lines with a ``prompt`` key), so
 every training prompt has its metadata. Registered in ``diffalign.rewards.REWARDS`` when this module
 is imported (the demo and the toy benchmarks import it; the core never does: the judge belongs to the
@@ -20,7 +21,8 @@ import torch
 
 from ...errors import ConfigError
 from ...rewards.base import REWARDS, RewardOutput, check_inputs
-from .judge import judge_image
+from ..geneval.rules import partial_credit
+from .judge import detect, judge_image
 
 
 def read_metadata(path: str | Path) -> dict[str, dict[str, Any]]:
@@ -47,6 +49,9 @@ class ShapesJudge:
     def __init__(self, path: str, device: str | torch.device = "cpu") -> None:
         self.metadata = read_metadata(path)
 
+    def score(self, image: np.ndarray, metadata: dict[str, Any]) -> float:
+        return float(judge_image(image, metadata)[0])
+
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> RewardOutput:
         check_inputs(images, prompts)
@@ -56,5 +61,13 @@ class ShapesJudge:
             md = self.metadata.get(text)
             if md is None:
                 raise ConfigError(f"shapes_judge: prompt {text[:60]!r} is not in its metadata file")
-            scores.append(float(judge_image(np.ascontiguousarray(img), md)[0]))
+            scores.append(self.score(np.ascontiguousarray(img), md))
         return RewardOutput(torch.tensor(scores, dtype=torch.float32))
+
+
+@REWARDS.register("shapes_partial")
+class ShapesPartialCredit(ShapesJudge):
+    """The mean per-clause credit of the exact judge's detections (Flow-GRPO's training reward)."""
+
+    def score(self, image: np.ndarray, metadata: dict[str, Any]) -> float:
+        return partial_credit(detect(image), metadata)

@@ -4,8 +4,9 @@ online DPO at equal wall-clock, judged on held-in and held-out prompts.
     python -m diffalign.benchmarks.toyworlds.online_bench --out runs/online-bench \\
         [--recipes grpo-a,grpo-b,...] [--minutes 12] [--throughput]
 
-The reward is the exact ShapesWorld judge (``judge_reward.ShapesJudge``, strict 0/1: the toy
-analogue of Flow-GRPO's GenEval reward) on ``--n-train`` distinct held-in prompts, or a toy CLIP
+The reward is the exact ShapesWorld judge on ``--n-train`` distinct held-in prompts: its partial
+credit by default (``shapes_partial``, the mean per-clause credit Flow-GRPO trains on for GenEval;
+``--reward strict`` for 0/1), evaluation always strict; or a toy CLIP
 reward as a proxy (recipes ending in ``-clip``, where the over-optimisation guard's gold curve is the
 judge on held-out prompts). Each recipe trains LoRA rank 8 for ``--minutes`` of wall-clock
 (``train.max_minutes``) on the same machine, one after another; base and aligned are then judged on
@@ -181,6 +182,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:  # noqa: C901 (
     ap.add_argument("--sample-steps", type=int, default=10, help="rollout and evaluation steps")
     ap.add_argument("--guidance", type=float, default=4.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--reward",
+        choices=["partial", "strict"],
+        default="partial",
+        help="the judge reward: partial credit (Flow-GRPO's GenEval training reward) or strict 0/1",
+    )
     ap.add_argument("--throughput", action="store_true")
     args = ap.parse_args(argv)
     if args.throughput:
@@ -226,7 +233,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:  # noqa: C901 (
             print(f"{name}: cached")
             continue
         model = asset(model_name)
-        reward = f"pickscore={asset('toy-clip-a')}" if proxy else f"shapes_judge={judge_all}"
+        judge_name = "shapes_partial" if args.reward == "partial" else "shapes_judge"
+        reward = f"pickscore={asset('toy-clip-a')}" if proxy else f"{judge_name}={judge_all}"
         run_dir = root / "runs" / name
         cfg = load_config(
             None,
@@ -289,7 +297,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:  # noqa: C901 (
             "recipe": name,
             "objective": objective,
             "model": model_name,
-            "reward": "toy-clip-a (proxy)" if proxy else "shapes judge",
+            "reward": "toy-clip-a (proxy)" if proxy else f"judge ({args.reward})",
             "overrides": ovs,
             "minutes": args.minutes,
             "steps": summary["steps"],
