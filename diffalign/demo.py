@@ -60,8 +60,8 @@ DEMO_OUTPUTS = (
     "results.jsonl",
 )
 # Online RL in the demo: the policy model, the default number of steps (each samples and judges
-# batch_size x group_size images) and the recipe. The reward is the exact ShapesWorld judge on the
-# training prompts (the toy analogue of Flow-GRPO's GenEval reward) unless --reward is given.
+# batch_size x group_size images) and the recipe. The reward is the exact ShapesWorld judge's partial
+# credit on the training prompts (the toy analogue of Flow-GRPO's GenEval reward) unless --reward is given.
 RL_RECIPES: dict[str, tuple[str, int, list[str]]] = {
     "flow_grpo": ("toy-sd3", 40, ["objective.group_size=8", "objective.clip_range=1e-3", "objective.beta=0"]),
     "grpo": (
@@ -217,7 +217,7 @@ def run_demo(  # noqa: C901 (the demo pipeline, read top to bottom)
     if judge:
         import diffalign.benchmarks.toyworlds.judge_reward  # noqa: F401  (registers shapes_judge)
 
-        rewards = [f"shapes_judge={root / 'prompts.jsonl'}"]
+        rewards = [f"shapes_partial={root / 'prompts.jsonl'}"]  # Flow-GRPO's dense GenEval-style reward
     if rl:
         data_ovs = [f"data.path={root / 'prompts.jsonl'}"]
         obj_ovs = [

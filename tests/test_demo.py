@@ -145,7 +145,7 @@ def test_demo_flow_grpo_runs_the_online_rl_path_with_the_judge_as_reward(tmp_pat
     )
     root = tmp_path / "rl"
     assert not (root / "synpic").exists() and (root / "report" / "index.html").exists()
-    assert m["settings"]["rewards"] == [f"shapes_judge={root / 'prompts.jsonl'}"]
+    assert m["settings"]["rewards"] == [f"shapes_partial={root / 'prompts.jsonl'}"]
     rows = [json.loads(x) for x in (root / "prompts.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all("include" in r for r in rows)
     logged = json.loads((root / "run" / "metrics.jsonl").read_text().splitlines()[0])
