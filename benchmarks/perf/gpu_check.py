@@ -1,196 +1,911 @@
-"""Real-size DPO step on one GPU: SDXL UNet and SD3-medium transformer (random weights, bf16).
+"""Real-size alignment steps on one GPU, through diffalign's own training loop.
 
-    bash benchmarks/perf/gpu_check.sh            # about 10 minutes on one H200
+    bash benchmarks/perf/gpu_check.sh                                  # one H200: <= 10 minutes
+    python -m diffalign.benchmarks.perf.gpu_check --tiny --device cpu  # the dry run tests/ runs
 
-For each model: the baseline step (policy forward/backward on the fused winner+loser batch plus a
-separate reference forward with LoRA toggled off under no_grad) vs diffalign's (reference errors
-precomputed: no reference forward in the step), SDPA vs xformers when installed; LoRA rank 8 on
-the attention projections; then full fine-tuning memory: frozen reference copy + AdamW vs no
-reference + Adafactor. Prints steps/s, pairs/s and peak ``torch.cuda.max_memory_allocated``;
-paste the table into ``benchmarks/RESULTS.md`` with the date and device.
+Every mode is one ``diffalign.train.train(cfg)`` call on a pipeline folder built here and loaded by
+the loop with ``from_pretrained`` (the GPU machine has no hub access): the real SDXL UNet, SD3.5-M
+transformer and FLUX.1-dev transformer from their hub configs (random weights, bf16 on disk; the
+parameter counts are checked in tests/test_gpu_check.py) with thin text encoders and a tiny VAE of
+the right widths and latent channels, which the step barely touches (the text widths, T5 lengths
+and latent sizes the denoiser sees are the real ones). Modes (``--list``): Diffusion-DPO with LoRA
+rank 8 and full fine-tuning, SDPA vs xformers, gradient checkpointing on/off, live reference
+(LoRA-off or a frozen bf16 copy) vs ``train.precompute_reference``, and one online Flow-GRPO step on
+SD3.5-M; all ``train.mixed_precision=bf16``.
+
+What is measured, per mode, after ``--warmup`` steps:
+
+- pairs/s: pairs per step over the median wall-clock step, timed between the ends of consecutive
+  optimizer updates (where the loop already synchronises the device: the guard's finiteness check).
+  Flow-GRPO rows count rollout images (prompts x group size) instead. The loop's own ``time/step_s``
+  from timing.jsonl is shown beside it: it stops before the optimizer step and without a device
+  sync, so on a GPU it reads lower.
+- peak GiB: ``torch.cuda.max_memory_allocated`` during the timed steps; "peak all" over the whole
+  ``train()`` call, loading (the loop moves the denoiser to the GPU in fp32 before LoRA's bf16 cast)
+  and the reference pre-pass (1.5x the fp32 denoiser) included.
+- TFLOP/step and MFU: every denoiser call of the timed steps is recorded (a forward pre-hook), and
+  one forward of each distinct input shape is counted with ``FlopCounterMode`` on a meta-device copy
+  of the same config (no memory, any attention backend). Calls with gradients count 3 forwards for
+  full fine-tuning and 2 for LoRA (a frozen base needs input gradients, not weight gradients), calls
+  without (reference, rollout sampling) 1; gradient-checkpointing recomputation is not counted
+  (model FLOPs, not hardware FLOPs). MFU divides by ``--peak-tflops`` (989: H100/H200 SXM dense bf16).
+
+Two things of the loop are replaced for the run, nothing else: the final checkpoint is not written
+(``save_checkpoint`` is a no-op here: a 12 B full fine-tuning checkpoint is ~150 GB, more than the
+machine's disk, and writing it is not the step being measured) and the guard's update also records
+the time. Each mode runs in a worker process; a mode that fails (out of memory, xformers missing, a
+crash) becomes a ``failed`` row with the one-line reason and the rest go on, and modes that would
+overrun ``--budget-s`` are ``skipped``, so the table is always printed; rerun those with ``--modes``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
-import torch
+DEFAULT_PEAK_TFLOPS = 989.0
+"""Dense bf16 tensor-core peak of an H100/H200 SXM (datasheet); about 790 is what a large bf16
+matmul reaches on the lent H200 (``/work/.library/device/KINDS.md``)."""
+GRACE_S = 20.0  # after the budget: the worker is killed, the table still printed
 
 
-def sdxl_unet():
-    from diffusers import UNet2DConditionModel
+@dataclass(frozen=True)
+class Family:
+    label: str
+    tiny: str  # diffalign.models.tiny builder name (the --tiny dry run)
+    resolution: int  # px of the real-size run (the tiny one uses TINY_RESOLUTION)
+    pairs: int  # pairs per step of the real-size run (the tiny one uses 1)
+    max_sequence_length: int  # T5 tokens (the hub pipelines' defaults; 0: no T5)
+    est_s: float  # a mode's wall time on an H200 (load + steps), for the budget
+    build_s: float  # building and saving the pipeline folder on an H200
 
-    # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
-    return UNet2DConditionModel(
-        sample_size=128,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=2,
-        block_out_channels=(320, 640, 1280),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=2048,
-        transformer_layers_per_block=(1, 2, 10),
-        attention_head_dim=(5, 10, 20),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816,
+
+FAMILIES = {
+    "sdxl": Family("SDXL UNet 2.6B", "sdxl", 1024, 4, 0, 35, 25),
+    "sd35m": Family("SD3.5-M 2.2B", "sd35", 1024, 4, 256, 35, 25),
+    "flux": Family("FLUX.1-dev 11.9B", "flux", 1024, 1, 512, 75, 80),
+}
+TINY_RESOLUTION = 32
+
+
+@dataclass(frozen=True)
+class Mode:
+    family: str
+    lora: bool = True  # rank 8 on to_q/to_k/to_v/to_out.0; False: full fine-tuning
+    attention: str = "sdpa"
+    checkpointing: bool = True
+    precompute: bool = False  # train.precompute_reference
+    optimizer: str = "adamw"
+    online: bool = False  # one Flow-GRPO step (rollout + update) instead of Diffusion-DPO
+
+
+# Ordered: a family's modes run back to back on one saved folder; the 12 B full fine-tuning last
+MODES: dict[str, Mode] = {
+    "sdxl-lora": Mode("sdxl"),
+    "sdxl-lora-xformers": Mode("sdxl", attention="xformers"),
+    "sdxl-lora-nockpt": Mode("sdxl", checkpointing=False),
+    "sdxl-lora-preref": Mode("sdxl", precompute=True),
+    "sdxl-full": Mode("sdxl", lora=False),
+    "sdxl-full-preref": Mode("sdxl", lora=False, precompute=True, optimizer="adafactor"),
+    "sd35m-lora": Mode("sd35m"),
+    "sd35m-lora-xformers": Mode("sd35m", attention="xformers"),
+    "sd35m-lora-nockpt": Mode("sd35m", checkpointing=False),
+    "sd35m-lora-preref": Mode("sd35m", precompute=True),
+    "sd35m-full-preref": Mode("sd35m", lora=False, precompute=True, optimizer="adafactor"),
+    "sd35m-grpo": Mode("sd35m", online=True),
+    "flux-lora": Mode("flux"),
+    "flux-lora-preref": Mode("flux", precompute=True),
+    "flux-full-preref": Mode("flux", lora=False, precompute=True, optimizer="adafactor"),
+}
+GRPO = {
+    "real": {"group_size": 8, "sample_steps": 10, "resolution": 512},
+    "tiny": {"group_size": 2, "sample_steps": 3},
+}
+GRPO_EST_S = 60.0
+
+# Hub denoiser configs (the keys that differ from the diffusers defaults). SDXL:
+# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json; SD3.5-M and FLUX.1-dev as in
+# tests/test_families_meta.py and shared/reference/model-families.md §2-§3 (counted 2.24 B / 11.90 B)
+REAL_DENOISERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "sdxl": (
+        "UNet2DConditionModel",
+        {
+            "sample_size": 128,
+            "in_channels": 4,
+            "out_channels": 4,
+            "layers_per_block": 2,
+            "block_out_channels": (320, 640, 1280),
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            "cross_attention_dim": 2048,
+            "transformer_layers_per_block": (1, 2, 10),
+            "attention_head_dim": (5, 10, 20),
+            "use_linear_projection": True,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 256,
+            "projection_class_embeddings_input_dim": 2816,
+        },
+    ),
+    "sd35m": (
+        "SD3Transformer2DModel",
+        {
+            "sample_size": 128,
+            "patch_size": 2,
+            "in_channels": 16,
+            "out_channels": 16,
+            "attention_head_dim": 64,
+            "joint_attention_dim": 4096,
+            "pooled_projection_dim": 2048,
+            "num_layers": 24,
+            "num_attention_heads": 24,
+            "caption_projection_dim": 1536,
+            "pos_embed_max_size": 384,
+            "qk_norm": "rms_norm",
+            "dual_attention_layers": tuple(range(13)),
+        },
+    ),
+    "flux": ("FluxTransformer2DModel", {"guidance_embeds": True}),
+}
+
+
+# ----------------------------------------------------------------------------- pipeline folders
+
+
+def build_pipeline(family: str, folder: Path, tiny: bool, device: str) -> None:
+    """Save a pipeline folder for ``family``: the tiny test pipeline, or the real-size denoiser with
+    thin text encoders and a tiny VAE of the widths it expects."""
+    from diffalign.models.tiny import build_tiny_pipeline
+
+    if tiny:
+        build_tiny_pipeline(FAMILIES[family].tiny, folder)  # type: ignore[arg-type]
+    else:
+        real_pipeline(family, device).save_pretrained(str(folder), safe_serialization=True)
+    (folder / "built.ok").write_text("")  # a folder without it is a half-written one
+
+
+@contextmanager
+def _default_dtype(dtype: Any) -> Iterator[None]:
+    import torch
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def real_denoiser(family: str, device: str) -> Any:
+    """Random real-size weights, initialised on ``device`` directly in bf16: 12 B fp32 on a CPU
+    would take minutes and 48 GB; the loop loads them as fp32 anyway (``load_adapter``)."""
+    import diffusers
+    import torch
+
+    cls, config = REAL_DENOISERS[family]
+    torch.manual_seed(0)
+    with torch.device(device), _default_dtype(torch.bfloat16):
+        model = getattr(diffusers, cls)(**config)
+    return model.to("cpu")
+
+
+def real_pipeline(family: str, device: str) -> Any:
+    import diffusers
+    from transformers import T5Config, T5EncoderModel
+
+    from diffalign.models.tiny import WORDS, _clip_text
+    from diffalign.models.tiny import _vae as vae4
+    from diffalign.models.tiny_dit import _vae as vae16
+    from diffalign.models.tokenizer import build_clip_tokenizer, build_t5_tokenizer
+
+    def clip(hidden: int, projection: int | None) -> Any:  # 2 layers, the real width
+        tok = build_clip_tokenizer(WORDS)
+        return _clip_text(hidden, projection, len(tok), tok.eos_token_id, tok.bos_token_id)
+
+    den = real_denoiser(family, device)
+    if family == "sdxl":  # CLIP-L 768 + bigG 1280 hidden states, bigG's 1280 pooled projection
+        sched = diffusers.EulerDiscreteScheduler(
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+            timestep_spacing="leading",
+            steps_offset=1,
+        )
+        return diffusers.StableDiffusionXLPipeline(
+            vae=vae4(),
+            text_encoder=clip(768, None),
+            text_encoder_2=clip(1280, 1280),
+            tokenizer=build_clip_tokenizer(WORDS),
+            tokenizer_2=build_clip_tokenizer(WORDS),
+            unet=den,
+            scheduler=sched,
+        )
+    if family == "sd35m":  # no T5: the pipeline feeds 256 zero tokens of width 4096 (the real shape)
+        return diffusers.StableDiffusion3Pipeline(
+            transformer=den,
+            scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+            vae=vae16(16, 1.5305, 0.0609),
+            text_encoder=clip(768, 768),
+            tokenizer=build_clip_tokenizer(WORDS),
+            text_encoder_2=clip(1280, 1280),
+            tokenizer_2=build_clip_tokenizer(WORDS),
+            text_encoder_3=None,
+            tokenizer_3=None,
+        )
+    # FLUX needs its T5 (512 tokens of width 4096): one thin layer
+    t5_tok = build_t5_tokenizer(WORDS, model_max_length=512)
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(t5_tok),
+            d_model=4096,
+            d_kv=64,
+            d_ff=256,
+            num_layers=1,
+            num_heads=2,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    return diffusers.FluxPipeline(
+        scheduler=sched,
+        vae=vae16(16, 0.3611, 0.1159),
+        text_encoder=clip(768, None),
+        tokenizer=build_clip_tokenizer(WORDS),
+        text_encoder_2=t5,
+        tokenizer_2=t5_tok,
+        transformer=den,
     )
 
 
-def sd3_transformer():
-    from diffusers import SD3Transformer2DModel
+def build_reward_clip(folder: Path) -> Path:
+    """A tiny random CLIPModel folder for Flow-GRPO's reward (``clip_score=``): the rollout needs a
+    reward, which is not what is measured."""
+    from transformers import CLIPConfig, CLIPModel
 
-    # stabilityai/stable-diffusion-3-medium-diffusers transformer/config.json
-    return SD3Transformer2DModel(
-        sample_size=128,
-        patch_size=2,
-        in_channels=16,
-        num_layers=24,
-        attention_head_dim=64,
-        num_attention_heads=24,
-        joint_attention_dim=4096,
-        caption_projection_dim=1536,
-        pooled_projection_dim=2048,
-        out_channels=16,
-        pos_embed_max_size=192,
-    )
+    from diffalign.models.tiny import WORDS
+    from diffalign.models.tokenizer import build_clip_tokenizer
 
-
-def inputs(kind: str, pairs: int, res: int, device: str):
-    n = 2 * pairs
-    if kind == "sdxl":
-        x = torch.randn(n, 4, res // 8, res // 8, device=device, dtype=torch.bfloat16)
-        kw = {
-            "encoder_hidden_states": torch.randn(n, 77, 2048, device=device, dtype=torch.bfloat16),
-            "added_cond_kwargs": {
-                "text_embeds": torch.randn(n, 1280, device=device, dtype=torch.bfloat16),
-                "time_ids": torch.tensor(
-                    [[res, res, 0, 0, res, res]] * n, device=device, dtype=torch.bfloat16
-                ),
-            },
-        }
-    else:
-        x = torch.randn(n, 16, res // 8, res // 8, device=device, dtype=torch.bfloat16)
-        kw = {
-            "encoder_hidden_states": torch.randn(n, 333, 4096, device=device, dtype=torch.bfloat16),
-            "pooled_projections": torch.randn(n, 2048, device=device, dtype=torch.bfloat16),
-        }
-    return x, kw
-
-
-def forward(model, kind, x, t, kw):
-    out = model(x, t, **kw) if kind == "sdxl" else model(hidden_states=x, timestep=t, **kw)
-    return out.sample
-
-
-def dpo_step(model, kind, x, kw, ref_model=None, precomputed=None, lora=True):
-    import torch.nn.functional as F
-
-    t = torch.randint(0, 1000, (x.shape[0] // 2,), device=x.device).repeat_interleave(2)
-    target = torch.randn_like(x)
-    err = (forward(model, kind, x, t, kw).float() - target.float()).pow(2).mean(dim=[1, 2, 3]).view(-1, 2)
-    if precomputed is not None:
-        rerr = precomputed
-    else:
-        with torch.no_grad():
-            if lora:
-                model.disable_adapters()
-                ref = forward(model, kind, x, t, kw)
-                model.enable_adapters()
-            else:
-                ref = forward(ref_model, kind, x, t, kw)
-        rerr = (ref.float() - target.float()).pow(2).mean(dim=[1, 2, 3]).view(-1, 2)
-    inside = -0.5 * 5000 * ((err[:, 0] - rerr[:, 0]) - (err[:, 1] - rerr[:, 1]))
-    loss = -F.logsigmoid(inside).mean()
-    loss.backward()
-    return loss
-
-
-def measure(kind: str, mode: str, pairs: int, res: int, steps: int, attention: str, ft: str) -> dict:
-    import copy
-
-    from peft import LoraConfig
-
-    device = "cuda"
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    model = (sdxl_unet() if kind == "sdxl" else sd3_transformer()).to(device)
-    if attention == "xformers":
-        model.enable_xformers_memory_efficient_attention()
-    model.enable_gradient_checkpointing()
-    ref_model = None
-    if ft == "lora":
-        model.to(torch.bfloat16).requires_grad_(False)
-        model.add_adapter(LoraConfig(r=8, lora_alpha=8, target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
-        params = [p for p in model.parameters() if p.requires_grad]
-        for p in params:
-            p.data = p.data.float()
-        opt = torch.optim.AdamW(params, lr=1e-5)
-    else:
-        if mode == "baseline":
-            ref_model = copy.deepcopy(model).to(torch.bfloat16).requires_grad_(False)
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-        else:
-            from transformers.optimization import Adafactor
-
-            opt = Adafactor(model.parameters(), lr=1e-5, scale_parameter=False, relative_step=False)
-    x, kw = inputs(kind, pairs, res, device)
-    pre = torch.rand(pairs, 2, device=device) if mode == "diffalign" else None
-    for i in range(steps + 2):  # 2 warm-up steps
-        if i == 2:
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            dpo_step(model, kind, x, kw, ref_model, pre, lora=ft == "lora")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    res_ = {
-        "model": kind,
-        "mode": mode,
-        "ft": ft,
-        "attention": attention,
-        "pairs": pairs,
-        "res": res,
-        "steps_per_s": steps / dt,
-        "pairs_per_s": steps * pairs / dt,
-        "peak_gb": torch.cuda.max_memory_allocated() / 2**30,
+    tok = build_clip_tokenizer(WORDS)
+    layer = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    text = {
+        **layer,
+        "vocab_size": len(tok),
+        "max_position_embeddings": 77,
+        "eos_token_id": tok.eos_token_id,
+        "bos_token_id": tok.bos_token_id,
+        "pad_token_id": tok.eos_token_id,
     }
-    del model, ref_model, opt
-    return res_
+    cfg = CLIPConfig(
+        text_config=text, vision_config={**layer, "image_size": 32, "patch_size": 8}, projection_dim=16
+    )
+    CLIPModel(cfg).save_pretrained(str(folder), safe_serialization=True)
+    tok.save_pretrained(str(folder))
+    pre = {
+        "image_processor_type": "CLIPImageProcessor",
+        "size": {"shortest_edge": 32},
+        "crop_size": {"height": 32, "width": 32},
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "do_resize": True,
+        "do_center_crop": True,
+        "do_normalize": True,
+        "resample": 3,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+    }
+    (folder / "preprocessor_config.json").write_text(json.dumps(pre))
+    return folder
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--pairs", type=int, default=4)
-    args = ap.parse_args()
+PROMPTS = ["a red circle", "a blue square above a green triangle", "a photo of a dog", "a yellow cat"]
+
+
+def write_data(work: Path, pairs: int) -> tuple[Path, Path]:
+    """A Pick-a-Pic style parquet of ``pairs`` pairs (64 px ShapesWorld renders; the loop resizes
+    them) and a prompts file for the rollouts; words the thin tokenizers know."""
+    from diffalign.benchmarks.perf.data import write_pairs
+
+    parquet = work / "data" / f"pairs-{pairs}.parquet"
+    if not parquet.exists():
+        write_pairs(parquet, pairs, 64)
+    prompts = work / "data" / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    return parquet, prompts
+
+
+# ----------------------------------------------------------------------------- measuring train()
+
+
+def _spec(x: Any) -> Any:
+    """A shape-only description of a denoiser argument (tensors -> shape and dtype)."""
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return ("tensor", tuple(x.shape), str(x.dtype))
+    if isinstance(x, dict):
+        return {k: _spec(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return type(x)(_spec(v) for v in x)
+    return x
+
+
+def _meta(x: Any) -> Any:
+    """The inverse of ``_spec`` on the meta device (floating tensors as fp32, like the meta model)."""
+    import torch
+
+    if isinstance(x, tuple) and len(x) == 3 and x[0] == "tensor":
+        dtype = getattr(torch, x[2].removeprefix("torch."))
+        return torch.zeros(x[1], dtype=torch.float32 if dtype.is_floating_point else dtype, device="meta")
+    if isinstance(x, dict):
+        return {k: _meta(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return type(x)(_meta(v) for v in x)
+    return x
+
+
+class Recorder:
+    """What one ``train()`` call did: denoiser calls (time, input shapes, with gradients?) and
+    the end of every optimizer update."""
+
+    def __init__(self, device: str, warmup: int) -> None:
+        self.device, self.warmup = device, warmup
+        self.setup_peak = 0  # CUDA bytes allocated at most before the timed steps (loading, pre-pass)
+        self.model: tuple[type, dict[str, Any]] | None = None
+        self.inputs: dict[str, tuple[Any, Any]] = {}  # signature -> (args spec, kwargs spec)
+        self.calls: list[tuple[float, str, bool]] = []
+        self.step_ends: list[float] = []
+
+    def watch(self, denoiser: Any) -> None:
+        self.model = (type(denoiser), dict(denoiser.config))
+
+        # a plain function, not a bound method: the frozen reference copy (deepcopy) then keeps
+        # reporting here (deepcopy would copy a bound method's Recorder along with it)
+        def hook(module: Any, args: tuple, kwargs: dict) -> None:
+            self._record(args, kwargs)
+
+        denoiser.register_forward_pre_hook(hook, with_kwargs=True)
+
+    def _record(self, args: tuple, kwargs: dict) -> None:
+        import torch
+
+        spec = (_spec(args), _spec(kwargs))
+        key = repr(spec)
+        self.inputs.setdefault(key, spec)
+        self.calls.append((time.perf_counter(), key, torch.is_grad_enabled()))
+
+    def step_end(self) -> None:
+        import torch
+
+        if self.device == "cuda":  # the guard synced already (finiteness check); make it explicit
+            torch.cuda.synchronize()
+        self.step_ends.append(time.perf_counter())
+        if self.device == "cuda" and len(self.step_ends) == self.warmup:
+            # the timed steps' own peak, apart from loading (fp32 on the GPU before LoRA's bf16
+            # cast) and the reference pre-pass (1.5x the fp32 denoiser)
+            self.setup_peak = torch.cuda.max_memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+
+
+@contextmanager
+def instrumented(rec: Recorder) -> Iterator[None]:
+    """Patch the loop's names for one ``train()``: the adapter loader (to hook the denoiser), the
+    bad-step guard (to time each update) and the checkpoint writer (not written, see the module
+    docstring)."""
+    from diffalign.train import loop
+    from diffalign.train.checkpoint import checkpoint_dir
+
+    saved = (loop.load_adapter, loop.BadStepGuard, loop.save_checkpoint)
+    load_adapter, guard_cls = saved[0], saved[1]
+
+    def hooked_load_adapter(*a: Any, **kw: Any) -> Any:
+        adapter = load_adapter(*a, **kw)
+        rec.watch(adapter.denoiser)
+        return adapter
+
+    class TimedGuard(guard_cls):  # type: ignore[misc, valid-type]
+        def update(self, *a: Any, **kw: Any) -> bool:
+            bad = super().update(*a, **kw)
+            rec.step_end()
+            return bad
+
+    def no_checkpoint(run_dir: Path, step: int, *a: Any, **kw: Any) -> Path:
+        return checkpoint_dir(run_dir, step)
+
+    loop.load_adapter, loop.BadStepGuard, loop.save_checkpoint = (
+        hooked_load_adapter,
+        TimedGuard,
+        no_checkpoint,
+    )
+    try:
+        yield
+    finally:
+        loop.load_adapter, loop.BadStepGuard, loop.save_checkpoint = saved
+
+
+_FLOPS_CACHE: dict[tuple[str, str], int] = {}
+
+
+def forward_flops(model: tuple[type, dict[str, Any]], inputs: dict[str, tuple[Any, Any]]) -> dict[str, int]:
+    """FLOPs of one forward per input signature, on a meta-device model of the same config."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cls, config = model
+    ckey = repr(sorted(config.items()))
+    todo = [k for k in inputs if (ckey, k) not in _FLOPS_CACHE]
+    if todo:
+        with torch.device("meta"):
+            meta = cls.from_config(config).float().eval()
+        for key in todo:
+            args, kwargs = _meta(inputs[key][0]), _meta(inputs[key][1])
+            with FlopCounterMode(display=False) as counter, torch.no_grad():
+                meta(*args, **kwargs)
+            _FLOPS_CACHE[(ckey, key)] = counter.get_total_flops()
+    return {k: _FLOPS_CACHE[(ckey, k)] for k in inputs}
+
+
+def measure(rec: Recorder, warmup: int, lora: bool) -> dict[str, float]:
+    """Median step time and model FLOPs per step over the steps after ``warmup``."""
+    ends = rec.step_ends[warmup - 1 :]
+    if len(ends) < 2:
+        raise RuntimeError(f"only {len(rec.step_ends)} optimizer updates recorded; nothing to time")
+    steps = [b - a for a, b in zip(ends, ends[1:], strict=False)]
+    assert rec.model is not None
+    per_call = forward_flops(rec.model, rec.inputs)
+    factor = 2 if lora else 3
+    flops = sum(per_call[k] * (factor if grad else 1) for t, k, grad in rec.calls if ends[0] < t <= ends[-1])
+    window = ends[-1] - ends[0]
+    return {
+        "step_s": statistics.median(steps),
+        "flops_per_step": flops / len(steps),
+        "flop_rate": flops / window,
+    }
+
+
+def loop_step_s(run_dir: Path, warmup: int) -> float | None:
+    """The loop's own ``time/step_s`` (timing.jsonl), median over the timed steps."""
+    f = run_dir / "timing.jsonl"
+    if not f.is_file():
+        return None
+    rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    vals = [r["time/step_s"] for r in rows if r["step"] > warmup and "time/step_s" in r]
+    return statistics.median(vals) if vals else None
+
+
+# ----------------------------------------------------------------------------- one mode
+
+
+@dataclass
+class Row:
+    mode: str
+    model: str
+    ft: str
+    attention: str
+    checkpointing: bool
+    reference: str
+    batch: str
+    status: str = "ok"  # ok | failed | skipped
+    reason: str = ""
+    per_s: float | None = None  # pairs/s (Flow-GRPO: rollout images/s)
+    step_s: float | None = None
+    loop_step_s: float | None = None
+    peak_gib: float | None = None  # during the timed steps
+    peak_all_gib: float | None = None  # the whole train() call
+    tflop_per_step: float | None = None
+    mfu: float | None = None
+    total_s: float | None = None
+
+
+def describe(name: str, tiny: bool, pairs: int | None) -> Row:
+    m = MODES[name]
+    fam = FAMILIES[m.family]
+    if m.online:
+        reference, batch = "LoRA-off (KL)", _grpo_batch(tiny)
+    else:
+        reference = "precomputed" if m.precompute else ("LoRA-off" if m.lora else "frozen copy")
+        res = TINY_RESOLUTION if tiny else fam.resolution
+        batch = f"{_pairs(m.family, tiny, pairs)} pairs @{res}px"
+    return Row(
+        mode=name,
+        model=("tiny " + fam.tiny) if tiny else fam.label,
+        ft=f"{'Flow-GRPO ' if m.online else ''}{'LoRA r8' if m.lora else 'full, ' + m.optimizer}",
+        attention=m.attention,
+        checkpointing=m.checkpointing,
+        reference=reference,
+        batch=batch,
+    )
+
+
+def _pairs(family: str, tiny: bool, override: int | None) -> int:
+    return override or (1 if tiny else FAMILIES[family].pairs)
+
+
+def _grpo_batch(tiny: bool) -> str:
+    g = GRPO["tiny" if tiny else "real"]
+    res = TINY_RESOLUTION if tiny else GRPO["real"]["resolution"]
+    return f"1 prompt x {g['group_size']}, {g['sample_steps']} steps @{res}px"
+
+
+def overrides(name: str, folder: Path, data: tuple[Path, Path], run_dir: Path, args: Any) -> list[str]:
+    m = MODES[name]
+    fam = FAMILIES[m.family]
+    common = [
+        f"model.path={folder}",
+        f"train.output_dir={run_dir}",
+        f"train.max_steps={args.warmup + args.steps}",
+        "train.mixed_precision=bf16",
+        f"train.attention={m.attention}",
+        f"train.gradient_checkpointing={str(m.checkpointing).lower()}",
+        f"lora.rank={8 if m.lora else 0}",
+        "train.report_to=none",
+        "train.checkpoint_every=1000000",  # the final one is still attempted (and skipped here)
+        "train.lr=1e-5",
+    ]
+    if fam.max_sequence_length and not args.tiny:  # the tiny folders set their own (diffalign.json)
+        common.append(f"model.max_sequence_length={fam.max_sequence_length}")
+    if m.online:
+        g = GRPO["tiny" if args.tiny else "real"]
+        return common + [
+            "objective.name=flow_grpo",
+            f"objective.rewards=clip_score={args.work / 'reward-clip'}",
+            f"objective.group_size={g['group_size']}",
+            f"objective.sample_steps={g['sample_steps']}",
+            f"data.path={data[1]}",
+            f"data.resolution={TINY_RESOLUTION if args.tiny else GRPO['real']['resolution']}",
+            "train.batch_size=1",
+        ]
+    return common + [
+        "objective.name=diffusion_dpo",
+        f"data.path={data[0]}",
+        f"data.resolution={TINY_RESOLUTION if args.tiny else fam.resolution}",
+        f"train.batch_size={_pairs(m.family, args.tiny, args.pairs)}",
+        f"train.precompute_reference={str(m.precompute).lower()}",
+        f"train.optimizer={m.optimizer}",
+    ]
+
+
+def run_mode(name: str, folder: Path, args: Any) -> Row:
+    """One ``train()`` call and what it measured."""
+    import torch
+
+    from diffalign.config import load_config
+    from diffalign.train import train
+
+    m = MODES[name]
+    row = describe(name, args.tiny, args.pairs)
+    run_dir = args.work / "runs" / name
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, not a resume or a config clash
+    pairs = _pairs(m.family, args.tiny, args.pairs)
+    data = write_data(args.work, pairs * (args.warmup + args.steps))
+    if m.online and not (args.work / "reward-clip" / "config.json").is_file():
+        build_reward_clip(args.work / "reward-clip")
+    cfg = load_config(None, overrides(name, folder, data, run_dir, args))
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    rec = Recorder(args.device, args.warmup)
+    t0 = time.perf_counter()
+    with instrumented(rec):
+        train(cfg)
+    row.total_s = time.perf_counter() - t0
+    got = measure(rec, args.warmup, m.lora)
+    items = GRPO["tiny" if args.tiny else "real"]["group_size"] if m.online else pairs
+    row.step_s, row.per_s = got["step_s"], items / got["step_s"]
+    row.tflop_per_step = got["flops_per_step"] / 1e12
+    row.loop_step_s = loop_step_s(run_dir, args.warmup)
+    if cuda:
+        row.peak_gib = torch.cuda.max_memory_allocated() / 2**30
+        row.peak_all_gib = max(row.peak_gib, rec.setup_peak / 2**30)
+    if args.peak_tflops:
+        row.mfu = got["flop_rate"] / (args.peak_tflops * 1e12)
+    return row
+
+
+def one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:200]
+
+
+# ----------------------------------------------------------------------------- worker process
+
+
+def _emit(results: Path, record: dict[str, Any]) -> None:
+    with results.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def ensure_folder(family: str, args: Any) -> Path:
+    folder = args.work / "models" / family
+    if not (folder / "built.ok").is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        build_pipeline(family, folder, args.tiny, args.device)
+    return folder
+
+
+def _free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def worker(args: Any) -> None:
+    """Run ``args.modes`` in order in this process, one JSON line per mode start and result."""
+    from diffalign._quiet import quiet_libraries
+
+    quiet_libraries()
+    results: Path = args.results
+    _emit(results, {"env": _environment(args.device)})
+    for i, name in enumerate(args.modes):
+        m = MODES[name]
+        _emit(results, {"start": name})
+        if os.environ.get("DIFFALIGN_GPU_CHECK_CRASH") == name:  # testing aid: a mode that kills its worker
+            os._exit(3)
+        row = describe(name, args.tiny, args.pairs)
+        folder = args.work / "models" / m.family
+        need = (GRPO_EST_S if m.online else FAMILIES[m.family].est_s) if not args.tiny else 5.0
+        if not (folder / "built.ok").is_file() and not args.tiny:
+            need += FAMILIES[m.family].build_s
+        if m.attention == "xformers" and not _has_xformers():
+            row.status, row.reason = "skipped", "xformers is not installed"
+        elif time.time() + need > args.deadline:
+            row.status, row.reason = "skipped", f"time budget (needs ~{need:.0f} s); rerun with --modes"
+        else:
+            try:
+                row = run_mode(name, ensure_folder(m.family, args), args)
+            except Exception as e:  # out of memory, a backend that fails, ...: one row, then go on
+                row.status, row.reason = "failed", one_line(e)
+            _free_memory()
+        _emit(results, {"row": asdict(row)})
+        later = [MODES[n].family for n in args.modes[i + 1 :]]
+        if m.family not in later and not args.keep:  # its folder can go: disk is 64 GB there
+            shutil.rmtree(args.work / "models" / m.family, ignore_errors=True)
+
+
+def _has_xformers() -> bool:
     import importlib.util
 
-    attns = ["sdpa"] + (["xformers"] if importlib.util.find_spec("xformers") else [])
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    rows = []
-    for kind, res in (("sdxl", 1024), ("sd3", 1024)):
-        for attention in attns:
-            for mode in ("baseline", "diffalign"):
-                r = measure(kind, mode, args.pairs, res, args.steps, attention, "lora")
-                rows.append(r)
-                print(json.dumps(r), flush=True)
-        for mode in ("baseline", "diffalign"):
-            r = measure(kind, mode, 1, res, args.steps, "sdpa", "full")
-            rows.append(r)
-            print(json.dumps(r), flush=True)
-    print("\n| model | FT | attention | mode | pairs/s | peak GB |\n|---|---|---|---|---|---|")
+    return importlib.util.find_spec("xformers") is not None
+
+
+# ----------------------------------------------------------------------------- parent process
+
+
+def _tail_reason(log: Path, returncode: int | None) -> str:
+    """Why a worker died: its exit status and the last line of its log that names an error."""
+    why = f"worker died (exit status {returncode})"
+    if not log.is_file():
+        return why
+    lines = [ln.strip() for ln in log.read_text(errors="replace").replace("\r", "\n").splitlines()]
+    errors = [ln for ln in lines if "Error" in ln or "error:" in ln or "Killed" in ln]
+    return f"{why}: {errors[-1]}"[:200] if errors else why
+
+
+def _worker_cmd(args: Any, modes: list[str], results: Path) -> list[str]:
+    cmd = [sys.executable, "-m", "diffalign.benchmarks.perf.gpu_check", "--worker"]
+    cmd += ["--modes", ",".join(modes), "--results", str(results), "--deadline", str(args.deadline)]
+    cmd += ["--work", str(args.work), "--device", args.device, "--steps", str(args.steps)]
+    cmd += ["--warmup", str(args.warmup)]
+    if args.peak_tflops:
+        cmd += ["--peak-tflops", str(args.peak_tflops)]
+    if args.pairs:
+        cmd += ["--pairs", str(args.pairs)]
+    return cmd + (["--tiny"] if args.tiny else []) + (["--keep"] if args.keep else [])
+
+
+def _read(results: Path, seen: int) -> tuple[list[dict[str, Any]], int]:
+    if not results.is_file():
+        return [], seen
+    lines = results.read_text().split("\n")[:-1]  # complete lines only: the worker may be writing one
+    return [json.loads(ln) for ln in lines[seen:] if ln.strip()], len(lines)
+
+
+def run_workers(args: Any) -> list[Row]:
+    """Run the modes in worker processes until each has a row; a worker that dies (or overruns
+    the budget) marks its current mode failed and a new one takes the rest."""
+    rows: dict[str, Row] = {}
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if args.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the loop uses CUDA whenever it sees it
+        # tiny models gain nothing from threads, and on a busy CPU OpenMP's spinning threads made a
+        # tiny step take 16 s instead of 0.2 s
+        env.setdefault("OMP_NUM_THREADS", "1")
+    for attempt in range(1, len(args.modes) + 1):  # each worker settles at least one mode
+        pending = [n for n in args.modes if n not in rows]
+        if not pending or time.time() >= args.deadline:  # no time left even to import torch
+            break
+        results, log = args.work / f"worker-{attempt}.jsonl", args.work / f"worker-{attempt}.log"
+        results.unlink(missing_ok=True)
+        with log.open("w") as out:
+            proc = subprocess.Popen(
+                _worker_cmd(args, pending, results), stdout=out, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True,  # its own process group: killed whole at the deadline
+            )  # fmt: skip
+            current, killed = _watch(proc, results, args, rows)
+        reason = "killed at the time budget" if killed else _tail_reason(log, proc.returncode)
+        if current is not None:  # it died inside this mode
+            dead = [current]
+        elif killed or len(rows) > len(args.modes) - len(pending):  # it settled modes, then ended
+            dead = []
+        else:  # it died before any mode (an import error, say): another would too
+            dead = pending
+        for name in dead:
+            rows[name] = describe(name, args.tiny, args.pairs)
+            rows[name].status, rows[name].reason = "failed", reason
+            print(_progress(rows[name]), flush=True)
+    for name in args.modes:
+        if name not in rows:
+            rows[name] = describe(name, args.tiny, args.pairs)
+            rows[name].status, rows[name].reason = "skipped", "time budget; rerun with --modes"
+    return [rows[n] for n in args.modes]
+
+
+def _watch(proc: subprocess.Popen, results: Path, args: Any, rows: dict[str, Row]) -> tuple[str | None, bool]:
+    """Collect a worker's rows as they come until it exits (killed past the budget): the mode it
+    was inside when it ended (None: it finished its last one) and whether it was killed."""
+    current, seen, killed = None, 0, False
+    while True:
+        done = proc.poll() is not None
+        new, seen = _read(results, seen)
+        for rec in new:
+            if "env" in rec:
+                args.env = rec["env"]
+            elif "start" in rec:
+                current = rec["start"]
+            else:
+                row = Row(**rec["row"])
+                rows[row.mode], current = row, None
+                print(_progress(row), flush=True)
+        if done:
+            return current, killed
+        if time.time() > args.deadline + GRACE_S:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            killed = True
+        time.sleep(0.5)
+
+
+def _progress(row: Row) -> str:
+    if row.status != "ok":
+        return f"[{row.mode}] {row.status}: {row.reason}"
+    return f"[{row.mode}] {row.per_s:.3f}/s, step {row.step_s:.3f} s, in {row.total_s:.0f} s"
+
+
+def _f(x: float | None, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+HEADER = (
+    "| mode | model | FT | attention | ckpt | reference | batch | pairs/s | step s | loop step_s "
+    "| peak GiB | peak all | TFLOP/step | MFU | status |"
+)
+
+
+def table(rows: list[Row]) -> str:
+    """Markdown table, one row per mode (Flow-GRPO's pairs/s column holds rollout images/s)."""
+    lines = [HEADER, "|" + "---|" * HEADER.count(" | ") + "---|"]
     for r in rows:
-        print(
-            f"| {r['model']} {r['res']}px | {r['ft']} | {r['attention']} | {r['mode']} "
-            f"| {r['pairs_per_s']:.2f} | {r['peak_gb']:.1f} |"
-        )
+        status = r.status if r.status == "ok" else f"{r.status}: {r.reason.replace('|', '/')}"
+        cells = [
+            r.mode,
+            r.model,
+            r.ft,
+            r.attention,
+            "on" if r.checkpointing else "off",
+            r.reference,
+            r.batch,
+            _f(r.per_s, ".3f"),
+            _f(r.step_s, ".3f"),
+            _f(r.loop_step_s, ".3f"),
+            _f(r.peak_gib, ".1f"),
+            _f(r.peak_all_gib, ".1f"),
+            _f(r.tflop_per_step, ".4g"),
+            _f(None if r.mfu is None else 100 * r.mfu, ".1f") + ("%" if r.mfu is not None else ""),
+            status,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _environment(device: str) -> str:
+    import torch
+
+    name = torch.cuda.get_device_name() if device == "cuda" and torch.cuda.is_available() else "cpu"
+    return f"device: {name}, torch {torch.__version__}"
+
+
+def parse_args(argv: list[str] | None) -> Any:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset, in run order")
+    ap.add_argument("--list", action="store_true", help="print the modes and exit")
+    ap.add_argument("--tiny", action="store_true", help="the tiny test pipelines (dry run)")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    ap.add_argument("--steps", type=int, default=3, help="timed optimizer steps per mode")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps first (>= 1)")
+    ap.add_argument("--pairs", type=int, default=None, help="pairs per step (default: per model)")
+    ap.add_argument("--budget-s", type=float, default=540.0, help="wall-clock budget of the whole run")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default 989 on cuda)")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/gpu_check"), help="models, data, run folders")
+    ap.add_argument("--out", type=Path, default=None, help="write gpu_check.md and gpu_check.json here")
+    ap.add_argument("--keep", action="store_true", help="keep the built model folders")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--results", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in args.modes if m not in MODES]
+    if unknown:
+        ap.error(f"unknown mode(s) {', '.join(unknown)}; valid: {', '.join(MODES)}")
+    if args.warmup < 1 or args.steps < 1:
+        ap.error("--warmup and --steps must be >= 1 (the first timed step starts where a warm-up one ends)")
+    if args.peak_tflops is None and args.device == "cuda":
+        args.peak_tflops = DEFAULT_PEAK_TFLOPS
+    args.work = args.work.resolve()
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    args = parse_args(argv)
+    if args.worker:
+        worker(args)
+        return []
+    if args.list:
+        for name in MODES:
+            r = describe(name, args.tiny, args.pairs)
+            ckpt = "checkpointing " + ("on" if r.checkpointing else "off")
+            print(f"{name}: {r.model}, {r.ft}, {r.attention}, {ckpt}, reference {r.reference}, {r.batch}")
+        return []
+    args.deadline = time.time() + args.budget_s
+    args.env = "device: unknown (no worker started)"
+    args.work.mkdir(parents=True, exist_ok=True)
+    for old in args.work.glob("worker-*"):  # logs of an earlier run in the same folder
+        old.unlink()
+    rows = run_workers(args)  # the parent never touches the GPU (a CUDA context costs memory)
+    text = f"{args.env}\n\n{table(rows)}"
+    print("\n" + text, flush=True)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "gpu_check.md").write_text(text + "\n")
+        (args.out / "gpu_check.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
+        (args.out / "gpu_check-workers.log").write_text(_worker_tails(args.work))
+    return rows
+
+
+def _worker_tails(work: Path, lines: int = 150) -> str:
+    """The end of each worker's log (full tracebacks of failed modes), for the files that come back."""
+    parts = []
+    for log in sorted(work.glob("worker-*.log")):
+        text = log.read_text(errors="replace").replace("\r", "\n").splitlines()
+        text = [ln for ln in text if ln.strip() and "%|" not in ln]  # not the progress bars
+        parts.append(f"==> {log.name} <==\n" + "\n".join(text[-lines:]))
+    return "\n\n".join(parts) + "\n"
 
 
 if __name__ == "__main__":
