@@ -573,7 +573,6 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
                 sums[name].append(v.detach().reshape(-1))
         for name, v in source.step_metrics().items():  # what the step's rollouts measured
             sums[name].append(v.to(accelerator.device))
-        sums["time/step_s"].append(torch.tensor([time.perf_counter() - t_step]))  # data/rollout + train
         # clip_grad_norm_ with an infinite bound only measures the norm (max_grad_norm = 0: no clipping)
         max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
         if engine.shards and accelerator.scaler is None:  # the norm over all shards, as a plain tensor
@@ -589,6 +588,9 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
         bad_step = guard.update(
             step + 1, logs["loss"], grad_norm, optimizer, lr_sched, trainable.values(), scaled, main
         )
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the step's kernels are done: the time below is the step's
+        step_seconds = time.perf_counter() - t_step  # data / rollout, forward, backward, optimizer step
         if not bad_step and ema is not None:
             ema.update(trainable)
         source.after_step(step, trainable)
@@ -600,7 +602,7 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
         logs.update(
             grad_norm=float("nan") if grad_norm is None else float(grad_norm),
             lr=lr_sched.get_last_lr()[0],
-            **{"data/skipped": skipped_total, "train/bad_steps": guard.total},
+            **{"data/skipped": skipped_total, "train/bad_steps": guard.total, "time/step_s": step_seconds},
         )
         out_of_time = t.max_minutes > 0 and (time.perf_counter() - t0) / 60 >= t.max_minutes
         done = step + 1 == t.max_steps or out_of_time
