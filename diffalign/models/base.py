@@ -76,6 +76,12 @@ class Adapter:
     def vae(self) -> nn.Module:
         return self.pipe.vae
 
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the latents the loop holds (``[B,C,h,w]``, what ``encode_images`` returns and
+        samplers start from); the denoiser's input channels unless it packs patches (FLUX, Qwen-Image)."""
+        return int(self.denoiser.config.in_channels)
+
     def frozen_modules(self) -> list[nn.Module]:
         """Text encoders and VAE: never trained, cast to the mixed-precision dtype."""
         names = ["vae", "text_encoder", "text_encoder_2", "text_encoder_3"]

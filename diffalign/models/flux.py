@@ -121,6 +121,10 @@ class FluxAdapter(SD3Adapter):
             return None
         return torch.full((n,), self.guidance_scale, device=device, dtype=torch.float32)
 
+    @property
+    def latent_channels(self) -> int:
+        return int(self.denoiser.config.in_channels) // 4  # the transformer sees 2x2-packed patches
+
     def predict(
         self,
         x_t: Tensor,

@@ -86,6 +86,10 @@ class QwenImageAdapter(SD3Adapter):
         mask = torch.nn.functional.pad(mask.float(), (0, pad))  # [B, L], 1 on real tokens
         return {"prompt_embeds": embeds, "prompt_mask": mask}
 
+    @property
+    def latent_channels(self) -> int:
+        return int(self.denoiser.config.in_channels) // 4  # the transformer sees 2x2-packed patches
+
     def predict(
         self,
         x_t: Tensor,

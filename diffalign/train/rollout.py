@@ -77,7 +77,7 @@ class RolloutSource:
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.res = cfg.data.resolution
         f = adapter.pipe.vae_scale_factor
-        self.latent_shape = (adapter.denoiser.config.in_channels, self.res // f, self.res // f)
+        self.latent_shape = (adapter.latent_channels, self.res // f, self.res // f)
         self.device = accelerator.device
         self._metrics: dict[str, list[Tensor]] = {}
         self.rewards: dict[str, Any] = {}  # the training reward (set by each source that has one)
