@@ -40,9 +40,11 @@ class ModelConfig:
     """``auto``: uniform for DDPM-family models, logit-normal for flow matching (SD3 recipe)."""
     logit_mean: float = 0.0
     logit_std: float = 1.0
-    max_sequence_length: int = 256
-    """SD3 only: T5 token count (the pipeline's default 256). Pipelines without T5 (the toy models)
-    train and sample with 0 so no constant padding tokens enter the joint attention."""
+    max_sequence_length: int | None = None
+    """Text tokens of the long text encoder (SD3/3.5 and FLUX T5, Qwen-Image, Wan UMT5); unset: the
+    family pipeline's own default (SD3 256; FLUX, Qwen-Image and Wan 512), so training encodes prompts
+    as sampling does. Pipelines without T5 (the toy models) train and sample with 0 (their
+    ``diffalign.json``) so no constant padding tokens enter the joint attention."""
 
 
 @dataclass

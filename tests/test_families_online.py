@@ -102,3 +102,17 @@ def test_eval_harness_generates_and_judges_with_flux(models, tmp_path):
     assert (
         0.0 <= geneval["overall"] <= 1.0 and geneval["n_prompts"] == 2 and summary["sampling"]["steps"] == 2
     )
+
+
+def test_max_sequence_length_defaults_to_each_familys_pipeline(models, monkeypatch):
+    """Unset ``model.max_sequence_length`` keeps the family pipeline's own default (FLUX 512, SD3 256),
+    so prompts are encoded in training as the pipeline encodes them when sampling; a value given in
+    the config (or the folder's ``diffalign.json``) wins."""
+    import diffalign.models.loading as loading
+    from diffalign.config import ModelConfig
+
+    monkeypatch.setattr(loading, "pipeline_call_defaults", lambda path: {})  # no diffalign.json
+    assert loading.load_adapter(ModelConfig(path=str(models["flux"]))).max_sequence_length == 512
+    assert loading.load_adapter(ModelConfig(path=str(models["sd35"]))).max_sequence_length == 256
+    cfg = ModelConfig(path=str(models["flux"]), max_sequence_length=77)
+    assert loading.load_adapter(cfg).max_sequence_length == 77

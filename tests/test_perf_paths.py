@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from test_train import run
 
 
@@ -26,13 +25,3 @@ def test_channels_last_trains_the_same(tiny_models, pairs_parquet, tmp_path):
     )
     la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert la == pytest.approx(lb, rel=1e-4, abs=1e-6)
-
-
-def test_gpu_check_builds_real_size_architectures():
-    """The GPU script's configs are the real SDXL UNet (2.57B) and SD3-medium transformer (2.03B)."""
-    from diffalign.benchmarks.perf.gpu_check import sd3_transformer, sdxl_unet
-
-    with torch.device("meta"):
-        n_xl = sum(p.numel() for p in sdxl_unet().parameters())
-        n_3 = sum(p.numel() for p in sd3_transformer().parameters())
-    assert 2.55e9 < n_xl < 2.6e9 and 2.0e9 < n_3 < 2.1e9, (n_xl, n_3)

@@ -168,9 +168,9 @@ def load_adapter(
         sampling = "logit_normal" if family == "sd3" else "uniform"
     extra = {"mel": MelConfig(**model_settings(mcfg.path).get("mel", {}))} if family == "audioldm" else {}
     adapter = cls(pipe, sched, pred, sampling, mcfg.logit_mean, mcfg.logit_std, **extra)
-    adapter.max_sequence_length = pipeline_call_defaults(mcfg.path).get(
-        "max_sequence_length", mcfg.max_sequence_length
-    )
+    length = pipeline_call_defaults(mcfg.path).get("max_sequence_length", mcfg.max_sequence_length)
+    if length is not None:  # else the adapter keeps its family pipeline's default (see ModelConfig)
+        adapter.max_sequence_length = length
     for m in adapter.frozen_modules():
         m.requires_grad_(False)
         m.eval()
