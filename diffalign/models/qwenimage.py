@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from .flux import check_even, flow_sampling_sigmas, pack_latents, unpack_latents
 from .sd3 import SD3Adapter
+from .wan import latent_stats
 
 QWEN_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 """``train_dreambooth_lora_qwen_image.py``'s default: the image stream's attention only (the text
@@ -42,26 +43,19 @@ class QwenImageAdapter(SD3Adapter):
         super().__init__(*args, **kwargs)
         self.max_sequence_length = 512  # text tokens (the pipeline's __call__ default); set by the loader
 
-    def _stats(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        cfg = self.vae.config
-        shape = (1, cfg.z_dim, 1, 1, 1)
-        mean = torch.tensor(cfg.latents_mean, device=z.device, dtype=z.dtype).view(shape)
-        std = torch.tensor(cfg.latents_std, device=z.device, dtype=z.dtype).view(shape)
-        return mean, std
-
     @torch.no_grad()
     def encode_images(self, pixels: Tensor) -> Tensor:
         """``[B,3,H,W]`` in [-1,1] -> normalised latents ``[B,16,H/8,W/8]`` (posterior mean)."""
         vae = self.vae
         z = vae.encode(pixels[:, :, None].to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
-        mean, std = self._stats(z)
+        mean, std = latent_stats(self.vae, z)
         return ((z - mean) / std)[:, :, 0].float()  # [B,16,1,h,w] -> [B,16,h,w]
 
     @torch.no_grad()
     def decode_latents(self, latents: Tensor) -> Tensor:
         vae = self.vae
         z = latents[:, :, None].to(device=vae.device, dtype=vae.dtype)
-        mean, std = self._stats(z)
+        mean, std = latent_stats(self.vae, z)
         image = vae.decode(z * std + mean).sample[:, :, 0].float()
         return (image / 2 + 0.5).clamp(0, 1)
 

@@ -33,6 +33,16 @@ WAN_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.n
 frozen (flow_grpo#103)."""
 
 
+def latent_stats(vae: nn.Module, z: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel latent mean and std ``[1,C,1,1,1]`` of a Wan-style VAE (Wan2.1, Qwen-Image), in
+    ``z``'s device and dtype: latents are normalised as ``(z - mean) / std``."""
+    cfg = vae.config
+    shape = (1, cfg.z_dim, 1, 1, 1)
+    mean = torch.tensor(cfg.latents_mean, device=z.device, dtype=z.dtype).view(shape)
+    std = torch.tensor(cfg.latents_std, device=z.device, dtype=z.dtype).view(shape)
+    return mean, std
+
+
 class WanAdapter(SD3Adapter):
     family = "wan"
     modality = "video"
@@ -40,13 +50,6 @@ class WanAdapter(SD3Adapter):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.max_sequence_length = 512  # UMT5 tokens (the pipeline's __call__ default); set by the loader
-
-    def _stats(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        cfg = self.vae.config
-        shape = (1, cfg.z_dim, 1, 1, 1)
-        mean = torch.tensor(cfg.latents_mean, device=z.device, dtype=z.dtype).view(shape)
-        std = torch.tensor(cfg.latents_std, device=z.device, dtype=z.dtype).view(shape)
-        return mean, std
 
     @torch.no_grad()
     def encode_images(self, clips: Tensor) -> Tensor:
@@ -64,7 +67,7 @@ class WanAdapter(SD3Adapter):
         vae = self.vae
         x = clips.permute(0, 2, 1, 3, 4).to(device=vae.device, dtype=vae.dtype)  # [B, 3, F, H, W]
         z = vae.encode(x).latent_dist.mode()
-        mean, std = self._stats(z)
+        mean, std = latent_stats(self.vae, z)
         return ((z - mean) / std).float()
 
     @torch.no_grad()
@@ -72,7 +75,7 @@ class WanAdapter(SD3Adapter):
         """Inverse of :meth:`encode_images`: ``[B, 16, F', h, w]`` -> clips ``[B, F, 3, H, W]`` in [0, 1]."""
         vae = self.vae
         z = latents.to(device=vae.device, dtype=vae.dtype)
-        mean, std = self._stats(z)
+        mean, std = latent_stats(self.vae, z)
         video = vae.decode(z * std + mean).sample.float()  # [B, 3, F, H, W]
         return (video / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)
 

@@ -406,8 +406,9 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
     ref_table: dict[tuple[int, int], Any] | None = None
     if t.precompute_reference and objective.needs_reference:
         # before LoRA and before any checkpoint weights: the denoiser holds exactly the reference weights
-        first = int(load_checkpoint(ckpt_path)["state"]["step"]) if ckpt_path is not None else 0
-        ref_table = precompute_reference(source, objective, adapter, first, t.max_steps, accelerator, main)
+        ref_table = precompute_reference(
+            source, objective, adapter, resumed_step, t.max_steps, accelerator, main
+        )
     use_lora = cfg.lora.rank > 0
     if use_lora:
         add_lora(denoiser, cfg)
@@ -523,8 +524,7 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
         from .overopt import OverOptGuard
 
         overopt = OverOptGuard(cfg, adapter, source.rewards, accelerator.device)
-        if ckpt_path is not None:
-            st = load_checkpoint(ckpt_path)["state"]
+        if ckpt_path is not None:  # st: the resumed checkpoint's state, read above
             overopt.restore(st.get("guard", []), bool(st.get("guard_warned", False)))
         else:  # the starting point: what gold, proxy and pixel statistics are compared against
             row = overopt.evaluate(0, accelerator.autocast)
