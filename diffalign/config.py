@@ -87,8 +87,11 @@ class DataConfig:
     caption_dropout: float = 0.0
     """Probability of training a pair unconditionally; applied identically to both images."""
     cache_dir: str | None = None
-    """Folder written by ``diffalign cache``: latents and text embeddings, so VAE/text encoders
-    stay unloaded."""
+    """Folder written by ``diffalign cache``: latents and text embeddings, so the VAE and text encoders
+    do no work during training. ``auto``: a cache kept under ``$DIFFALIGN_CACHE_HOME`` (default
+    ``~/.cache/diffalign``) per data and model, reused by every later run, built at start-up when the
+    run reads every row anyway (``data.cache.auto_cache``); off, with the reason printed, under random
+    crops/flips or when it would not pay."""
     allow_outside_paths: bool = False
     """JSONL image paths must lie inside the JSONL file's folder (``../`` and absolute paths are
     refused, naming the line); true reads them wherever they point."""
@@ -435,7 +438,7 @@ def validate(cfg: Config, *, check_data: bool = True) -> None:  # noqa: C901 (on
         raise ConfigError(
             "train.reference: 'lora_off' needs LoRA (lora.rank > 0); use 'copy' for full fine-tuning"
         )
-    if cfg.data.cache_dir and cfg.data.random_flip:
+    if cfg.data.cache_dir and cfg.data.cache_dir != "auto" and cfg.data.random_flip:  # auto: uncached
         raise ConfigError(
             "data.random_flip: cannot flip cached latents; set data.random_flip=false or drop data.cache_dir"
         )

@@ -45,6 +45,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -58,8 +61,6 @@ from ..files import sha256_file, write_atomic
 from ..synpic import WEIGHT_SUFFIXES
 from .pairs import PairDataset, ParquetImages
 
-SHARD = "shard-{:05d}.safetensors"
-VERSION = 2  # 1 (implicit): no data_files/model identity; refused
 SHARD = "shard-{:05d}.safetensors"
 VERSION = 2  # an index without "version" (written before identities were recorded) is refused
 # the pipeline parts whose outputs are cached (the denoiser and scheduler are not)
@@ -323,7 +324,13 @@ def _refuse_orphans(out: Path) -> None:
         )
 
 
-def build_cache(cfg: Config, shard_size: int = 256) -> Path:
+class CacheTooLarge(ConfigError):
+    """The cache would take more disk than it may (``build_cache(max_bytes=...)``)."""
+
+
+def build_cache(cfg: Config, shard_size: int = 256, max_bytes: int | None = None) -> Path:
+    """Write ``cfg.data.cache_dir`` (resumes a killed build). ``max_bytes``: after the first shard
+    written, project the whole cache's size from it and raise ``CacheTooLarge`` if it exceeds this."""
     from tqdm.auto import tqdm
 
     from .._quiet import quiet_libraries
@@ -331,7 +338,11 @@ def build_cache(cfg: Config, shard_size: int = 256) -> Path:
 
     quiet_libraries()
     if not cfg.data.cache_dir:
-        raise ConfigError("data.cache_dir is not set: say where to write the cache (data.cache_dir=PATH)")
+        raise ConfigError(
+            "data.cache_dir is not set: say where to write the cache (data.cache_dir=PATH, or auto)"
+        )
+    if cfg.data.cache_dir == AUTO:  # the folder `diffalign train` with data.cache_dir=auto reads
+        cfg = replace(cfg, data=replace(cfg.data, cache_dir=str(auto_dir(cfg.data, cfg.model))))
     _check_cacheable(cfg.data)
     out = Path(cfg.data.cache_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -372,6 +383,14 @@ def build_cache(cfg: Config, shard_size: int = 256) -> Path:
             continue  # resumed
         idx = range(s * shard_size, min(len(ds), (s + 1) * shard_size))
         _save_atomic(_encode_shard(adapter, ds, idx, device, ranked), path)
+        if max_bytes is not None:
+            projected = path.stat().st_size / len(idx) * len(ds)  # text embeddings dominate (SD3: ~5 MB/row)
+            if projected > max_bytes:
+                raise CacheTooLarge(
+                    f"data.cache_dir {str(out)!r}: {len(ds)} rows would take ~{projected / 2**30:.1f} GiB "
+                    f"(more than the {max_bytes / 2**30:.1f} GiB allowed)"
+                )
+            max_bytes = None  # checked once
     print(f"cached {len(ds)} {'ranked groups' if ranked else 'pairs'} in {n_shards} shards at {out}")
     return out
 
@@ -433,3 +452,99 @@ class CachedPairs(torch.utils.data.Dataset):
         }
         item.update({n: row[n] for n in ("phi", "rank") if n in row})
         return item
+
+
+# ----------------------------------------------------------------------------- data.cache_dir: auto
+
+AUTO = "auto"
+
+
+def cache_home() -> Path:
+    """Where ``data.cache_dir: auto`` keeps its caches: ``$DIFFALIGN_CACHE_HOME``, else
+    ``~/.cache/diffalign``."""
+    return Path(os.environ.get("DIFFALIGN_CACHE_HOME") or Path.home() / ".cache" / "diffalign")
+
+
+def auto_dir(dcfg: DataConfig, mcfg: ModelConfig) -> Path:
+    """The auto cache's folder for this data and model: keyed by where they are and the settings that
+    shape the cache. The content is checked by the index as for any cache (a changed file is caught
+    there and the folder rebuilt), so the key only has to separate unrelated caches."""
+    model = Path(mcfg.path).expanduser()
+    key = {
+        "model": str(model.resolve()) if model.exists() else f"{mcfg.path}@{mcfg.revision}",
+        "data": str(Path(dcfg.path).expanduser().resolve())
+        if Path(dcfg.path).expanduser().exists()
+        else dcfg.path,
+        "format": dcfg.format,
+        "split": dcfg.split,
+        "resolution": dcfg.resolution,
+        "max_pairs": dcfg.max_pairs,
+        "drop_ties": dcfg.drop_ties,
+        "max_sequence_length": mcfg.max_sequence_length,
+        "version": VERSION,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_home() / "latents" / digest
+
+
+def _ready(dcfg: DataConfig, mcfg: ModelConfig) -> str | None:
+    """None when ``dcfg.cache_dir`` holds a complete cache of this data and model, else why not."""
+    if not (Path(dcfg.cache_dir or "") / "index.json").exists():
+        return "not built"
+    try:
+        CachedPairs(dcfg, mcfg)
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+def auto_cache(
+    cfg: Config, rows: int, rows_read: int, needs_scores: bool, main: bool, barrier: Callable[[], None]
+) -> tuple[str | None, str]:
+    """Resolve ``data.cache_dir: auto``: ``(folder, what happened)`` when training reads a cache,
+    ``(None, why not)`` when it encodes images as it goes. Called by every process of a launch (the
+    main process builds, the others wait at ``barrier``); the same answer everywhere.
+
+    The cache is reused whenever a complete one of this data and model exists (any earlier run, epoch
+    or sweep over the same data); it is built at start-up only when the run reads every row at least
+    once (``rows_read >= rows``), so building costs no more VAE and text-encoder work than encoding
+    as it goes would, and only when it takes at most half the free disk. Never with random crops or
+    flips (a cache holds one view) or for objectives that read reward scores (not cached). In fp32,
+    cached and uncached training are identical (tested); under bf16/fp16 the cache holds fp32-encoded
+    latents where the live path encodes in low precision."""
+    d = cfg.data
+    if not d.center_crop or d.random_flip:
+        return None, "off: random crops or flips (a cache holds one view of each image)"
+    if needs_scores:
+        return None, "off: the objective reads reward scores, which are not cached"
+    dcfg = replace(d, cache_dir=str(auto_dir(d, cfg.model)))
+    root = Path(dcfg.cache_dir or "")
+    built = ""
+    if main and _ready(dcfg, cfg.model) is not None:
+        if rows_read < rows:
+            built = (
+                f"off: this run reads {rows_read} of the data's {rows} rows, and building a cache reads all; "
+                "`diffalign cache CONFIG data.cache_dir=auto` builds it for later runs"
+            )
+        else:
+            t0 = time.perf_counter()
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+                free = shutil.disk_usage(root).free
+                try:
+                    build_cache(replace(cfg, data=dcfg), max_bytes=free // 2)
+                except CacheTooLarge:
+                    raise
+                except ConfigError:  # built from other data or weights, or left orphaned: ours to replace
+                    shutil.rmtree(root)
+                    root.mkdir(parents=True)
+                    build_cache(replace(cfg, data=dcfg), max_bytes=free // 2)
+                built = f"built in {time.perf_counter() - t0:.0f} s"
+            except Exception as e:  # noqa: BLE001 (a failed build leaves training correct, just uncached)
+                shutil.rmtree(root, ignore_errors=True)
+                built = f"off: building it failed ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    barrier()
+    why = _ready(dcfg, cfg.model)
+    if why is None:
+        return str(root), f"{root} ({built or 'reused'})"
+    return None, built or f"off: {why}"

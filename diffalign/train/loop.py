@@ -24,7 +24,8 @@ import json
 import os
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from torch import Tensor
 from .._quiet import quiet_libraries
 from ..config import Config, ConfigError, to_dict, validate
 from ..data.pairs import PairDataset
+from ..data.ranked import RankedDataset
 from ..data.sampler import StepPlan
 from ..models.base import Adapter
 from ..models.loading import load_adapter
@@ -265,19 +267,33 @@ def train(cfg: Config, resume: str | None = None, allow_config_change: bool = Fa
             lock.release()
 
 
-def load_dataset(cfg: Config, objective: Any, world: int, main: bool) -> tuple[Any, StepPlan, int]:
-    """The dataset source's rows and step plan (before the model: bad data fails fast and cheaply)."""
+def images_dataset(dcfg: Any, main: bool) -> Any:
+    """Pairs or ranked sets read from their images (no cache)."""
+    return RankedDataset(dcfg, verbose=main) if dcfg.format == "ranked" else PairDataset(dcfg, verbose=main)
+
+
+def load_dataset(
+    cfg: Config, objective: Any, world: int, main: bool, barrier: Callable[[], None] = lambda: None
+) -> tuple[Any, StepPlan, int]:
+    """The dataset source's rows and step plan (before the model: bad data fails fast and cheaply).
+    ``data.cache_dir: auto`` is resolved here (``data.cache.auto_cache``; ``barrier``: every process
+    of the launch waits while the main one builds)."""
     t = cfg.train
-    if cfg.data.cache_dir:
+    cache_dir, dataset = cfg.data.cache_dir, None
+    if cache_dir == "auto":
+        from ..data.cache import auto_cache
+
+        dataset = images_dataset(cfg.data, main)
+        rows_read = t.max_steps * t.batch_size * t.grad_accum * world  # what the step plan draws
+        cache_dir, how = auto_cache(cfg, len(dataset), rows_read, objective.needs_scores, main, barrier)
+        if main:
+            print(f"latent cache (data.cache_dir=auto): {how}")
+    if cache_dir:
         from ..data.cache import CachedPairs
 
-        dataset: Any = CachedPairs(cfg.data, cfg.model)
-    elif cfg.data.format == "ranked":
-        from ..data.ranked import RankedDataset
-
-        dataset = RankedDataset(cfg.data, verbose=main)
-    else:
-        dataset = PairDataset(cfg.data, verbose=main)
+        dataset = CachedPairs(replace(cfg.data, cache_dir=cache_dir), cfg.model)
+    elif dataset is None:
+        dataset = images_dataset(cfg.data, main)
     k = 1 if objective.winner_only else dataset.k
     if objective.needs_scores and not getattr(dataset, "has_scores", False):
         raise ConfigError(
@@ -302,7 +318,7 @@ def check_rollout_config(cfg: Config, objective: Any) -> None:
         key
         for key, bad in (
             ("train.precompute_reference", t.precompute_reference),  # the samples do not exist yet
-            ("data.cache_dir", bool(cfg.data.cache_dir)),
+            ("data.cache_dir", bool(cfg.data.cache_dir) and cfg.data.cache_dir != "auto"),  # auto: no data
         )
         if bad
     ]
@@ -389,7 +405,7 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
         check_rollout_config(cfg, objective)
         global_batch = t.batch_size * t.grad_accum * world  # prompts per optimizer step (or round)
     else:
-        dataset, plan, k = load_dataset(cfg, objective, world, main)
+        dataset, plan, k = load_dataset(cfg, objective, world, main, accelerator.wait_for_everyone)
         global_batch = plan.global_batch
 
     # -- model
