@@ -86,12 +86,13 @@ class DataConfig:
     (``diffalign label``)."""
     caption_dropout: float = 0.0
     """Probability of training a pair unconditionally; applied identically to both images."""
-    cache_dir: str | None = None
+    cache_dir: str | None = "auto"
     """Folder written by ``diffalign cache``: latents and text embeddings, so the VAE and text encoders
-    do no work during training. ``auto``: a cache kept under ``$DIFFALIGN_CACHE_HOME`` (default
-    ``~/.cache/diffalign``) per data and model, reused by every later run, built at start-up when the
-    run reads every row anyway (``data.cache.auto_cache``); off, with the reason printed, under random
-    crops/flips or when it would not pay."""
+    do no work during training. ``auto`` (default): a cache kept under ``$DIFFALIGN_CACHE_HOME``
+    (default ``~/.cache/diffalign``) per data and model, reused by every later run over the same data,
+    built at start-up when the run reads every row anyway (``data.cache.auto_cache``); off, with the
+    reason printed, under random crops/flips, for objectives that read reward scores, or when it
+    would not pay. ``null``: never cache."""
     allow_outside_paths: bool = False
     """JSONL image paths must lie inside the JSONL file's folder (``../`` and absolute paths are
     refused, naming the line); true reads them wherever they point."""

@@ -9,6 +9,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "DIFFALIGN_CACHE_HOME" not in os.environ:  # data.cache_dir=auto caches go to a folder of this session
+    import tempfile
+
+    os.environ["DIFFALIGN_CACHE_HOME"] = tempfile.mkdtemp(prefix="diffalign-cache-")
 
 
 def _png(rgb: np.ndarray) -> bytes:

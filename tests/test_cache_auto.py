@@ -79,7 +79,7 @@ def test_auto_builds_then_reuses_and_trains_as_uncached(tiny_models, pairs_parqu
         assert second[k] == first[k], k
     a, p = _lora(tmp_path / "a"), _lora(tmp_path / "plain")
     assert a.keys() == p.keys()
-    # the cache encodes 16 images per VAE call, the live path 2 x batch: float-level latent
+    # the cache encodes 8 images per VAE call, the live path 2 x batch (4 here): float-level latent
     # differences, which Adam's normalised steps carry into single weights (up to ~5e-5 of ~3e-2 seen);
     # over all LoRA B matrices (zero at the start, so they are the update) the runs agree to 1e-3
     b = [n for n in a if "lora_B" in n or "lora.up" in n]

@@ -66,16 +66,19 @@ def test_commands_describe_the_same_run():
     s = pb.Settings(resolution=64, batch=8, steps=40, rank=8)
     p, d, o = Path("/p"), Path("/d/pairs/train.parquet"), Path("/o")
     peer = pb.peer_command(Path("s.py"), p, d, o, s)
-    da = pb.diffalign_command(Path("c.yaml"), p, d, o, s)
-    fast = pb.diffalign_command(Path("c.yaml"), p, d, o, s, cache=Path("/c"))
+    da = pb.diffalign_command(Path("c.yaml"), p, d, o, s, "default")
+    fast = pb.diffalign_command(Path("c.yaml"), p, d, o, s, "fast")
+    uncached = pb.diffalign_command(Path("c.yaml"), p, d, o, s, "uncached")
     for flag in ["--train_batch_size=8", "--max_train_steps=40", "--rank=8", "--resolution=64", "--no_hflip"]:
         assert flag in peer
     assert "--dataset_name=/d/pairs" in peer and "--beta_dpo=2500" in peer
     for ov in ["train.batch_size=8", "train.max_steps=40", "lora.rank=8", "data.resolution=64"]:
         assert ov in da
     assert "objective.beta=5000" in da and "data.random_flip=false" in da  # diffusers' beta * 2
-    assert not any(a.startswith("data.cache_dir") for a in da)
-    assert "data.cache_dir=/c" in fast and "train.precompute_reference=true" in fast
+    # the default path is the config's own data.cache_dir (auto, the default); uncached turns it off
+    assert not any(a.startswith("data.cache_dir") for a in da + fast)
+    assert "train.precompute_reference=true" in fast and "data.cache_dir=null" in uncached
+    assert pb.diffalign_command(Path("c.yaml"), p, d, o, s, "cold") == da  # cold: an empty cache home
 
 
 def test_tiny_inputs_load_on_both_sides(tmp_path):
@@ -115,5 +118,5 @@ def test_side_by_side_smoke(tmp_path):
         + ["--root", str(tmp_path), "--batch", "2", "--threads", "1"]
     )
     summary = res[0]["summary"]
-    assert set(summary) == {"peer", "default", "fast"}
+    assert set(summary) == set(pb.MODES)
     assert all(r["pairs_per_s"] > 0 and r["peak_rss_gib"] > 0 for r in summary.values())

@@ -25,11 +25,16 @@ on both when it is installed, none on either when it is not) and the same thread
 Modes, interleaved round by round (the order rotates each round):
 
 - ``peer``: the diffusers script (VAE encode + text encoder every step, LoRA-off reference forward);
-- ``default``: ``diffalign train configs/sd15_dpo_lora.yaml`` with the settings above (no cache, live
-  LoRA-off reference): diffalign's default path;
-- ``fast``: the same plus ``data.cache_dir`` (latents and text embeddings built once by ``diffalign cache``
-  before the rounds and reused) and ``train.precompute_reference=true`` (its pre-pass runs inside each
-  run's start-up).
+- ``default``: ``diffalign train configs/sd15_dpo_lora.yaml`` with the settings above and nothing else:
+  diffalign's default path, ``data.cache_dir=auto``, with the auto cache already there (built once
+  before the rounds, as any earlier run, epoch or sweep over the same data leaves it; its build time
+  is reported) and the live LoRA-off reference;
+- ``cold``: the same with an empty cache home for every run: the run builds the auto cache in its
+  start-up (it reads every row once), so its end-to-end time carries the encoding the script does
+  inside its steps;
+- ``uncached``: ``data.cache_dir=null``: the same work per step as the script;
+- ``fast``: ``default`` plus ``train.precompute_reference=true`` (its pre-pass runs inside each run's
+  start-up).
 
 How it measures, the same way for every mode: each run is one child process; its stderr is read as it
 comes and every tqdm update of the training bar is time-stamped (``TQDM_MININTERVAL=0``,
@@ -71,7 +76,7 @@ from pathlib import Path
 PEER_BAR = "Steps"
 DIFFALIGN_BAR = "train diffusion_dpo"
 SIZES = {"tiny": 64, "half": 256}
-MODES = ("peer", "default", "fast")
+MODES = ("peer", "default", "cold", "uncached", "fast")
 
 
 # -- inputs -------------------------------------------------------------------------------------------
@@ -145,9 +150,7 @@ def peer_command(script: Path, pipe: Path, data: Path, out: Path, s: Settings) -
     ]
 
 
-def diffalign_command(
-    config: Path, pipe: Path, data: Path, out: Path, s: Settings, cache: Path | None = None
-) -> list[str]:
+def diffalign_command(config: Path, pipe: Path, data: Path, out: Path, s: Settings, mode: str) -> list[str]:
     cmd = [
         sys.executable,
         "-m",
@@ -174,12 +177,15 @@ def diffalign_command(
         f"train.report_to={'tensorboard' if s.tensorboard else 'none'}",
         f"train.output_dir={out}",
     ]
-    if cache is not None:
-        cmd += [f"data.cache_dir={cache}", "train.precompute_reference=true"]
+    if mode == "uncached":
+        cmd.append("data.cache_dir=null")
+    if mode == "fast":
+        cmd.append("train.precompute_reference=true")
     return cmd
 
 
-def cache_command(config: Path, pipe: Path, data: Path, cache: Path, s: Settings) -> list[str]:
+def cache_command(config: Path, pipe: Path, data: Path, s: Settings) -> list[str]:
+    """``diffalign cache`` into the auto folder (``DIFFALIGN_CACHE_HOME`` of its environment)."""
     return [
         sys.executable,
         "-m",
@@ -191,7 +197,7 @@ def cache_command(config: Path, pipe: Path, data: Path, cache: Path, s: Settings
         "data.format=parquet",
         f"data.resolution={s.resolution}",
         "data.random_flip=false",
-        f"data.cache_dir={cache}",
+        "data.cache_dir=auto",
     ]
 
 
@@ -421,14 +427,16 @@ def bench_size(args: argparse.Namespace, size: str, root: Path, peer_script: Pat
     runs_dir.mkdir(parents=True)
     script = runs_dir / "train_diffusion_dpo.py"
     shutil.copyfile(peer_script, script)
-    cache, cache_s = (root / size / "cache").resolve(), None
+    warm, cache_s = (root / size / "cache-home").resolve(), None
     modes = [m for m in MODES if m in args.modes]
-    if "fast" in modes:
+    if {"default", "fast"} & set(modes):  # the warm auto cache, built once (as an earlier run leaves it)
         t0 = time.perf_counter()
-        if not (cache / "index.json").exists():
-            subprocess.run(
-                cache_command(config, pipe, data, cache, s), env=env, check=True, capture_output=True
-            )
+        subprocess.run(
+            cache_command(config, pipe, data, s),
+            env={**env, "DIFFALIGN_CACHE_HOME": str(warm)},
+            check=True,
+            capture_output=True,
+        )
         cache_s = time.perf_counter() - t0
     runs: list[Run] = []
     for rnd in range(args.rounds):
@@ -438,8 +446,9 @@ def bench_size(args: argparse.Namespace, size: str, root: Path, peer_script: Pat
             if mode == "peer":
                 cmd, e, desc = peer_command(script, pipe, data, out, s), penv, PEER_BAR
             else:
-                cmd = diffalign_command(config, pipe, data, out, s, cache if mode == "fast" else None)
-                e, desc = env, DIFFALIGN_BAR
+                home = runs_dir / f"cache-home-{rnd}" if mode == "cold" else warm  # cold: empty every run
+                cmd = diffalign_command(config, pipe, data, out, s, mode)
+                e, desc = {**env, "DIFFALIGN_CACHE_HOME": str(home)}, DIFFALIGN_BAR
             r = run_timed(cmd, e, runs_dir, desc, mode, runs_dir / f"{mode}-{rnd}.log")
             if r.returncode or len(r.stamps) < steps:
                 raise RuntimeError(f"{size} {mode} round {rnd} failed (rc {r.returncode}):\n{r.log_tail}")
@@ -472,7 +481,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of peer,default,fast")
+    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
     ap.add_argument("--root", default="runs/peer-dpo")
     args = ap.parse_args(argv)
     peer_script = Path(args.peer_script)
