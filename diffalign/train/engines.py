@@ -117,9 +117,11 @@ def startup_line(engine: Engine, accelerator: Any, units: int = 0) -> str:
     """The one line saying which engine trains (printed by the main process)."""
     device = accelerator.device.type
     if engine.name == "fsdp2":
+        mp = accelerator.mixed_precision
+        precision = "fp32" if mp == "no" else f"{mp} compute, fp32 gradient reduction and master weights"
         return (
             f"engine: fsdp2 (torch fully_shard, {engine.world} processes on {device}, {units} block units "
-            f"+ root, reshard_after_forward={engine.reshard_after_forward})"
+            f"+ root, reshard_after_forward={engine.reshard_after_forward}, {precision})"
         )
     if engine.name == "ddp":
         return f"engine: ddp ({engine.world} processes on {device}, {accelerator.distributed_type.value})"
@@ -191,6 +193,14 @@ def shard(
     for unit in units:
         fully_shard(unit, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    # FSDP fixes each unit's gradient dtypes (reduce in fp32, hand fp32 gradients to the fp32 master
+    # weights) from the parameters that require gradients when its root initialises, lazily, at the
+    # first forward. With the LoRA-off reference that forward runs with the adapters disabled, which
+    # peft does by clearing their requires_grad: FSDP then saw no trainable parameter, reduce-scattered
+    # in bf16 and gave bf16 gradients to fp32 parameters (an error under mixed precision with
+    # train.grad_accum=1). The root initialises here instead, while the trainable parameters require
+    # gradients (torch's private FSDPState._lazy_init; the first forward then skips it).
+    fully_shard.state(module)._lazy_init()
     # A first forward under torch.inference_mode (the reference, rollouts) would allocate the
     # gathered parameters as inference tensors, which no later training forward may write into; one
     # gather outside it allocates them as normal tensors for the rest of the run.
