@@ -177,6 +177,15 @@ class TrainConfig:
     the exact judge in the toy worlds)."""
     guard_images: int = 2
     """Images per guard prompt (fixed seeds: every evaluation sees the same noise)."""
+    reward_process: bool = False
+    """Rollout objectives (online_dpo, flow_grpo, grpo, diffusion_nft): score ``objective.rewards`` in
+    a separate process that loads the reward models once (``diffalign.rewards.process``, spawned;
+    each DDP process starts its own, on its device); the training process sends it the decoded
+    images. Scores are bit-identical to scoring in the training process. The guard's gold rewards
+    stay in the training process."""
+    reward_timeout: float = 600.0
+    """Seconds the training process waits for its reward process to load the rewards, or to score
+    one request, before it stops it and ends with an error (``train.reward_process`` only)."""
     halt_after_step: int | None = None
     """Testing aid: stop right after this step's checkpoint, as a killed job would."""
 
@@ -418,6 +427,13 @@ def validate(cfg: Config, *, check_data: bool = True) -> None:  # noqa: C901 (on
         )
     if t.guard_every and not Path(t.guard_prompts).is_file():
         raise ConfigError(f"train.guard_prompts: {t.guard_prompts!r} does not exist")
+    if t.reward_timeout <= 0:
+        raise ConfigError(f"train.reward_timeout: must be > 0 seconds, got {t.reward_timeout:g}")
+    if t.reward_process and not hasattr(objective, "rewards"):
+        raise ConfigError(
+            f"train.reward_process: objective {cfg.objective.name!r} scores no rewards (only rollout "
+            "objectives with objective.rewards do); set train.reward_process=false"
+        )
     if t.reference == "none" and objective.needs_reference and not t.precompute_reference:
         raise ConfigError(
             f"train.reference: 'none' but objective {cfg.objective.name!r} needs a reference model; "

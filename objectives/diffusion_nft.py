@@ -132,7 +132,12 @@ def old_policy_decay(step: int, decay_type: int) -> float:
 @OBJECTIVES.register("diffusion_nft")
 @dataclass(frozen=True)
 class DiffusionNFT:
-    """DiffusionNFT: the policy vs. its decayed old copy on forward-process points of clean rollouts."""
+    """DiffusionNFT: the policy vs. its decayed old copy on forward-process points of clean rollouts.
+
+    Zero-advantage groups (all G rewards equal) are trained like any other, so there is no
+    ``drop_zero_advantage`` here (unlike Flow-GRPO / GRPO): their optimality r = 0.5 weighs the
+    positive and negative implicit policies equally, which is still a loss with a gradient once
+    theta has left theta_old (it holds v_theta near v_old), and the official script keeps them."""
 
     rewards: str = ""
     """Comma-separated reward specs (as online_dpo)."""

@@ -76,6 +76,14 @@ class FlowGRPO:
     updates_per_rollout: int = 1
     """Optimizer steps per rollout batch (1 = on-policy, ratio == 1 at every update; the official
     configs make 2 per epoch, ``grad_accum = batches / 2``, flow_grpo #138)."""
+    drop_zero_advantage: bool = True
+    """Leave the samples of zero-spread groups (all G rewards of a prompt equal, e.g. all 0 or all 1
+    under a strict judge, so every advantage is 0) out of the round: the loss is the mean over the
+    other samples, and the left-out ones are not trained at all once they make up a quarter of a
+    process's round (``train.rollout.zero_advantage_layout``). On as in the official script
+    (``train_sd3.py:796-817`` drops the samples with A == 0 on each process, then re-pads each
+    process's count to a multiple of its batches with random dropped samples, which it trains);
+    False trains every sample (with ``beta > 0`` the dropped samples' KL term goes with them)."""
 
     kind: ClassVar[str] = "online"
     source: ClassVar[str] = "rollout"

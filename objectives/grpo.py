@@ -81,9 +81,39 @@ def group_advantages(
     mean = r.mean(1, keepdim=True)  # [P, 1]
     std = r.std(unbiased=False) if global_std else r.std(1, unbiased=False, keepdim=True)  # [] or [P, 1]
     adv = ((r - mean) / (std + eps)).clamp(-clip, clip)  # [P, G]
-    flat = r.amax(1, keepdim=True) == r.amin(1, keepdim=True)  # [P, 1]
+    flat = flat_groups(r).unsqueeze(1)  # [P, 1]
     adv = torch.where(flat, torch.zeros_like(adv), adv)
     return adv.to(rewards.dtype if rewards.is_floating_point() else torch.float32)
+
+
+def flat_groups(rewards: Tensor) -> Tensor:
+    """``[P]`` bool from rewards ``[P, G]``: the groups whose G rewards are all equal (zero spread,
+    e.g. all 0 or all 1 under a strict judge). ``group_advantages`` gives their samples exactly 0, so
+    they carry no policy-gradient signal (only the KL term, when ``beta > 0``)."""
+    return rewards.amax(1) == rewards.amin(1)
+
+
+NEUTRAL_METRICS: dict[str, float] = {"ratio": 1.0}
+"""The value a ``grpo_loss`` metric reads for a sample of weight 0 (the others: 0)."""
+
+
+def weigh_samples(
+    loss: Tensor, metrics: dict[str, Tensor], weight: Tensor
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-sample weights ``w [B]`` on a ``grpo_loss`` result: ``loss_b * w_b`` and each metric
+    ``m_b -> c + w_b (m_b - c)`` with ``c`` its neutral value (``NEUTRAL_METRICS``, else 0).
+
+    The rollout source sets ``w = world x samples trained on this process / samples kept over all
+    processes`` for kept samples and 0 for the zero-advantage samples it trains only as padding
+    (``train.rollout.zero_advantage_layout``): the loop's plain means of the loss and the metrics over
+    micro-batches and processes are then the means over the kept samples, wherever they were
+    trained. A metric at its neutral value stays exactly there (a first-step ratio of 1 reads 1)."""
+    w = weight.to(loss.device, loss.dtype)  # [B]
+    out = {}
+    for k, m in metrics.items():
+        c = NEUTRAL_METRICS.get(k, 0.0)
+        out[k] = c + w.to(m.dtype) * (m - c)  # [B]
+    return loss * w, out
 
 
 def grpo_loss(
@@ -143,7 +173,8 @@ def sde_step_loss(
     """The ``terms = "sde_steps"`` call shared by GRPO and Flow-GRPO: ``policy = {"log_prob" [B],
     "mean" [B,...]}``, ``ref = {"mean" [B,...]}`` (read only when ``beta > 0``), ``batch`` with
     ``old_log_prob`` [B], ``advantage`` [B] (clamped here to ±adv_clip, as the references do in the
-    loss) and, when ``beta > 0``, ``kl_std`` ([B] or a float)."""
+    loss), when ``beta > 0`` ``kl_std`` ([B] or a float), and optionally ``sample_weight`` [B]
+    (``weigh_samples``: a round with zero-advantage samples left out)."""
     adv = torch.as_tensor(batch["advantage"]).clamp(-adv_clip, adv_clip)  # [B]
     if beta > 0:
         if ref is None:
@@ -160,6 +191,8 @@ def sde_step_loss(
         )
     else:
         loss, metrics = grpo_loss(policy["log_prob"], batch["old_log_prob"], adv, clip_range)
+    if batch.get("sample_weight") is not None:
+        loss, metrics = weigh_samples(loss, metrics, batch["sample_weight"])
     return ObjectiveOutput(loss, metrics)
 
 
@@ -205,6 +238,9 @@ class GRPO:
     updates_per_rollout: int = 1
     """Optimizer steps per rollout batch (1 = on-policy, ratio == 1 at every update; DDPO's dgx
     configs make 4 per epoch, DanceGRPO-SD 2)."""
+    drop_zero_advantage: bool = False
+    """Leave the samples of zero-spread groups (every advantage 0) out of the round, as
+    ``FlowGRPO.drop_zero_advantage``. Off by default: DDPO and DanceGRPO train every sample."""
 
     kind: ClassVar[str] = "online"
     source: ClassVar[str] = "rollout"

@@ -46,6 +46,8 @@ BOOKKEEPING_KEYS = frozenset(
         "train.divergence_window",  # only decides when the warning fires
         "data.num_workers",  # the same batches in workers or not (tested)
         "train.precompute_reference",  # bit-identical to a live reference (tested)
+        "train.reward_process",  # bit-identical scores in a child process (tested)
+        "train.reward_timeout",
     }
 )
 """Keys that do not change which weights the run produces; everything else does."""

@@ -19,6 +19,10 @@ Random draws derive from (seed, round, global sample index), never from the proc
 of work, so a resumed run and an N-process run reproduce a single uninterrupted process. What a
 resume cannot regenerate (a round's buffer when the run stopped inside it, DiffusionNFT's old
 policy) travels in the checkpoint (``state_dict``).
+
+Rewards score in the training process, or (``train.reward_process``) in a child process the source
+starts and owns (``rewards.process``; stopped by ``close()`` or when the source is garbage-collected),
+with bit-identical scores.
 """
 
 from __future__ import annotations
@@ -82,6 +86,26 @@ class RolloutSource:
         self._metrics: dict[str, list[Tensor]] = {}
         self.rewards: dict[str, Any] = {}  # the training reward (set by each source that has one)
         self.buffer: dict[str, Any] | None = None  # the current round (sources with rounds)
+        self.reward_process: Any = None  # rewards.process.RewardProcess (train.reward_process)
+        self._reward_process, self._reward_timeout = t.reward_process, t.reward_timeout
+
+    def load_rewards(self, specs: str, name: str) -> dict[str, Any]:
+        """The objective's rewards ``{name: reward}``: loaded here, or (``train.reward_process``) in a
+        child process this source owns, as ``RemoteReward`` proxies called the same way."""
+        parsed = parse_reward_specs(specs, name)
+        if not self._reward_process:
+            from ..rewards import load_rewards
+
+            return load_rewards(parsed, self.device)
+        from ..rewards.process import RewardProcess
+
+        self.reward_process = RewardProcess(parsed, self.device, timeout=self._reward_timeout)
+        return self.reward_process.rewards
+
+    def close(self) -> None:
+        """Stop the reward process, if any (garbage collection of the source does it too)."""
+        if self.reward_process is not None:
+            self.reward_process.close()
 
     # -- per round ---------------------------------------------------------------------
     def round_prompts(self, r: int) -> list[str]:
@@ -109,9 +133,12 @@ class RolloutSource:
 
     @torch.no_grad()
     def score(self, rewards: dict[str, Any], x0: Tensor, prompts: list[str]) -> dict[str, Tensor]:
-        """Rewards ``{name: [N]}`` of clean latents ``x0 [N,...]`` (decoded here)."""
+        """Rewards ``{name: [N]}`` of clean latents ``x0 [N,...]`` (decoded here; a reward process
+        gets the decoded images in one request)."""
+        from ..rewards.process import score_rewards
+
         imgs = self.adapter.decode_latents(x0).cpu()
-        return {n: r(imgs, prompts).scores.float() for n, r in rewards.items()}
+        return score_rewards(rewards, imgs, prompts)
 
     def round_split(self, name: str) -> tuple[int, int]:
         """(samples per round, samples per micro-batch): ``batch_size x group_size`` samples split
@@ -160,15 +187,14 @@ class RolloutSource:
         pass
 
 
-def load_reward_specs(specs: str, device: torch.device, name: str) -> dict[str, Any]:
-    from ..rewards import load_rewards
-
+def parse_reward_specs(specs: str, name: str) -> list[str]:
+    """``objective.rewards`` (comma-separated ``name=path``) -> the specs ``load_rewards`` takes."""
     parsed = [s.strip() for s in specs.split(",") if s.strip()]
     if not parsed:
         raise ConfigError(
             f"objective.rewards: {name} needs reward specs, e.g. pickscore=PATH,clip_score=PATH"
         )
-    return load_rewards(parsed, device)
+    return parsed
 
 
 def total_reward(scores: dict[str, Tensor]) -> Tensor:
@@ -230,9 +256,11 @@ def group_pairs(
         ts = ddim.ddim_timesteps(adapter.pipe.scheduler.config, obj.sample_steps)
         sched = ddim.NoiseSchedule.from_scheduler(adapter.noise_scheduler)
         x0 = ddim.ddim_sample(fn, x_T, ts, (urep, rep), sched, obj.guidance_scale, obj.eta, gens).sample
+    from ..rewards.process import score_rewards
+
     imgs = adapter.decode_latents(x0).cpu()
     texts = [p for p in prompts for _ in range(G)]
-    scores = {n: r(imgs, texts).scores.float().view(B, G) for n, r in rewards.items()}
+    scores = {n: v.view(B, G) for n, v in score_rewards(rewards, imgs, texts).items()}
     phi = vote_phi(scores)  # [B, G]
     ar = torch.arange(B)
     x0 = x0.view(B, G, *latent_shape)
@@ -245,7 +273,7 @@ class PairRollouts(RolloutSource):
 
     def __init__(self, objective: Any, adapter: Adapter, cfg: Config, accelerator: Any) -> None:
         super().__init__(objective, adapter, cfg, accelerator)
-        self.rewards = load_reward_specs(objective.rewards, self.device, "online_dpo")
+        self.rewards = self.load_rewards(objective.rewards, "online_dpo")
         self.micro_batches = self.grad_accum
 
     def batches(self, first_step: int, last_step: int, model: torch.nn.Module) -> Iterator[dict[str, Any]]:
@@ -290,15 +318,59 @@ class PairRollouts(RolloutSource):
 # ----------------------------------------------------------------------------- GRPO
 
 
-def advantages_for(scores: Tensor, accelerator: Any, rank: int, global_std: bool, clip: float) -> Tensor:
-    """Group-relative advantages ``[B, G]`` of this process's groups, with the std over every
-    process's rewards when ``global_std`` (the groups of all processes gathered first)."""
+def gather_groups(scores: Tensor, accelerator: Any) -> Tensor:
+    """Every process's rewards ``[world*B, G]`` (CPU) from this process's ``[B, G]``, process-major:
+    the round's groups in global order."""
+    return accelerator.gather(scores.to(accelerator.device)).cpu()
+
+
+def advantages_for(everyone: Tensor, rank: int, world: int, global_std: bool, clip: float) -> Tensor:
+    """Group-relative advantages ``[B, G]`` of this process's groups from every process's rewards
+    ``[world*B, G]`` (``gather_groups``), the std over all of them when ``global_std``."""
     from ..objectives.grpo import group_advantages
 
-    everyone = accelerator.gather(scores.to(accelerator.device)).cpu()  # [world*B, G]
-    adv = group_advantages(everyone, global_std=global_std, clip=clip)
-    B = scores.shape[0]
+    adv = group_advantages(everyone, global_std=global_std, clip=clip)  # [world*B, G]
+    B = everyone.shape[0] // world
     return adv[rank * B : (rank + 1) * B]
+
+
+ZERO_ADV_REPACK = 0.75
+"""``zero_advantage_layout`` repacks a process's kept samples into smaller micro-batches only when
+they fill at most this share of one: repacking recomputes their old log-probs in the new composition
+(a no-grad forward per sample and trained step, about a third of what training them costs), so it
+pays from a quarter of the samples left out."""
+
+
+def zero_advantage_layout(keep: Tensor, rank: int, micro: int) -> tuple[Tensor, Tensor]:
+    """Which of this process's samples a round trains, and their weights, when the samples of
+    zero-spread groups are left out (``drop_zero_advantage``).
+
+    ``keep`` ``[world, n]`` bool: every process's samples in global order, False for the samples of
+    zero-spread groups; ``micro`` micro-batches per round (``updates_per_rollout x grad_accum``, n a
+    multiple). Returns ``order`` ``[micro*b]``: indices into this process's n samples, ascending,
+    trained as ``micro`` consecutive micro-batches of b; and ``weight`` ``[micro*b]`` float32.
+
+    - With k kept samples here, b = max(1, ceil(k / micro)) when that is at most ``ZERO_ADV_REPACK``
+      of the sampled chunk n / micro: the kept samples plus the first left-out ones as padding (so
+      every micro-batch has b samples, at least one). Otherwise b = n / micro and every sample stays
+      in the chunk it was sampled in (nothing to recompute), the left-out ones as padding.
+    - Padding has weight 0. A kept sample weighs ``world x micro*b / K`` (K kept over all processes):
+      with the loop's means over micro-batches and processes the gradient, the loss and every metric
+      are the means over the K kept samples, wherever they were trained (``objectives.grpo.
+      weigh_samples``), so the selection and its result are the same for any process count. Nothing
+      left out: every weight is exactly 1. K = 0: every weight is 0 and the round trains nothing.
+    """
+    world, n = keep.shape
+    mine = keep[rank]  # [n]
+    k, total = int(mine.sum()), int(keep.sum())
+    b = max(1, -(-k // micro))
+    if b <= ZERO_ADV_REPACK * (n // micro):
+        kept, left_out = mine.nonzero().flatten(), (~mine).nonzero().flatten()
+        order = torch.cat([kept, left_out[: micro * b - k]]).sort().values  # [micro*b]
+    else:
+        order = torch.arange(n)
+    w = world * len(order) / total if total else 0.0
+    return order, torch.where(mine[order], w, 0.0).float()
 
 
 class GRPORollouts(RolloutSource):
@@ -343,7 +415,7 @@ class GRPORollouts(RolloutSource):
                 f"objective.train_cfg=false trains without guidance, so rollouts must sample without it "
                 f"too (the ratio compares the two): set objective.guidance_scale=1 (got {obj.guidance_scale})"
             )
-        self.rewards = load_reward_specs(obj.rewards, self.device, name)
+        self.rewards = self.load_rewards(obj.rewards, name)
         self.n, self.chunk = self.round_split(name)
         if self.flow:
             self.sigmas = flow_grid(adapter, obj.sample_steps, self.latent_shape)
@@ -469,12 +541,17 @@ class GRPORollouts(RolloutSource):
         self.log("time/sampling_s", t1 - t0)
         self.log("time/scoring_s", time.perf_counter() - t1)
         reward = total_reward(scores)  # [N]
-        adv = advantages_for(reward.view(-1, G), self.accelerator, self.rank, obj.global_std, obj.adv_clip)
+        everyone = gather_groups(reward.view(-1, G), self.accelerator)  # [world*B, G]
+        adv = advantages_for(everyone, self.rank, self.world, obj.global_std, obj.adv_clip)
         self.log("reward", reward.mean())
         for n, v in scores.items():
             self.log(f"reward/{n}", v.mean())
         self.log("reward_std_in_group", reward.view(-1, G).std(1).mean())
-        self.buffer = {
+        from ..objectives.grpo import flat_groups
+
+        keep = ~flat_groups(everyone).repeat_interleave(G).view(self.world, -1)  # [world, N]
+        self.log("rollout/zero_adv_frac", 1 - keep.float().mean())  # the same on every process
+        buffer = {
             "round": torch.tensor(r),
             "x": torch.cat(xs, 1),  # [T, N, C, h, w]
             "x_next": torch.cat(nexts, 1),
@@ -485,30 +562,75 @@ class GRPORollouts(RolloutSource):
             **{f"cond.{k}": v for k, v in cond.items()},
             **{f"uncond.{k}": v for k, v in uncond.items()},
         }
+        if obj.drop_zero_advantage:
+            buffer = self.leave_out_zero_advantage(buffer, keep, model)
+        self.buffer = buffer
+
+    def leave_out_zero_advantage(
+        self, buffer: dict[str, Tensor], keep: Tensor, model: torch.nn.Module
+    ) -> dict[str, Tensor]:
+        """The round's buffer reduced to ``zero_advantage_layout``'s samples, with their ``weight``
+        ``[N']``. A repacked layout puts samples in micro-batches they were not sampled in, so their
+        old log-probs are recomputed there (same weights, mode, autocast and batch as the round's
+        first training forward: its ratio stays exactly 1). Counts rounds with nothing kept
+        (``rollout/empty_rounds``: they train nothing; the optimizer still steps, with a zero
+        gradient, as the loop steps after every micro-batch)."""
+        micro = self.obj.updates_per_rollout * self.grad_accum
+        order, weight = zero_advantage_layout(keep, self.rank, micro)
+        prev = self.buffer.get("empty_rounds", 0) if self.buffer is not None else 0
+        out = dict(buffer, weight=weight, empty_rounds=torch.tensor(int(prev) + int(not keep.any())))
+        self.log("rollout/empty_rounds", out["empty_rounds"])
+        if len(order) == keep.shape[1]:
+            return out  # every sample in the chunk it was sampled in (the left-out ones at weight 0)
+        for k, v in buffer.items():
+            if k in ("x", "x_next", "old_log_prob"):  # [T, N, ...] -> [T, N', ...]
+                out[k] = v[:, order]
+            elif k == "advantage" or k.startswith(("cond.", "uncond.")):  # [N, ...] -> [N', ...]
+                out[k] = v[order]
+        size = len(order) // micro
+        with torch.no_grad(), eval_mode(model), self.accelerator.autocast():
+            for m in range(micro):
+                idx = slice(m * size, (m + 1) * size)
+                if not bool((weight[idx] > 0).any()):
+                    continue  # padding only: its log-probs are never used
+                for j, i in enumerate(out["trained"].tolist()):
+                    lp = self.terms(model, self.micro_batch(out, idx, j, i))["log_prob"]
+                    out["old_log_prob"][j, idx] = lp.float()
+        return out
+
+    def micro_batch(self, buf: dict[str, Tensor], idx: slice, j: int, i: int) -> dict[str, Any]:
+        """Samples ``idx`` of a round's buffer at its ``j``-th trained step (grid step ``i``)."""
+        cond = {k[5:]: v[idx] for k, v in buf.items() if k.startswith("cond.")}
+        uncond = {k[7:]: v[idx] for k, v in buf.items() if k.startswith("uncond.")}
+        batch = {
+            "step_index": i,
+            "x": buf["x"][j, idx],
+            "x_next": buf["x_next"][j, idx],
+            "old_log_prob": buf["old_log_prob"][j, idx],
+            "advantage": buf["advantage"][idx],
+            "kl_std": buf["kl_std"][j].expand(buf["x"][j, idx].shape[0]),
+            "cond": cond,
+            "uncond": uncond,
+        }
+        w = buf.get("weight")
+        if w is not None and not bool((w[idx] == 1).all()):  # all-ones weights change nothing
+            batch["sample_weight"] = w[idx]
+        return batch
 
     def batches(self, first_step: int, last_step: int, model: torch.nn.Module) -> Iterator[dict[str, Any]]:
         U = self.obj.updates_per_rollout
         for step in range(first_step, last_step):
             buf, r, u = self.round_buffer(step, model)
-            cond = {k[5:]: v for k, v in buf.items() if k.startswith("cond.")}
-            uncond = {k[7:]: v for k, v in buf.items() if k.startswith("uncond.")}
-            per_step = self.n // U
+            size = buf["x"].shape[1] // (U * self.grad_accum)  # fewer when samples were left out
             for a in range(self.grad_accum):
-                c0 = u * per_step + a * self.chunk
-                idx = slice(c0, c0 + self.chunk)
+                c0 = (u * self.grad_accum + a) * size
+                idx = slice(c0, c0 + size)
                 for j, i in enumerate(buf["trained"].tolist()):
                     yield {
                         "seed": sample_seed(self.seed, (step * self.grad_accum + a) * 1000 + j, domain=5),
                         "skipped": 0,
                         "loss_weight": 1.0,
-                        "step_index": i,
-                        "x": buf["x"][j, idx],
-                        "x_next": buf["x_next"][j, idx],
-                        "old_log_prob": buf["old_log_prob"][j, idx],
-                        "advantage": buf["advantage"][idx],
-                        "kl_std": buf["kl_std"][j].expand(self.chunk),
-                        "cond": take(cond, idx),
-                        "uncond": take(uncond, idx),
+                        **self.micro_batch(buf, idx, j, i),
                     }
 
     def terms(self, model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, Tensor]:
@@ -554,7 +676,7 @@ class NFTRollouts(RolloutSource):
                 "objective.guidance_scale: diffusion_nft is CFG-free (the official code supports only 1); "
                 "set 1"
             )
-        self.rewards = load_reward_specs(obj.rewards, self.device, "diffusion_nft")
+        self.rewards = self.load_rewards(obj.rewards, "diffusion_nft")
         self.n, self.chunk = self.round_split("diffusion_nft")
         self.sigmas = flow_grid(adapter, obj.sample_steps, self.latent_shape)
         self.n_train = obj.train_steps
@@ -600,7 +722,8 @@ class NFTRollouts(RolloutSource):
         self.log("time/sampling_s", t1 - t0)
         self.log("time/scoring_s", time.perf_counter() - t1)
         reward = total_reward(scores)
-        adv = advantages_for(reward.view(-1, G), self.accelerator, self.rank, obj.global_std, obj.adv_clip)
+        everyone = gather_groups(reward.view(-1, G), self.accelerator)  # [world*B, G]
+        adv = advantages_for(everyone, self.rank, self.world, obj.global_std, obj.adv_clip)
         self.log("reward", reward.mean())
         for n, v in scores.items():
             self.log(f"reward/{n}", v.mean())
