@@ -214,6 +214,11 @@ def _train(env: Env, *overrides: str, out: str = "run") -> list[str]:
     ]
 
 
+def _prompts(env: Env) -> str:
+    """A prompts file for the rollout objectives (one prompt per line)."""
+    return env.file("prompts.txt", "a red circle\na blue square\n")
+
+
 def _pairs_table(env: Env, name: str = "p.parquet", **columns: list) -> str:
     """A two-row Pick-a-Pic parquet; ``columns`` replace the defaults (None drops a column)."""
     rng = np.random.default_rng(3)
@@ -669,6 +674,51 @@ CASES: list[Case] = [
     ),
     Case(
         "config_empty_file", "error", cli=lambda e: ["validate", _yaml(e, "")], needle="model.path is empty"
+    ),
+    # -- online RL options: zero-advantage groups, the reward process
+    Case(
+        "config_drop_zero_advantage_not_a_bool",
+        "error",
+        cli=lambda e: _validate(e, "objective.name=flow_grpo", "objective.drop_zero_advantage=maybe"),
+        needle="objective.drop_zero_advantage: expected true/false, got 'maybe'",
+    ),
+    Case(
+        "config_drop_zero_advantage_for_diffusion_nft",
+        "error",
+        cli=lambda e: _validate(e, "objective.name=diffusion_nft", "objective.drop_zero_advantage=true"),
+        needle="objective 'diffusion_nft' has no hyperparameter 'drop_zero_advantage'",
+    ),
+    Case(
+        "config_reward_process_not_a_bool",
+        "error",
+        cli=lambda e: _validate(e, "train.reward_process=2"),
+        needle="train.reward_process: expected true/false, got 2",
+    ),
+    Case(
+        "config_reward_process_without_rewards",
+        "error",
+        cli=lambda e: _validate(e, "train.reward_process=true"),
+        needle=("train.reward_process: objective 'diffusion_dpo' scores no rewards", "reward_process=false"),
+    ),
+    Case(
+        "config_reward_timeout_zero",
+        "error",
+        cli=lambda e: _validate(e, "train.reward_timeout=0"),
+        needle="train.reward_timeout: must be > 0 seconds, got 0",
+    ),
+    Case(
+        "train_reward_process_cannot_load_its_reward",
+        "error",
+        cli=lambda e: _train(
+            e,
+            f"data.path={_prompts(e)}",
+            "objective.name=grpo",
+            f"objective.rewards=clip_score={e.tmp / 'missing'}",
+            "objective.sample_steps=2",
+            "objective.group_size=2",
+            "train.reward_process=true",
+        ),
+        needle=("reward process: could not load clip_score", "missing' does not exist"),
     ),
     # -- cache: its option errors (caches and shards themselves are tested with their code)
     Case(
