@@ -61,6 +61,7 @@ def test_layout_gives_the_kept_mean_for_any_process_count(world, micro, p_flat):
     n = keep.shape[1]
     loss = torch.randn(world, n, generator=g)  # a per-sample loss (or any metric)
     values, trained = [], 0
+    repacked = []
     for rank in range(world):
         order, w = zero_advantage_layout(keep, rank, micro)
         assert len(order) % micro == 0 and len(order) >= micro  # equal micro-batches, none empty
@@ -69,13 +70,16 @@ def test_layout_gives_the_kept_mean_for_any_process_count(world, micro, p_flat):
         assert mine[order].sum() == mine.sum()  # every kept sample is trained
         assert (w[~mine[order]] == 0).all()  # padding / left-out samples weigh nothing
         b, chunk = len(order) // micro, n // micro
-        k = int(mine.sum())
+        bs = [max(1, -(-int(keep[p].sum()) // micro)) for p in range(world)]
+        repacked.append(b < chunk)
         if b < chunk:  # repacked: the fewest micro-batch slots, padding under one per micro-batch
-            assert b == max(1, -(-k // micro)) and b <= ZERO_ADV_REPACK * chunk
+            assert b == bs[rank] and max(bs) <= ZERO_ADV_REPACK * chunk
         else:
             assert torch.equal(order, torch.arange(n))  # the sampled chunks, nothing recomputed
+            assert max(bs) > ZERO_ADV_REPACK * chunk
         values.append(w * loss[rank][order])
         trained += len(order)
+    assert len(set(repacked)) == 1  # decided alike on every process (they run the same forwards)
     K = int(keep.sum())
     if K == 0:
         assert all((v == 0).all() for v in values) and trained == world * micro  # one pad per micro-batch
@@ -222,8 +226,9 @@ def test_grpo_on_a_unet_leaves_zero_advantage_groups_out(tiny_models, tiny_clip,
 
 def test_two_processes_equal_one_with_left_out_groups(tiny_models, tiny_clip, prompts_file, tmp_path):
     """Seed 1, round 0: one process's group is flat, the other's is not (one process: both in one
-    round of 8, repacked into 2 micro-batches of 2; two: a padding-only micro-batch on one, the
-    sampled chunk of 4 at weight 2 on the other). The same gradient, so the same weights."""
+    round of 8, repacked into 2 micro-batches of 2; two: the fuller process cannot repack, so each
+    trains its sampled chunk of 4, at weight 0 on one and 2 on the other). The same gradient, so the
+    same weights."""
     import os
     import subprocess
     import sys

@@ -335,10 +335,11 @@ def advantages_for(everyone: Tensor, rank: int, world: int, global_std: bool, cl
 
 
 ZERO_ADV_REPACK = 0.75
-"""``zero_advantage_layout`` repacks a process's kept samples into smaller micro-batches only when
-they fill at most this share of one: repacking recomputes their old log-probs in the new composition
-(a no-grad forward per sample and trained step, about a third of what training them costs), so it
-pays from a quarter of the samples left out."""
+"""``zero_advantage_layout`` repacks kept samples into smaller micro-batches only when they fill at
+most this share of one on every process: repacking recomputes their old log-probs in the new
+composition (a no-grad forward per sample and trained step, about a third of what training them
+costs), so it pays from a quarter of the samples left out, and processes step together, so the
+fullest one decides."""
 
 
 def zero_advantage_layout(keep: Tensor, rank: int, micro: int) -> tuple[Tensor, Tensor]:
@@ -350,10 +351,12 @@ def zero_advantage_layout(keep: Tensor, rank: int, micro: int) -> tuple[Tensor, 
     multiple). Returns ``order`` ``[micro*b]``: indices into this process's n samples, ascending,
     trained as ``micro`` consecutive micro-batches of b; and ``weight`` ``[micro*b]`` float32.
 
-    - With k kept samples here, b = max(1, ceil(k / micro)) when that is at most ``ZERO_ADV_REPACK``
-      of the sampled chunk n / micro: the kept samples plus the first left-out ones as padding (so
-      every micro-batch has b samples, at least one). Otherwise b = n / micro and every sample stays
-      in the chunk it was sampled in (nothing to recompute), the left-out ones as padding.
+    - Repacked when every process's b_p = max(1, ceil(k_p / micro)) (k_p kept samples there) is at
+      most ``ZERO_ADV_REPACK`` of the sampled chunk n / micro: here b = b_rank, the kept samples plus
+      the first left-out ones as padding (every micro-batch b samples, at least one). Otherwise
+      b = n / micro and every sample stays in the chunk it was sampled in (nothing to recompute),
+      the left-out ones as padding. The decision is the same on every process, so all of them run
+      the same forwards (FSDP gathers weights in each).
     - Padding has weight 0. A kept sample weighs ``world x micro*b / K`` (K kept over all processes):
       with the loop's means over micro-batches and processes the gradient, the loss and every metric
       are the means over the K kept samples, wherever they were trained (``objectives.grpo.
@@ -362,9 +365,11 @@ def zero_advantage_layout(keep: Tensor, rank: int, micro: int) -> tuple[Tensor, 
     """
     world, n = keep.shape
     mine = keep[rank]  # [n]
-    k, total = int(mine.sum()), int(keep.sum())
-    b = max(1, -(-k // micro))
-    if b <= ZERO_ADV_REPACK * (n // micro):
+    ks = keep.sum(1)  # [world] kept per process
+    bs = ((ks + micro - 1) // micro).clamp(min=1)  # [world] micro-batch size if repacked
+    k, total = int(ks[rank]), int(ks.sum())
+    if int(bs.max()) <= ZERO_ADV_REPACK * (n // micro):
+        b = int(bs[rank])
         kept, left_out = mine.nonzero().flatten(), (~mine).nonzero().flatten()
         order = torch.cat([kept, left_out[: micro * b - k]]).sort().values  # [micro*b]
     else:
@@ -587,12 +592,12 @@ class GRPORollouts(RolloutSource):
                 out[k] = v[:, order]
             elif k == "advantage" or k.startswith(("cond.", "uncond.")):  # [N, ...] -> [N', ...]
                 out[k] = v[order]
+        if not keep.any():
+            return out  # nothing kept anywhere: no log-prob is ever used (the same on every process)
         size = len(order) // micro
         with torch.no_grad(), eval_mode(model), self.accelerator.autocast():
-            for m in range(micro):
+            for m in range(micro):  # every process: micro x trained forwards (in step under FSDP)
                 idx = slice(m * size, (m + 1) * size)
-                if not bool((weight[idx] > 0).any()):
-                    continue  # padding only: its log-probs are never used
                 for j, i in enumerate(out["trained"].tolist()):
                     lp = self.terms(model, self.micro_batch(out, idx, j, i))["log_prob"]
                     out["old_log_prob"][j, idx] = lp.float()
