@@ -151,8 +151,9 @@ def test_the_child_stops_with_its_owner_and_with_a_killed_parent(tmp_path):
         pytest.fail("the reward process outlived its killed parent")
 
 
-def test_flow_grpo_with_a_reward_process_trains_exactly_as_without(
-    tiny_models, tiny_clip, prompts_file, tmp_path
+@pytest.mark.parametrize("objective", ["flow_grpo", "online_dpo"])  # RolloutSource.score, group_pairs
+def test_training_with_a_reward_process_is_exactly_as_without(
+    tiny_models, tiny_clip, prompts_file, tmp_path, objective
 ):
     import multiprocessing
 
@@ -161,16 +162,17 @@ def test_flow_grpo_with_a_reward_process_trains_exactly_as_without(
 
     from diffalign.train import train
 
-    args = (
-        "train.max_steps=3",
-        "objective.updates_per_rollout=1",
-        "objective.clip_range=1e-2",
-        "train.lr=3e-2",
-    )
-    train(rl_cfg("flow_grpo", tiny_models["sd3"], prompts_file, tiny_clip, tmp_path / "here", *args))
+    args = ("train.max_steps=3", "train.lr=3e-2")
+    if objective == "flow_grpo":  # the guard's proxy score goes through the reward process too
+        args += (
+            "train.guard_every=2",
+            f"train.guard_prompts={prompts_file}",
+            f"train.guard_gold=pickscore={tiny_clip}",
+        )
+    train(rl_cfg(objective, tiny_models["sd3"], prompts_file, tiny_clip, tmp_path / "here", *args))
     train(
         rl_cfg(
-            "flow_grpo",
+            objective,
             tiny_models["sd3"],
             prompts_file,
             tiny_clip,
@@ -182,6 +184,7 @@ def test_flow_grpo_with_a_reward_process_trains_exactly_as_without(
     gc.collect()
     assert not [p for p in multiprocessing.active_children() if p.name == "diffalign-rewards"]
     assert metrics(tmp_path / "here") == metrics(tmp_path / "child")
+    assert objective != "flow_grpo" or "guard/proxy" in metrics(tmp_path / "child")[0]
     a, b = trainable(tmp_path / "here"), trainable(tmp_path / "child")
     assert a.keys() == b.keys() and len(a) > 0
     for n in a:
