@@ -196,10 +196,6 @@ class RewardProcess:
             n: RemoteReward(self, n, modality.get(n.split(":")[0], "image")) for n in self.names
         }
 
-    @property
-    def alive(self) -> bool:
-        return self._finalizer.alive and self.proc.is_alive()
-
     def close(self) -> None:
         """Stop the child (idempotent)."""
         self._finalizer()
