@@ -23,11 +23,13 @@ def _rows(md: str) -> dict[str, list[str]]:
 def test_cpu_dry_run_has_a_row_for_every_mode_and_survives_a_dead_worker(tmp_path, monkeypatch):
     """Every mode gets its row; a worker killed inside a mode fails that row with a reason and a
     new worker runs the rest; the FLOPs follow what each step ran (the live reference adds a forward
-    per image, a frozen copy included; gradients count 2 forwards with LoRA, 3 in full)."""
+    per image, a frozen copy included; gradients count 2 forwards with LoRA, 3 in full). By default
+    each run is stopped inside its extra step, after the timed ones and before its final checkpoint:
+    the run folder has their metrics and no end-of-run summary."""
     monkeypatch.setenv("DIFFALIGN_GPU_CHECK_CRASH", "sdxl-lora-nockpt")
-    out = tmp_path / "out"
+    out, work = tmp_path / "out", tmp_path / "work"
     rows = gpu_check.main(
-        ["--tiny", "--device", "cpu", "--steps", "1", "--work", str(tmp_path / "work"), "--out", str(out)]
+        ["--tiny", "--device", "cpu", "--steps", "1", "--work", str(work), "--out", str(out)]
     )
     assert [r.mode for r in rows] == list(gpu_check.MODES)
     table = _rows((out / "gpu_check.md").read_text())
@@ -44,7 +46,10 @@ def test_cpu_dry_run_has_a_row_for_every_mode_and_survives_a_dead_worker(tmp_pat
             continue
         assert r.status == "ok", (name, r.reason)
         assert r.per_s > 0 and r.step_s > 0 and r.loop_step_s > 0 and r.tflop_per_step > 0, name
-        assert table[name][-1] == "ok"
+        assert table[name][-1] == "ok" and r.checkpoint_s is None and table[name][-2] == "-"
+        run = work / "runs" / name
+        assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+        assert not (run / "summary.json").exists() and not (run / "checkpoints").exists(), name
     flops = {n: r.tflop_per_step for n, r in by.items()}
     # LoRA: policy 2 forwards' worth per image (with gradients) + live reference 1, or none precomputed
     assert flops["sdxl-lora-preref"] == pytest.approx(flops["sdxl-lora"] * 4 / 6)
@@ -52,6 +57,24 @@ def test_cpu_dry_run_has_a_row_for_every_mode_and_survives_a_dead_worker(tmp_pat
     # full: 3 per image + the frozen copy's 1, or 3 alone with the precomputed reference
     assert flops["sdxl-full"] == pytest.approx(flops["sdxl-full-preref"] * 8 / 6)
     assert flops["sd35m-grpo"] > flops["sd35m-lora"]  # rollout sampling + every trained step
+
+
+def test_final_checkpoint_option_writes_and_times_it(tmp_path):
+    """--final-checkpoint: the runs end by themselves and write their final checkpoint and export
+    (LoRA and full fine-tuning), whose time gets its column; each is deleted after its row (disk)."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    modes = ["sdxl-lora", "sd35m-full-preref"]
+    rows = gpu_check.main(
+        ["--tiny", "--device", "cpu", "--steps", "1", "--final-checkpoint", "--modes", ",".join(modes)]
+        + ["--work", str(work), "--out", str(out)]
+    )
+    assert [(r.mode, r.status) for r in rows] == [(m, "ok") for m in modes], [r.reason for r in rows]
+    table = _rows((out / "gpu_check.md").read_text())
+    for r in rows:
+        assert r.checkpoint_s > 0 and float(table[r.mode][-2]) >= 0
+        run = work / "runs" / r.mode
+        assert json.loads((run / "summary.json").read_text())["steps"] == 2  # warm-up + timed, no extra
+        assert not (run / "checkpoints").exists()
 
 
 def test_a_spent_budget_skips_modes_and_still_prints_the_table(tmp_path, capsys):

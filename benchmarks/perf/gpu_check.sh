@@ -8,6 +8,8 @@
 #   bash benchmarks/perf/gpu_check.sh --fetch-wheels      # here, with network: wheels into .whl/
 #   bash benchmarks/perf/gpu_check.sh                     # there: <= 10 minutes on one H200, install included
 #   MODES=flux-lora,sd35m-grpo bash benchmarks/perf/gpu_check.sh    # a rerun of some modes
+#   MODES=flux-lora bash benchmarks/perf/gpu_check.sh --final-checkpoint  # also write and time the
+#       final checkpoint + export (off by default: a full FLUX.1-dev one is ~100 GB, the disk 64 GB)
 #   (python -m diffalign.benchmarks.perf.gpu_check --list names them all)
 #
 # The GPU machine has no network: diffusers and xformers travel as wheels in .whl/ (the device tool's
