@@ -13,12 +13,18 @@ import time
 
 import numpy as np
 import pytest
-import rl_test_rewards  # noqa: F401  (registers the deterministic toy rewards)
 import torch
 
 from diffalign.errors import ConfigError
 from diffalign.rewards import load_rewards
 from diffalign.rewards.process import RemoteReward, RewardProcess, score_rewards
+
+
+@pytest.fixture(autouse=True, scope="module")
+def toy_rewards():
+    """The deterministic toy rewards, registered when these tests run, not when they are collected
+    (``test_rewards.py`` parametrizes over every reward registered at collection)."""
+    import rl_test_rewards  # noqa: F401
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import json
 import math
 
 import pytest
-import rl_test_rewards  # noqa: F401  (registers flat_circles_test, constant_test)
 import torch
 from test_online_rl import metrics, rl_cfg
 from torch import Tensor
@@ -22,6 +21,13 @@ from torch import Tensor
 from diffalign.objectives.grpo import flat_groups, group_advantages, grpo_loss, weigh_samples
 from diffalign.train import train
 from diffalign.train.rollout import ZERO_ADV_REPACK, zero_advantage_layout
+
+
+@pytest.fixture(autouse=True, scope="module")
+def toy_rewards():
+    """The deterministic toy rewards, registered when these tests run, not when they are collected
+    (``test_rewards.py`` parametrizes over every reward registered at collection)."""
+    import rl_test_rewards  # noqa: F401
 
 
 @pytest.fixture(scope="module")
