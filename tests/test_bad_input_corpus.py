@@ -724,7 +724,7 @@ CASES: list[Case] = [
     Case(
         "cache_without_cache_dir",
         "error",
-        cli=lambda e: ["cache", *_validate(e)[1:]],
+        cli=lambda e: ["cache", *_validate(e, "data.cache_dir=null")[1:]],
         needle="data.cache_dir is not set",
     ),
     Case(

@@ -59,7 +59,7 @@ def test_auto_builds_then_reuses_and_trains_as_uncached(tiny_models, pairs_parqu
     from diffalign.train import train
 
     model = tiny_models["sd"]
-    plain = train(_cfg(model, pairs_parquet, tmp_path / "plain"))
+    plain = train(_cfg(model, pairs_parquet, tmp_path / "plain", "data.cache_dir=null"))
     capsys.readouterr()
     first = train(_cfg(model, pairs_parquet, tmp_path / "a", "data.cache_dir=auto"))
     said = _said(capsys)
@@ -143,6 +143,6 @@ def test_auto_cache_of_rewritten_data_is_rebuilt(tiny_models, tmp_path, capsys):
     assert "built in" in _said(capsys)  # the stale cache was replaced, not read
     after = load_file(root / "shard-00000.safetensors")["latents"]
     assert not torch.equal(before, after)
-    plain = train(_cfg(model, data, tmp_path / "plain"))
+    plain = train(_cfg(model, data, tmp_path / "plain", "data.cache_dir=null"))
     for k in ("loss", "err/policy_w"):
         assert rebuilt[k] == pytest.approx(plain[k], rel=1e-5, abs=1e-7), k

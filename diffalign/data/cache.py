@@ -501,7 +501,7 @@ def _ready(dcfg: DataConfig, mcfg: ModelConfig) -> str | None:
 
 
 def auto_cache(
-    cfg: Config, rows: int, rows_read: int, needs_scores: bool, main: bool, barrier: Callable[[], None]
+    cfg: Config, rows: int, rows_read: int, objective_needs: str, main: bool, barrier: Callable[[], None]
 ) -> tuple[str | None, str]:
     """Resolve ``data.cache_dir: auto``: ``(folder, what happened)`` when training reads a cache,
     ``(None, why not)`` when it encodes images as it goes. Called by every process of a launch (the
@@ -511,14 +511,15 @@ def auto_cache(
     or sweep over the same data); it is built at start-up only when the run reads every row at least
     once (``rows_read >= rows``), so building costs no more VAE and text-encoder work than encoding
     as it goes would, and only when it takes at most half the free disk. Never with random crops or
-    flips (a cache holds one view) or for objectives that read reward scores (not cached). In fp32,
+    flips (a cache holds one view), nor when ``objective_needs`` names what the objective reads that a
+    cache does not hold (reward scores, a caption per image). In fp32,
     cached and uncached training are identical (tested); under bf16/fp16 the cache holds fp32-encoded
     latents where the live path encodes in low precision."""
     d = cfg.data
     if not d.center_crop or d.random_flip:
         return None, "off: random crops or flips (a cache holds one view of each image)"
-    if needs_scores:
-        return None, "off: the objective reads reward scores, which are not cached"
+    if objective_needs:
+        return None, f"off: the objective reads {objective_needs}, which a cache does not hold"
     dcfg = replace(d, cache_dir=str(auto_dir(d, cfg.model)))
     root = Path(dcfg.cache_dir or "")
     built = ""

@@ -285,7 +285,9 @@ def load_dataset(
 
         dataset = images_dataset(cfg.data, main)
         rows_read = t.max_steps * t.batch_size * t.grad_accum * world  # what the step plan draws
-        cache_dir, how = auto_cache(cfg, len(dataset), rows_read, objective.needs_scores, main, barrier)
+        needs = "reward scores" if objective.needs_scores else ""  # what a cache does not hold
+        needs = "a caption per image" if objective.per_image_captions else needs
+        cache_dir, how = auto_cache(cfg, len(dataset), rows_read, needs, main, barrier)
         if main:
             print(f"latent cache (data.cache_dir=auto): {how}")
     if cache_dir:
