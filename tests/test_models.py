@@ -89,3 +89,22 @@ def test_missing_model_path_and_offline_hub_id(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE is set and it is not in the local cache"):
         load_adapter(ModelConfig(path="someorg/not-cached-model"))
+
+
+def test_low_precision_denoiser_load_equals_loading_then_casting(tiny_models):
+    """LoRA under bf16 loads the frozen denoiser straight in bf16 (``denoiser_dtype``): the same
+    values, bit for bit, as loading it in fp32 and casting afterwards (what the loop did before),
+    with the frozen parts in their own dtype."""
+    for fam in ("sd", "sd3"):
+        mcfg = ModelConfig(path=str(tiny_models[fam]))
+        direct = load_adapter(mcfg, "cpu", torch.bfloat16, torch.bfloat16)
+        late = load_adapter(mcfg, "cpu", torch.bfloat16)
+        assert next(late.denoiser.parameters()).dtype == torch.float32  # default: fp32 master weights
+        late.denoiser.to(torch.bfloat16)
+        a, b = direct.denoiser.state_dict(), late.denoiser.state_dict()
+        assert a.keys() == b.keys()
+        assert all(v.dtype == torch.bfloat16 for v in a.values() if v.is_floating_point())
+        for k in a:
+            assert torch.equal(a[k], b[k]), (fam, k)
+        for m in direct.frozen_modules():
+            assert all(p.dtype == torch.bfloat16 for p in m.parameters())

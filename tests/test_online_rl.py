@@ -182,7 +182,8 @@ def test_diffusion_nft_trains_and_updates_its_old_policy(tiny_models, tiny_clip,
     )
     assert math.isfinite(m["loss"])
     src = load_file(out / "checkpoints/step-000002/source.safetensors")
-    old = {k: v for k, v in src.items() if k.startswith("old.")}
+    assert all(k.startswith("rank0.") for k in src)  # one process: its own state, under rank0.
+    old = {k[len("rank0.") :]: v for k, v in src.items() if k.startswith("rank0.old.")}
     lora = load_file(out / "checkpoints/step-000002/trainable.safetensors")
     assert old and any(v.abs().sum() > 0 for k, v in old.items() if "lora_B" in k)  # moved toward theta
     assert any(not torch.equal(old["old." + k], v) for k, v in lora.items())  # but is not theta
@@ -337,3 +338,51 @@ def test_two_processes_equal_one_for_flow_grpo(tiny_models, tiny_clip, prompts_f
     w1, w2 = trainable(one), trainable(two)
     diffs = torch.cat([(w1[n] - w2[n]).abs().flatten() for n in w1])
     assert (diffs <= 1e-5).float().mean() > 0.9 and diffs.max() <= 2 * 3e-2 * 2
+
+
+def test_two_processes_resume_inside_a_round_with_their_own_buffers(
+    tiny_models, tiny_clip, prompts_file, tmp_path
+):
+    """Each process holds its own samples of a round; a checkpoint inside a round keeps every
+    process's buffer (``rank<r>.`` keys), so 2 gloo processes stopped after the round's first step
+    and resumed end exactly where the uninterrupted 2-process run does (weights and logs). With only
+    the main process's buffer saved, the second process would resume on the first one's samples."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+    from test_train import REPO, final_ckpt, trainable
+
+    from diffalign.config import dump_config
+
+    args = [
+        "train.max_steps=3",
+        "objective.updates_per_rollout=2",  # steps 1-2: round 0, step 3: round 1
+        "objective.clip_range=1e-2",
+        "train.lr=3e-2",
+        "train.batch_size=1",
+    ]
+
+    def launch(out: Path, *extra: str) -> None:
+        cfg = rl_cfg("flow_grpo", tiny_models["sd3"], prompts_file, tiny_clip, out, *args)
+        dump_config(cfg, tmp_path / f"{out.name}.yaml")
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+        cmd += [str(REPO / "configs/accelerate/cpu2.yaml"), "-m", "diffalign.cli", "train"]
+        cmd += [str(tmp_path / f"{out.name}.yaml"), *extra]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    launch(tmp_path / "full")
+    launch(tmp_path / "cut", "train.halt_after_step=1")
+    buffer = load_file(tmp_path / "cut" / "checkpoints" / "step-000001" / "source.safetensors")
+    assert {k.split(".")[0] for k in buffer} == {"rank0", "rank1"}
+    assert not torch.equal(buffer["rank0.advantage"], buffer["rank1.advantage"])  # their own samples
+    launch(tmp_path / "cut", "--resume")
+    a, b = trainable(tmp_path / "full"), trainable(tmp_path / "cut")
+    assert a.keys() == b.keys() and len(a) > 0
+    for n in a:
+        assert torch.equal(a[n], b[n]), n
+    assert metrics(tmp_path / "full") == metrics(tmp_path / "cut")
+    assert json.loads((final_ckpt(tmp_path / "cut") / "state.json").read_text())["world_size"] == 2

@@ -41,13 +41,10 @@ run finish and write it, and times it (the "final save s" column: from the last 
 ``data.cache_dir=auto`` builds the latent cache during start-up (kept under ``--work``), and the
 timed steps read it.
 
-Memory while loading: ``diffalign.models.loading.load_adapter`` loads every pipeline in fp32 and
-moves the fp32 denoiser to the GPU, and the loop casts a LoRA run's frozen base to bf16 only after
-injecting the adapters; so "peak all" of a LoRA mode includes the fp32 denoiser once (FLUX.1-dev:
-48 GB on the GPU, and as much host memory during ``from_pretrained``). No config key loads it in bf16
-(there is no ``model.dtype``); that takes a loader option, e.g. ``load_adapter(..., denoiser_dtype)``
-passing ``torch_dtype={"default": torch.float32, "transformer": torch.bfloat16}`` to the pipeline's
-``from_pretrained``, which the loop would use for LoRA runs under bf16/fp16.
+Memory while loading: ``diffalign.models.loading.load_adapter`` loads every pipeline in fp32 on the
+host (FLUX.1-dev: 48 GB of host memory during ``from_pretrained``); a LoRA run under bf16 moves its
+frozen denoiser to the GPU already cast to bf16 (``denoiser_dtype``, tensor by tensor), so no fp32
+copy of it sits on the GPU; full fine-tuning keeps fp32 master weights there.
 
 Each mode runs in a worker process; a mode that fails (out of memory, xformers missing, a crash, an
 update the guard skipped) becomes a ``failed`` row with the one-line reason and the rest go on, and

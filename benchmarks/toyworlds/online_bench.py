@@ -69,6 +69,32 @@ RECIPES: dict[str, tuple[str, str, list[str]]] = {
             "objective.timestep_fraction=0.5",
         ],
     ),
+    # grpo-c over-optimised within ~100 steps (held-out gold peaked, then fell): smaller steps with a
+    # KL anchor to the base (the official recipe's beta 0.04), sample reuse kept
+    "grpo-f": (
+        "flow_grpo",
+        "toy-sd3",
+        [
+            "train.batch_size=8",
+            "objective.group_size=8",
+            "train.lr=1e-3",
+            "objective.clip_range=1e-3",
+            "objective.updates_per_rollout=4",
+            "objective.beta=0.04",
+        ],
+    ),
+    # the same trust region with a stronger anchor and one update per round (no reuse)
+    "grpo-g": (
+        "flow_grpo",
+        "toy-sd3",
+        [
+            "train.batch_size=8",
+            "objective.group_size=8",
+            "train.lr=1e-3",
+            "objective.clip_range=1e-3",
+            "objective.beta=0.2",
+        ],
+    ),
     # Flow-GRPO-Fast: an SDE window of 2 steps in the first half, the rest ODE
     "fast": (
         "flow_grpo",

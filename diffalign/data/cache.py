@@ -286,13 +286,11 @@ def _check_component(
 
 def _encode_shard(adapter: Any, ds: Any, idx: range, device: str, ranked: bool) -> dict[str, torch.Tensor]:
     lat, cond, micro, skipped, extra = [], [], [], [], []
-    # 4 rows (8 images of pairs) per VAE call: the encoder's activations at full resolution are the
-    # build's memory peak (~0.6 GiB per 8 images at 256 px for SD1.5's VAE at half width)
-    for chunk in (list(idx)[i : i + 4] for i in range(0, len(idx), 4)):
+    for chunk in (list(idx)[i : i + 16] for i in range(0, len(idx), 16)):
         items = [ds[(i, 0)] for i in chunk]
         pix = torch.stack([it["pixels"] for it in items])  # [b,k,3,R,R]
         # the VAE sees the b*k images as one batch, then they are regrouped per row: [b,k,C,h,w]
-        lat.append(adapter.encode_images(pix.flatten(0, 1).to(device)).unflatten(0, pix.shape[:2]).cpu())
+        lat.append(adapter.encode_chunked(pix.flatten(0, 1).to(device)).unflatten(0, pix.shape[:2]).cpu())
         cond.append({k: v.cpu() for k, v in adapter.encode_prompts([it["caption"] for it in items]).items()})
         micro.append(torch.stack([it["micro"] for it in items]))
         skipped.append(torch.tensor([it["skipped"] for it in items]))
@@ -489,6 +487,19 @@ def auto_dir(dcfg: DataConfig, mcfg: ModelConfig) -> Path:
     return cache_home() / "latents" / digest
 
 
+def _return_memory() -> None:
+    """Free the build's pipeline and hand the freed heap back to the OS (glibc keeps freed small
+    blocks otherwise, and the training pipeline loaded next would add to the process's peak)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 def _ready(dcfg: DataConfig, mcfg: ModelConfig) -> str | None:
     """None when ``dcfg.cache_dir`` holds a complete cache of this data and model, else why not."""
     if not (Path(dcfg.cache_dir or "") / "index.json").exists():
@@ -543,6 +554,7 @@ def auto_cache(
                     root.mkdir(parents=True)
                     build_cache(replace(cfg, data=dcfg), max_bytes=free // 2)
                 built = f"built in {time.perf_counter() - t0:.0f} s"
+                _return_memory()  # the build's pipeline copy, before training loads its own
             except Exception as e:  # noqa: BLE001 (a failed build leaves training correct, just uncached)
                 shutil.rmtree(root, ignore_errors=True)
                 built = f"off: building it failed ({str(e).splitlines()[0] if str(e) else type(e).__name__})"

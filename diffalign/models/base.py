@@ -87,10 +87,17 @@ class Adapter:
         names = ["vae", "text_encoder", "text_encoder_2", "text_encoder_3"]
         return [m for n in names if (m := getattr(self.pipe, n, None)) is not None]
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Adapter:
+    def to(
+        self,
+        device: torch.device | str,
+        dtype: torch.dtype | None = None,
+        denoiser_dtype: torch.dtype | None = None,
+    ) -> Adapter:
+        """Frozen parts to ``dtype``; the denoiser to ``denoiser_dtype`` (None: as loaded), cast tensor
+        by tensor on the way, so the device never holds a copy in the loaded precision."""
         for m in self.frozen_modules():
             m.to(device=device, dtype=dtype)
-        self.denoiser.to(device)
+        self.denoiser.to(device=device, dtype=denoiser_dtype)
         return self
 
     @property
@@ -108,6 +115,12 @@ class Adapter:
         latents = vae.encode(x).latent_dist.mode()
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return ((latents - shift) * vae.config.scaling_factor).float()
+
+    def encode_chunked(self, pixels: Tensor, chunk: int = 8) -> Tensor:
+        """``encode_images`` over ``chunk`` images (or clips) at a time: the VAE encoder's
+        full-resolution activations are the data path's memory peak, linear in how many it sees at
+        once (SD1.5's VAE at half width, 256 px: +1.26 GiB for 16 images, +0.72 GiB for 8)."""
+        return torch.cat([self.encode_images(c) for c in pixels.split(chunk)])
 
     @torch.no_grad()
     def decode_latents(self, latents: Tensor) -> Tensor:

@@ -123,14 +123,19 @@ def _check_prediction_type(mcfg: ModelConfig, family: Family, scheduler: Any) ->
 
 
 def load_adapter(
-    mcfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+    mcfg: ModelConfig,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    denoiser_dtype: torch.dtype | None = None,
 ) -> Adapter:
     """Load the pipeline named by ``mcfg`` and return its adapter on ``device``.
 
     Weights load as fp32 whatever their stored precision (fp16 files, like the shipped toy models,
     are upcast), then the frozen parts are cast to ``dtype``.
-    ``dtype`` applies to the frozen parts (VAE, text encoders); the denoiser stays fp32 so the
-    loop can decide (LoRA keeps fp32 adapters on a low-precision base)."""
+    ``dtype`` applies to the frozen parts (VAE, text encoders); the denoiser stays fp32 unless
+    ``denoiser_dtype`` says otherwise: the loop passes the mixed-precision dtype for LoRA runs (a
+    low-precision frozen base under fp32 adapters; cast on the way to the device, so a 12B FLUX
+    transformer never sits on the GPU in fp32), and nothing for full fine-tuning (fp32 master weights)."""
     from .audio import AudioLDMAdapter, MelConfig
     from .flux import FluxAdapter
     from .qwenimage import QwenImageAdapter
@@ -174,7 +179,7 @@ def load_adapter(
     for m in adapter.frozen_modules():
         m.requires_grad_(False)
         m.eval()
-    adapter.to(device, dtype)
+    adapter.to(device, dtype, denoiser_dtype)
     return adapter
 
 

@@ -24,6 +24,7 @@ become ``DTensor``s sharded on dim 0 over the processes; checkpoints and exports
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -260,6 +261,37 @@ def consolidated(tensors: Mapping[str, Tensor], main: bool) -> dict[str, Tensor]
         if main:
             out[name] = whole.cpu()
     return out if main else None
+
+
+def per_rank_state(state: Mapping[str, Tensor], main: bool, world: int) -> dict[str, Tensor] | None:
+    """A process-local state from every process, on the main one as ``rank<r>.<key>`` (None
+    elsewhere): a rollout source's round buffer holds each process's own samples, so one process's
+    copy cannot resume the others. Sharded entries (DTensors, e.g. DiffusionNFT's old policy under
+    fsdp2) are gathered whole first. Every process calls it, with the same keys in the same order."""
+    local = {k: full(v.detach()).cpu() for k, v in state.items()}
+    if world == 1:
+        return {f"rank0.{k}": v for k, v in local.items()} if main else None
+    import torch.distributed as dist
+
+    everyone: list[Any] | None = [None] * world if main else None
+    dist.gather_object(local, everyone, dst=0)  # pickled CPU tensors: gloo and NCCL alike
+    if not main:
+        return None
+    return {f"rank{r}.{k}": v for r, part in enumerate(everyone or []) for k, v in part.items()}
+
+
+def rank_state(state: Mapping[str, Tensor], rank: int, world: int, where: str) -> dict[str, Tensor]:
+    """This process's part of a ``per_rank_state`` checkpoint entry. A checkpoint written before
+    per-process states (plain keys) holds the main process's state only: usable by one process."""
+    if state and not any(re.match(r"rank\d+\.", k) for k in state):
+        if world > 1:
+            raise ConfigError(
+                f"--resume: {where} holds one process's rollout state (written by an older diffalign); "
+                f"resume it with one process, or from a checkpoint at a round boundary"
+            )
+        return dict(state)
+    prefix = f"rank{rank}."
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def consolidated_optimizer(optimizer: torch.optim.Optimizer, main: bool) -> dict[str, Any] | None:

@@ -411,7 +411,10 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
         global_batch = plan.global_batch
 
     # -- model
-    adapter = load_adapter(cfg.model, accelerator.device, weight_dtype)
+    # LoRA under bf16/fp16: the frozen base arrives on the device in that dtype (lora_base_dtype would
+    # cast it there anyway; the same values, without an fp32 copy of the denoiser on the device)
+    low_base = weight_dtype if cfg.lora.rank > 0 and weight_dtype != torch.float32 else None
+    adapter = load_adapter(cfg.model, accelerator.device, weight_dtype, low_base)
     denoiser = adapter.denoiser
     # before the reference pre-pass and the frozen copy: all three then compute with the same layout
     # (channels-last convolutions round differently from contiguous ones)
@@ -515,7 +518,8 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
             ema.shadow = engines.sharded_state({n: v.float() for n, v in ck["ema"].items()}, trainable)
         if ref.mode == "snapshot" and ck["reference"] is not None:
             ref.snapshot = engines.sharded_state(ck["reference"], trainable)
-        source.load_state_dict(engines.sharded_state(ck["source"] or {}, trainable))
+        mine = engines.rank_state(ck["source"] or {}, rank, world, str(ckpt_path))  # this process's buffer
+        source.load_state_dict(engines.sharded_state(mine, trainable))
         start_step = int(st["step"])
         guard.total, guard.in_row = int(st.get("bad_steps", 0)), int(st.get("bad_in_row", 0))
         divergence.restore(st.get("divergence", {}))
@@ -669,6 +673,8 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
                 raise RuntimeError(
                     "the reference weights changed during training (a frozen parameter received updates)"
                 )
+            # every process's own rollout buffer (its samples of the round), on the main process
+            source_state = engines.per_rank_state(source.state_dict(), main, world)
             whole = None
             if engine.shards:  # every process takes part in gathering; the main process writes
                 whole = {
@@ -676,7 +682,6 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
                     "ema": engines.consolidated(ema.shadow, main) if ema else None,
                     "optimizer": engines.consolidated_optimizer(optimizer, main),
                     "reference": engines.consolidated(ref.snapshot, main) if ref.mode == "snapshot" else None,
-                    "source": engines.consolidated(source.state_dict(), main),
                 }
             if main:
                 state = {
@@ -704,7 +709,7 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
                 }
                 if whole is None:
                     exp = exp_with_ema(ema, trainable, export)
-                    extra = {"source": source.state_dict()}
+                    extra = {"source": source_state}
                     if ref.mode == "snapshot":
                         extra["reference"] = ref.snapshot
                     weights, opt_state, ema_w = trainable, optimizer, ema.shadow if ema else None
@@ -713,7 +718,7 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
                     exp = exporter_from(
                         export, denoiser, whole["trainable"] if ema_w is None else ema_w, use_lora
                     )
-                    extra = {"source": whole["source"], "reference": whole["reference"]}
+                    extra = {"source": source_state, "reference": whole["reference"]}
                     weights, opt_state = whole["trainable"], whole["optimizer"]
                 save_checkpoint(
                     run_dir,

@@ -107,7 +107,7 @@ def prepare_batch(
         x0 = batch["latents"][:, :k].to(device)
     else:
         pix = batch["pixels"][:, :k]  # [B,k,3,R,R]
-        x0 = adapter.encode_images(pix.flatten(0, 1).to(device)).unflatten(0, pix.shape[:2])
+        x0 = adapter.encode_chunked(pix.flatten(0, 1).to(device)).unflatten(0, pix.shape[:2])
     if per_image_captions:
         if "captions" not in batch:
             raise ConfigError("this objective needs per-image captions: data columns caption_0 and caption_1")
