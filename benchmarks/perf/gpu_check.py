@@ -11,7 +11,9 @@ the right widths and latent channels, which the step barely touches (the text wi
 and latent sizes the denoiser sees are the real ones). Modes (``--list``): Diffusion-DPO with LoRA
 rank 8 and full fine-tuning, SDPA vs xformers, gradient checkpointing on/off, live reference
 (LoRA-off or a frozen bf16 copy) vs ``train.precompute_reference``, and one online Flow-GRPO step on
-SD3.5-M; all ``train.mixed_precision=bf16``.
+SD3.5-M; all ``train.mixed_precision=bf16``. Opt-in (not in the default set, which the budget
+already cuts short; ``--modes`` or ``MODES=`` names them): the same SDXL LoRA DPO step under DeepSpeed
+ZeRO-2 and ZeRO-3 (``sdxl-lora-zero2``, ``sdxl-lora-zero3``; see "DeepSpeed" below).
 
 What is measured, per mode, after ``--warmup`` steps:
 
@@ -46,6 +48,22 @@ host (FLUX.1-dev: 48 GB of host memory during ``from_pretrained``); a LoRA run u
 frozen denoiser to the GPU already cast to bf16 (``denoiser_dtype``, tensor by tensor), so no fp32
 copy of it sits on the GPU; full fine-tuning keeps fp32 master weights there.
 
+DeepSpeed (GPU only: accelerate runs it only on GPUs, and diffalign refuses it without CUDA). A
+DeepSpeed mode's worker is started by ``accelerate launch --config_file
+configs/accelerate/deepspeed_zero<N>.yaml --num_processes 1`` (the shipped configs, one process on
+the one GPU), so ``train()`` runs under the engine a user's launch gets; ``train.grad_accum=1`` as
+diffalign requires there. The row's "engine" column is what the run started: the engine named by
+diffalign's start-up line (``engine: deepspeed (...)``) and the ZeRO stage of the ``DeepSpeedEngine``
+that ran the forward; a DeepSpeed mode whose run started anything else, or another stage, fails. The
+optimizer is diffalign's torch AdamW handed through ``accelerator.prepare`` (no ``optimizer`` in the
+DeepSpeed config): DeepSpeed wraps it in its ZeRO optimizer and builds none of its CUDA ops (no
+FusedAdam, no offload), so nothing is JIT-compiled on the GPU machine. Updates are marked by the same
+optimizer-step hook (DeepSpeed steps the wrapped AdamW once per update inside ``backward()``: one
+parameter group, and under ZeRO-3 one sub-group for a LoRA's parameters). Without an importable
+``deepspeed`` (``gpu_check.sh --fetch-wheels`` carries it) or on ``--device cpu`` these rows are
+``skipped`` with the reason. Each costs about ``DEEPSPEED_EXTRA_S`` more than a plain SDXL mode (the
+launcher, a second interpreter, the engine's start).
+
 Each mode runs in a worker process; a mode that fails (out of memory, xformers missing, a crash, an
 update the guard skipped) becomes a ``failed`` row with the one-line reason and the rest go on, and
 modes that would overrun ``--budget-s`` are ``skipped``, so the table is always printed; rerun those
@@ -55,6 +73,7 @@ with ``--modes``.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shutil
@@ -64,7 +83,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -103,6 +122,7 @@ class Mode:
     precompute: bool = False  # train.precompute_reference
     optimizer: str = "adamw"
     online: bool = False  # one Flow-GRPO step (rollout + update) instead of Diffusion-DPO
+    zero: int = 0  # DeepSpeed ZeRO stage (configs/accelerate/deepspeed_zero<N>.yaml); 0: no DeepSpeed
 
 
 # Ordered: a family's modes run back to back on one saved folder; the 12 B full fine-tuning last
@@ -113,6 +133,8 @@ MODES: dict[str, Mode] = {
     "sdxl-lora-preref": Mode("sdxl", precompute=True),
     "sdxl-full": Mode("sdxl", lora=False),
     "sdxl-full-preref": Mode("sdxl", lora=False, precompute=True, optimizer="adafactor"),
+    "sdxl-lora-zero2": Mode("sdxl", zero=2),  # opt-in (not in DEFAULT_MODES)
+    "sdxl-lora-zero3": Mode("sdxl", zero=3),  # opt-in
     "sd35m-lora": Mode("sd35m"),
     "sd35m-lora-xformers": Mode("sd35m", attention="xformers"),
     "sd35m-lora-nockpt": Mode("sd35m", checkpointing=False),
@@ -123,6 +145,14 @@ MODES: dict[str, Mode] = {
     "flux-lora-preref": Mode("flux", precompute=True),
     "flux-full-preref": Mode("flux", lora=False, precompute=True, optimizer="adafactor"),
 }
+DEFAULT_MODES = [n for n, m in MODES.items() if not m.zero]
+"""What runs without ``--modes``. By the estimates below (est_s, build_s, GRPO_EST_S) these already
+need ~800 s against the ~520 s gpu_check.sh leaves after installing, so the budget skips the last
+(FLUX) ones; the DeepSpeed modes (~65 s each) are named explicitly, e.g.
+``MODES=sdxl-lora,sdxl-lora-zero2,sdxl-lora-zero3`` (~190 s with the SDXL build)."""
+DEEPSPEED_EXTRA_S = 30.0  # a DeepSpeed mode over a plain one: accelerate launch + torchrun + engine start
+REPO = Path(__file__).resolve().parents[2]  # through gpu_check.sh's package links too (resolved)
+
 GRPO = {
     "real": {"group_size": 8, "sample_steps": 10, "resolution": 512},
     "tiny": {"group_size": 2, "sample_steps": 3},
@@ -396,6 +426,7 @@ class Recorder:
         self.calls: list[tuple[float, str, bool]] = []
         self.step_ends: list[float] = []
         self.on_warm: list[Any] = []  # called once when the warm-up updates are done
+        self.zero_stage: int | None = None  # the ZeRO stage of a DeepSpeedEngine that ran a forward
 
     def watch(self, denoiser: Any) -> None:
         """Record every later call of this denoiser (the policy, or a frozen copy of it)."""
@@ -453,6 +484,8 @@ def instrumented(rec: Recorder, denoiser: str) -> Iterator[None]:
       copy is found as a copy of a watched one) at its first call and gives it a hook recording every
       later call with its inputs; the global hook is removed when the warm-up updates are done, so
       the timed steps run without it (it puts every module call on torch's slower hook path).
+      The same hook notes the ZeRO stage of a ``DeepSpeedEngine`` that runs a forward (the model
+      ``accelerator.prepare`` returns under DeepSpeed).
     - A global optimizer-step post-hook marks the end of each update (an update the bad-step guard
       skips is not counted, and ``measure`` then fails the row).
     - With ``rec.stop_after``, the first denoiser call after that many updates raises
@@ -462,8 +495,11 @@ def instrumented(rec: Recorder, denoiser: str) -> Iterator[None]:
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     def find(module: Any, args: tuple) -> None:
-        if type(module).__name__ == denoiser and not getattr(module, "_gpu_check_watched", False):
+        name = type(module).__name__
+        if name == denoiser and not getattr(module, "_gpu_check_watched", False):
             rec.watch(module)  # from its next call on (this one's keyword inputs are not visible here)
+        elif name == "DeepSpeedEngine" and rec.zero_stage is None:
+            rec.zero_stage = int(module.zero_optimization_stage())
 
     def updated(optimizer: Any, args: tuple, kwargs: dict) -> None:
         rec.step_end()
@@ -544,6 +580,7 @@ class Row:
     batch: str
     status: str = "ok"  # ok | failed | skipped
     reason: str = ""
+    engine: str = ""  # what the run started: diffalign's start-up line's engine (+ the ZeRO stage)
     per_s: float | None = None  # pairs/s (Flow-GRPO: rollout images/s)
     step_s: float | None = None
     loop_step_s: float | None = None
@@ -585,6 +622,46 @@ def _grpo_batch(tiny: bool) -> str:
     return f"1 prompt x {g['group_size']}, {g['sample_steps']} steps @{res}px"
 
 
+def launch_config(name: str) -> Path | None:
+    """The accelerate config a DeepSpeed mode's worker is launched with (None: a plain process)."""
+    zero = MODES[name].zero
+    return REPO / "configs" / "accelerate" / f"deepspeed_zero{zero}.yaml" if zero else None
+
+
+def _has_deepspeed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+def deepspeed_skip_reason(name: str, args: Any) -> str | None:
+    """Why a DeepSpeed mode cannot run here (None: it can, or it is no DeepSpeed mode). Decided in
+    the parent, before anything is launched: ``accelerate launch`` itself fails without deepspeed."""
+    config = launch_config(name)
+    if config is None:
+        return None
+    if not _has_deepspeed():
+        return "deepspeed is not installed (gpu_check.sh --fetch-wheels builds its wheel into .whl/)"
+    if args.device != "cuda":
+        return "DeepSpeed needs CUDA: accelerate runs it on GPUs only and diffalign refuses it on CPUs"
+    if not config.is_file():
+        return f"no launch config {config}"
+    return None
+
+
+def mode_need_s(name: str, args: Any) -> float:
+    """A mode's estimated wall time (the budget check), its family's folder build included when the
+    folder is not there yet."""
+    m = MODES[name]
+    if args.tiny:
+        return 5.0
+    need = GRPO_EST_S if m.online else FAMILIES[m.family].est_s
+    need += DEEPSPEED_EXTRA_S if m.zero else 0.0
+    if not (args.work / "models" / m.family / "built.ok").is_file():
+        need += FAMILIES[m.family].build_s
+    return need
+
+
 def max_steps(args: Any) -> int:
     """The run's ``train.max_steps``: the warm-up and timed updates, and without
     ``--final-checkpoint`` one more, inside which it is stopped before its final checkpoint."""
@@ -606,6 +683,8 @@ def overrides(name: str, folder: Path, data: tuple[Path, Path], run_dir: Path, a
         "train.checkpoint_every=1000000",  # no checkpoint but the final one (see max_steps)
         "train.lr=1e-5",
     ]
+    if m.zero:  # DeepSpeed steps inside backward(): diffalign refuses accumulation there
+        common.append("train.grad_accum=1")
     if fam.max_sequence_length and not args.tiny:  # the tiny folders set their own (diffalign.json)
         common.append(f"model.max_sequence_length={fam.max_sequence_length}")
     if m.online:
@@ -629,15 +708,74 @@ def overrides(name: str, folder: Path, data: tuple[Path, Path], run_dir: Path, a
     ]
 
 
-def run_mode(name: str, folder: Path, args: Any) -> Row:
-    """One ``train()`` call and what it measured."""
+class EngineLine(io.TextIOBase):
+    """``sys.stdout`` during one ``train()`` call: everything passes through, and the start-up line
+    naming the engine (``engine: deepspeed (1 processes on cuda)``) is kept."""
+
+    def __init__(self, out: Any) -> None:
+        self.out, self.line, self._part = out, None, ""
+
+    def write(self, text: str) -> int:
+        *lines, self._part = (self._part + text).split("\n")
+        for ln in lines:
+            if self.line is None and ln.startswith("engine: "):
+                self.line = ln.removeprefix("engine: ").strip()
+        return self.out.write(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def isatty(self) -> bool:
+        return self.out.isatty()
+
+    def fileno(self) -> int:
+        return self.out.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self.out, "encoding", "utf-8")
+
+    def __getattr__(self, name: str) -> Any:  # anything else a library asks of sys.stdout
+        return getattr(self.out, name)
+
+
+def engine_started(line: str | None, zero_stage: int | None) -> str:
+    """The row's engine cell: the start-up line's engine name and, when a DeepSpeedEngine ran, its stage."""
+    name = line.split(" ", 1)[0] if line else "?"
+    return name + (f" ZeRO-{zero_stage}" if zero_stage is not None else "")
+
+
+def jit_built_ops() -> str:
+    """Torch extensions compiled at run time (DeepSpeed builds its CUDA ops that way), as a note for
+    the engine cell: the workers point ``TORCH_EXTENSIONS_DIR`` into ``--work``."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    built = sorted(d.name for d in Path(root).iterdir() if d.is_dir()) if root and Path(root).is_dir() else []
+    return f" (JIT-built: {', '.join(built)})" if built else ""
+
+
+def check_engine(name: str, line: str | None, zero_stage: int | None) -> None:
+    """A DeepSpeed mode must have started DeepSpeed at its config's stage (never a silent fallback)."""
+    zero = MODES[name].zero
+    if not zero:
+        return
+    if not line or not line.startswith("deepspeed"):
+        raise RuntimeError(f"launched with deepspeed_zero{zero}.yaml, but diffalign started engine: {line}")
+    if zero_stage != zero:
+        raise RuntimeError(
+            f"launched with deepspeed_zero{zero}.yaml, but DeepSpeed ran ZeRO stage {zero_stage}"
+        )
+
+
+def run_mode(name: str, folder: Path, args: Any, row: Row | None = None) -> Row:
+    """One ``train()`` call and what it measured (into ``row``, which keeps the engine the run
+    started when it then fails)."""
     import torch
 
     from diffalign.config import load_config
     from diffalign.train import train
 
     m = MODES[name]
-    row = describe(name, args.tiny, args.pairs)
+    row = row or describe(name, args.tiny, args.pairs)
     run_dir = args.work / "runs" / name
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, not a resume or a config clash
     pairs = _pairs(m.family, args.tiny, args.pairs)
@@ -650,9 +788,10 @@ def run_mode(name: str, folder: Path, args: Any) -> Row:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     rec = Recorder(args.device, args.warmup, None if args.final_checkpoint else args.warmup + args.steps)
+    watch = EngineLine(sys.stdout)
     t0 = time.perf_counter()
     try:
-        with instrumented(rec, denoiser_class(folder)):
+        with instrumented(rec, denoiser_class(folder)), redirect_stdout(watch):
             train(cfg)
     except StopTimedRun:  # the extra step's first denoiser call: no final checkpoint
         pass
@@ -661,6 +800,9 @@ def run_mode(name: str, folder: Path, args: Any) -> Row:
             raise RuntimeError("the run ended without reaching its extra step (see train/bad_steps)")
         _check_export(run_dir, m.lora)
         row.checkpoint_s = time.perf_counter() - rec.step_ends[-1]
+    finally:
+        row.engine = engine_started(watch.line, rec.zero_stage) + jit_built_ops()
+    check_engine(name, watch.line, rec.zero_stage)
     row.total_s = time.perf_counter() - t0
     got = measure(rec, args.warmup, args.steps, m.lora)
     items = GRPO["tiny" if args.tiny else "real"]["group_size"] if m.online else pairs
@@ -681,8 +823,16 @@ def _check_export(run_dir: Path, lora: bool) -> None:
     if not latest.is_file():
         raise RuntimeError(f"--final-checkpoint: {run_dir} has no checkpoint")
     export = run_dir / "checkpoints" / latest.read_text().strip() / "export"
-    if not any(export.rglob("*.safetensors")):
+    files = list(export.rglob("*.safetensors"))
+    if not files:
         raise RuntimeError(f"--final-checkpoint: {export} holds no {'LoRA' if lora else 'model'} weights")
+    from safetensors import safe_open
+
+    for f in files:  # a parameter saved while partitioned (ZeRO-3 holds it elsewhere) is empty
+        with safe_open(str(f), "pt") as st:
+            empty = [k for k in st.keys() if 0 in st.get_slice(k).get_shape()]
+        if empty:
+            raise RuntimeError(f"--final-checkpoint: {f.name} holds {len(empty)} empty tensors ({empty[0]})")
 
 
 def one_line(e: BaseException) -> str:
@@ -704,7 +854,9 @@ def ensure_folder(family: str, args: Any) -> Path:
     folder = args.work / "models" / family
     if not (folder / "built.ok").is_file():
         shutil.rmtree(folder, ignore_errors=True)
+        t0 = time.perf_counter()
         build_pipeline(family, folder, args.tiny, args.device)
+        print(f"[gpu_check] built the {family} folder in {time.perf_counter() - t0:.0f} s", flush=True)
     return folder
 
 
@@ -731,26 +883,28 @@ def worker(args: Any) -> None:
         if os.environ.get("DIFFALIGN_GPU_CHECK_CRASH") == name:  # testing aid: a mode that kills its worker
             os._exit(3)
         row = describe(name, args.tiny, args.pairs)
-        folder = args.work / "models" / m.family
-        need = (GRPO_EST_S if m.online else FAMILIES[m.family].est_s) if not args.tiny else 5.0
-        if not (folder / "built.ok").is_file() and not args.tiny:
-            need += FAMILIES[m.family].build_s
+        need = mode_need_s(name, args)
         if m.attention == "xformers" and not _has_xformers():
             row.status, row.reason = "skipped", "xformers is not installed"
         elif time.time() + need > args.deadline:
             row.status, row.reason = "skipped", f"time budget (needs ~{need:.0f} s); rerun with --modes"
         else:
             try:
-                row = run_mode(name, ensure_folder(m.family, args), args)
+                row = run_mode(name, ensure_folder(m.family, args), args, row)
             except Exception as e:  # out of memory, a backend that fails, ...: one row, then go on
                 row.status, row.reason = "failed", one_line(e)
             # a written checkpoint has been timed and checked; the next mode needs the disk
             shutil.rmtree(args.work / "runs" / name / "checkpoints", ignore_errors=True)
             _free_memory()
         _emit(results, {"row": asdict(row)})
-        later = [MODES[n].family for n in args.modes[i + 1 :]]
+        # a later worker's modes (a DeepSpeed mode runs in a worker of its own) may need it too
+        later = [MODES[n].family for n in args.modes[i + 1 :]] + args.keep_families
         if m.family not in later and not args.keep:  # its folder can go: disk is 64 GB there
             shutil.rmtree(args.work / "models" / m.family, ignore_errors=True)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # a DeepSpeed worker's process group (torchrun)
+        dist.destroy_process_group()
 
 
 def _has_xformers() -> bool:
@@ -772,9 +926,40 @@ def _tail_reason(log: Path, returncode: int | None) -> str:
     return f"{why}: {errors[-1]}"[:200] if errors else why
 
 
-def _worker_cmd(args: Any, modes: list[str], results: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "diffalign.benchmarks.perf.gpu_check", "--worker"]
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _launcher(name: str) -> list[str]:
+    """How a worker for ``name`` starts: a DeepSpeed mode under ``accelerate launch`` with its shipped
+    config (one process: the one GPU; a free port for torchrun's rendezvous), others plain."""
+    config = launch_config(name)
+    if config is None:
+        return [sys.executable]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    return launch + ["--num_processes", "1", "--num_machines", "1", "--main_process_port", str(_free_port())]
+
+
+def next_batch(pending: list[str]) -> list[str]:
+    """The modes the next worker runs: a DeepSpeed mode alone (its own launch), else the plain
+    modes up to the next DeepSpeed one."""
+    if MODES[pending[0]].zero:
+        return pending[:1]
+    n = next((i for i, name in enumerate(pending) if MODES[name].zero), len(pending))
+    return pending[:n]
+
+
+def _worker_cmd(
+    args: Any, modes: list[str], results: Path, keep_families: list[str] | None = None
+) -> list[str]:
+    cmd = _launcher(modes[0]) + ["-m", "diffalign.benchmarks.perf.gpu_check", "--worker"]
     cmd += ["--modes", ",".join(modes), "--results", str(results), "--deadline", str(args.deadline)]
+    if keep_families:
+        cmd += ["--keep-families", ",".join(sorted(set(keep_families)))]
     cmd += ["--work", str(args.work), "--device", args.device, "--steps", str(args.steps)]
     cmd += ["--warmup", str(args.warmup)]
     if args.peak_tflops:
@@ -794,11 +979,15 @@ def _read(results: Path, seen: int) -> tuple[list[dict[str, Any]], int]:
 
 def run_workers(args: Any) -> list[Row]:
     """Run the modes in worker processes until each has a row; a worker that dies (or overruns
-    the budget) marks its current mode failed and a new one takes the rest."""
+    the budget) marks its current mode failed and a new one takes the rest. A DeepSpeed mode gets a
+    worker of its own under ``accelerate launch`` (``next_batch``), or a ``skipped`` row without one
+    when it cannot run (``deepspeed_skip_reason``) or would overrun the budget."""
     rows: dict[str, Row] = {}
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     # data.cache_dir=auto (the default) keeps its latent cache with the rest of the run's files
     env.setdefault("DIFFALIGN_CACHE_HOME", str(args.work / "latent-cache"))
+    # run-time compiled extensions (DeepSpeed's ops, none expected) land here, and the rows name them
+    env["TORCH_EXTENSIONS_DIR"] = str(args.work / "torch-extensions")
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # the loop uses CUDA whenever it sees it
         # tiny models gain nothing from threads, and on a busy CPU OpenMP's spinning threads made a
@@ -808,22 +997,22 @@ def run_workers(args: Any) -> list[Row]:
         pending = [n for n in args.modes if n not in rows]
         if not pending or time.time() >= args.deadline:  # no time left even to import torch
             break
+        batch = next_batch(pending)
+        if (skipped := _skip_launch(batch[0], args)) is not None:  # no launcher started for nothing
+            rows[skipped.mode] = skipped
+            print(_progress(skipped), flush=True)
+            continue
+        later = [MODES[n].family for n in pending[len(batch) :]]  # folders a later worker needs
         results, log = args.work / f"worker-{attempt}.jsonl", args.work / f"worker-{attempt}.log"
         results.unlink(missing_ok=True)
         with log.open("w") as out:
             proc = subprocess.Popen(
-                _worker_cmd(args, pending, results), stdout=out, stderr=subprocess.STDOUT, env=env,
+                _worker_cmd(args, batch, results, later), stdout=out, stderr=subprocess.STDOUT, env=env,
                 start_new_session=True,  # its own process group: killed whole at the deadline
             )  # fmt: skip
             current, killed = _watch(proc, results, args, rows)
         reason = "killed at the time budget" if killed else _tail_reason(log, proc.returncode)
-        if current is not None:  # it died inside this mode
-            dead = [current]
-        elif killed or len(rows) > len(args.modes) - len(pending):  # it settled modes, then ended
-            dead = []
-        else:  # it died before any mode (an import error, say): another would too
-            dead = pending
-        for name in dead:
+        for name in _dead(current, killed or any(n in rows for n in batch), batch, pending):
             rows[name] = describe(name, args.tiny, args.pairs)
             rows[name].status, rows[name].reason = "failed", reason
             print(_progress(rows[name]), flush=True)
@@ -832,6 +1021,34 @@ def run_workers(args: Any) -> list[Row]:
             rows[name] = describe(name, args.tiny, args.pairs)
             rows[name].status, rows[name].reason = "skipped", "time budget; rerun with --modes"
     return [rows[n] for n in args.modes]
+
+
+def _skip_launch(name: str, args: Any) -> Row | None:
+    """A DeepSpeed mode's ``skipped`` row when it cannot run here or would overrun the budget (its
+    worker is not launched); None to launch it (and for every other mode)."""
+    if not MODES[name].zero:
+        return None
+    why = deepspeed_skip_reason(name, args)
+    need = mode_need_s(name, args)
+    if why is None and time.time() + need > args.deadline:
+        why = f"time budget (needs ~{need:.0f} s); rerun with --modes"
+    if why is None:
+        return None
+    row = describe(name, args.tiny, args.pairs)
+    row.status, row.reason = "skipped", why
+    return row
+
+
+def _dead(current: str | None, settled: bool, batch: list[str], pending: list[str]) -> list[str]:
+    """The modes a worker that ended leaves failed: the one it was inside; none when it settled
+    modes (or was killed at the budget) first; else it died before any mode."""
+    if current is not None:
+        return [current]
+    if settled:
+        return []
+    if MODES[batch[0]].zero:  # its launch failed (accelerate, torchrun, deepspeed's import)
+        return batch
+    return [n for n in pending if not MODES[n].zero]  # an import error, say: another plain one would too
 
 
 def _watch(proc: subprocess.Popen, results: Path, args: Any, rows: dict[str, Row]) -> tuple[str | None, bool]:
@@ -870,13 +1087,14 @@ def _f(x: float | None, fmt: str) -> str:
 
 
 HEADER = (
-    "| mode | model | FT | attention | ckpt | reference | batch | pairs/s | step s | loop step_s "
+    "| mode | model | FT | engine | attention | ckpt | reference | batch | pairs/s | step s | loop step_s "
     "| peak GiB | peak all | TFLOP/step | MFU | final save s | status |"
 )
 
 
 def table(rows: list[Row]) -> str:
-    """Markdown table, one row per mode (Flow-GRPO's pairs/s column holds rollout images/s)."""
+    """Markdown table, one row per mode (Flow-GRPO's pairs/s column holds rollout images/s; engine:
+    what the run started, ``-`` for a mode that did not run)."""
     lines = [HEADER, "|" + "---|" * HEADER.count(" | ") + "---|"]
     for r in rows:
         status = r.status if r.status == "ok" else f"{r.status}: {r.reason.replace('|', '/')}"
@@ -884,6 +1102,7 @@ def table(rows: list[Row]) -> str:
             r.mode,
             r.model,
             r.ft,
+            r.engine or "-",
             r.attention,
             "on" if r.checkpointing else "off",
             r.reference,
@@ -906,12 +1125,22 @@ def _environment(device: str) -> str:
     import torch
 
     name = torch.cuda.get_device_name() if device == "cuda" and torch.cuda.is_available() else "cpu"
-    return f"device: {name}, torch {torch.__version__}"
+    text = f"device: {name}, torch {torch.__version__}"
+    if _has_deepspeed():
+        from importlib.metadata import version
+
+        text += f", deepspeed {version('deepspeed')}"
+    return text
 
 
 def parse_args(argv: list[str] | None) -> Any:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset, in run order")
+    ap.add_argument(
+        "--modes",
+        default=",".join(DEFAULT_MODES),
+        help="comma-separated, in run order; 'all': every mode, the opt-in DeepSpeed ones too "
+        "(default: every mode but those)",
+    )
     ap.add_argument("--list", action="store_true", help="print the modes and exit")
     ap.add_argument("--tiny", action="store_true", help="the tiny test pipelines (dry run)")
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
@@ -933,8 +1162,11 @@ def parse_args(argv: list[str] | None) -> Any:
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--results", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
+    ap.add_argument("--keep-families", default="", help=argparse.SUPPRESS)  # folders later workers need
     args = ap.parse_args(argv)
-    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    args.modes = list(MODES) if args.modes.strip() == "all" else [m.strip() for m in args.modes.split(",")]
+    args.modes = [m for m in args.modes if m]
+    args.keep_families = [f for f in args.keep_families.split(",") if f]
     unknown = [m for m in args.modes if m not in MODES]
     if unknown:
         ap.error(f"unknown mode(s) {', '.join(unknown)}; valid: {', '.join(MODES)}")
@@ -955,13 +1187,18 @@ def main(argv: list[str] | None = None) -> list[Row]:
         for name in MODES:
             r = describe(name, args.tiny, args.pairs)
             ckpt = "checkpointing " + ("on" if r.checkpointing else "off")
-            print(f"{name}: {r.model}, {r.ft}, {r.attention}, {ckpt}, reference {r.reference}, {r.batch}")
+            config = launch_config(name)
+            how = f", accelerate launch {config.relative_to(REPO)} (opt-in)" if config else ""
+            print(
+                f"{name}: {r.model}, {r.ft}, {r.attention}, {ckpt}, reference {r.reference}, {r.batch}{how}"
+            )
         return []
     args.deadline = time.time() + args.budget_s
     args.env = "device: unknown (no worker started)"
     args.work.mkdir(parents=True, exist_ok=True)
     for old in args.work.glob("worker-*"):  # logs of an earlier run in the same folder
         old.unlink()
+    shutil.rmtree(args.work / "torch-extensions", ignore_errors=True)  # what this run builds, if anything
     rows = run_workers(args)  # the parent never touches the GPU (a CUDA context costs memory)
     text = f"{args.env}\n\n{table(rows)}"
     print("\n" + text, flush=True)
