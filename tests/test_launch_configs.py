@@ -136,3 +136,33 @@ def test_slurm_script_gives_each_node_its_rank(tmp_path):
             f"--num_processes 16 --machine_rank {i} --main_process_ip gpu-node-07 "
             "--main_process_port 29500 -m diffalign.cli train my.yaml train.output_dir=/shared/run"
         )
+
+
+def test_deepspeed_setup_fills_what_accelerate_leaves_to_the_caller():
+    """Under DeepSpeed, accelerate fills ``train_micro_batch_size_per_gpu: auto`` only from a
+    DataLoader given to ``prepare`` (diffalign gives none) and keeps ``autocast()`` a no-op: the
+    loop's ``deepspeed_setup`` sets the micro-batch and autocasts the inputs to the run's dtype."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from diffalign.train.engines import deepspeed_setup
+
+    def fake():
+        plugin = SimpleNamespace(deepspeed_config={"train_micro_batch_size_per_gpu": "auto"})
+        return SimpleNamespace(
+            state=SimpleNamespace(deepspeed_plugin=plugin),
+            device=torch.device("cpu"),
+            autocast=lambda autocast_handler=None: None,
+        )
+
+    acc = fake()
+    deepspeed_setup(acc, 4, torch.bfloat16)
+    assert acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 4
+    with acc.autocast():
+        y = torch.nn.functional.linear(torch.randn(2, 3), torch.randn(5, 3))
+    assert y.dtype == torch.bfloat16
+    fp32 = fake()
+    before = fp32.autocast
+    deepspeed_setup(fp32, 2, torch.float32)
+    assert fp32.autocast is before  # fp32: nothing to autocast

@@ -114,6 +114,20 @@ def check_accelerator(engine: Engine, accelerator: Any) -> None:
         raise RuntimeError(f"engine {engine.name}: accelerate set up {kind}, expected one of {want}")
 
 
+def deepspeed_setup(accelerator: Any, batch_size: int, dtype: torch.dtype) -> None:
+    """What accelerate leaves to its caller under DeepSpeed. (1) The micro-batch: accelerate fills
+    DeepSpeed's ``train_micro_batch_size_per_gpu: auto`` from a DataLoader passed to ``prepare`` and
+    raises without one; diffalign prepares none (it batches itself), so it is ``train.batch_size``
+    (DeepSpeed uses it for its batch bookkeeping; accumulation is 1). (2) Autocast: accelerate keeps
+    ``accelerator.autocast()`` a no-op under DeepSpeed, which casts the parameters to bf16/fp16
+    itself but not the inputs (fp32 latents and text embeddings) nor anything run outside its engine
+    (the LoRA-off reference calls the inner denoiser), so it autocasts to ``dtype`` as on one GPU."""
+    accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = batch_size
+    if dtype != torch.float32:
+        device = accelerator.device.type
+        accelerator.autocast = lambda autocast_handler=None: torch.autocast(device, dtype=dtype)
+
+
 def startup_line(engine: Engine, accelerator: Any, units: int = 0) -> str:
     """The one line saying which engine trains (printed by the main process)."""
     device = accelerator.device.type

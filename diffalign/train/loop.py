@@ -387,6 +387,8 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
         raise ConfigError(
             "train.grad_accum: must be 1 under DeepSpeed; raise batch_size or use DDP/FSDP for accumulation"
         )
+    if accelerator.distributed_type.value == "DEEPSPEED":  # its micro-batch and autocast (see there)
+        engines.deepspeed_setup(accelerator, t.batch_size, DTYPES[t.mixed_precision])
     set_seed(t.seed)  # global RNGs (LoRA's initial A matrices, dropout); re-seeded per micro-step below
     objective = build_objective(cfg.objective)
     rollout = objective.source == "rollout"
