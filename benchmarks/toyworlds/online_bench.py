@@ -137,6 +137,22 @@ RECIPES: dict[str, tuple[str, str, list[str]]] = {
             "objective.timestep_fraction=0.5",
         ],
     ),
+    # grpo-f's lesson on the UNet: smaller steps, a KL anchor, 4 updates per round
+    "grpo-unet-kl": (
+        "grpo",
+        "toy-sd",
+        [
+            "train.batch_size=8",
+            "objective.group_size=8",
+            "objective.sample_steps=10",
+            "objective.guidance_scale=4",
+            "train.lr=1e-3",
+            "objective.clip_range=1e-3",
+            "objective.timestep_fraction=0.5",
+            "objective.updates_per_rollout=4",
+            "objective.beta=0.04",
+        ],
+    ),
 }
 CLIP_PROXY = "-clip"  # a recipe name + this suffix: the same recipe with the toy CLIP reward
 OFFLINE = "rankdpo"
