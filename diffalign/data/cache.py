@@ -92,8 +92,8 @@ def _kind(dcfg: DataConfig) -> str:
     return "ranked" if dcfg.format == "ranked" else "pairs"
 
 
-def _source(dcfg: DataConfig, verbose: bool = True) -> Any:
-    """The uncached dataset the cache mirrors (pairs or a ranked Syn-Pic set)."""
+def images_dataset(dcfg: DataConfig, verbose: bool = True) -> Any:
+    """The uncached dataset, read from its images (pairs or a ranked Syn-Pic set); a cache mirrors it."""
     if _kind(dcfg) == "ranked":
         from .ranked import RankedDataset
 
@@ -347,7 +347,7 @@ def build_cache(cfg: Config, shard_size: int = 256, max_bytes: int | None = None
     out = Path(cfg.data.cache_dir)
     out.mkdir(parents=True, exist_ok=True)
     dcfg = replace(cfg.data, caption_dropout=0.0, cache_dir=None)
-    ds = _source(dcfg)
+    ds = images_dataset(dcfg)
     ranked = _kind(cfg.data) == "ranked"
     index: dict[str, Any] | None = None
     if (out / "index.json").exists():  # a rerun: resume only a cache of the same data, settings, weights
@@ -399,7 +399,8 @@ class CachedPairs(torch.utils.data.Dataset):
     """Reads a cache built by ``build_cache``; items mirror ``PairDataset`` (or ``RankedDataset``) with
     latents instead of pixels. Refuses a cache of other data, settings or weights (see the module doc)."""
 
-    def __init__(self, dcfg: DataConfig, mcfg: ModelConfig) -> None:
+    def __init__(self, dcfg: DataConfig, mcfg: ModelConfig, src: Any = None) -> None:
+        """``src``: the uncached dataset of ``dcfg`` when the caller has read it already."""
         _check_cacheable(dcfg)
         root = Path(dcfg.cache_dir or "")
         if not (root / "index.json").exists():
@@ -407,7 +408,8 @@ class CachedPairs(torch.utils.data.Dataset):
                 f"data.cache_dir {str(root)!r} has no index.json: run `diffalign cache CONFIG` first"
             )
         self.index = _read_index(root)
-        src = _source(replace(dcfg, cache_dir=None), verbose=False)  # light columns only: no image decoding
+        if src is None:  # light columns only: no image decoding
+            src = images_dataset(replace(dcfg, cache_dir=None), verbose=False)
         check_identity(self.index, root, dcfg, mcfg, src)
         self.k = self.index["k"]
         n_shards = (len(src) + self.index["shard_size"] - 1) // self.index["shard_size"]
@@ -469,12 +471,10 @@ def auto_dir(dcfg: DataConfig, mcfg: ModelConfig) -> Path:
     """The auto cache's folder for this data and model: keyed by where they are and the settings that
     shape the cache. The content is checked by the index as for any cache (a changed file is caught
     there and the folder rebuilt), so the key only has to separate unrelated caches."""
-    model = Path(mcfg.path).expanduser()
+    model, data = Path(mcfg.path).expanduser(), Path(dcfg.path).expanduser()
     key = {
         "model": str(model.resolve()) if model.exists() else f"{mcfg.path}@{mcfg.revision}",
-        "data": str(Path(dcfg.path).expanduser().resolve())
-        if Path(dcfg.path).expanduser().exists()
-        else dcfg.path,
+        "data": str(data.resolve()) if data.exists() else dcfg.path,  # a local path, or a hub id
         "format": dcfg.format,
         "split": dcfg.split,
         "resolution": dcfg.resolution,
@@ -500,27 +500,27 @@ def _return_memory() -> None:
         pass
 
 
-def _ready(dcfg: DataConfig, mcfg: ModelConfig) -> str | None:
-    """None when ``dcfg.cache_dir`` holds a complete cache of this data and model, else why not."""
+def _open(dcfg: DataConfig, mcfg: ModelConfig, src: Any) -> tuple[CachedPairs | None, str]:
+    """The complete cache of this data and model at ``dcfg.cache_dir``, or None and why not."""
     if not (Path(dcfg.cache_dir or "") / "index.json").exists():
-        return "not built"
+        return None, "not built"
     try:
-        CachedPairs(dcfg, mcfg)
+        return CachedPairs(dcfg, mcfg, src), ""
     except ConfigError as e:
-        return str(e)
-    return None
+        return None, str(e)
 
 
 def auto_cache(
-    cfg: Config, rows: int, rows_read: int, objective_needs: str, main: bool, barrier: Callable[[], None]
-) -> tuple[str | None, str]:
-    """Resolve ``data.cache_dir: auto``: ``(folder, what happened)`` when training reads a cache,
-    ``(None, why not)`` when it encodes images as it goes. Called by every process of a launch (the
-    main process builds, the others wait at ``barrier``); the same answer everywhere.
+    cfg: Config, ds: Any, rows_read: int, objective_needs: str, main: bool, barrier: Callable[[], None]
+) -> tuple[CachedPairs | None, str]:
+    """Resolve ``data.cache_dir: auto`` for the uncached dataset ``ds``: ``(cache, what happened)``
+    when training reads a cache, ``(None, why not)`` when it encodes images as it goes. Called by
+    every process of a launch (the main process builds, the others wait at ``barrier``); the same
+    answer everywhere.
 
     The cache is reused whenever a complete one of this data and model exists (any earlier run, epoch
     or sweep over the same data); it is built at start-up only when the run reads every row at least
-    once (``rows_read >= rows``), so building costs no more VAE and text-encoder work than encoding
+    once (``rows_read >= len(ds)``), so building costs no more VAE and text-encoder work than encoding
     as it goes would, and only when it takes at most half the free disk. Never with random crops or
     flips (a cache holds one view), nor when ``objective_needs`` names what the objective reads that a
     cache does not hold (reward scores, a caption per image). In fp32,
@@ -533,12 +533,14 @@ def auto_cache(
         return None, f"off: the objective reads {objective_needs}, which a cache does not hold"
     dcfg = replace(d, cache_dir=str(auto_dir(d, cfg.model)))
     root = Path(dcfg.cache_dir or "")
-    built = ""
-    if main and _ready(dcfg, cfg.model) is not None:
-        if rows_read < rows:
+    cached, built = None, ""
+    if main:
+        cached, _ = _open(dcfg, cfg.model, ds)
+    if main and cached is None:
+        if rows_read < len(ds):
             built = (
-                f"off: this run reads {rows_read} of the data's {rows} rows, and building a cache reads all; "
-                "`diffalign cache CONFIG data.cache_dir=auto` builds it for later runs"
+                f"off: this run reads {rows_read} of the data's {len(ds)} rows, and building a cache reads "
+                "all; `diffalign cache CONFIG data.cache_dir=auto` builds it for later runs"
             )
         else:
             t0 = time.perf_counter()
@@ -559,7 +561,8 @@ def auto_cache(
                 shutil.rmtree(root, ignore_errors=True)
                 built = f"off: building it failed ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
     barrier()
-    why = _ready(dcfg, cfg.model)
-    if why is None:
-        return str(root), f"{root} ({built or 'reused'})"
-    return None, built or f"off: {why}"
+    if cached is None:  # the others, and a main process that built (or failed to)
+        cached, why = _open(dcfg, cfg.model, ds)
+        if cached is None:
+            return None, built or f"off: {why}"
+    return cached, f"{root} ({built or 'reused'})"

@@ -25,7 +25,6 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +33,7 @@ from torch import Tensor
 
 from .._quiet import quiet_libraries
 from ..config import Config, ConfigError, to_dict, validate
-from ..data.pairs import PairDataset
-from ..data.ranked import RankedDataset
+from ..data.cache import AUTO, CachedPairs, auto_cache, images_dataset
 from ..data.sampler import StepPlan
 from ..models.base import Adapter
 from ..models.loading import load_adapter
@@ -267,11 +265,6 @@ def train(cfg: Config, resume: str | None = None, allow_config_change: bool = Fa
             lock.release()
 
 
-def images_dataset(dcfg: Any, main: bool) -> Any:
-    """Pairs or ranked sets read from their images (no cache)."""
-    return RankedDataset(dcfg, verbose=main) if dcfg.format == "ranked" else PairDataset(dcfg, verbose=main)
-
-
 def load_dataset(
     cfg: Config, objective: Any, world: int, main: bool, barrier: Callable[[], None] = lambda: None
 ) -> tuple[Any, StepPlan, int]:
@@ -279,23 +272,19 @@ def load_dataset(
     ``data.cache_dir: auto`` is resolved here (``data.cache.auto_cache``; ``barrier``: every process
     of the launch waits while the main one builds)."""
     t = cfg.train
-    cache_dir, dataset = cfg.data.cache_dir, None
-    if cache_dir == "auto":
-        from ..data.cache import auto_cache
-
-        dataset = images_dataset(cfg.data, main)
+    if cfg.data.cache_dir == AUTO:
+        dataset = images_dataset(cfg.data, verbose=main)
         rows_read = t.max_steps * t.batch_size * t.grad_accum * world  # what the step plan draws
         needs = "reward scores" if objective.needs_scores else ""  # what a cache does not hold
         needs = "a caption per image" if objective.per_image_captions else needs
-        cache_dir, how = auto_cache(cfg, len(dataset), rows_read, needs, main, barrier)
+        cached, how = auto_cache(cfg, dataset, rows_read, needs, main, barrier)
+        dataset = cached if cached is not None else dataset
         if main:
             print(f"latent cache (data.cache_dir=auto): {how}")
-    if cache_dir:
-        from ..data.cache import CachedPairs
-
-        dataset = CachedPairs(replace(cfg.data, cache_dir=cache_dir), cfg.model)
-    elif dataset is None:
-        dataset = images_dataset(cfg.data, main)
+    elif cfg.data.cache_dir:
+        dataset = CachedPairs(cfg.data, cfg.model)
+    else:
+        dataset = images_dataset(cfg.data, verbose=main)
     k = 1 if objective.winner_only else dataset.k
     if objective.needs_scores and not getattr(dataset, "has_scores", False):
         raise ConfigError(
@@ -320,7 +309,7 @@ def check_rollout_config(cfg: Config, objective: Any) -> None:
         key
         for key, bad in (
             ("train.precompute_reference", t.precompute_reference),  # the samples do not exist yet
-            ("data.cache_dir", bool(cfg.data.cache_dir) and cfg.data.cache_dir != "auto"),  # auto: no data
+            ("data.cache_dir", bool(cfg.data.cache_dir) and cfg.data.cache_dir != AUTO),  # auto: no data
         )
         if bad
     ]
