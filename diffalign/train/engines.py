@@ -296,12 +296,14 @@ def per_rank_state(state: Mapping[str, Tensor], main: bool, world: int) -> dict[
 
 def rank_state(state: Mapping[str, Tensor], rank: int, world: int, where: str) -> dict[str, Tensor]:
     """This process's part of a ``per_rank_state`` checkpoint entry. A checkpoint written before
-    per-process states (plain keys) holds the main process's state only: usable by one process."""
+    per-process states (plain keys) holds the main process's state only: usable by a one-process run
+    (a rollout run resumes only with the process count it was written with)."""
     if state and not any(re.match(r"rank\d+\.", k) for k in state):
         if world > 1:
             raise ConfigError(
-                f"--resume: {where} holds one process's rollout state (written by an older diffalign); "
-                f"resume it with one process, or from a checkpoint at a round boundary"
+                f"--resume: {where} holds only the main process's rollout state (written by an older "
+                f"diffalign), so {world} processes cannot resume it exactly; start the run again in a new "
+                f"train.output_dir"
             )
         return dict(state)
     prefix = f"rank{rank}."
