@@ -348,7 +348,8 @@ def run_demo(  # noqa: C901 (the demo pipeline, read top to bottom)
     rep = root / "report"
     table = demo_table(sb, sa, diff)
     pairs, prompt_list = demo_samples(res_base, res_al, per_prompt, rep)
-    curve = loss_curve(run_dir / "metrics.jsonl", rep / "training.png")
+    # the rollout reward is logged by online objectives only (absent keys are left out)
+    curve = loss_curve(run_dir / "metrics.jsonl", rep / "training.png", ("loss", "implicit_acc", "reward"))
     bars = tag_bars({"base": sb["per_tag"], "aligned": sa["per_tag"]}, rep / "per_tag.png")
     timing = {
         "synpic_s": t_data - t_start,

@@ -40,10 +40,13 @@ def loss_curve(metrics_jsonl: Path, out: Path, keys: Sequence[str] = ("loss", "i
     import matplotlib.pyplot as plt
 
     rows = [json.loads(x) for x in metrics_jsonl.read_text().splitlines() if x.strip()]
-    keys = [k for k in keys if rows and k in rows[0]]
+    # a key may be logged on some steps only (a rollout run logs its reward once per round, the
+    # guard's rows carry no loss): each panel plots the rows that have its key
+    keys = [k for k in keys if any(k in r for r in rows)]
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
     for ax, k in zip(np.atleast_1d(axes), keys, strict=True):
-        ax.plot([r["step"] for r in rows], [r[k] for r in rows])
+        have = [r for r in rows if k in r]
+        ax.plot([r["step"] for r in have], [r[k] for r in have])
         ax.set_xlabel("step")
         ax.set_title(k)
     fig.tight_layout()

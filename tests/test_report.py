@@ -75,3 +75,22 @@ def test_report_renders_in_headless_chromium(tmp_path):
     img = np.asarray(Image.open(shot).convert("RGB"))
     assert img.shape[0] > 500
     assert (img < 200).any(axis=-1).mean() > 0.01  # something was drawn, not a blank page
+
+
+def test_loss_curve_plots_keys_logged_on_some_steps_only(tmp_path):
+    """An online run's metrics.jsonl: a guard row first (no loss), the reward once per round of 2
+    steps: every requested key that appears anywhere gets a panel (4 in wide each), plotted over the
+    rows that carry it; a key never logged is left out."""
+    import json
+
+    from PIL import Image
+
+    from diffalign.report import loss_curve
+
+    rows = [{"step": 0, "guard/gold": 0.2}]
+    rows += [{"step": s, "loss": 1.0 / s, **({"reward": 0.1 * s} if s % 2 else {})} for s in range(1, 9)]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = loss_curve(metrics, tmp_path / "curve.png", ("loss", "implicit_acc", "reward"))
+    width, height = Image.open(out).size
+    assert (width, height) == (800, 300)  # two panels at 4 x 3 inches, 100 dpi

@@ -108,6 +108,21 @@ RECIPES: dict[str, tuple[str, str, list[str]]] = {
             "objective.window_hi=5",
         ],
     ),
+    # Flow-GRPO-Fast with grpo-f's KL-anchored settings (for the equal-wall-clock table)
+    "fast-f": (
+        "flow_grpo",
+        "toy-sd3",
+        [
+            "train.batch_size=8",
+            "objective.group_size=8",
+            "train.lr=1e-3",
+            "objective.clip_range=1e-3",
+            "objective.updates_per_rollout=4",
+            "objective.beta=0.04",
+            "objective.sde_window=2",
+            "objective.window_hi=5",
+        ],
+    ),
     "nft": (
         "diffusion_nft",
         "toy-sd3",
@@ -231,9 +246,18 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:  # noqa: C901 (
         help="the judge reward: partial credit (Flow-GRPO's GenEval training reward) or strict 0/1",
     )
     ap.add_argument("--throughput", action="store_true")
+    ap.add_argument(
+        "--report-from",
+        help="comma-separated --out folders of earlier runs: write one report of their recipes to "
+        "OUT/report (no training)",
+    )
     args = ap.parse_args(argv)
     if args.throughput:
         return throughput(Path(args.out), args.sample_steps, args.guidance)
+    if args.report_from:
+        found = collect([Path(d) for d in args.report_from.split(",") if d.strip()])
+        print(f"report: {write_bench_report(found, Path(args.out) / 'report')}")
+        return [row for row, _ in found]
 
     import diffalign.benchmarks.toyworlds.judge_reward  # noqa: F401  (registers shapes_judge)
     from diffalign._quiet import quiet_libraries
@@ -377,11 +401,73 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:  # noqa: C901 (
         res_file.write_text(json.dumps(row, indent=1))
         rows.append(row)
         print(_line(row))
-    print("\n| recipe | objective | steps | samples | held-in gain [95% CI] | held-out gain [95% CI] |")
-    print("|---|---|---|---|---|---|")
+    print(TABLE_HEAD)
     for r in rows:
         print(_line(r))
+    print(f"report: {write_bench_report([(r, root / 'runs' / r['recipe']) for r in rows], root / 'report')}")
     return rows
+
+
+TABLE_HEAD = (
+    "\n| recipe | objective | steps | samples | held-in gain [95% CI] | held-out gain [95% CI] |\n"
+    "|---|---|---|---|---|---|"
+)
+
+
+def collect(outs: list[Path]) -> list[tuple[dict[str, Any], Path]]:
+    """Every finished recipe row (``<out>/<recipe>.json``) of these --out folders, with its run folder."""
+    found = []
+    for out in outs:
+        if not out.is_dir():
+            raise SystemExit(f"--report-from: {out} is not a folder; pass the --out folders of earlier runs")
+        for f in sorted(out.glob("*.json")):
+            row = json.loads(f.read_text())
+            if isinstance(row, dict) and "recipe" in row and "held_out" in row:
+                found.append((row, out / "runs" / row["recipe"]))
+    if not found:
+        raise SystemExit(
+            f"--report-from: no finished recipe rows (<recipe>.json) in {', '.join(map(str, outs))}"
+        )
+    return found
+
+
+def write_bench_report(found: list[tuple[dict[str, Any], Path]], folder: Path) -> Path:
+    """One report page: the table, and per recipe its training curves (rollout reward, KL, clip
+    fraction) and the over-optimisation guard's gold (the judge on held-out prompts) against the
+    proxy (the training reward on the same images)."""
+    from diffalign.report import loss_curve, write_report
+    from diffalign.train.overopt import guard_plot
+
+    folder.mkdir(parents=True, exist_ok=True)
+    sections: list[tuple[str, Any, Any]] = []
+    for row, run_dir in found:
+        name, metrics = row["recipe"], run_dir / "metrics.jsonl"
+        if not metrics.exists():
+            sections.append((name, None, f"no metrics.jsonl in {run_dir}"))
+            continue
+        media = [
+            (
+                loss_curve(metrics, folder / f"{name}-training.png", ("reward", "kl", "clipfrac", "loss")),
+                "training: rollout reward per round, KL, clip fraction, loss",
+            )
+        ]
+        gplot = guard_plot(metrics, folder / f"{name}-guard.png")
+        if gplot is not None:
+            media.append((gplot, "guard: gold (judge, held-out prompts) vs proxy (training reward)"))
+        gold = ", ".join(
+            f"{int(g['step'])}: {g['guard/gold']:.3f}"
+            + (f" / {g['guard/proxy']:.3f}" if "guard/proxy" in g else "")
+            for g in row.get("guard") or []
+        )
+        text = [
+            f"{row['objective']} on {row['model']}, reward {row['reward']}, {row['minutes']:g} min, "
+            f"{row['steps']} steps, {row['samples']} samples",
+            "overrides: " + " ".join(row["overrides"]),
+            *([f"guard gold / proxy by step: {gold}"] if gold else []),
+        ]
+        sections.append((name, media, text))
+    table = TABLE_HEAD.strip() + "\n" + "\n".join(_line(r) for r, _ in found)
+    return write_report(folder, "Online RL on ShapesWorld", table, sections, {"rows": [r for r, _ in found]})
 
 
 def _samples_per_round(ovs: list[str]) -> int:
