@@ -108,6 +108,32 @@ RECIPES: dict[str, tuple[str, str, list[str]]] = {
             "objective.window_hi=5",
         ],
     ),
+    # grpo-f with larger groups (4 prompts x 16): steadier group statistics, the same samples per round
+    "grpo-h": (
+        "flow_grpo",
+        "toy-sd3",
+        [
+            "train.batch_size=4",
+            "objective.group_size=16",
+            "train.lr=1e-3",
+            "objective.clip_range=1e-3",
+            "objective.updates_per_rollout=4",
+            "objective.beta=0.04",
+        ],
+    ),
+    # a larger step held by a stronger anchor: lr 2e-3, clip 2e-3, KL 0.1, 2 updates per round
+    "grpo-i": (
+        "flow_grpo",
+        "toy-sd3",
+        [
+            "train.batch_size=8",
+            "objective.group_size=8",
+            "train.lr=2e-3",
+            "objective.clip_range=2e-3",
+            "objective.updates_per_rollout=2",
+            "objective.beta=0.1",
+        ],
+    ),
     # Flow-GRPO-Fast with grpo-f's KL-anchored settings (for the equal-wall-clock table)
     "fast-f": (
         "flow_grpo",
