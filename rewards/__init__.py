@@ -3,7 +3,7 @@
 Image rewards score ``(images, prompts)``; audio rewards (``modality = "audio"``, e.g. ``clap``) score
 ``(audio, prompts, sample_rate)``."""
 
-from . import aesthetic, clap, clip_family, hps, image_reward, step_aware, video  # noqa: F401  (registration by import)
+from . import aesthetic, clap, clip_family, compressibility, hps, image_reward, step_aware, video  # noqa: F401  (registration by import)
 from .aesthetic import AestheticV2
 from .base import REWARDS, RewardOutput, check_audio_inputs, check_inputs
 from .clap import CLAPScore, load_clap
