@@ -242,6 +242,9 @@ class GRPO:
     """Leave the samples of zero-spread groups (every advantage 0) out of the round, as
     ``FlowGRPO.drop_zero_advantage``. Off by default: DDPO and DanceGRPO train every sample."""
 
+    detach_uncond: ClassVar[bool] = False
+    """Train-time CFG differentiates both halves (DDPO and DanceGRPO do not detach the unconditional
+    prediction), as one forward of the doubled batch."""
     kind: ClassVar[str] = "online"
     source: ClassVar[str] = "rollout"
     terms: ClassVar[str] = "sde_steps"

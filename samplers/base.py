@@ -42,14 +42,26 @@ def _cat_cond(u: Any, c: Any) -> Any:
     return torch.cat([u, c])
 
 
-def guided(model_fn: ModelFn, x: Tensor, t: Tensor, cond: Any, guidance_scale: float) -> Tensor:
+def guided(
+    model_fn: ModelFn, x: Tensor, t: Tensor, cond: Any, guidance_scale: float, detach_uncond: bool = False
+) -> Tensor:
     """One (possibly classifier-free guided) prediction; both halves go through one forward.
     ``cond`` is an ``(uncond, cond)`` pair, or the conditioning alone when ``guidance_scale`` is 1
-    (a pair is accepted there too: only its conditional half is run)."""
+    (a pair is accepted there too: only its conditional half is run).
+
+    ``detach_uncond``: no gradient through the unconditional prediction (Flow-GRPO's train-time CFG,
+    flow_grpo ``scripts/train_sd3.py:190``). It then runs as its own forward under ``no_grad``, so
+    training neither stores its activations nor runs its backward; a caller that compares with a
+    prediction made earlier (a policy ratio) must make that one with the same flag, as the two
+    forwards of batch B need not round like one of batch 2B."""
     tt = t.expand(x.shape[0]) if t.ndim == 0 else t
     if guidance_scale == 1.0:
         return model_fn(x, tt, cond[1] if isinstance(cond, tuple) else cond)
     uncond, c = cond
+    if detach_uncond:
+        with torch.no_grad():
+            pred_u = model_fn(x, tt, uncond)
+        return pred_u + guidance_scale * (model_fn(x, tt, c) - pred_u)
     pred_u, pred_c = model_fn(torch.cat([x, x]), torch.cat([tt, tt]), _cat_cond(uncond, c)).chunk(2)
     return pred_u + guidance_scale * (pred_c - pred_u)
 

@@ -34,6 +34,7 @@ from diffalign.objectives import (
     nft_optimality,
     old_policy_decay,
 )
+from diffalign.samplers.base import guided
 from diffalign.samplers.ddim import NoiseSchedule, ddim_step, ddim_transition, ddim_transition_log_prob
 from diffalign.samplers.flow import flow_sde_log_prob, flow_sde_step
 
@@ -926,3 +927,79 @@ def test_policy_gradient_objective_contract(name):
     assert obj.reported_metrics <= set(out.metrics)
     for val in out.metrics.values():
         assert not val.requires_grad and val.shape == (B,) and torch.isfinite(val).all()
+
+
+# ----------------------------------------------------------------------------- train-time CFG
+
+
+def _tiny_denoiser():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6 + 3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 6))
+
+    def fn(x, t, c):  # x [N,6], t [N], c [N,3] -> [N,6]
+        return net(torch.cat([x + t[:, None] * 1e-3, c], 1))
+
+    return net, fn
+
+
+def test_train_time_cfg_gradient_matches_flow_grpo_detached_uncond():
+    """Restated ``train_sd3.py:181-196``: one forward of the doubled batch, chunk, the uncond
+    prediction detached, ``u + s (c - u)``. ``guided(..., detach_uncond=True)`` gives the same
+    prediction and the same parameter gradient; without the detach (DDPO's form) the gradient
+    carries ``(1 - s)`` times the uncond branch's and differs."""
+    net, fn = _tiny_denoiser()
+    x, t = torch.randn(4, 6), torch.full((4,), 500.0)
+    u_emb, c_emb = torch.zeros(4, 3), torch.randn(4, 3)
+    w, s = torch.randn(4, 6), 4.5
+
+    def grads(pred):
+        net.zero_grad()
+        (pred * w).sum().backward()
+        return [p.grad.clone() for p in net.parameters()]
+
+    out = fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([u_emb, c_emb]))  # official
+    noise_pred_uncond, noise_pred_text = out.chunk(2)
+    noise_pred_uncond = noise_pred_uncond.detach()
+    official = noise_pred_uncond + s * (noise_pred_text - noise_pred_uncond)
+    g_official = grads(official)
+
+    ours = guided(fn, x, t, (u_emb, c_emb), s, detach_uncond=True)
+    torch.testing.assert_close(ours, official, rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads(ours), g_official, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    undetached = grads(guided(fn, x, t, (u_emb, c_emb), s))
+    assert any(not torch.allclose(a, b, atol=1e-5) for a, b in zip(undetached, g_official, strict=True))
+
+
+def test_train_time_cfg_detach_is_declared_per_method_and_reaches_the_rollout_step(monkeypatch):
+    """Flow-GRPO detaches (official), GRPO for UNets does not (DDPO / DanceGRPO); the rollout
+    source's step passes the objective's flag to ``guided`` when sampling and when training."""
+    import diffalign.samplers.base as base
+
+    assert FlowGRPO.detach_uncond is True and GRPO.detach_uncond is False
+    seen = []
+    real = base.guided
+
+    def spy(*a, **k):
+        seen.append(a[5] if len(a) > 5 else k.get("detach_uncond", False))
+        return real(*a, **k)
+
+    monkeypatch.setattr(base, "guided", spy)
+    from diffalign.train.rollout import GRPORollouts
+
+    for obj, flag in ((FlowGRPO(), True), (GRPO(), False)):
+        src = GRPORollouts.__new__(GRPORollouts)  # only what step() reads
+        src.obj, src.flow = obj, isinstance(obj, FlowGRPO)
+        seen.clear()
+        if src.flow:
+            src.sigmas, src.adapter = [1.0, 0.5, 0.0], type("A", (), {"num_train_timesteps": 1000})()
+        else:
+            from diffusers import DDIMScheduler
+
+            src.ts, src.sched = [999, 499], NoiseSchedule.from_scheduler(DDIMScheduler())
+        net, fn = _tiny_denoiser()
+        x = torch.randn(4, 6)
+        cond = (torch.zeros(4, 3), torch.randn(4, 3))
+        x_next, lp, _, _ = src.step(fn, x, 0, cond, 4.5, None, torch.randn(4, 6))
+        src.step(fn, x, 0, cond, 4.5, x_next, None)
+        assert seen == [flag, flag]

@@ -195,3 +195,35 @@ def test_training_with_a_reward_process_is_exactly_as_without(
     assert a.keys() == b.keys() and len(a) > 0
     for n in a:
         assert torch.equal(a[n], b[n]), n
+
+
+def test_the_loop_stops_the_reward_process_when_training_ends(tiny_models, tiny_clip, prompts_file, tmp_path):
+    """The loop closes its source on the way out (``Source.close``), so the child is gone when
+    ``train`` returns, not whenever garbage collection finds the reward objects' reference cycle
+    (collection is off here: with the loop leaving it to collection, the child would still run)."""
+    import multiprocessing
+
+    from test_online_rl import rl_cfg
+
+    from diffalign.train import train
+
+    def children() -> list:
+        return [p for p in multiprocessing.active_children() if p.name == "diffalign-rewards"]
+
+    gc.collect()
+    assert not children()
+    gc.disable()
+    try:
+        cfg = rl_cfg(
+            "flow_grpo",
+            tiny_models["sd3"],
+            prompts_file,
+            tiny_clip,
+            tmp_path / "r",
+            "train.max_steps=1",
+            "train.reward_process=true",
+        )
+        train(cfg)
+        assert not children()
+    finally:
+        gc.enable()

@@ -20,6 +20,7 @@ gradient accumulation, multi-process runs and resumes reproduce a single-process
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -259,7 +260,9 @@ def train(cfg: Config, resume: str | None = None, allow_config_change: bool = Fa
     # one writer per run folder: the main process of this launch holds the lock (RANK: accelerate launch)
     lock = RunLock(Path(cfg.train.output_dir)).acquire() if int(os.environ.get("RANK", "0")) == 0 else None
     try:
-        return _train(cfg, resume, allow_config_change)
+        # what the run starts and must stop on every exit (the source's reward process)
+        with contextlib.ExitStack() as cleanup:
+            return _train(cfg, resume, allow_config_change, cleanup)
     finally:
         if lock is not None:
             lock.release()
@@ -342,7 +345,9 @@ def build_rollout_source(
     return NFTRollouts(objective, adapter, cfg, accelerator, trainable)
 
 
-def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[str, Any]:  # noqa: C901 (the one flat training loop, read top to bottom)
+def _train(  # noqa: C901 (the one flat training loop, read top to bottom)
+    cfg: Config, resume: str | None, allow_config_change: bool, cleanup: contextlib.ExitStack
+) -> dict[str, Any]:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
@@ -454,6 +459,7 @@ def _train(cfg: Config, resume: str | None, allow_config_change: bool) -> dict[s
     denoiser.train()
     if rollout:
         source = build_rollout_source(cfg, objective, adapter, accelerator, trainable)
+    cleanup.callback(source.close)
     lr = t.lr * (t.batch_size * t.grad_accum * world if t.scale_lr else 1)
     optimizer = make_optimizer(cfg, list(trainable.values()), lr)
     lr_sched = get_scheduler(

@@ -479,7 +479,7 @@ class GRPORollouts(RolloutSource):
 
             s, s_next = self.sigmas[i], self.sigmas[i + 1]
             t = torch.tensor(s * self.adapter.num_train_timesteps, device=x.device)
-            v = guided(fn, x, t, cond, scale).float()
+            v = guided(fn, x, t, cond, scale, self.obj.detach_uncond).float()
             if noise is None and x_next is None:
                 return x + (s_next - s) * v, None, None, None
             if x_next is None:
@@ -492,7 +492,7 @@ class GRPORollouts(RolloutSource):
 
         t = self.ts[i]
         t_prev = self.ts[i + 1] if i + 1 < len(self.ts) else -1
-        pred = guided(fn, x, torch.tensor(t, device=x.device), cond, scale).float()
+        pred = guided(fn, x, torch.tensor(t, device=x.device), cond, scale, self.obj.detach_uncond).float()
         eta = self.obj.eta if (noise is not None or x_next is not None) else 0.0
         if x_next is None:
             x_next = ddim_step(pred, x, t, t_prev, self.sched, eta, noise)[0]

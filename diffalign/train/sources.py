@@ -52,6 +52,10 @@ class Source(Protocol):
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None: ...
 
+    def close(self) -> None:
+        """Release what the source started (a reward process); the loop calls it on every exit."""
+        ...
+
 
 # ----------------------------------------------------------------------------- shared pieces
 
@@ -206,3 +210,6 @@ class DatasetSource:
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         pass
+
+    def close(self) -> None:
+        pass  # nothing started
