@@ -100,11 +100,11 @@ def test_tiny_inputs_load_on_both_sides(tmp_path):
 
 
 def test_peer_env_stubs_only_what_is_missing(tmp_path):
-    env = pb.peer_env(tmp_path, {"PYTHONPATH": "/x"}) if pb._importable("torchvision.transforms") else None
+    env = pb.peer_env(tmp_path, {"PYTHONPATH": "/x"}) if pb.importable("torchvision.transforms") else None
     if env is None:
         pytest.skip("torchvision missing: peer_env would install it (covered by the peer run below)")
     assert env["PYTHONPATH"].endswith("/x")
-    if not pb._importable("wandb"):
+    if not pb.importable("wandb"):
         assert (tmp_path / "stub" / "wandb" / "__init__.py").exists()
 
 

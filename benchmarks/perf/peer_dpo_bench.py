@@ -204,7 +204,8 @@ def cache_command(config: Path, pipe: Path, data: Path, s: Settings) -> list[str
 # -- the peer's environment ---------------------------------------------------------------------------
 
 
-def _importable(module: str, env: dict | None = None) -> bool:
+def importable(module: str, env: dict | None = None) -> bool:
+    """``import module`` works in a fresh interpreter (with ``env``): what a peer's child process sees."""
     p = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, env=env)
     return p.returncode == 0
 
@@ -213,11 +214,11 @@ def peer_env(site: Path, base: dict[str, str]) -> dict[str, str]:
     """``base`` plus what the unmodified script needs to import (see the module docstring)."""
     env = dict(base)
     paths = []
-    if not _importable("wandb"):
+    if not importable("wandb"):
         (site / "stub" / "wandb").mkdir(parents=True, exist_ok=True)
         (site / "stub" / "wandb" / "__init__.py").write_text('"""Stand-in: the benchmark logs nowhere."""\n')
         paths.append(str(site / "stub"))
-    if not _importable("torchvision.transforms"):
+    if not importable("torchvision.transforms"):
         import torch
 
         real = site / "real"
@@ -419,7 +420,7 @@ def bench_size(args: argparse.Namespace, size: str, root: Path, peer_script: Pat
     steps = args.steps if size == "tiny" or args.half_steps is None else args.half_steps
     pipe, data = build_inputs(root, size, args.batch * steps)
     pipe, data = pipe.resolve(), data.resolve()
-    s = Settings(SIZES[size], args.batch, steps, args.rank, tensorboard=_importable("tensorboard"))
+    s = Settings(SIZES[size], args.batch, steps, args.rank, tensorboard=importable("tensorboard"))
     env = bench_env(args.threads)
     penv = peer_env(root / "peer-site", env)
     runs_dir = (root / size / "runs").resolve()

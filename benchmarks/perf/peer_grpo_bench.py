@@ -95,6 +95,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diffalign.benchmarks.perf.peer_dpo_bench import importable
+
 PEER_SCRIPT = "scripts/train_sd3.py"
 PEER_EPOCH_BAR = re.compile(r"Epoch (\d+)\.0: training:\s+\d+%\|[^|]*\|\s*(\d+)/(\d+)\s*\[")
 DIFFALIGN_BAR = "train flow_grpo"
@@ -420,21 +422,16 @@ def load_source(name, path):
 PIP_NAMES = {"ml_collections": "ml-collections", "absl": "absl-py"}
 
 
-def _importable(module: str) -> bool:
-    p = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True)
-    return p.returncode == 0
-
-
 def peer_env(site: Path, peer_repo: Path, base: dict[str, str]) -> dict[str, str]:
     """``base`` plus what the unmodified trainer needs to import (see the module docstring)."""
     env = dict(base)
     stub = site / "stub"
     stub.mkdir(parents=True, exist_ok=True)
-    if not _importable("wandb"):
+    if not importable("wandb"):
         (stub / "wandb.py").write_text(WANDB_STUB)
-    if not _importable("imp"):
+    if not importable("imp"):
         (stub / "imp.py").write_text(IMP_SHIM)
-    missing = [PIP_NAMES[m] for m in PIP_NAMES if not _importable(m)]
+    missing = [PIP_NAMES[m] for m in PIP_NAMES if not importable(m)]
     real = site / "real"
     if missing and not all((real / m.replace("-", "_")).exists() for m in missing):
         cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(real), *missing]
