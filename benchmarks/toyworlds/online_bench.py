@@ -194,6 +194,21 @@ RECIPES: dict[str, tuple[str, str, list[str]]] = {
             "objective.beta=0.04",
         ],
     ),
+    # grpo-i's larger step with a stronger anchor on the UNet, every stochastic step trained (DDPO)
+    "grpo-unet-i": (
+        "grpo",
+        "toy-sd",
+        [
+            "train.batch_size=8",
+            "objective.group_size=8",
+            "objective.sample_steps=10",
+            "objective.guidance_scale=4",
+            "train.lr=2e-3",
+            "objective.clip_range=2e-3",
+            "objective.updates_per_rollout=2",
+            "objective.beta=0.1",
+        ],
+    ),
 }
 CLIP_PROXY = "-clip"  # a recipe name + this suffix: the same recipe with the toy CLIP reward
 OFFLINE = "rankdpo"
