@@ -108,3 +108,30 @@ def test_low_precision_denoiser_load_equals_loading_then_casting(tiny_models):
             assert torch.equal(a[k], b[k]), (fam, k)
         for m in direct.frozen_modules():
             assert all(p.dtype == torch.bfloat16 for p in m.parameters())
+
+
+def test_adapter_classes_cover_every_family_and_import_on_demand():
+    """Every family has an adapter class; loading one family imports its own module only (an SD3 run
+    never imports the audio module, and with it AudioLDM and CLAP)."""
+    import subprocess
+    import sys
+    from typing import get_args
+
+    from diffalign.models.base import Adapter, Family
+    from diffalign.models.loading import ADAPTER_CLASSES, adapter_class
+
+    assert set(ADAPTER_CLASSES) == set(get_args(Family))
+    for family in ADAPTER_CLASSES:
+        assert issubclass(adapter_class(family), Adapter)
+    code = (
+        "import sys\n"
+        "from diffalign.config import ModelConfig\n"
+        "from diffalign.demo import asset\n"
+        "from diffalign.models import load_adapter\n"
+        "a = load_adapter(ModelConfig(path=asset('toy-sd3')), 'cpu')\n"
+        "print(type(a).__name__, sorted(m for m in sys.modules if m.startswith('diffalign.models.')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("SD3Adapter ")
+    for other in ("audio", "video", "flux", "wan", "qwenimage", "sdxl"):
+        assert f"'diffalign.models.{other}'" not in out, out

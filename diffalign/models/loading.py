@@ -7,6 +7,7 @@ an uncached hub id in offline mode gives a one-line ``ModelLoadError`` instead o
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from pathlib import Path
@@ -136,15 +137,6 @@ def load_adapter(
     ``denoiser_dtype`` says otherwise: the loop passes the mixed-precision dtype for LoRA runs (a
     low-precision frozen base under fp32 adapters; cast on the way to the device, so a 12B FLUX
     transformer never sits on the GPU in fp32), and nothing for full fine-tuning (fp32 master weights)."""
-    from .audio import AudioLDMAdapter, MelConfig
-    from .flux import FluxAdapter
-    from .qwenimage import QwenImageAdapter
-    from .sd import SDAdapter
-    from .sd3 import SD3Adapter
-    from .sdxl import SDXLAdapter
-    from .video import TextToVideoAdapter, VideoAdapter
-    from .wan import WanAdapter
-
     family = resolve_family(mcfg)
     kw: dict[str, Any] = {"revision": mcfg.revision, "variant": mcfg.variant}
     # components saved as null (e.g. SD3 without T5) must be passed as None explicitly
@@ -156,22 +148,16 @@ def load_adapter(
         mcfg.path, torch_dtype=torch.float32, **nulls, **kw
     )
     sched = training_scheduler(family, pipe, mcfg.path, kw)
-    cls: type[Adapter] = {
-        "sd": SDAdapter,
-        "sdxl": SDXLAdapter,
-        "sd3": SD3Adapter,
-        "animatediff": VideoAdapter,
-        "text2video": TextToVideoAdapter,
-        "audioldm": AudioLDMAdapter,
-        "flux": FluxAdapter,
-        "wan": WanAdapter,
-        "qwenimage": QwenImageAdapter,
-    }[family]
+    cls = adapter_class(family)
     pred = _check_prediction_type(mcfg, family, sched)
     sampling = mcfg.timestep_sampling
     if sampling == "auto":  # each family's training-script default (see the adapters' docstrings)
         sampling = "logit_normal" if family == "sd3" else "uniform"
-    extra = {"mel": MelConfig(**model_settings(mcfg.path).get("mel", {}))} if family == "audioldm" else {}
+    extra: dict[str, Any] = {}
+    if family == "audioldm":
+        from .audio import MelConfig
+
+        extra["mel"] = MelConfig(**model_settings(mcfg.path).get("mel", {}))
     adapter = cls(pipe, sched, pred, sampling, mcfg.logit_mean, mcfg.logit_std, **extra)
     length = pipeline_call_defaults(mcfg.path).get("max_sequence_length", mcfg.max_sequence_length)
     if length is not None:  # else the adapter keeps its family pipeline's default (see ModelConfig)
@@ -206,6 +192,28 @@ def model_settings(path: str | Path) -> dict[str, Any]:
     audio models, the ``mel`` front end (see ``models/audio.py``)."""
     f = Path(path) / "diffalign.json"
     return json.loads(f.read_text()) if f.is_file() else {}
+
+
+ADAPTER_CLASSES: dict[Family, tuple[str, str]] = {
+    "sd": ("sd", "SDAdapter"),
+    "sdxl": ("sdxl", "SDXLAdapter"),
+    "sd3": ("sd3", "SD3Adapter"),
+    "animatediff": ("video", "VideoAdapter"),
+    "text2video": ("video", "TextToVideoAdapter"),
+    "audioldm": ("audio", "AudioLDMAdapter"),
+    "flux": ("flux", "FluxAdapter"),
+    "wan": ("wan", "WanAdapter"),
+    "qwenimage": ("qwenimage", "QwenImageAdapter"),
+}
+"""family -> (module of ``diffalign.models``, adapter class)."""
+
+
+def adapter_class(family: Family) -> type[Adapter]:
+    """The family's adapter class, its module imported when first asked for: a run loads its own
+    family's module (and the diffusers pipeline and model code it pulls in), not all nine (the audio
+    module alone pulls in AudioLDM and CLAP, 1-2 s of every start-up)."""
+    module, name = ADAPTER_CLASSES[family]
+    return getattr(importlib.import_module(f".{module}", __package__), name)
 
 
 def pipeline_class(family: Family, path: str | Path) -> type:
