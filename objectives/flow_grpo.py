@@ -86,8 +86,7 @@ class FlowGRPO:
     False trains every sample (with ``beta > 0`` the dropped samples' KL term goes with them)."""
 
     detach_uncond: ClassVar[bool] = True
-    """Train-time CFG passes no gradient through the unconditional prediction (``train_sd3.py:190``);
-    the rollout samples with the same split forward so the first-step ratio stays exactly 1."""
+    """Train-time CFG passes no gradient through the unconditional prediction (``train_sd3.py:190``)."""
     kind: ClassVar[str] = "online"
     source: ClassVar[str] = "rollout"
     terms: ClassVar[str] = "sde_steps"
