@@ -60,7 +60,7 @@ class _JpegReward:
         batch_size: int = 32,
     ) -> None:
         if path:
-            name = getattr(type(self), "registered_name", type(self).__name__)
+            name = type(self).registered_name  # set by REWARDS.register on both subclasses
             raise ConfigError(
                 f"{name} measures JPEG file sizes and loads no model, so the path {path!r} does not exist "
                 f"for it: write the reward spec as plain {name!r}"

@@ -95,7 +95,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffalign.benchmarks.perf.peer_dpo_bench import importable
+from diffalign.benchmarks.perf.peer_dpo_bench import importable, proc_cpu_s
 
 PEER_SCRIPT = "scripts/train_sd3.py"
 PEER_EPOCH_BAR = re.compile(r"Epoch (\d+)\.0: training:\s+\d+%\|[^|]*\|\s*(\d+)/(\d+)\s*\[")
@@ -525,8 +525,6 @@ def run_timed(
 ) -> Run:
     """Run ``cmd`` in its own process group, time-stamping the end of each round as its stderr
     arrives; a peer run is killed (with its workers) once its ``rounds``-th round has ended."""
-    from .peer_dpo_bench import proc_cpu_s
-
     chunks: list[tuple[float, str, float]] = []
     seen: dict[int, tuple[float, float]] = {}
     stop_at: list[float] = []
