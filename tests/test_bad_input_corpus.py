@@ -1144,6 +1144,18 @@ CASES: list[Case] = [
         cli=lambda e: ["label", _label_src(e), str(e.tmp / "o.parquet"), "--reward", "pickscor"],
         needle=("unknown reward 'pickscor'", "Did you mean 'pickscore'"),
     ),
+    Case(
+        "label_model_free_reward_given_a_path",
+        "error",
+        cli=lambda e: [
+            "label",
+            _label_src(e),
+            str(e.tmp / "o.parquet"),
+            "--reward",
+            f"jpeg_compressibility={e.tmp}",
+        ],
+        needle=("jpeg_compressibility measures JPEG file sizes and loads no model", "'jpeg_compressibility'"),
+    ),
 ]
 
 
