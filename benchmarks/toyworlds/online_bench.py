@@ -149,6 +149,20 @@ RECIPES: dict[str, tuple[str, str, list[str]]] = {
             "objective.timestep_fraction=0.5",
         ],
     ),
+    # the same with the first 3 of 10 steps trained: rounds about twice as frequent as grpo-f's
+    "grpo-k": (
+        "flow_grpo",
+        "toy-sd3",
+        [
+            "train.batch_size=8",
+            "objective.group_size=8",
+            "train.lr=1e-3",
+            "objective.clip_range=1e-3",
+            "objective.updates_per_rollout=4",
+            "objective.beta=0.04",
+            "objective.timestep_fraction=0.3",
+        ],
+    ),
     # Flow-GRPO-Fast with grpo-f's KL-anchored settings (for the equal-wall-clock table)
     "fast-f": (
         "flow_grpo",
