@@ -50,17 +50,20 @@ def guided(
     (a pair is accepted there too: only its conditional half is run).
 
     ``detach_uncond``: no gradient through the unconditional prediction (Flow-GRPO's train-time CFG,
-    flow_grpo ``scripts/train_sd3.py:190``), in the same doubled-batch forward as the official
-    trainer (so the prediction is bit-identical to the one made at sampling). Running the uncond half
-    as its own no-grad forward would save its backward, but broke exact resume inside a round
-    (resumed weights differed at ~1e-4 relative; cause not found): not done."""
+    flow_grpo ``scripts/train_sd3.py:190``). The uncond half then runs as its own forward under
+    ``no_grad``: training neither stores its activations nor runs its backward (a third of a trained
+    step's compute). Two forwards of batch B need not round like one of 2B, so a caller comparing with
+    an earlier prediction (a policy ratio) makes that one with the same flag too (the rollout source
+    does, at sampling and training: the first step's ratio stays exactly 1)."""
     tt = t.expand(x.shape[0]) if t.ndim == 0 else t
     if guidance_scale == 1.0:
         return model_fn(x, tt, cond[1] if isinstance(cond, tuple) else cond)
     uncond, c = cond
-    pred_u, pred_c = model_fn(torch.cat([x, x]), torch.cat([tt, tt]), _cat_cond(uncond, c)).chunk(2)
     if detach_uncond:
-        pred_u = pred_u.detach()
+        with torch.no_grad():
+            pred_u = model_fn(x, tt, uncond)
+        return pred_u + guidance_scale * (model_fn(x, tt, c) - pred_u)
+    pred_u, pred_c = model_fn(torch.cat([x, x]), torch.cat([tt, tt]), _cat_cond(uncond, c)).chunk(2)
     return pred_u + guidance_scale * (pred_c - pred_u)
 
 

@@ -193,3 +193,23 @@ def test_flow_grpo_killed_three_times_equals_uninterrupted(tiny_models, tiny_cli
     first = _cli("train", str(cfg), *_train_args(tiny_models["sd3"], prompts, cut), *extra)
     kill_three_times(first, [*first, "--resume"], _checkpoints(cut))
     _assert_same_run(ref, cut)
+
+
+def test_resumed_tensors_sit_in_aligned_memory_of_their_own(tmp_path):
+    """``load_file`` maps a checkpoint's tensors at their file offsets (not 64-byte aligned); fed to
+    the model as they are, a resumed run's forwards rounded differently from the uninterrupted run's
+    (a rollout round's embeddings into a GEMM: the 2-process in-round resume test drifted by ~1e-7 in a
+    ratio, then ~1e-4 in the weights). ``load_tensors`` gives each tensor fresh memory."""
+    from safetensors.torch import save_file
+
+    from diffalign.train.checkpoint import load_tensors
+
+    tensors = {f"t{i}": torch.randn(3, i + 1) for i in range(7)}  # odd sizes shift the offsets
+    save_file(tensors, tmp_path / "s.safetensors")
+    mapped = load_file(tmp_path / "s.safetensors")
+    assert any(v.data_ptr() % 64 for v in mapped.values())  # what the bug fed the model
+    loaded = load_tensors(tmp_path / "s.safetensors")
+    assert loaded.keys() == tensors.keys()
+    for k, v in loaded.items():
+        assert v.data_ptr() % 64 == 0, k
+        assert torch.equal(v, tensors[k])

@@ -203,16 +203,25 @@ def checkpoint_step(path: Path | None) -> int:
     return 0 if path is None else int(json.loads((path / "state.json").read_text())["step"])
 
 
+def load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, each copied to memory of its own. ``load_file`` maps them
+    at their offsets in the file, which are not 64-byte aligned (a header of any length precedes
+    them); kernels take other paths on unaligned inputs and can round differently, so a resumed run
+    fed them (a rollout round's latents and embeddings straight into the model) would drift from the
+    uninterrupted one, whose tensors were freshly allocated (aligned)."""
+    return {k: v.clone() for k, v in load_file(file).items()}
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "trainable": load_file(path / "trainable.safetensors"),
+        "trainable": load_tensors(path / "trainable.safetensors"),
         "optimizer": torch.load(path / "optimizer.pt", weights_only=True),
         "scheduler": torch.load(path / "scheduler.pt", weights_only=True),
         "state": json.loads((path / "state.json").read_text()),
-        "ema": load_file(path / "ema.safetensors") if (path / "ema.safetensors").exists() else None,
+        "ema": load_tensors(path / "ema.safetensors") if (path / "ema.safetensors").exists() else None,
         # what save_checkpoint's ``extra`` wrote: a snapshot reference, a rollout source's state
         **{
-            name: load_file(path / f"{name}.safetensors") if (path / f"{name}.safetensors").exists() else None
+            name: load_tensors(f) if (f := path / f"{name}.safetensors").exists() else None
             for name in ("reference", "source")
         },
     }
