@@ -52,9 +52,9 @@ def guided(
     ``detach_uncond``: no gradient through the unconditional prediction (Flow-GRPO's train-time CFG,
     flow_grpo ``scripts/train_sd3.py:190``). The uncond half then runs as its own forward under
     ``no_grad``: training neither stores its activations nor runs its backward (a third of a trained
-    step's compute). Two forwards of batch B need not round like one of 2B, so a caller comparing with
-    an earlier prediction (a policy ratio) makes that one with the same flag too (the rollout source
-    does, at sampling and training: the first step's ratio stays exactly 1)."""
+    step's compute) at the price of one more call, which only pays off when compute, not per-call
+    overhead, dominates (tiny toy models: slower). Without a gradient (sampling) the flag changes
+    nothing but the call count, so samplers leave it off."""
     tt = t.expand(x.shape[0]) if t.ndim == 0 else t
     if guidance_scale == 1.0:
         return model_fn(x, tt, cond[1] if isinstance(cond, tuple) else cond)

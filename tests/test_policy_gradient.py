@@ -973,7 +973,8 @@ def test_train_time_cfg_gradient_matches_flow_grpo_detached_uncond():
 
 def test_train_time_cfg_detach_is_declared_per_method_and_reaches_the_rollout_step(monkeypatch):
     """Flow-GRPO detaches (official), GRPO for UNets does not (DDPO / DanceGRPO); the rollout
-    source's step passes the objective's flag to ``guided`` when sampling and when training."""
+    source's step passes the objective's flag to ``guided`` when training (sampling has no gradient
+    and runs the doubled batch)."""
     import diffalign.samplers.base as base
 
     assert FlowGRPO.detach_uncond is True and GRPO.detach_uncond is False
@@ -1002,4 +1003,4 @@ def test_train_time_cfg_detach_is_declared_per_method_and_reaches_the_rollout_st
         cond = (torch.zeros(4, 3), torch.randn(4, 3))
         x_next, lp, _, _ = src.step(fn, x, 0, cond, 4.5, None, torch.randn(4, 6))
         src.step(fn, x, 0, cond, 4.5, x_next, None)
-        assert seen == [flag, flag]
+        assert seen == [False, flag]  # sampling: no gradient, one doubled batch; training: the flag
