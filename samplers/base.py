@@ -45,7 +45,8 @@ def _cat_cond(u: Any, c: Any) -> Any:
 def guided(
     model_fn: ModelFn, x: Tensor, t: Tensor, cond: Any, guidance_scale: float, detach_uncond: bool = False
 ) -> Tensor:
-    """One (possibly classifier-free guided) prediction; both halves go through one forward.
+    """One (possibly classifier-free guided) prediction; both halves go through one forward of the
+    doubled batch (two forwards with ``detach_uncond``).
     ``cond`` is an ``(uncond, cond)`` pair, or the conditioning alone when ``guidance_scale`` is 1
     (a pair is accepted there too: only its conditional half is run).
 
