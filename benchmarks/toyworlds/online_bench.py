@@ -28,6 +28,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+GRPO_F = [
+    "train.batch_size=8",
+    "objective.group_size=8",
+    "train.lr=1e-3",
+    "objective.clip_range=1e-3",
+    "objective.updates_per_rollout=4",
+    "objective.beta=0.04",
+]
+"""grpo-f's overrides (KL-anchored Flow-GRPO), which grpo-j, grpo-k and fast-f extend."""
+
 # name -> (objective, model asset, overrides). Levers (issue #21's calibration): clip range, learning
 # rate, group size, timestep subset / SDE window, CFG, optimizer steps per rollout round.
 RECIPES: dict[str, tuple[str, str, list[str]]] = {
@@ -71,18 +81,7 @@ RECIPES: dict[str, tuple[str, str, list[str]]] = {
     ),
     # grpo-c over-optimised within ~100 steps (held-out gold peaked, then fell): smaller steps with a
     # KL anchor to the base (the official recipe's beta 0.04), sample reuse kept
-    "grpo-f": (
-        "flow_grpo",
-        "toy-sd3",
-        [
-            "train.batch_size=8",
-            "objective.group_size=8",
-            "train.lr=1e-3",
-            "objective.clip_range=1e-3",
-            "objective.updates_per_rollout=4",
-            "objective.beta=0.04",
-        ],
-    ),
+    "grpo-f": ("flow_grpo", "toy-sd3", GRPO_F),
     # the same trust region with a stronger anchor and one update per round (no reuse)
     "grpo-g": (
         "flow_grpo",
@@ -136,48 +135,11 @@ RECIPES: dict[str, tuple[str, str, list[str]]] = {
     ),
     # grpo-f training only the first (high-noise) half of the steps, where layout and colour are
     # decided: about half the update cost, so more rounds in the same minutes
-    "grpo-j": (
-        "flow_grpo",
-        "toy-sd3",
-        [
-            "train.batch_size=8",
-            "objective.group_size=8",
-            "train.lr=1e-3",
-            "objective.clip_range=1e-3",
-            "objective.updates_per_rollout=4",
-            "objective.beta=0.04",
-            "objective.timestep_fraction=0.5",
-        ],
-    ),
+    "grpo-j": ("flow_grpo", "toy-sd3", [*GRPO_F, "objective.timestep_fraction=0.5"]),
     # the same with the first 3 of 10 steps trained: rounds about twice as frequent as grpo-f's
-    "grpo-k": (
-        "flow_grpo",
-        "toy-sd3",
-        [
-            "train.batch_size=8",
-            "objective.group_size=8",
-            "train.lr=1e-3",
-            "objective.clip_range=1e-3",
-            "objective.updates_per_rollout=4",
-            "objective.beta=0.04",
-            "objective.timestep_fraction=0.3",
-        ],
-    ),
+    "grpo-k": ("flow_grpo", "toy-sd3", [*GRPO_F, "objective.timestep_fraction=0.3"]),
     # Flow-GRPO-Fast with grpo-f's KL-anchored settings (for the equal-wall-clock table)
-    "fast-f": (
-        "flow_grpo",
-        "toy-sd3",
-        [
-            "train.batch_size=8",
-            "objective.group_size=8",
-            "train.lr=1e-3",
-            "objective.clip_range=1e-3",
-            "objective.updates_per_rollout=4",
-            "objective.beta=0.04",
-            "objective.sde_window=2",
-            "objective.window_hi=5",
-        ],
-    ),
+    "fast-f": ("flow_grpo", "toy-sd3", [*GRPO_F, "objective.sde_window=2", "objective.window_hi=5"]),
     "nft": (
         "diffusion_nft",
         "toy-sd3",
@@ -358,7 +320,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:  # noqa: C901 (
     guard_prompts = root / "guard_prompts.jsonl"  # held-out prompts for the guard (gold = the judge)
     guard_rows = shapes_prompts("heldout", 24, args.seed + 2000)
     guard_prompts.write_text("".join(json.dumps(r) + "\n" for r in guard_rows))
-    if args.trained_in and (Path(args.trained_in) / "prompts.jsonl").read_text() != prompts.read_text():
+    src = Path(args.trained_in) if args.trained_in else root  # where the runs train / trained
+    if args.trained_in and (src / "prompts.jsonl").read_text() != prompts.read_text():
         raise SystemExit(f"--trained-in {args.trained_in}: other prompts.jsonl (use its --seed/--n-train)")
     judge_all = root / "judge_all.jsonl"  # the judge must know the guard's prompts too
     judge_all.write_text(prompts.read_text() + guard_prompts.read_text())
@@ -383,7 +346,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:  # noqa: C901 (
         model = asset(model_name)
         judge_name = "shapes_partial" if args.reward == "partial" else "shapes_judge"
         reward = f"pickscore={asset('toy-clip-a')}" if proxy else f"{judge_name}={judge_all}"
-        src = Path(args.trained_in) if args.trained_in else root  # where the run trains / trained
         run_dir = src / "runs" / name
         if args.trained_in and not (run_dir / "summary.json").is_file():
             raise SystemExit(f"--trained-in: {run_dir} has no summary.json (no finished run of {name!r})")
