@@ -7,7 +7,7 @@ from diffalign.registry import Registry
 
 from .base import SampleOutput, gaussian_log_prob, guided
 from .ddim import NoiseSchedule, ddim_sample, ddim_step, ddpm_sample
-from .flow import flow_sample, flow_sde_step
+from .flow import flow_sample, flow_sde_scheduler, flow_sde_step
 from .inversion import InversionOutput, ddim_invert
 from .stepwise import StepwiseOutput, stepwise_resample
 
@@ -26,6 +26,7 @@ __all__ = [
     "ddim_step",
     "ddpm_sample",
     "flow_sample",
+    "flow_sde_scheduler",
     "flow_sde_step",
     "InversionOutput",
     "ddim_invert",

@@ -134,3 +134,45 @@ def flow_sample(
             out.trajectory.append(x)
     out.sample = x
     return out
+
+
+_SDE_SCHEDULER: type | None = None
+
+
+def flow_sde_scheduler(
+    scheduler: Any, noise_level: float, generator: torch.Generator | list[torch.Generator] | None
+) -> Any:
+    """A copy of a ``FlowMatchEulerDiscreteScheduler`` whose steps are Flow-GRPO SDE steps at
+    ``noise_level`` (the last step, into sigma = 0, stays Euler), so any flow pipeline samples the way
+    Flow-GRPO's rollouts do: ``pipe.scheduler = flow_sde_scheduler(pipe.scheduler, 0.7, gen)``.
+    ``generator``: one generator, or one per sample (the noise is then independent of batching).
+
+    Each step computes the SDE sample ``x_next`` (:func:`flow_sde_step`, fp32, ``sigma_max`` = the grid's
+    second sigma, as the rollouts) and hands the Euler step the velocity that lands on it,
+    ``(x_next - x) / dt``, so diffusers' own step keeps the step index and dtype handling (exact up to
+    one fp32 rounding). The subclass is defined on first use: importing this module stays free of
+    diffusers."""
+    global _SDE_SCHEDULER
+    if _SDE_SCHEDULER is None:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        class FlowSDEScheduler(FlowMatchEulerDiscreteScheduler):
+            noise_level: float = 0.7
+            noise_generator: torch.Generator | list[torch.Generator] | None = None
+
+            def step(self, model_output: Tensor, timestep: Any, sample: Tensor, *args: Any, **kwargs: Any):
+                i = self.step_index if self.step_index is not None else self.index_for_timestep(timestep)
+                s, s_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
+                if self.noise_level > 0 and s_next > 0:
+                    x = sample.float()
+                    noise = randn_like(x, self.noise_generator)
+                    x_next, _, _ = flow_sde_step(
+                        model_output.float(), x, s, s_next, noise, self.noise_level, float(self.sigmas[1])
+                    )
+                    model_output = ((x_next - x) / (s_next - s)).to(model_output.dtype)
+                return super().step(model_output, timestep, sample, *args, **kwargs)
+
+        _SDE_SCHEDULER = FlowSDEScheduler
+    out = _SDE_SCHEDULER.from_config(scheduler.config)
+    out.noise_level, out.noise_generator = noise_level, generator
+    return out

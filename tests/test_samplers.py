@@ -12,6 +12,7 @@ from diffalign.samplers import (
     ddim_sample,
     ddim_step,
     flow_sample,
+    flow_sde_scheduler,
     flow_sde_step,
     stepwise_resample,
 )
@@ -114,6 +115,42 @@ def test_flow_euler_matches_sd3_pipeline(tiny_models):
         fn, x_T, pipe.scheduler.sigmas, ({"e": npe, "p": npooled}, {"e": pe, "p": pooled}), guidance_scale=3.0
     )
     torch.testing.assert_close(out.sample, ref, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_flow_sde_scheduler_samples_the_rollout_sde_in_a_pipeline(tiny_models):
+    """The SD3 pipeline with ``flow_sde_scheduler`` gives the latents of ``flow_sample(eta=a)`` (the
+    Flow-GRPO SDE, hand-checked below) from the same start and noise generator; at noise level 0 it
+    is the pipeline's Euler ODE; the pipeline's own scheduler is left as it was."""
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_models["sd3"], text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    euler = pipe.scheduler
+    x_T = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(2))
+    kw = dict(num_inference_steps=5, guidance_scale=3.0, output_type="latent", max_sequence_length=8)
+
+    def run(noise_level: float) -> torch.Tensor:
+        pipe.scheduler = flow_sde_scheduler(euler, noise_level, torch.Generator().manual_seed(5))
+        return pipe(["a red circle"] * 2, latents=x_T.clone(), **kw).images
+
+    sde, ode = run(0.7), run(0.0)
+    pipe.scheduler = euler
+    torch.testing.assert_close(ode, pipe(["a red circle"] * 2, latents=x_T.clone(), **kw).images)
+    pe, npe, pooled, npooled = pipe.encode_prompt(
+        ["a red circle"] * 2, None, None, device="cpu", max_sequence_length=8
+    )
+    euler.set_timesteps(5)
+
+    def fn(x, t, c):
+        return pipe.transformer(
+            hidden_states=x, timestep=t, encoder_hidden_states=c["e"], pooled_projections=c["p"]
+        ).sample
+
+    cond = ({"e": npe, "p": npooled}, {"e": pe, "p": pooled})
+    ref = flow_sample(fn, x_T, euler.sigmas, cond, 3.0, eta=0.7, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(sde, ref.sample, atol=1e-5, rtol=1e-5)
+    assert (sde - ode).abs().mean() > 0.1  # the noise really went in
 
 
 def test_flow_sde_log_prob_is_normal():
