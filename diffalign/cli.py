@@ -61,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("config", help=config_help)
     tr.add_argument("overrides", nargs="*", help=overrides_help)
+    _plugin_option(tr)
     tr.add_argument(
         "--resume",
         nargs="?",
@@ -89,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     va.add_argument("config", help=config_help)
     va.add_argument("overrides", nargs="*", help=overrides_help)
+    _plugin_option(va)
 
     ls = sub.add_parser("ls", help="list registered names")
     ls.add_argument(
@@ -109,6 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     ca.add_argument("config", help=config_help)
     ca.add_argument("overrides", nargs="*", help=overrides_help)
+    _plugin_option(ca)
 
     sp = sub.add_parser("synpic", help="generate, score and rank a synthetic preference dataset (resumable)")
     sp.add_argument("--prompts", required=True, help=".txt (one per line) or .jsonl with a 'prompt' key")
@@ -318,6 +321,33 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+def _plugin_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import this module first (repeatable): your own rewards or objectives register "
+        "themselves on import, e.g. the toy judges: --plugin diffalign.benchmarks.toyworlds.judge_reward",
+    )
+
+
+def import_plugins(modules: list[str]) -> None:
+    """Import the ``--plugin`` modules (before the config is read, so their registry names validate)."""
+    import importlib
+
+    from .config import ConfigError
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            raise ConfigError(
+                f"--plugin {name}: cannot import {e.name!r} (a module on the Python path, dotted, "
+                "e.g. diffalign.benchmarks.toyworlds.judge_reward)"
+            ) from e
+
+
 def _one_or_each(values: list) -> Any:
     """A ``nargs="+"`` per-generator option: one value stays a scalar (one for all generators)."""
     return values[0] if len(values) == 1 else values
@@ -435,6 +465,7 @@ def _run(args: argparse.Namespace) -> int:  # noqa: C901 (one branch per subcomm
         build_tiny_pipeline(args.family, args.out_dir, prediction_type=args.prediction_type)
         print(f"wrote tiny {args.family} pipeline to {args.out_dir}")
         return 0
+    import_plugins(args.plugin)  # train, validate and cache: registry names the config may use
     cfg = load_config(args.config, args.overrides)
     if args.cmd == "validate":
         validate(cfg)

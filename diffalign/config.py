@@ -425,6 +425,12 @@ def validate(cfg: Config, *, check_data: bool = True) -> None:  # noqa: C901 (on
             "train.guard_every: the over-optimisation guard needs train.guard_prompts (held-out prompts) "
             "and train.guard_gold (reward specs other than the training reward)"
         )
+    from .rewards import check_reward_names
+
+    if cfg.objective.params.get("rewards"):
+        check_reward_names(str(cfg.objective.params["rewards"]), "objective.rewards")
+    if t.guard_gold:
+        check_reward_names(t.guard_gold, "train.guard_gold")
     if t.guard_every and not Path(t.guard_prompts).is_file():
         raise ConfigError(f"train.guard_prompts: {t.guard_prompts!r} does not exist")
     if t.reward_timeout <= 0:

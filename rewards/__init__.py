@@ -10,7 +10,7 @@ from .clap import CLAPScore, load_clap
 from .clip_family import CLIPScore, PickScore, clip_preprocess, load_clip
 from .hps import HPSv2, pad_preprocess
 from .image_reward import ImageReward
-from .loading import load_rewards, score_media
+from .loading import check_reward_names, load_rewards, score_media
 from .step_aware import StepAwarePM
 from .video import VideoCLIPScore, check_video_inputs
 
@@ -29,6 +29,7 @@ __all__ = [
     "clip_preprocess",
     "load_clip",
     "ImageReward",
+    "check_reward_names",
     "load_rewards",
     "score_media",
     "StepAwarePM",

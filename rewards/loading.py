@@ -12,6 +12,20 @@ from diffalign.errors import ConfigError
 from .base import REWARDS
 
 
+def check_reward_names(specs: str, key: str) -> None:
+    """Every ``name`` of comma-separated ``name[=path]`` specs is a registered reward (checked by
+    ``validate``, before any model loads); an unknown one is one error naming ``key``."""
+    for spec in (s.strip() for s in specs.split(",")):
+        name = spec.partition("=")[0]
+        if spec and name not in REWARDS:
+            try:
+                REWARDS.get(name)  # the registry's message, with close-match suggestions
+            except ConfigError as e:
+                raise ConfigError(
+                    f"{key}: {e} (a reward your own module registers: add --plugin MODULE)"
+                ) from None
+
+
 def load_rewards(
     specs: list[str], device: str | torch.device = "cpu", modality: str | None = None
 ) -> dict[str, Any]:

@@ -40,6 +40,36 @@ def test_user_errors_are_one_line(tmp_path, pairs_parquet):
         assert "Traceback" not in out.stderr
 
 
+def test_plugins_register_names_before_the_config_is_checked(tmp_path, tiny_models):
+    """A reward registered by a module outside the core (the toy judge) is unknown to ``validate``
+    until ``--plugin`` imports that module; a plugin that cannot be imported is one error line."""
+    meta = tmp_path / "prompts.jsonl"
+    meta.write_text(
+        '{"prompt": "a red circle", "tag": "single_object", "include": [{"class": "circle", "count": 1}]}\n'
+    )
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("")
+    args = [
+        "validate",
+        str(cfg),
+        f"model.path={tiny_models['sd3']}",
+        f"data.path={meta}",
+        "data.resolution=32",
+        "objective.name=flow_grpo",
+        f"objective.rewards=shapes_partial={meta}",
+    ]
+    out = cli(*args)
+    assert out.returncode == 2 and "unknown reward 'shapes_partial'" in out.stderr.splitlines()[-1]
+    out = cli(*args, "--plugin", "diffalign.benchmarks.toyworlds.judge_reward")
+    assert out.returncode == 0 and out.stdout.startswith("ok:"), out.stderr[-2000:]
+    out = cli(*args, "--plugin", "no_such_rewards_module")
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert out.returncode == 2 and lines[-1].startswith(
+        "error: --plugin no_such_rewards_module: cannot import"
+    )
+    assert "Traceback" not in out.stderr
+
+
 def test_bad_data_via_cli(tmp_path, tiny_models):
     bad = make_pairs_parquet(tmp_path / "bad.parquet", n=3, labels=[1.0, 2.0, 0.0])
     (tmp_path / "e.yaml").write_text("")

@@ -83,6 +83,32 @@ def test_engine_is_what_the_launch_asked_for():
             engine_from_launch({"ACCELERATE_USE_DEEPSPEED": "true", "WORLD_SIZE": "2"})
 
 
+WORKER = """
+import sys
+from accelerate import Accelerator
+from diffalign.train.engines import any_process
+acc = Accelerator(cpu=True)
+print("stop", any_process(acc.process_index == 1, acc), any_process(False, acc), flush=True)
+"""
+
+
+def test_a_clock_decision_taken_by_one_process_stops_them_all(tmp_path):
+    """``train.max_minutes`` is read from each process's clock; when only rank 1 is out of time, both
+    ranks must stop (a rank going on alone waits in its next collective for ever)."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "configs/accelerate/cpu2.yaml"),
+    ]
+    proc = subprocess.run([*cmd, str(worker)], capture_output=True, text=True, timeout=300, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(ln for ln in proc.stdout.splitlines() if ln.startswith("stop")) == ["stop True False"] * 2
+
+
 def test_main_process_only_forwards_are_refused_under_fsdp(tiny_models, pairs_parquet, tmp_path):
     """Sampling grids and the over-optimisation guard run the denoiser on the main process alone,
     which would wait forever for the other processes' all-gathers."""

@@ -280,6 +280,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:  # noqa: C901 (
     ap.add_argument("--guidance", type=float, default=4.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="train each online recipe with this many CPU processes (accelerate + gloo, one thread "
+        "each; the same global prompts and groups per round: train.batch_size is split over them)",
+    )
+    ap.add_argument(
         "--reward",
         choices=["partial", "strict"],
         default="partial",
@@ -421,7 +428,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:  # noqa: C901 (
             print(
                 f"[{name}] {objective} on {model_name}, {args.minutes:g} min, reward {reward.split('=')[0]}"
             )
-            train(cfg)
+            if args.processes > 1 and name != OFFLINE:
+                launch_processes(cfg, run_dir, args.processes)
+            else:
+                train(cfg)
         summary = json.loads((run_dir / "summary.json").read_text())
         t_train = time.time() - t0
         aligned = load_trained_pipeline(run_dir)
@@ -439,6 +449,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:  # noqa: C901 (
         }
         if args.trained_in:
             row["trained_in"] = args.trained_in
+        if args.processes > 1 and not args.trained_in:
+            row["processes"] = args.processes
         if args.judge_noise_level > 0:
             row["judge_noise_level"] = args.judge_noise_level
         rollout_rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -478,6 +490,40 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:  # noqa: C901 (
         print(_line(r))
     print(f"report: {write_bench_report([(r, root / 'runs' / r['recipe']) for r in rows], root / 'report')}")
     return rows
+
+
+def launch_processes(cfg: Any, run_dir: Path, n: int) -> None:
+    """Train ``cfg`` with ``n`` gloo processes (``accelerate launch``, one thread each) at the same
+    global prompts per round: each process takes ``train.batch_size / n`` prompts (the loop draws
+    one global prompt list per round and seeds samples by global index, so n processes sample the
+    groups one would; ``tests/test_online_rl.py``)."""
+    import dataclasses
+    import os
+    import subprocess
+    import sys
+
+    from diffalign.config import dump_config
+
+    bs = cfg.train.batch_size
+    if bs % n:
+        raise SystemExit(f"--processes {n}: train.batch_size={bs} does not split evenly")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=bs // n))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = run_dir.parent / f"{run_dir.name}.yaml"
+    dump_config(cfg, config)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n)]
+    cmd += ["--num_machines", "1", "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd += [
+        "-m",
+        "diffalign.cli",
+        "train",
+        str(config),
+        "--plugin",
+        "diffalign.benchmarks.toyworlds.judge_reward",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    if subprocess.run(cmd, env=env).returncode != 0:
+        raise SystemExit(f"{run_dir.name}: the {n}-process training run failed (its output is above)")
 
 
 TABLE_HEAD = (

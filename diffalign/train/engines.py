@@ -239,6 +239,15 @@ def gradient_sync(model: nn.Module, accelerator: Any, engine: Engine, sync: bool
         yield
 
 
+def any_process(flag: bool, accelerator: Any) -> bool:
+    """True on every process when it is True on any: decisions taken from a process's own clock
+    (``train.max_minutes``) must be the same on all of them, or the ranks that go on wait for the one
+    that stopped in their next collective, for ever. One 1-element all-reduce; none in one process."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "max").item())
+
+
 def clip_grad_norm(params: list[Tensor], max_norm: float) -> Tensor:
     """Global gradient norm over the shards (and clipping to ``max_norm``) for DTensor parameters."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)

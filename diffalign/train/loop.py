@@ -623,7 +623,9 @@ def _train(  # noqa: C901 (the one flat training loop, read top to bottom)
             lr=lr_sched.get_last_lr()[0],
             **{"data/skipped": skipped_total, "train/bad_steps": guard.total, "time/step_s": step_seconds},
         )
-        out_of_time = t.max_minutes > 0 and (time.perf_counter() - t0) / 60 >= t.max_minutes
+        out_of_time = t.max_minutes > 0 and engines.any_process(
+            (time.perf_counter() - t0) / 60 >= t.max_minutes, accelerator
+        )  # every process stops after the same step
         done = step + 1 == t.max_steps or out_of_time
         if overopt is not None and overopt.due(step + 1, done):
             logs.update(overopt.evaluate(step + 1, accelerator.autocast))
