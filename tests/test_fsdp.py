@@ -84,7 +84,6 @@ def test_engine_is_what_the_launch_asked_for():
 
 
 WORKER = """
-import sys
 from accelerate import Accelerator
 from diffalign.train.engines import any_process
 acc = Accelerator(cpu=True)
