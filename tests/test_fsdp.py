@@ -47,11 +47,14 @@ def overrides(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
+def accelerate_launch(config: Path) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+
+
 def launch(config: Path, tmp_path: Path, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     cfg = tmp_path / "c.yaml"
     cfg.write_text("")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
-    cmd += ["-m", "diffalign.cli", "train", str(cfg), *args]
+    cmd = [*accelerate_launch(config), "-m", "diffalign.cli", "train", str(cfg), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV)
 
 
@@ -96,14 +99,8 @@ def test_a_clock_decision_taken_by_one_process_stops_them_all(tmp_path):
     ranks must stop (a rank going on alone waits in its next collective for ever)."""
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO / "configs/accelerate/cpu2.yaml"),
-    ]
-    proc = subprocess.run([*cmd, str(worker)], capture_output=True, text=True, timeout=300, env=ENV)
+    cmd = [*accelerate_launch(REPO / "configs/accelerate/cpu2.yaml"), str(worker)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(ln for ln in proc.stdout.splitlines() if ln.startswith("stop")) == ["stop True False"] * 2
 

@@ -502,6 +502,7 @@ def launch_processes(cfg: Any, run_dir: Path, n: int) -> None:
     import subprocess
     import sys
 
+    from diffalign.benchmarks.perf.engine_scaling import CONFIGS
     from diffalign.config import dump_config
 
     bs = cfg.train.batch_size
@@ -511,8 +512,8 @@ def launch_processes(cfg: Any, run_dir: Path, n: int) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     config = run_dir.parent / f"{run_dir.name}.yaml"
     dump_config(cfg, config)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n)]
-    cmd += ["--num_machines", "1", "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS["ddp2"])]
+    cmd += ["--num_processes", str(n)]  # the CPU DDP config, its process count replaced
     cmd += [
         "-m",
         "diffalign.cli",
