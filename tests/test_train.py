@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,8 @@ from safetensors.torch import load_file
 
 from diffalign.config import ConfigError, load_config
 from diffalign.train import train
+
+from conftest import accelerate_launch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -230,8 +231,33 @@ def test_cached_latents_give_the_same_loss(tiny_models, pairs_parquet, tmp_path)
         run(tiny_models["sd"], other, tmp_path / "o", "train.max_steps=1", f"data.cache_dir={cache}")
 
 
+# ``diffalign train`` with every destroy_process_group call recorded: how many DDP models are alive
+# then (one would hold the gloo group; its deallocation can then hang the exit: engines.release_process_group)
+RECORD_DESTROY = """\
+import gc, json, os, sys
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+real = dist.destroy_process_group
+
+
+def destroy(*args, **kwargs):
+    live = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+    with open(os.path.join(sys.argv[1], "destroy-" + os.environ["RANK"] + ".jsonl"), "a") as fh:
+        fh.write(json.dumps({"live_ddp": live}) + "\\n")
+    return real(*args, **kwargs)
+
+
+dist.destroy_process_group = destroy
+from diffalign.cli import main
+
+sys.exit(main(["train", *sys.argv[2:]]))
+"""
+
+
 def test_two_processes_stay_in_sync_and_match_one(tiny_models, pairs_parquet, tmp_path):
-    """accelerate launch --num_processes 2 (CPU, gloo) equals one process at the same global batch."""
+    """accelerate launch --num_processes 2 (CPU, gloo) equals one process at the same global batch;
+    each process destroys its process group once, after the run's DDP model is gone."""
     one, two = tmp_path / "one", tmp_path / "two"
     run(
         tiny_models["sd"],
@@ -244,15 +270,12 @@ def test_two_processes_stay_in_sync_and_match_one(tiny_models, pairs_parquet, tm
     )
     cfg = tmp_path / "c.yaml"
     cfg.write_text("")
+    script = tmp_path / "record_destroy.py"
+    script.write_text(RECORD_DESTROY)
     cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO / "configs/accelerate/cpu2.yaml"),
-        "-m",
-        "diffalign.cli",
-        "train",
+        *accelerate_launch(),
+        str(script),
+        str(tmp_path),
         str(cfg),
         *overrides(
             tiny_models["sd"],
@@ -272,6 +295,9 @@ def test_two_processes_stay_in_sync_and_match_one(tiny_models, pairs_parquet, tm
     w1, w2 = trainable(one), trainable(two)
     for n in w1:
         torch.testing.assert_close(w1[n], w2[n], atol=1e-5, rtol=0)
+    for rank in (0, 1):
+        calls = (tmp_path / f"destroy-{rank}.jsonl").read_text().splitlines()
+        assert [json.loads(c) for c in calls] == [{"live_ddp": 0}], (rank, calls)
 
 
 def test_bf16_gradient_checkpointing_and_ema_export(tiny_models, pairs_parquet, tmp_path):

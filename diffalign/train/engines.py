@@ -248,6 +248,33 @@ def any_process(flag: bool, accelerator: Any) -> bool:
     return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "max").item())
 
 
+def end_trackers(accelerator: Any) -> None:
+    """What ``accelerator.end_training`` does at the end of a run except destroying the process group
+    (:func:`release_process_group` does that once the run's models are gone)."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+
+
+def release_process_group() -> None:
+    """Destroy the launch's process group (if any) after the run's objects are freed.
+
+    ``accelerator.end_training`` destroys it while the prepared DDP/FSDP model still references it;
+    the model's later deallocation then runs the gloo group's destructor *with the GIL held* (the
+    DDP reducer's binding does not release it), and that destructor joins the group's worker threads,
+    one of which may still be freeing a finished collective's tensors, which takes the GIL: a hang at
+    exit (seen in a 2-process run on a loaded machine: the rank printed nothing more, its main thread
+    in ``~ProcessGroupGloo`` from ``~Reducer``; pytorch/pytorch#56297). Collected first (prepared
+    models sit in reference cycles), the registry holds the group's last reference, and dropping
+    that one releases the GIL before the destructor runs."""
+    import gc
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()
+
+
 def clip_grad_norm(params: list[Tensor], max_norm: float) -> Tensor:
     """Global gradient norm over the shards (and clipping to ``max_norm``) for DTensor parameters."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)

@@ -264,6 +264,7 @@ def train(cfg: Config, resume: str | None = None, allow_config_change: bool = Fa
         with contextlib.ExitStack() as cleanup:
             return _train(cfg, resume, allow_config_change, cleanup)
     finally:
+        engines.release_process_group()  # after _train's frame (the prepared model) is gone
         if lock is not None:
             lock.release()
 
@@ -735,7 +736,7 @@ def _train(  # noqa: C901 (the one flat training loop, read top to bottom)
             accelerator.wait_for_everyone()
         if t.halt_after_step == step + 1 and not done:
             bar.close()
-            accelerator.end_training()
+            engines.end_trackers(accelerator)
             return {"halted_at": step + 1, **last}
         if out_of_time:
             if main:
@@ -751,7 +752,7 @@ def _train(  # noqa: C901 (the one flat training loop, read top to bottom)
             f"done: {steps_done} steps, final loss "
             f"{last.get('loss', float('nan')):.4f}, checkpoint {run_dir / 'checkpoints'}"
         )
-    accelerator.end_training()
+    engines.end_trackers(accelerator)
     return last
 
 
