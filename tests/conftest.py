@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,14 @@ if "DIFFALIGN_CACHE_HOME" not in os.environ:  # data.cache_dir=auto caches go to
     import tempfile
 
     os.environ["DIFFALIGN_CACHE_HOME"] = tempfile.mkdtemp(prefix="diffalign-cache-")
+
+CPU2 = Path(__file__).resolve().parent.parent / "configs/accelerate/cpu2.yaml"  # 2 CPU processes (gloo)
+
+
+def accelerate_launch(config: Path = CPU2) -> list[str]:
+    """``accelerate launch --config_file CONFIG`` with this interpreter: the prefix of every
+    multi-process test's command (append ``-m diffalign.cli train CFG`` or a script)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
 
 
 def _png(rgb: np.ndarray) -> bytes:
@@ -168,6 +177,21 @@ def newest_weights(out: Path) -> dict:
 
     done = sorted(p for p in (out / "checkpoints").glob("step-*") if not p.name.endswith(".tmp"))
     return load_file(done[-1] / "trainable.safetensors")
+
+
+def tb_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """tag -> [(step, value)] of the TensorBoard event files in ``folder`` as TensorBoard shows them
+    (purged steps dropped, the last write of a step wins); wall-clock ``time/`` tags left out (they
+    differ between any two runs)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {
+        t: sorted({e.step: e.value for e in acc.Scalars(t)}.items())
+        for t in acc.Tags()["scalars"]
+        if not t.startswith("time/")
+    }
 
 
 def chromium_screenshot_cmd(url: str, shot: Path) -> list[str]:

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from conftest import tb_scalars
+
 REPO = Path(__file__).resolve().parent.parent
 ASSETS = REPO / "diffalign" / "assets"
 
@@ -52,19 +54,6 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def _tb_scalars(out: Path) -> dict[str, list[tuple[int, float]]]:
-    """tag -> [(step, value)] as TensorBoard shows it (purged steps dropped, last write wins)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {
-        t: sorted({e.step: e.value for e in acc.Scalars(t)}.items())
-        for t in acc.Tags()["scalars"]
-        if not t.startswith("time/")  # wall-clock timings (timing.jsonl) differ between any two runs
-    }
-
-
 def _weights(out: Path) -> dict[str, torch.Tensor]:
     done = sorted((out / "checkpoints").glob("step-*"))
     return load_file(done[-1] / "trainable.safetensors")
@@ -92,7 +81,7 @@ def _assert_same_run(ref: Path, cut: Path) -> None:
     a, b = _weights(ref), _weights(cut)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert _metrics(ref) == _metrics(cut)  # each step once, with the same values
-    assert _tb_scalars(ref) == _tb_scalars(cut)
+    assert tb_scalars(ref / "tb") == tb_scalars(cut / "tb")
     assert not list(cut.rglob("*.tmp"))
 
 

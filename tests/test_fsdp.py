@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,6 +19,8 @@ from safetensors.torch import load_file
 from diffalign.config import ConfigError
 from diffalign.train import engines
 from diffalign.train.engines import engine_from_launch
+
+from conftest import accelerate_launch
 
 REPO = Path(__file__).resolve().parent.parent
 FSDP2 = REPO / "configs/accelerate/fsdp_cpu2.yaml"
@@ -45,10 +46,6 @@ def overrides(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
         "train.checkpoint_every=100",
         *extra,
     ]
-
-
-def accelerate_launch(config: Path) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
 
 
 def launch(config: Path, tmp_path: Path, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
@@ -99,7 +96,7 @@ def test_a_clock_decision_taken_by_one_process_stops_them_all(tmp_path):
     ranks must stop (a rank going on alone waits in its next collective for ever)."""
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
-    cmd = [*accelerate_launch(REPO / "configs/accelerate/cpu2.yaml"), str(worker)]
+    cmd = [*accelerate_launch(), str(worker)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(ln for ln in proc.stdout.splitlines() if ln.startswith("stop")) == ["stop True False"] * 2
@@ -316,7 +313,7 @@ def test_fsdp_killed_three_times_equals_uninterrupted(tiny_models, pairs_parquet
         return len([p for p in (cut / "checkpoints").glob("step-*") if not p.name.endswith(".tmp")])
 
     cfg = tmp_path / "c.yaml"
-    base = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP2)]
+    base = accelerate_launch(FSDP2)
     first = [
         *base,
         "-m",
@@ -379,7 +376,7 @@ def test_fsdp_two_processes_equal_one_for_flow_grpo(tiny_models, tiny_clip, tmp_
         rl_cfg("flow_grpo", tiny_models["sd3"], prompts, tiny_clip, two, *args, "train.batch_size=1"),
         tmp_path / "two.yaml",
     )
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP2)]
+    cmd = accelerate_launch(FSDP2)
     proc = subprocess.run(
         [*cmd, "-m", "diffalign.cli", "train", str(tmp_path / "two.yaml")],
         capture_output=True,

@@ -17,6 +17,8 @@ import torch
 from diffalign.config import ConfigError, load_config
 from diffalign.train import train
 
+from conftest import accelerate_launch
+
 
 @pytest.fixture(scope="module")
 def prompts_file(tmp_path_factory):
@@ -288,9 +290,8 @@ def test_two_processes_equal_one_for_flow_grpo(tiny_models, tiny_clip, prompts_f
     advantages over the gathered rewards) and ends with the same weights."""
     import os
     import subprocess
-    import sys
 
-    from test_train import REPO, final_ckpt, trainable
+    from test_train import final_ckpt, trainable
 
     args = ["train.max_steps=2", "objective.clip_range=1e-2", "train.lr=3e-2", "objective.beta=0.04"]
     one = tmp_path / "one"
@@ -311,17 +312,7 @@ def test_two_processes_equal_one_for_flow_grpo(tiny_models, tiny_clip, prompts_f
     from diffalign.config import dump_config
 
     dump_config(cfg, tmp_path / "two.yaml")
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO / "configs/accelerate/cpu2.yaml"),
-        "-m",
-        "diffalign.cli",
-        "train",
-        str(tmp_path / "two.yaml"),
-    ]
+    cmd = [*accelerate_launch(), "-m", "diffalign.cli", "train", str(tmp_path / "two.yaml")]
     proc = subprocess.run(
         cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
@@ -349,10 +340,9 @@ def test_two_processes_resume_inside_a_round_with_their_own_buffers(
     the main process's buffer saved, the second process would resume on the first one's samples."""
     import os
     import subprocess
-    import sys
 
     from safetensors.torch import load_file
-    from test_train import REPO, final_ckpt, trainable
+    from test_train import final_ckpt, trainable
 
     from diffalign.config import dump_config
 
@@ -366,10 +356,9 @@ def test_two_processes_resume_inside_a_round_with_their_own_buffers(
 
     def launch(out: Path, *extra: str) -> None:
         cfg = rl_cfg("flow_grpo", tiny_models["sd3"], prompts_file, tiny_clip, out, *args)
-        dump_config(cfg, tmp_path / f"{out.name}.yaml")
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
-        cmd += [str(REPO / "configs/accelerate/cpu2.yaml"), "-m", "diffalign.cli", "train"]
-        cmd += [str(tmp_path / f"{out.name}.yaml"), *extra]
+        cfg_file = tmp_path / f"{out.name}.yaml"
+        dump_config(cfg, cfg_file)
+        cmd = [*accelerate_launch(), "-m", "diffalign.cli", "train", str(cfg_file), *extra]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]

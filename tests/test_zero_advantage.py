@@ -22,6 +22,8 @@ from diffalign.objectives.grpo import flat_groups, group_advantages, grpo_loss, 
 from diffalign.train import train
 from diffalign.train.rollout import ZERO_ADV_REPACK, zero_advantage_layout
 
+from conftest import accelerate_launch
+
 
 @pytest.fixture(autouse=True, scope="module")
 def toy_rewards():
@@ -237,9 +239,8 @@ def test_two_processes_equal_one_with_left_out_groups(tiny_models, tiny_clip, pr
     same weights."""
     import os
     import subprocess
-    import sys
 
-    from test_train import REPO, final_ckpt, trainable
+    from test_train import final_ckpt, trainable
 
     from diffalign.config import dump_config
 
@@ -268,14 +269,7 @@ def test_two_processes_equal_one_with_left_out_groups(tiny_models, tiny_clip, pr
         "if __name__ == '__main__':\n"
         f"    sys.exit(main(['train', {str(tmp_path / 'two.yaml')!r}]))\n"
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO / "configs/accelerate/cpu2.yaml"),
-        str(script),
-    ]
+    cmd = [*accelerate_launch(), str(script)]
     proc = subprocess.run(
         cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )

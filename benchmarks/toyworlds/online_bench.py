@@ -12,7 +12,9 @@ judge on held-out prompts). Each recipe trains LoRA rank 8 for ``--minutes`` of 
 (``train.max_minutes``) on the same machine, one after another; base and aligned are then judged on
 the same prompts and seeds: the training prompts (held-in) and ``--n-eval`` distinct held-out
 prompts, ``--per-prompt`` images each, with paired 95% CIs from a cluster bootstrap over distinct
-prompts (``geneval.stats.overall_gain``). Results are cached per recipe in ``--out``.
+prompts (``geneval.stats.paired_difference``; the row keeps per-tag gains, and
+``<recipe>-<held_in|held_out>-judged.jsonl`` every image's verdicts). Results are cached per recipe
+in ``--out``.
 
 ``--throughput`` measures rollout sampling instead: every sample of a round batched through the
 pipeline in chunks (as the rollout source samples, in micro-batch chunks) against one pipeline call
@@ -325,7 +327,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:  # noqa: C901 (
     import diffalign.benchmarks.toyworlds.judge_reward  # noqa: F401  (registers shapes_judge)
     from diffalign._quiet import quiet_libraries
     from diffalign.benchmarks.geneval.metadata import shapes_prompts
-    from diffalign.benchmarks.geneval.stats import overall_gain
+    from diffalign.benchmarks.geneval.stats import paired_difference
     from diffalign.benchmarks.toyworlds.evaluate import evaluate_pipeline
     from diffalign.config import load_config
     from diffalign.demo import asset
@@ -466,14 +468,22 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:  # noqa: C901 (
                 pipe, call_kw = load_pipeline(model)
                 base[key] = judged(pipe, model, which, call_kw)
             res = judged(aligned, model, which, pipeline_call_defaults(model))
-            gain = overall_gain(base[key]["results"], res["results"])
+            d = paired_difference(base[key]["results"], res["results"])
             row[which] = {
                 "base": base[key]["summary"]["overall"],
                 "aligned": res["summary"]["overall"],
-                "gain": gain["diff"],
-                "ci95": [gain["ci95_low"], gain["ci95_high"]],
-                "prompts": gain["n_prompts"],
+                "gain": d["overall"],
+                "ci95": d["overall_ci95"],
+                "prompts": d["n_prompts"],
+                "per_tag": {t: [g, *d["per_tag_ci95"][t]] for t, g in d["per_tag"].items()},  # gain, CI
+                "prompts_per_tag": d["n_prompts_per_tag"],
             }
+            with open(root / f"{name}-{which}-judged.jsonl", "w") as fh:  # per image, for other statistics
+                for b, a in zip(base[key]["results"], res["results"], strict=True):
+                    keep = {k: b[k] for k in ("prompt", "tag", "seed")}
+                    fh.write(
+                        json.dumps({**keep, "base": bool(b["correct"]), "aligned": bool(a["correct"])}) + "\n"
+                    )
         timing = [json.loads(x) for x in (run_dir / "timing.jsonl").read_text().splitlines()]
         rounds = [t for t in timing if "time/sampling_s" in t]
         total = sum(t["time/step_s"] for t in timing) or None
