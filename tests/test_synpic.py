@@ -14,6 +14,8 @@ import torch
 from diffalign.config import ConfigError
 from diffalign.synpic import SynPicConfig, export_pairs, read_prompts, run_synpic
 
+from conftest import accelerate_launch
+
 PROMPTS = [
     f"a photo of {n} {c} {s}"
     for n in ("two", "three")
@@ -205,7 +207,6 @@ def test_synpic_two_processes_equal_one(tmp_path, tiny_models, tiny_clip):
     thread count, not on the sharding."""
     import json
     import os
-    from pathlib import Path
 
     from diffalign.synpic import merge_shards
 
@@ -216,15 +217,9 @@ def test_synpic_two_processes_equal_one(tmp_path, tiny_models, tiny_clip):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     c = cfg_for(tmp_path, tiny_models, tiny_clip, out="two")
-    repo = Path(__file__).resolve().parents[1]
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(repo / "configs/accelerate/cpu2.yaml"),
-    ]
-    proc = subprocess.run(launch + synpic_args(c), capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(
+        [*accelerate_launch(), *synpic_args(c)], capture_output=True, text=True, timeout=600, env=env
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "two"
     key = lambda r: r["prompt_index"]  # noqa: E731
